@@ -1,0 +1,43 @@
+# homescale: the two commands of the contract are `make run` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA ?= data
+SERVER_URL ?= http://127.0.0.1:8080
+
+.PHONY: run test bench lint sysdeps binary deb clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV) || { echo "python venv failed: on Debian run 'apt-get install python3-venv'"; exit 1; }
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,build]'
+	touch $(STAMP)
+
+# Debian tools the test suite drives (network namespaces, packaging). Installed
+# only when missing and only as root; otherwise the tests that need them skip
+# with the reason.
+sysdeps:
+	@packaging/sysdeps.sh
+
+run: $(STAMP)
+	@test -f $(DATA)/config.yaml || $(BIN)/homescale init --data-dir $(DATA) --server-url $(SERVER_URL)
+	$(BIN)/homescale -c $(DATA)/config.yaml serve
+
+test: $(STAMP) sysdeps
+	$(BIN)/ruff check appliance protocol netmap derp tests
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python -m tests.bench
+
+binary: $(STAMP)
+	packaging/build-binary.sh
+
+deb: binary
+	packaging/build-deb.sh
+
+clean:
+	rm -rf build dist *.egg-info

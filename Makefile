@@ -27,8 +27,9 @@ run: $(STAMP)
 	$(BIN)/homescale -c $(DATA)/config.yaml serve
 
 test: $(STAMP) sysdeps
+	PIP=$(BIN)/pip tests/fetch-realclient.sh
 	$(BIN)/ruff check appliance protocol netmap derp tests
-	$(BIN)/python -m pytest -q tests
+	tests/in-netns.sh $(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench

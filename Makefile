@@ -28,6 +28,7 @@ run: $(STAMP)
 
 test: $(STAMP) sysdeps
 	PIP=$(BIN)/pip tests/fetch-realclient.sh
+	packaging/prepare-testroot.sh
 	$(BIN)/ruff check appliance protocol netmap derp tests
 	tests/in-netns.sh $(BIN)/python -m pytest -q tests
 

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.mapframe import (
+    KEEPALIVE_JSON,
+    LocalMapFrameError,
+    MapFrameDecoder,
+    MapFrameEncoder,
+    RemoteMapFrameError,
+)
+
+
+def test_keepalive_is_compressed_with_le_length() -> None:
+    wire = MapFrameEncoder().keepalive()
+    (n,) = struct.unpack("<I", wire[:4])
+    assert n == len(wire) - 4
+    # zstd magic number, as the Go client's zstdframe expects.
+    assert wire[4:8] == b"\x28\xb5\x2f\xfd"
+    assert zstandard.ZstdDecompressor().decompress(wire[4:]) == KEEPALIVE_JSON
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.binary(min_size=1, max_size=3000), min_size=1, max_size=5),
+    st.integers(min_value=1, max_value=64),
+)
+def test_round_trip_in_arbitrary_chunks(messages: list[bytes], chunk: int) -> None:
+    enc, dec = MapFrameEncoder(), MapFrameDecoder()
+    wire = b"".join(enc.encode(m) for m in messages)
+    got = []
+    for i in range(0, len(wire), chunk):
+        dec.receive_data(wire[i : i + chunk])
+        while (m := dec.next_message()) is not None:
+            got.append(m)
+    assert got == messages
+    assert dec.buffered == 0
+
+
+def test_frame_without_content_size_decodes() -> None:
+    body = zstandard.ZstdCompressor(write_content_size=False).compress(b'{"Domain":"x"}')
+    dec = MapFrameDecoder()
+    dec.receive_data(struct.pack("<I", len(body)) + body)
+    assert json.loads(dec.next_message()) == {"Domain": "x"}
+
+
+def test_oversized_length_refused_before_buffering() -> None:
+    dec = MapFrameDecoder(max_frame=1000)
+    with pytest.raises(RemoteMapFrameError, match="exceeds"):
+        dec.receive_data(struct.pack("<I", 1001))
+
+
+def test_uncompressed_json_is_rejected() -> None:
+    # What the Go client would say: zstd "magic number mismatch".
+    dec = MapFrameDecoder()
+    dec.receive_data(struct.pack("<I", len(KEEPALIVE_JSON)) + KEEPALIVE_JSON)
+    with pytest.raises(RemoteMapFrameError, match="zstd"):
+        dec.next_message()
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_decompression_bomb_refused(declared: bool) -> None:
+    body = zstandard.ZstdCompressor(write_content_size=declared).compress(b"a" * 100_000)
+    dec = MapFrameDecoder(max_decompressed=10_000)
+    dec.receive_data(struct.pack("<I", len(body)) + body)
+    with pytest.raises(RemoteMapFrameError):
+        dec.next_message()
+
+
+def test_truncated_zstd_frame_refused() -> None:
+    body = zstandard.ZstdCompressor().compress(b"x" * 500)[:-3]
+    dec = MapFrameDecoder()
+    dec.receive_data(struct.pack("<I", len(body)) + body)
+    with pytest.raises(RemoteMapFrameError):
+        dec.next_message()
+
+
+def test_incomplete_message_waits() -> None:
+    wire = MapFrameEncoder().encode(b'{"Peers":[]}')
+    dec = MapFrameDecoder()
+    dec.receive_data(wire[:-1])
+    assert dec.next_message() is None
+    assert dec.buffered == len(wire) - 1
+
+
+def test_encoder_refuses_too_big() -> None:
+    enc = MapFrameEncoder(compress=False, max_frame=10)
+    with pytest.raises(LocalMapFrameError):
+        enc.encode(b"x" * 11)
+
+
+def test_uncompressed_mode_for_clients_without_zstd() -> None:
+    enc, dec = MapFrameEncoder(compress=False), MapFrameDecoder(compressed=False)
+    dec.receive_data(enc.encode(b"{}"))
+    assert dec.next_message() == b"{}"

@@ -287,7 +287,9 @@ def _check_key(key: bytes, what: str = "key") -> bytes:
 def _parse_send_packet(p: bytes) -> SendPacket:
     _need(p, KEY_LEN, "SendPacket")
     if len(p) - KEY_LEN > MAX_PACKET_SIZE:
-        raise RemoteDerpError(f"SendPacket data of {len(p) - KEY_LEN} bytes exceeds {MAX_PACKET_SIZE}")
+        raise RemoteDerpError(
+            f"SendPacket data of {len(p) - KEY_LEN} bytes exceeds {MAX_PACKET_SIZE}"
+        )
     return SendPacket(p[:KEY_LEN], p[KEY_LEN:])
 
 
@@ -657,9 +659,7 @@ class DerpClientConnection:
     def __init__(self, private_key: bytes, *, server_key: bytes | None = None) -> None:
         self._priv = PrivateKey(_check_key(private_key, "client private key"))
         self.public_key: bytes = bytes(self._priv.public_key)
-        self.server_key: bytes | None = (
-            _check_key(server_key, "server key") if server_key else None
-        )
+        self.server_key: bytes | None = _check_key(server_key, "server key") if server_key else None
         self._frames = FrameBuffer()
         self.state = ClientState.AWAIT_SERVER_KEY
         self._sent_info = False

@@ -60,7 +60,9 @@ def handshake(*, mesh: bool = False, bytewise: bool = False):
     assert ev == [ServerKey(server.public_key)]
     ev = feed(server, client.send_client_info(mesh_key=MESH if mesh else None), bytewise=bytewise)
     assert ev == [
-        ClientInfo(key=client.public_key, version=2, can_ack_pings=True, mesh_key=MESH if mesh else None)
+        ClientInfo(
+            key=client.public_key, version=2, can_ack_pings=True, mesh_key=MESH if mesh else None
+        )
     ]
     assert server.state is ServerState.VERIFYING
     assert server.can_mesh is mesh

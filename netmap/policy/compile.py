@@ -1,0 +1,594 @@
+"""Compile a policy against a tailnet snapshot: filters, SSH rules, peers.
+
+Two stages, so a change costs what it touches (no whole-world recompute):
+
+1. :func:`compile_policy` resolves every alias once per policy or
+   membership change into an intermediate form: the global FilterRules
+   (headscale's "unreduced" filter), the per-grant data autogroup:self needs,
+   and one *matcher* per rule -- the nodes it lets send and the nodes it lets
+   receive.
+2. ``filter_for`` / ``ssh_for`` / ``visible_peers`` derive one node's result
+   from that form on demand and cache it. A node's peers are the union of the
+   receivers of matchers it sends on and the senders of matchers it receives
+   on: O(its matchers), not O(nodes²).
+
+Semantics follow what Tailscale's service sends (the golden captures) as
+reproduced by headscale's hscontrol/policy/v2 (filter.go, compiled.go,
+policyutil/reduce.go, types/node.go canAccess).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .ipset import EMPTY, EVERYTHING, INTERNET, TAILNET, IPAddress, IPNetwork, IPSet
+from .model import (
+    AUTOGROUP_DANGER_ALL,
+    AUTOGROUP_INTERNET,
+    AUTOGROUP_MEMBER,
+    AUTOGROUP_NONROOT,
+    AUTOGROUP_SELF,
+    AUTOGROUP_TAGGED,
+    Alias,
+    AliasKind,
+    Grant,
+    IPRule,
+    Policy,
+    PolicyNode,
+    PolicyUser,
+    SSHRule,
+)
+
+FilterRule = dict[str, Any]
+
+# tailcfg.FilterAllowAll: what a node gets when there is no policy.
+ALLOW_ALL: list[FilterRule] = [
+    {"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}
+]
+
+# tailcfg.SSHAction for "accept": Tailscale allows forwarding with it.
+_SSH_ACCEPT = {
+    "accept": True,
+    "allowAgentForwarding": True,
+    "allowLocalPortForwarding": True,
+    "allowRemotePortForwarding": True,
+}
+# The client substitutes these; the server answers the hold-and-delegate
+# callback (headscale sshCheck, Tailscale's own URL shape).
+_SSH_CHECK_PATH = "/machine/ssh/action/$SRC_NODE_ID/to/$DST_NODE_ID?local_user=$LOCAL_USER"
+
+
+@dataclass
+class _Node:
+    node: PolicyNode
+    addrs: list[IPAddress]
+    ips: IPSet
+    subnet_routes: list[IPNetwork]
+    is_exit: bool
+    user_id: int | None  # owning user for untagged nodes; None when tagged
+
+    @property
+    def id(self) -> int:
+        return self.node.id
+
+
+@dataclass
+class _DstEntry:
+    wire: dict[str, Any]
+    ips: IPSet
+
+
+@dataclass
+class _Rule:
+    """One unreduced FilterRule with its parsed destinations."""
+
+    src_ips: list[str]
+    protos: tuple[int, ...]
+    dsts: list[_DstEntry]
+
+    def key(self) -> tuple:
+        return (tuple(self.src_ips), self.protos)
+
+    def wire(self, dsts: Iterable[_DstEntry] | None = None) -> FilterRule:
+        out: FilterRule = {
+            "SrcIPs": list(self.src_ips),
+            "DstPorts": [d.wire for d in (self.dsts if dsts is None else dsts)],
+        }
+        if self.protos:
+            out["IPProto"] = list(self.protos)
+        return out
+
+
+@dataclass
+class _SelfGrant:
+    """The autogroup:self part of a grant, expanded per user."""
+
+    srcs: list[IPSet]
+    ip: tuple[IPRule, ...]
+
+
+@dataclass
+class _CompiledGrant:
+    rules: list[_Rule] = field(default_factory=list)
+    self_part: _SelfGrant | None = None
+
+
+@dataclass
+class _Matcher:
+    """Who may send (by IP or served subnet) to whom, for peer visibility."""
+
+    srcs: set[int]
+    dsts: set[int]
+
+
+def _merge_rules(rules: Iterable[_Rule]) -> list[_Rule]:
+    """Rules with equal SrcIPs and IPProto become one (headscale mergeFilterRules)."""
+    out: dict[tuple, _Rule] = {}
+    for rule in rules:
+        key = rule.key()
+        if key in out:
+            out[key] = _Rule(out[key].src_ips, out[key].protos, out[key].dsts + rule.dsts)
+        else:
+            out[key] = _Rule(rule.src_ips, rule.protos, list(rule.dsts))
+    return list(out.values())
+
+
+class CompiledPolicy:
+    """A policy resolved against one tailnet snapshot; per-node views on demand."""
+
+    def __init__(
+        self,
+        policy: Policy | None,
+        users: Sequence[PolicyUser],
+        nodes: Sequence[PolicyNode],
+        *,
+        server_url: str = "",
+    ) -> None:
+        self.policy = policy
+        self.server_url = server_url.rstrip("/")
+        self._users = list(users)
+        by_name = {u.name: u for u in users}
+        self._nodes: dict[int, _Node] = {}
+        for n in nodes:
+            addrs = n.addresses()
+            owner = None if n.is_tagged or n.user is None else by_name.get(n.user)
+            self._nodes[n.id] = _Node(
+                n,
+                addrs,
+                IPSet.of(addrs),
+                n.subnet_routes(),
+                n.is_exit_node(),
+                None if owner is None else owner.id,
+            )
+        self._by_user: dict[int, list[_Node]] = {}
+        for info in self._nodes.values():
+            if info.user_id is not None:
+                self._by_user.setdefault(info.user_id, []).append(info)
+        self._filters: dict[int, list[FilterRule]] = {}
+        self._ssh: dict[int, list[dict[str, Any]]] = {}
+        self._peers: dict[int, frozenset[int]] = {}
+        self._alias_cache: dict[Alias, IPSet] = {}
+        self.allow_all = policy is None or not policy.has_network_rules
+        self._grants: list[_CompiledGrant] = []
+        self._matchers: list[_Matcher] = []
+        self._sends_on: dict[int, list[int]] = {nid: [] for nid in self._nodes}
+        self._receives_on: dict[int, list[int]] = {nid: [] for nid in self._nodes}
+        if not self.allow_all:
+            assert policy is not None
+            self._compile_grants(policy)
+            self._compile_matchers()
+
+    # -- alias resolution ---------------------------------------------------
+    def _user_ids(self, token: str) -> set[int]:
+        """Users a ``user@``/``user@domain`` token names: by email, else by name.
+
+        headscale strips the trailing "@" and matches email or name; a
+        token matching nobody resolves to no addresses (not an error: the
+        user may simply not exist yet).
+        """
+        bare = token[:-1] if token.endswith("@") else token
+        by_email = {u.id for u in self._users if u.email and u.email == bare}
+        if by_email:
+            return by_email
+        return {u.id for u in self._users if u.name == bare}
+
+    def _nodes_of_users(self, ids: set[int]) -> IPSet:
+        return IPSet.of(a for uid in ids for n in self._by_user.get(uid, ()) for a in n.addrs)
+
+    def resolve(self, alias: Alias) -> IPSet:
+        """The addresses an alias stands for (autogroup:self resolves to none)."""
+        cached = self._alias_cache.get(alias)
+        if cached is not None:
+            return cached
+        kind = alias.kind
+        if kind is AliasKind.WILDCARD:
+            out = TAILNET | IPSet.of(self._approved_subnets())
+        elif kind is AliasKind.USER:
+            out = self._nodes_of_users(self._user_ids(alias.name))
+        elif kind is AliasKind.GROUP:
+            assert self.policy is not None
+            ids: set[int] = set()
+            for member in self.policy.groups.get(alias.name, ()):
+                ids |= self._user_ids(member)
+            out = self._nodes_of_users(ids)
+        elif kind is AliasKind.TAG:
+            out = IPSet.of(a for n in self._nodes.values() if alias.name in n.node.tags for a in n.addrs)
+        elif kind is AliasKind.HOST:
+            assert self.policy is not None
+            net = self.policy.hosts.get(alias.name)
+            out = EMPTY if net is None else IPSet.of([net])
+        elif kind is AliasKind.PREFIX:
+            assert alias.network is not None
+            out = IPSet.of([alias.network])
+        elif alias.name == AUTOGROUP_MEMBER:
+            out = IPSet.of(a for n in self._nodes.values() if n.user_id is not None for a in n.addrs)
+        elif alias.name == AUTOGROUP_TAGGED:
+            out = IPSet.of(a for n in self._nodes.values() if n.node.is_tagged for a in n.addrs)
+        elif alias.name == AUTOGROUP_INTERNET:
+            out = INTERNET
+        elif alias.name == AUTOGROUP_DANGER_ALL:
+            out = EVERYTHING
+        else:  # autogroup:self is per node; autogroup:nonroot is an SSH user
+            out = EMPTY
+        self._alias_cache[alias] = out
+        return out
+
+    def _approved_subnets(self) -> list[IPNetwork]:
+        """Approved non-exit routes of all nodes, each once, in node order.
+
+        Tailscale counts them as part of "*" as a source and lists each route
+        on its own in SrcIPs (10.33.0.0/16 next to the CGNAT ranges).
+        """
+        seen: dict[IPNetwork, None] = {}
+        for n in self._nodes.values():
+            for route in n.subnet_routes:
+                seen.setdefault(route, None)
+        return list(seen)
+
+    # -- stage 1: grants -> rules --------------------------------------------
+    def _compile_grants(self, policy: Policy) -> None:
+        grants: list[Grant] = list(policy.grants or ())
+        for acl in policy.acls or ():
+            grants.extend(_acl_to_grants(acl))
+        for grant in grants:
+            compiled = self._compile_grant(grant)
+            if compiled is not None:
+                self._grants.append(compiled)
+
+    def _compile_grant(self, grant: Grant) -> _CompiledGrant | None:
+        if not grant.src or not grant.dst:
+            return None  # literally empty src/dst: no rules (Tailscale, headscale)
+        srcs = [self.resolve(a) for a in grant.src]
+        merged = EMPTY
+        for s in srcs:
+            merged |= s
+        if not merged:
+            return None
+        wildcard = any(a.kind is AliasKind.WILDCARD for a in grant.src)
+        if any(a.is_autogroup(AUTOGROUP_DANGER_ALL) for a in grant.src):
+            src_ips = ["*"]
+        else:
+            base = EMPTY
+            for alias, resolved in zip(grant.src, srcs, strict=True):
+                base |= TAILNET if alias.kind is AliasKind.WILDCARD else resolved
+            src_ips = base.strings()
+            if wildcard:
+                src_ips += [str(r) for r in self._approved_subnets()]
+                # With "*" Tailscale still lists the explicit sources' own
+                # addresses next to the CGNAT ranges that contain them.
+                for alias, resolved in zip(grant.src, srcs, strict=True):
+                    if alias.kind is not AliasKind.WILDCARD:
+                        src_ips += [s for s in resolved.strings() if s not in src_ips]
+        compiled = _CompiledGrant()
+        others = [a for a in grant.dst if not a.is_autogroup(AUTOGROUP_SELF)]
+        for ip in grant.ip:
+            dsts: list[_DstEntry] = []
+            for alias in others:
+                if alias.kind is AliasKind.WILDCARD:
+                    dsts += [_DstEntry({"IP": "*", "Ports": p.wire()}, EVERYTHING) for p in ip.ports]
+                    continue
+                for net in self.resolve(alias).prefixes():
+                    text = str(net.network_address) if net.num_addresses == 1 else str(net)
+                    single = IPSet.of([net])
+                    dsts += [_DstEntry({"IP": text, "Ports": p.wire()}, single) for p in ip.ports]
+            if dsts:
+                compiled.rules.append(_Rule(src_ips, ip.protos, dsts))
+        if len(others) != len(grant.dst):
+            compiled.self_part = _SelfGrant(srcs, grant.ip)
+        return compiled
+
+    def _self_rules(self, part: _SelfGrant, user_id: int) -> list[_Rule]:
+        """autogroup:self for one user: that user's untagged devices only."""
+        same = self._by_user.get(user_id, [])
+        allowed = IPSet.of(
+            a for n in same if any(s.contains_any(n.addrs) for s in part.srcs) for a in n.addrs
+        )
+        if not allowed:
+            return []
+        rules = []
+        for ip in part.ip:
+            dsts = [
+                _DstEntry({"IP": str(addr), "Ports": p.wire()}, IPSet.of([addr]))
+                for n in same
+                for p in ip.ports
+                for addr in n.addrs
+            ]
+            if dsts:
+                rules.append(_Rule(allowed.strings(), ip.protos, dsts))
+        return rules
+
+    # -- stage 1: matchers for peer visibility ---------------------------------
+    def _members(self, ips: IPSet, *, as_dst: bool) -> set[int]:
+        """Nodes an address set covers: by IP or by an approved subnet route.
+
+        As a destination an exit node also counts when the set is "the
+        internet" (headscale Match.DestsIsTheInternet).
+        """
+        internet = as_dst and (
+            ips.covers(ipaddress.ip_network("0.0.0.0/0"))
+            or ips.covers(ipaddress.ip_network("::/0"))
+            or INTERNET.issubset(ips)
+        )
+        return {
+            nid
+            for nid, n in self._nodes.items()
+            if ips.contains_any(n.addrs)
+            or ips.overlaps_any(n.subnet_routes)
+            or (internet and n.is_exit)
+        }
+
+    def _add_matcher(self, src: IPSet, dst: IPSet) -> None:
+        m = _Matcher(self._members(src, as_dst=False), self._members(dst, as_dst=True))
+        if not m.srcs or not m.dsts:
+            return
+        idx = len(self._matchers)
+        self._matchers.append(m)
+        for nid in m.srcs:
+            self._sends_on[nid].append(idx)
+        for nid in m.dsts:
+            self._receives_on[nid].append(idx)
+
+    def _compile_matchers(self) -> None:
+        for rule in _merge_rules(r for g in self._grants for r in g.rules):
+            dst = EMPTY
+            for d in rule.dsts:
+                dst |= d.ips
+            self._add_matcher(IPSet.of(rule.src_ips), dst)
+        for g in self._grants:
+            if g.self_part is None:
+                continue
+            for uid in self._by_user:
+                for rule in self._self_rules(g.self_part, uid):
+                    dst = EMPTY
+                    for d in rule.dsts:
+                        dst |= d.ips
+                    self._add_matcher(IPSet.of(rule.src_ips), dst)
+
+    # -- stage 2: per node ---------------------------------------------------
+    def _info(self, node_id: int) -> _Node:
+        try:
+            return self._nodes[node_id]
+        except KeyError:
+            raise KeyError(f"node {node_id} is not in this tailnet snapshot") from None
+
+    def filter_for(self, node_id: int) -> list[FilterRule]:
+        """The PacketFilter for a node: only rules it is a destination of.
+
+        Allow-all when the policy has neither ``acls`` nor ``grants``; an
+        empty list means all inbound traffic is blocked.
+        """
+        if self.allow_all:
+            self._info(node_id)
+            return [dict(r) for r in ALLOW_ALL]
+        cached = self._filters.get(node_id)
+        if cached is not None:
+            return cached
+        info = self._info(node_id)
+        rules: list[_Rule] = []
+        for g in self._grants:
+            rules += g.rules
+            if g.self_part is not None and info.user_id is not None:
+                rules += self._self_rules(g.self_part, info.user_id)
+        out = []
+        for rule in _merge_rules(rules):
+            kept = [d for d in rule.dsts if self._dst_applies(d.ips, info)]
+            if kept:
+                out.append(rule.wire(kept))
+        self._filters[node_id] = out
+        return out
+
+    @staticmethod
+    def _dst_applies(ips: IPSet, info: _Node) -> bool:
+        """headscale policyutil.ReduceFilterRules for one destination."""
+        if ips.contains_any(info.addrs) or ips.overlaps_any(info.subnet_routes):
+            return True
+        # Exit nodes forward to the internet, so they keep those rules.
+        return info.is_exit and ips.issubset(INTERNET)
+
+    def visible_peers(self, node_id: int) -> frozenset[int]:
+        """Nodes this node sees: traffic may flow between them either way."""
+        cached = self._peers.get(node_id)
+        if cached is not None:
+            return cached
+        self._info(node_id)
+        if self.allow_all:
+            out = frozenset(self._nodes) - {node_id}
+        else:
+            seen: set[int] = set()
+            for idx in self._sends_on[node_id]:
+                seen |= self._matchers[idx].dsts
+            for idx in self._receives_on[node_id]:
+                seen |= self._matchers[idx].srcs
+            seen.discard(node_id)
+            out = frozenset(seen)
+        self._peers[node_id] = out
+        return out
+
+    def may_see(self, a: int, b: int) -> bool:
+        """Whether a and b are peers of each other (symmetric)."""
+        return a != b and b in self.visible_peers(a)
+
+    # -- SSH -----------------------------------------------------------------
+    def ssh_for(self, node_id: int) -> list[dict[str, Any]]:
+        """tailcfg SSHRule dicts for a node (as SSH destination), in order."""
+        cached = self._ssh.get(node_id)
+        if cached is not None:
+            return cached
+        info = self._info(node_id)
+        rules: list[dict[str, Any]] = []
+        for rule in self.policy.ssh if self.policy is not None else ():
+            rules += self._ssh_rule_for(rule, info)
+        # Check rules come before accept rules: Tailscale evaluates the most
+        # restrictive first (ssh-f2: accept then check is sent check first).
+        rules.sort(key=lambda r: "holdAndDelegate" not in r["action"])
+        self._ssh[node_id] = rules
+        return rules
+
+    def _ssh_rule_for(self, rule: SSHRule, info: _Node) -> list[dict[str, Any]]:
+        src = EMPTY
+        for a in rule.src:
+            src |= self.resolve(a)
+        if not src:
+            return []
+        if rule.action == "check":
+            action: dict[str, Any] = {"holdAndDelegate": self.server_url + _SSH_CHECK_PATH}
+        else:
+            action = dict(_SSH_ACCEPT)
+        users: dict[str, str] = {}
+        if AUTOGROUP_NONROOT in rule.users:
+            users["*"] = "="
+        users["root"] = "root" if "root" in rule.users else ""
+        localparts = [u for u in rule.users if _localpart(u) is not None]
+        for u in rule.users:
+            if u not in ("root", AUTOGROUP_NONROOT) and u not in localparts:
+                users[u] = u
+        local_of: dict[int, str] = {}
+        for entry in localparts:
+            domain = _localpart(entry)
+            for user in self._users:
+                local, at, dom = user.email.rpartition("@")
+                if at and domain is not None and dom.lower() == domain.lower():
+                    local_of[user.id] = local
+
+        # Group the source devices by owner. A tagged device appears once per
+        # tag: Tailscale expands autogroup:tagged through tag membership
+        # lists, so a device with two tags is listed twice (ssh-b6).
+        per_user: dict[int, IPSet] = {}
+        tagged: list[dict[str, str]] = []
+        for n in self._nodes.values():
+            if not src.contains_any(n.addrs):
+                continue
+            if n.node.is_tagged:
+                tagged += [{"nodeIP": str(a)} for _ in n.node.tags for a in n.addrs]
+            elif n.user_id is not None:
+                per_user[n.user_id] = per_user.get(n.user_id, EMPTY) | n.ips
+        principals = {uid: [{"nodeIP": str(a)} for a in s.addresses()] for uid, s in per_user.items()}
+        out: list[dict[str, Any]] = []
+
+        def emit(who: list[dict[str, str]], uid: int | None) -> None:
+            body: dict[str, Any] = {"principals": who, "sshUsers": dict(users), "action": action}
+            if rule.accept_env:
+                body["acceptEnv"] = list(rule.accept_env)
+            out.append(body)
+            if uid is not None and uid in local_of:
+                lp = local_of[uid]
+                extra: dict[str, Any] = {"principals": who, "sshUsers": {lp: lp}, "action": action}
+                if rule.accept_env:
+                    extra["acceptEnv"] = list(rule.accept_env)
+                out.append(extra)
+
+        if any(a.is_autogroup(AUTOGROUP_SELF) for a in rule.dst) and info.user_id is not None:
+            if principals.get(info.user_id):
+                emit(principals[info.user_id], info.user_id)
+        others = [a for a in rule.dst if not a.is_autogroup(AUTOGROUP_SELF)]
+        if not others:
+            return out
+        dst = EMPTY
+        for a in others:
+            dst |= self.resolve(a)
+        if dst.contains_any(info.addrs):
+            if localparts:
+                # One rule (plus its localpart rule) per source user, by user
+                # id: the first-match order Tailscale sends (ssh-d12).
+                for uid in sorted(principals):
+                    emit(principals[uid], uid)
+                if tagged:
+                    emit(tagged, None)
+            else:
+                everyone = [p for uid in sorted(principals) for p in principals[uid]] + tagged
+                if everyone:
+                    emit(everyone, None)
+        elif localparts and src.contains_any(info.addrs):
+            # A source device outside the destinations still gets its own
+            # user's rules when localpart users are in play (ssh-f5).
+            if info.node.is_tagged:
+                emit([{"nodeIP": str(a)} for a in info.addrs], None)
+            elif info.user_id is not None and principals.get(info.user_id):
+                emit(principals[info.user_id], info.user_id)
+        return out
+
+    # -- auto approval ---------------------------------------------------------
+    def _approver_nodes(self, approvers: Iterable[Alias]) -> set[int]:
+        ips = EMPTY
+        for a in approvers:
+            ips |= self.resolve(a)
+        return {nid for nid, n in self._nodes.items() if ips.contains_any(n.addrs)}
+
+    def can_auto_approve(self, node_id: int, route: str) -> bool:
+        """Whether autoApprovers let this node's advertised route in unreviewed.
+
+        Exit routes (0.0.0.0/0, ::/0) need ``exitNode``; a subnet route needs
+        a ``routes`` entry that contains it (headscale NodeCanApproveRoute).
+        """
+        self._info(node_id)
+        if self.policy is None:
+            return False
+        net = ipaddress.ip_network(route, strict=False)
+        aa = self.policy.auto_approvers
+        if net.prefixlen == 0:
+            return node_id in self._approver_nodes(aa.exit_node)
+        return any(
+            net.version == prefix.version
+            and net.subnet_of(prefix)  # type: ignore[arg-type]
+            and node_id in self._approver_nodes(approvers)
+            for prefix, approvers in aa.routes.items()
+        )
+
+
+def _localpart(user: str) -> str | None:
+    if not user.startswith("localpart:"):
+        return None
+    local, at, domain = user[len("localpart:") :].rpartition("@")
+    return domain if at and local == "*" and domain else None
+
+
+def _acl_to_grants(acl) -> list[Grant]:
+    """One grant per ACL destination (headscale aclToGrants).
+
+    The order is kept except that, when the ACL names anything but
+    autogroups, autogroup:self destinations go last (Tailscale's order).
+    """
+    def grant(dst) -> Grant:
+        return Grant(acl.src, (dst.alias,), (IPRule(acl.protos, dst.ports),), acl.where)
+
+    dsts = list(acl.dst)
+    if any(d.alias.kind is not AliasKind.AUTOGROUP for d in dsts):
+        dsts.sort(key=lambda d: d.alias.is_autogroup(AUTOGROUP_SELF))
+    return [grant(d) for d in dsts]
+
+
+def compile_policy(
+    policy: Policy | None,
+    users: Sequence[PolicyUser],
+    nodes: Sequence[PolicyNode],
+    *,
+    server_url: str = "",
+) -> CompiledPolicy:
+    """Resolve a policy (None = allow all) against the tailnet snapshot.
+
+    ``server_url`` prefixes the SSH "check" callback URL.
+    """
+    return CompiledPolicy(policy, users, nodes, server_url=server_url)

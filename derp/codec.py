@@ -429,7 +429,8 @@ class ServerState(enum.Enum):
     2. AWAIT_CLIENT_INFO: the first frame must be ClientInfo (<= 256 KiB)
        -> VERIFYING; any other frame is a protocol error.
     3. VERIFYING: the caller decides; later bytes are buffered, not parsed.
-       ``accept()`` emits ServerInfo -> ESTABLISHED; ``close()`` -> CLOSED.
+       ``accept()`` emits ServerInfo -> ESTABLISHED; ``refuse()`` emits a
+       Health frame with the reason -> CLOSED.
     4. ESTABLISHED: client frames become events; frame types a server does not
        handle are skipped (as the Go server does); mesh frames need the mesh key.
     5. CLOSED: nothing more in or out.
@@ -570,6 +571,13 @@ class DerpServerConnection:
         self.state = ServerState.ESTABLISHED
         return encode_frame(FrameType.SERVER_INFO, sealed)
 
+    def refuse(self, reason: str) -> bytes:
+        """Turn the client away: a Health frame saying why (the Go client logs
+        Health frames at any point), and the connection is done."""
+        self._expect(ServerState.VERIFYING)
+        self.state = ServerState.CLOSED
+        return encode_frame(FrameType.HEALTH, reason.encode())
+
     def close(self) -> None:
         self.state = ServerState.CLOSED
 
@@ -629,8 +637,8 @@ class ClientState(enum.Enum):
     1. AWAIT_SERVER_KEY: the first frame must be ServerKey with the magic.
        ``send_client_info`` is allowed here only if the server key was given
        up front (fast start).
-    2. AWAIT_SERVER_INFO: the next frame of interest is the sealed ServerInfo
-       (ClientInfo must have been sent first) -> ESTABLISHED.
+    2. AWAIT_SERVER_INFO: the sealed ServerInfo (after our ClientInfo)
+       -> ESTABLISHED; other server frames are reported meanwhile.
     3. ESTABLISHED: server frames become events; unknown types are skipped.
     4. CLOSED.
     """
@@ -705,7 +713,10 @@ class DerpClientConnection:
             elif ftype == FrameType.SERVER_INFO:
                 events.append(self._receive_server_info(payload))
             else:
-                raise RemoteDerpError(f"expected ServerInfo frame, got type 0x{ftype:02x}")
+                # derp_client.go recvTimeout takes any frame in any order after
+                # ServerKey; a refusing server sends Health before hanging up.
+                parse = _CLIENT_FRAMES.get(ftype)
+                events.append(parse(payload) if parse else UnknownFrame(ftype, payload))
         return events
 
     def _receive_server_key(self, ftype: int, payload: bytes) -> ServerKey:

@@ -1,0 +1,361 @@
+"""Admin operations, shared by the REST API and the CLI's direct-database path.
+
+Every operation validates its input before it writes, so a refused call changes
+nothing, and returns headscale's REST v1 JSON shape (lowerCamelCase, 64-bit IDs as
+decimal strings, RFC 3339 times) so that headscale's API clients work unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from . import secrets
+from .durations import parse_duration
+from .errors import InvalidInput, NotFound
+from .store import ApiKeyRow, NodeRow, PreAuthKeyRow, Store, UserRow, to_iso, utcnow
+
+# headscale renders tagged nodes as owned by this pseudo-user (hscontrol/types/users.go).
+TAGGED_DEVICES_USER = {"id": "2147455555", "name": "tagged-devices", "displayName": "Tagged Devices"}
+_TAG = re.compile(r"^tag:[A-Za-z][A-Za-z0-9-]*$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+REGISTER_METHODS = {"authkey": "REGISTER_METHOD_AUTH_KEY", "cli": "REGISTER_METHOD_CLI",
+                    "oidc": "REGISTER_METHOD_OIDC"}
+
+
+@dataclass(frozen=True)
+class Change:
+    """What an admin operation changed, for the running server to announce to clients."""
+
+    kind: str  # "node", "node-removed", "user", "policy"
+    id: int = 0
+
+
+def validate_username(name: str) -> str:
+    """headscale's rule (hscontrol/util/dns.go ValidateUsername)."""
+    if len(name) < 2:
+        raise InvalidInput(f"user name {name!r} is too short: at least 2 characters")
+    if not name[0].isalpha():
+        raise InvalidInput(f"user name {name!r} must start with a letter")
+    if name.count("@") > 1:
+        raise InvalidInput(f"user name {name!r} has more than one '@'")
+    for ch in name:
+        if not (ch.isalnum() or ch in "-._@"):
+            raise InvalidInput(f"user name {name!r} has an invalid character {ch!r} "
+                               f"(letters, digits, '-', '.', '_' and one '@')")
+    return name
+
+
+def validate_tags(tags: list[str]) -> list[str]:
+    out: list[str] = []
+    for t in tags:
+        t = t.strip()
+        if not _TAG.match(t):
+            raise InvalidInput(f"malformed tag {t!r}: expected tag:<name>, a letter then letters, "
+                               f"digits or '-' (e.g. tag:server)")
+        if t not in out:
+            out.append(t)
+    return sorted(out)
+
+
+def validate_given_name(name: str) -> str:
+    if not _DNS_LABEL.match(name):
+        raise InvalidInput(f"invalid node name {name!r}: a DNS label of lowercase letters, digits "
+                           f"and '-', at most 63 characters, not starting or ending with '-'")
+    return name
+
+
+def sanitize_hostname(hostname: str) -> str:
+    """A MagicDNS label from a client hostname, as Tailscale does (dnsname.SanitizeHostname)."""
+    s = unicodedata.normalize("NFKD", hostname).encode("ascii", "ignore").decode().lower()
+    s = s.split(".")[0]
+    s = re.sub(r"[^a-z0-9-]+", "-", s).strip("-")
+    s = s[:63].strip("-")
+    return s or "node"
+
+
+def parse_expiration(text: str | None, default: timedelta | None) -> datetime | None:
+    if text in (None, ""):
+        return utcnow() + default if default else None
+    try:
+        d = parse_duration(text)
+    except ValueError as e:
+        raise InvalidInput(f"--expiration: {e}") from None
+    return utcnow() + d if d.total_seconds() else None
+
+
+class Admin:
+    """The admin operations over one store; `notify` tells the running server what changed."""
+
+    def __init__(self, store: Store, *, notify: Callable[[Change], None] | None = None,
+                 online: Callable[[int], bool] | None = None) -> None:
+        self.store = store
+        self._notify = notify or (lambda change: None)
+        self._online = online or (lambda node_id: False)
+
+    # -- shapes
+
+    @staticmethod
+    def user_json(u: UserRow) -> dict[str, Any]:
+        return {"id": str(u.id), "name": u.name, "createdAt": to_iso(u.created_at),
+                "displayName": u.display_name, "email": u.email, "providerId": u.provider_id,
+                "provider": u.provider, "profilePicUrl": u.profile_pic_url}
+
+    def pre_auth_key_json(self, k: PreAuthKeyRow, full_key: str | None = None) -> dict[str, Any]:
+        user = self.user_json(self.store.user(k.user_id)) if k.user_id is not None else None
+        return {"user": user, "id": str(k.id),
+                "key": full_key or secrets.display_prefix("auth", k.prefix),
+                "reusable": k.reusable, "ephemeral": k.ephemeral, "used": k.used,
+                "expiration": to_iso(k.expiration), "createdAt": to_iso(k.created_at),
+                "aclTags": list(k.tags)}
+
+    @staticmethod
+    def api_key_json(k: ApiKeyRow) -> dict[str, Any]:
+        return {"id": str(k.id), "prefix": secrets.display_prefix("api", k.prefix),
+                "expiration": to_iso(k.expiration), "createdAt": to_iso(k.created_at),
+                "lastSeen": to_iso(k.last_seen)}
+
+    def node_json(self, n: NodeRow) -> dict[str, Any]:
+        if n.tags:
+            user: dict[str, Any] | None = dict(TAGGED_DEVICES_USER)
+        else:
+            user = self.user_json(self.store.user(n.user_id)) if n.user_id is not None else None
+        pak = None
+        if n.auth_key_id is not None:
+            try:
+                pak = self.pre_auth_key_json(self.store.pre_auth_key(n.auth_key_id))
+            except NotFound:
+                pak = None
+        available = list(n.hostinfo.get("RoutableIPs") or [])
+        return {
+            "id": str(n.id), "machineKey": n.machine_key, "nodeKey": n.node_key,
+            "discoKey": n.disco_key, "ipAddresses": [a for a in (n.ipv4, n.ipv6) if a],
+            "name": n.hostname, "user": user, "lastSeen": to_iso(n.last_seen),
+            "expiry": to_iso(n.expiry), "preAuthKey": pak, "createdAt": to_iso(n.created_at),
+            "registerMethod": REGISTER_METHODS.get(n.register_method, "REGISTER_METHOD_UNSPECIFIED"),
+            "givenName": n.given_name, "online": self._online(n.id),
+            "approvedRoutes": list(n.approved_routes), "availableRoutes": available,
+            "subnetRoutes": [r for r in n.approved_routes if r in available],
+            "tags": list(n.tags),
+        }
+
+    # -- lookups
+
+    def resolve_user(self, ref: str | int) -> UserRow:
+        """A user by ID (digits) or name."""
+        s = str(ref).strip()
+        if s.isdigit():
+            return self.store.user(int(s))
+        u = self.store.user_by_name(s)
+        if u is None:
+            raise NotFound(f"no user named {s!r} (see `homescale users list`)")
+        return u
+
+    # -- users
+
+    def create_user(self, name: str, display_name: str = "", email: str = "",
+                    picture_url: str = "") -> dict[str, Any]:
+        validate_username(name)
+        u = self.store.create_user(name, display_name, email, picture_url)
+        self._notify(Change("user", u.id))
+        return self.user_json(u)
+
+    def list_users(self, *, name: str = "", id: str = "", email: str = "") -> list[dict[str, Any]]:
+        users = self.store.users()
+        if name:
+            users = [u for u in users if u.name == name]
+        if id:
+            users = [u for u in users if str(u.id) == str(id)]
+        if email:
+            users = [u for u in users if u.email == email]
+        return [self.user_json(u) for u in users]
+
+    def rename_user(self, ref: str | int, new_name: str) -> dict[str, Any]:
+        u = self.resolve_user(ref)
+        validate_username(new_name)
+        out = self.user_json(self.store.rename_user(u.id, new_name))
+        self._notify(Change("user", u.id))
+        return out
+
+    def delete_user(self, ref: str | int) -> None:
+        u = self.resolve_user(ref)
+        self.store.delete_user(u.id)
+        self._notify(Change("user", u.id))
+
+    # -- pre-auth keys
+
+    def create_pre_auth_key(self, *, user: str | int | None, reusable: bool = False,
+                            ephemeral: bool = False, expiration: datetime | None = None,
+                            tags: list[str] | None = None) -> dict[str, Any]:
+        tags = validate_tags(tags or [])
+        if user in (None, "", 0, "0") and not tags:
+            raise InvalidInput("a pre-auth key needs a user (--user) or tags (--tags tag:x): "
+                               "a node must be owned by someone")
+        u = self.resolve_user(user) if user not in (None, "", 0, "0") else None
+        if expiration is not None and expiration <= utcnow():
+            raise InvalidInput(f"expiration {to_iso(expiration)} is in the past")
+        key = secrets.new_key("auth")
+        row = self.store.create_pre_auth_key(prefix=key.prefix, hash=key.hash,
+                                             user_id=u.id if u else None, reusable=reusable,
+                                             ephemeral=ephemeral, tags=tags, expiration=expiration)
+        return self.pre_auth_key_json(row, full_key=key.full)
+
+    def list_pre_auth_keys(self, user: str | int | None = None) -> list[dict[str, Any]]:
+        uid = self.resolve_user(user).id if user not in (None, "", 0, "0") else None
+        return [self.pre_auth_key_json(k) for k in self.store.pre_auth_keys(uid)]
+
+    def _pak_by_ref(self, ref: str | int) -> PreAuthKeyRow:
+        s = str(ref).strip()
+        if s.isdigit():
+            return self.store.pre_auth_key(int(s))
+        row = self.store.pre_auth_key_by_prefix(secrets.parse_prefix("auth", s))
+        if row is None:
+            raise NotFound(f"no pre-auth key {s!r}")
+        return row
+
+    def expire_pre_auth_key(self, ref: str | int) -> None:
+        k = self._pak_by_ref(ref)
+        self.store.update_pre_auth_key(k.id, expiration=utcnow())
+
+    def delete_pre_auth_key(self, ref: str | int) -> None:
+        self.store.delete_pre_auth_key(self._pak_by_ref(ref).id)
+
+    def check_pre_auth_key(self, full_key: str) -> PreAuthKeyRow:
+        """The key row if `full_key` is a valid, unexpired, unspent key; InvalidInput says why not."""
+        prefix, secret = secrets.split_key("auth", full_key)
+        row = self.store.pre_auth_key_by_prefix(prefix)
+        if row is None or not secrets.verify_secret(secret, row.hash):
+            raise InvalidInput("authkey not found")
+        if row.expiration is not None and row.expiration <= utcnow():
+            raise InvalidInput("authkey expired")
+        if row.used and not row.reusable:
+            raise InvalidInput("authkey already used")
+        return row
+
+    # -- API keys
+
+    def create_api_key(self, expiration: datetime | None) -> str:
+        key = secrets.new_key("api")
+        self.store.create_api_key(prefix=key.prefix, hash=key.hash, expiration=expiration)
+        return key.full
+
+    def list_api_keys(self) -> list[dict[str, Any]]:
+        return [self.api_key_json(k) for k in self.store.api_keys()]
+
+    def _api_key_by_ref(self, ref: str | int) -> ApiKeyRow:
+        s = str(ref).strip()
+        if s.isdigit() and len(s) < 12:
+            return self.store.api_key(int(s))
+        row = self.store.api_key_by_prefix(secrets.parse_prefix("api", s))
+        if row is None:
+            raise NotFound(f"no API key with prefix {s!r}")
+        return row
+
+    def expire_api_key(self, ref: str | int) -> None:
+        self.store.update_api_key(self._api_key_by_ref(ref).id, expiration=utcnow())
+
+    def delete_api_key(self, ref: str | int) -> None:
+        self.store.delete_api_key(self._api_key_by_ref(ref).id)
+
+    def check_api_key(self, full_key: str) -> bool:
+        try:
+            prefix, secret = secrets.split_key("api", full_key)
+        except InvalidInput:
+            return False
+        row = self.store.api_key_by_prefix(prefix)
+        if row is None or not secrets.verify_secret(secret, row.hash):
+            return False
+        if row.expiration is not None and row.expiration <= utcnow():
+            return False
+        self.store.update_api_key(row.id, last_seen=utcnow())
+        return True
+
+    # -- nodes
+
+    def _node(self, ref: str | int) -> NodeRow:
+        s = str(ref).strip()
+        if not s.isdigit():
+            raise InvalidInput(f"node identifier {s!r}: expected a numeric ID (see `homescale nodes list`)")
+        return self.store.node(int(s))
+
+    def get_node(self, ref: str | int) -> dict[str, Any]:
+        return self.node_json(self._node(ref))
+
+    def list_nodes(self, user: str | None = None) -> list[dict[str, Any]]:
+        uid = self.resolve_user(user).id if user else None
+        return [self.node_json(n) for n in self.store.nodes(uid)]
+
+    def delete_node(self, ref: str | int) -> None:
+        n = self._node(ref)
+        self.store.delete_node(n.id)
+        self._notify(Change("node-removed", n.id))
+
+    def expire_node(self, ref: str | int, expiry: datetime | None = None,
+                    disable: bool = False) -> dict[str, Any]:
+        n = self._node(ref)
+        when = None if disable else (expiry or utcnow())
+        out = self.node_json(self.store.update_node(n.id, expiry=when))
+        self._notify(Change("node", n.id))
+        return out
+
+    def rename_node(self, ref: str | int, new_name: str) -> dict[str, Any]:
+        n = self._node(ref)
+        validate_given_name(new_name)
+        other = self.store.node_by("given_name", new_name)
+        if other is not None and other.id != n.id:
+            raise InvalidInput(f"node name {new_name!r} is already taken by node {other.id}")
+        out = self.node_json(self.store.update_node(n.id, given_name=new_name))
+        self._notify(Change("node", n.id))
+        return out
+
+    def tag_node(self, ref: str | int, tags: list[str]) -> dict[str, Any]:
+        n = self._node(ref)
+        tags = validate_tags(tags)
+        if not tags and n.user_id is None:
+            raise InvalidInput(f"node {n.id} is owned by its tags; it cannot lose all of them")
+        out = self.node_json(self.store.update_node(n.id, tags=tags))
+        self._notify(Change("node", n.id))
+        return out
+
+    def approve_routes(self, ref: str | int, routes: list[str]) -> dict[str, Any]:
+        import ipaddress
+        n = self._node(ref)
+        clean = []
+        for r in routes:
+            if not r.strip():
+                continue
+            try:
+                clean.append(str(ipaddress.ip_network(r.strip(), strict=False)))
+            except ValueError:
+                raise InvalidInput(f"route {r!r}: expected a CIDR like 10.0.0.0/8") from None
+        out = self.node_json(self.store.update_node(n.id, approved_routes=sorted(set(clean))))
+        self._notify(Change("node", n.id))
+        return out
+
+    # -- policy
+
+    def get_policy(self) -> dict[str, Any]:
+        row = self.store.policy()
+        if row is None:
+            raise NotFound("no policy is stored in the database (policy.mode: database)")
+        return {"policy": row.data, "updatedAt": to_iso(row.created_at)}
+
+    def set_policy(self, text: str, check: Callable[[str], None]) -> dict[str, Any]:
+        check(text)  # raises with the located error; nothing is stored then
+        row = self.store.set_policy(text)
+        self._notify(Change("policy"))
+        return {"policy": row.data, "updatedAt": to_iso(row.created_at)}
+
+
+@dataclass
+class ChangeLog:
+    """Collects changes (the direct-database CLI path has no server to tell)."""
+
+    changes: list[Change] = field(default_factory=list)
+
+    def __call__(self, change: Change) -> None:
+        self.changes.append(change)

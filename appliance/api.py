@@ -1,0 +1,245 @@
+"""The admin REST API: headscale's `/api/v1` routes and JSON shapes, as an ASGI app.
+
+Served by hypercorn on the unix socket (no auth: file permissions guard it) and
+through the main listener, where every call needs `Authorization: Bearer <API key>`.
+Store work runs in a worker thread (one at a time: the store has one writer).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import parse_qs, unquote
+
+from .admin import Admin
+from .errors import HomescaleError, InvalidInput, StoreError
+
+RunDb = Callable[..., Awaitable[Any]]  # run_db(fn, *args) -> fn(*args) in the store's thread
+
+
+@dataclass
+class ApiRequest:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    body: bytes
+
+    def arg(self, name: str) -> str:
+        v = self.query.get(name)
+        return v[0] if v else ""
+
+    def json(self) -> dict[str, Any]:
+        if not self.body.strip():
+            return {}
+        try:
+            obj = json.loads(self.body)
+        except json.JSONDecodeError as e:
+            raise InvalidInput(f"request body is not valid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise InvalidInput("request body must be a JSON object")
+        return obj
+
+
+class ApiError(HomescaleError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _time(value: Any, field: str) -> datetime | None:
+    if value in (None, ""):
+        return None
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidInput(f"{field}: expected an RFC 3339 time like 2026-01-02T15:04:05Z, "
+                           f"got {value!r}") from None
+
+
+class AdminApi:
+    """Routes `/api/v1/...` to admin operations; an ASGI app (`__call__`)."""
+
+    def __init__(self, admin: Admin, run_db: RunDb, *, require_auth: bool,
+                 policy_check: Callable[[str], None], policy_mode: str,
+                 register_node: Callable[[str, str], Awaitable[dict[str, Any]]] | None = None
+                 ) -> None:
+        self.admin = admin
+        self.run_db = run_db
+        self.require_auth = require_auth
+        self.policy_check = policy_check
+        self.policy_mode = policy_mode
+        self.register_node = register_node
+        a = admin
+        # (method, pattern, handler) -- handlers take (request, *path groups).
+        self.routes: list[tuple[str, re.Pattern[str], Callable[..., Awaitable[Any]]]] = []
+        r = self._route
+        r("GET", r"/api/v1/health", self.health)
+        r("GET", r"/api/v1/user", lambda q: self.db(lambda: {"users": a.list_users(
+            name=q.arg("name"), id=q.arg("id"), email=q.arg("email"))}))
+        r("POST", r"/api/v1/user", self.create_user)
+        r("POST", r"/api/v1/user/([^/]+)/rename/([^/]+)",
+          lambda q, uid, new: self.db(lambda: {"user": a.rename_user(uid, new)}))
+        r("DELETE", r"/api/v1/user/([^/]+)", lambda q, uid: self.db(lambda: (a.delete_user(uid), {})[1]))
+        r("GET", r"/api/v1/preauthkey", lambda q: self.db(
+            lambda: {"preAuthKeys": a.list_pre_auth_keys(q.arg("user") or None)}))
+        r("POST", r"/api/v1/preauthkey", self.create_pre_auth_key)
+        r("POST", r"/api/v1/preauthkey/expire", lambda q: self.db(
+            lambda: (a.expire_pre_auth_key(self._need(q.json(), "id", "key")), {})[1]))
+        r("DELETE", r"/api/v1/preauthkey", lambda q: self.db(
+            lambda: (a.delete_pre_auth_key(q.arg("id") or q.arg("key")), {})[1]))
+        r("GET", r"/api/v1/apikey", lambda q: self.db(lambda: {"apiKeys": a.list_api_keys()}))
+        r("POST", r"/api/v1/apikey", lambda q: self.db(
+            lambda: {"apiKey": a.create_api_key(_time(q.json().get("expiration"), "expiration"))}))
+        r("POST", r"/api/v1/apikey/expire", lambda q: self.db(
+            lambda: (a.expire_api_key(self._need(q.json(), "prefix", "id")), {})[1]))
+        r("DELETE", r"/api/v1/apikey/([^/]+)", lambda q, prefix: self.db(
+            lambda: (a.delete_api_key(prefix), {})[1]))
+        r("GET", r"/api/v1/node", lambda q: self.db(lambda: {"nodes": a.list_nodes(q.arg("user") or None)}))
+        r("POST", r"/api/v1/node/register", self.register)
+        r("GET", r"/api/v1/node/(\d+)", lambda q, nid: self.db(lambda: {"node": a.get_node(nid)}))
+        r("DELETE", r"/api/v1/node/(\d+)", lambda q, nid: self.db(lambda: (a.delete_node(nid), {})[1]))
+        r("POST", r"/api/v1/node/(\d+)/expire", self.expire_node)
+        r("POST", r"/api/v1/node/(\d+)/rename/([^/]+)", lambda q, nid, new: self.db(
+            lambda: {"node": a.rename_node(nid, new)}))
+        r("POST", r"/api/v1/node/(\d+)/tags", lambda q, nid: self.db(
+            lambda: {"node": a.tag_node(nid, list(q.json().get("tags") or []))}))
+        r("POST", r"/api/v1/node/(\d+)/approve_routes", lambda q, nid: self.db(
+            lambda: {"node": a.approve_routes(nid, list(q.json().get("routes") or []))}))
+        r("GET", r"/api/v1/policy", lambda q: self.db(a.get_policy))
+        r("PUT", r"/api/v1/policy", self.set_policy)
+        r("POST", r"/api/v1/policy/check", self.check_policy)
+
+    def _route(self, method: str, pattern: str, handler: Callable[..., Awaitable[Any]]) -> None:
+        self.routes.append((method, re.compile(pattern + "$"), handler))
+
+    @staticmethod
+    def _need(body: dict[str, Any], *names: str) -> str:
+        for n in names:
+            if body.get(n) not in (None, ""):
+                return str(body[n])
+        raise InvalidInput(f"request body needs {' or '.join(repr(n) for n in names)}")
+
+    async def db(self, fn: Callable[[], Any]) -> Any:
+        return await self.run_db(fn)
+
+    # -- handlers that need more than one line
+
+    async def health(self, q: ApiRequest) -> dict[str, Any]:
+        try:
+            ok = await self.run_db(self.admin.store.ping)
+        except Exception:
+            ok = False
+        if not ok:
+            raise ApiError(503, "database unreachable")
+        return {"databaseConnectivity": True}
+
+    async def create_user(self, q: ApiRequest) -> dict[str, Any]:
+        b = q.json()
+        return await self.db(lambda: {"user": self.admin.create_user(
+            str(b.get("name", "")), str(b.get("displayName", "")), str(b.get("email", "")),
+            str(b.get("pictureUrl", "")))})
+
+    async def create_pre_auth_key(self, q: ApiRequest) -> dict[str, Any]:
+        b = q.json()
+        tags = b.get("aclTags") or []
+        if not isinstance(tags, list):
+            raise InvalidInput("aclTags: expected a list of tags")
+        expiration = _time(b.get("expiration"), "expiration")
+        return await self.db(lambda: {"preAuthKey": self.admin.create_pre_auth_key(
+            user=b.get("user"), reusable=bool(b.get("reusable")), ephemeral=bool(b.get("ephemeral")),
+            expiration=expiration, tags=[str(t) for t in tags])})
+
+    async def expire_node(self, q: ApiRequest, nid: str) -> dict[str, Any]:
+        b = q.json()
+        expiry = _time(b.get("expiry") or q.arg("expiry"), "expiry")
+        disable = bool(b.get("disableExpiry")) or q.arg("disableExpiry") == "true"
+        return await self.db(lambda: {"node": self.admin.expire_node(nid, expiry, disable)})
+
+    async def register(self, q: ApiRequest) -> dict[str, Any]:
+        if self.register_node is None:
+            raise ApiError(503, "interactive registration needs the running server")
+        return {"node": await self.register_node(q.arg("user"), q.arg("key"))}
+
+    async def set_policy(self, q: ApiRequest) -> dict[str, Any]:
+        if self.policy_mode != "database":
+            raise ApiError(400, "the policy can only be set in policy.mode: database "
+                                "(in file mode, edit the file at policy.path)")
+        text = str(q.json().get("policy", ""))
+        return await self.db(lambda: self.admin.set_policy(text, self.policy_check))
+
+    async def check_policy(self, q: ApiRequest) -> dict[str, Any]:
+        self.policy_check(str(q.json().get("policy", "")))
+        return {}
+
+    # -- ASGI
+
+    def _authorized(self, headers: dict[str, str]) -> Callable[[], bool] | None:
+        auth = headers.get("authorization", "")
+        if not auth.lower().startswith("bearer "):
+            return None
+        token = auth[7:].strip()
+        return lambda: self.admin.check_api_key(token)
+
+    async def handle(self, q: ApiRequest) -> tuple[int, Any]:
+        if self.require_auth:
+            check = self._authorized(q.headers)
+            if check is None or not await self.run_db(check):
+                return 401, {"title": "Unauthorized", "status": 401,
+                             "detail": "missing or invalid API key (Authorization: Bearer <key>)"}
+        allowed = []
+        for method, pattern, handler in self.routes:
+            m = pattern.match(q.path)
+            if not m:
+                continue
+            if method != q.method:
+                allowed.append(method)
+                continue
+            try:
+                return 200, await handler(q, *(unquote(g) for g in m.groups()))
+            except ApiError as e:
+                return e.status, _problem(e.status, str(e))
+            except StoreError as e:
+                return e.status, _problem(e.status, str(e))
+            except HomescaleError as e:
+                return 400, _problem(400, str(e))
+        if allowed:
+            return 405, _problem(405, f"method {q.method} not allowed; use {', '.join(allowed)}")
+        return 404, _problem(404, f"no API route {q.path}")
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Awaitable[Any]],
+                       send: Callable[..., Awaitable[Any]]) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        body = bytearray()
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        q = ApiRequest(scope["method"], scope["path"], parse_qs(scope["query_string"].decode()),
+                       headers, bytes(body))
+        status, obj = await self.handle(q)
+        data = json.dumps(obj).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(data)).encode())]})
+        await send({"type": "http.response.body", "body": data})
+
+
+def _problem(status: int, detail: str) -> dict[str, Any]:
+    from http import HTTPStatus
+    return {"title": HTTPStatus(status).phrase, "status": status, "detail": detail}

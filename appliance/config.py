@@ -1,0 +1,536 @@
+"""Configuration: headscale's `config-example.yaml` keys, typed, with located errors.
+
+A headscale config file works unchanged: every key headscale knows is accepted
+(keys for features homescale does not have are ignored with a note), keys headscale
+removed are refused with where they moved, and unknown keys are warnings naming the
+key and its line. Every key can be overridden by `HOMESCALE_<KEY>` (dots as `_`).
+Relative paths are resolved against the config file's directory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+from .durations import parse_duration
+from .errors import ConfigError
+
+SEARCH_PATHS = (
+    Path("/etc/homescale/config.yaml"),
+    Path("~/.homescale/config.yaml"),
+    Path("config.yaml"),
+)
+
+# ---------------------------------------------------------------- value parsers
+# Each parser takes the raw YAML (or environment string) value and returns the typed
+# value, or raises ValueError whose text says what was expected.
+
+
+def _str(v: Any) -> str:
+    if isinstance(v, bool | dict | list):
+        raise ValueError("expected a string")
+    return "" if v is None else str(v)
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return v.lower() in ("true", "1", "yes")
+    raise ValueError("expected true or false")
+
+
+def _int(v: Any) -> int:
+    if isinstance(v, bool):
+        raise ValueError("expected an integer")
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise ValueError("expected an integer") from None
+
+
+def _hostport(v: Any) -> str:
+    s = _str(v)
+    host, sep, port = s.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("expected a host:port like 127.0.0.1:8080 or [::]:8080")
+    if host.startswith("[") != host.endswith("]"):
+        raise ValueError("expected a host:port like 127.0.0.1:8080 or [::]:8080")
+    return s
+
+
+def _optional_hostport(v: Any) -> str:
+    return "" if v in (None, "") else _hostport(v)
+
+
+def _url(v: Any) -> str:
+    s = _str(v)
+    parts = urlsplit(s)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL like https://hs.example.com")
+    return s.rstrip("/")
+
+
+def _prefix(version: int) -> Callable[[Any], ipaddress.IPv4Network | ipaddress.IPv6Network | None]:
+    def parse(v: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+        if v in (None, ""):
+            return None
+        try:
+            net = ipaddress.ip_network(_str(v), strict=True)
+        except ValueError as e:
+            raise ValueError(f"expected an IPv{version} CIDR like "
+                             f"{'100.64.0.0/10' if version == 4 else 'fd7a:115c:a1e0::/48'} ({e})") from None
+        if net.version != version:
+            raise ValueError(f"expected an IPv{version} CIDR, got an IPv{net.version} one")
+        return net
+    return parse
+
+
+def _ip(version: int) -> Callable[[Any], str]:
+    def parse(v: Any) -> str:
+        if v in (None, ""):
+            return ""
+        try:
+            addr = ipaddress.ip_address(_str(v))
+        except ValueError:
+            raise ValueError(f"expected an IPv{version} address") from None
+        if addr.version != version:
+            raise ValueError(f"expected an IPv{version} address")
+        return str(addr)
+    return parse
+
+
+def _duration(v: Any) -> timedelta:
+    return parse_duration(v)
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def parse(v: Any) -> str:
+        s = _str(v).lower()
+        if s not in options:
+            raise ValueError(f"expected one of {', '.join(options)}")
+        return s
+    return parse
+
+
+def _str_list(v: Any) -> list[str]:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [p.strip() for p in v.split(",") if p.strip()] if v.strip() else []
+    if not isinstance(v, list):
+        raise ValueError("expected a list of strings")
+    return [_str(x) for x in v]
+
+
+def _url_list(v: Any) -> list[str]:
+    return [_url(x) for x in _str_list(v)]
+
+
+def _split_ns(v: Any) -> dict[str, list[str]]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ValueError("expected a map of domain -> list of nameserver addresses")
+    return {str(k): _str_list(x) for k, x in v.items()}
+
+
+def _records(v: Any) -> list[dict[str, str]]:
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise ValueError("expected a list of {name, type, value} records")
+    out = []
+    for rec in v:
+        if not isinstance(rec, dict) or not {"name", "value"} <= set(rec):
+            raise ValueError("expected each record to have name, type and value")
+        rtype = str(rec.get("type", "A")).upper()
+        if rtype not in ("A", "AAAA"):
+            raise ValueError(f"record type {rtype!r}: expected A or AAAA")
+        out.append({"name": str(rec["name"]), "type": rtype, "value": str(rec["value"])})
+    return out
+
+
+def _octal_mode(v: Any) -> int:
+    s = _str(v).lower().removeprefix("0o")
+    try:
+        mode = int(s, 8)
+    except ValueError:
+        raise ValueError("expected an octal file mode like \"0770\"") from None
+    if not 0 <= mode <= 0o777:
+        raise ValueError("expected an octal file mode like \"0770\"")
+    return mode
+
+
+def _level(v: Any) -> str:
+    return _choice("trace", "debug", "info", "warn", "warning", "error", "fatal", "panic", "disabled")(v)
+
+
+# ---------------------------------------------------------------- the schema
+# key -> (parser, default). Defaults are headscale's (hscontrol/types/config.go and
+# config-example.yaml), with homescale's own names for paths.
+
+SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
+    "server_url": (_url, "http://127.0.0.1:8080"),
+    "listen_addr": (_hostport, "127.0.0.1:8080"),
+    "metrics_listen_addr": (_optional_hostport, "127.0.0.1:9090"),
+    "tls_cert_path": (_str, ""),
+    "tls_key_path": (_str, ""),
+    "noise.private_key_path": (_str, "/var/lib/homescale/noise_private.key"),
+    "prefixes.v4": (_prefix(4), "100.64.0.0/10"),
+    "prefixes.v6": (_prefix(6), "fd7a:115c:a1e0::/48"),
+    "prefixes.allocation": (_choice("sequential", "random"), "sequential"),
+    "derp.server.enabled": (_bool, False),
+    "derp.server.region_id": (_int, 999),
+    "derp.server.region_code": (_str, "headscale"),
+    "derp.server.region_name": (_str, "Headscale Embedded DERP"),
+    "derp.server.verify_clients": (_bool, True),
+    "derp.server.stun_listen_addr": (_optional_hostport, "0.0.0.0:3478"),
+    "derp.server.private_key_path": (_str, "/var/lib/homescale/derp_server_private.key"),
+    "derp.server.automatically_add_embedded_derp_region": (_bool, True),
+    "derp.server.ipv4": (_ip(4), ""),
+    "derp.server.ipv6": (_ip(6), ""),
+    "derp.urls": (_url_list, []),
+    "derp.paths": (_str_list, []),
+    "derp.auto_update_enabled": (_bool, True),
+    "derp.update_frequency": (_duration, "3h"),
+    "database.type": (_choice("sqlite", "sqlite3"), "sqlite"),
+    "database.sqlite.path": (_str, "/var/lib/homescale/db.sqlite"),
+    "database.sqlite.write_ahead_log": (_bool, True),
+    "unix_socket": (_str, "/var/run/homescale/homescale.sock"),
+    "unix_socket_permission": (_octal_mode, "0770"),
+    "policy.mode": (_choice("file", "database"), "file"),
+    "policy.path": (_str, ""),
+    "dns.magic_dns": (_bool, True),
+    "dns.base_domain": (_str, ""),
+    "dns.override_local_dns": (_bool, True),
+    "dns.nameservers.global": (_str_list, []),
+    "dns.nameservers.split": (_split_ns, {}),
+    "dns.search_domains": (_str_list, []),
+    "dns.extra_records": (_records, []),
+    "log.level": (_level, "info"),
+    "log.format": (_choice("text", "json"), "text"),
+    "logtail.enabled": (_bool, False),
+    "node.expiry": (_duration, "0"),
+    "node.ephemeral.inactivity_timeout": (_duration, "120s"),
+    "disable_check_updates": (_bool, False),
+}
+
+# Keys headscale accepts for features homescale does not have (OIDC, ACME, gRPC,
+# Postgres, ...). Accepted so a headscale config loads; they change nothing here.
+IGNORED_PREFIXES = (
+    "trusted_proxies", "grpc_listen_addr", "grpc_allow_insecure", "acme_url", "acme_email",
+    "tls_letsencrypt_", "oidc", "database.gorm", "database.debug", "database.postgres",
+    "database.sqlite.wal_autocheckpoint", "taildrop", "auto_update", "node.routes",
+    "cli", "tuning", "preauth_keys", "derp.server.stun", "dns.extra_records_path",
+    "policy.v1", "ephemeral_node_inactivity_timeout",
+)
+
+# Keys headscale removed, with where they went (hscontrol/types/config.go).
+REMOVED = {
+    "randomize_client_port": 'moved to the policy: set "randomizeClientPort": true at the top '
+                             "level of your policy file",
+    "acl_policy_path": "renamed to policy.path",
+    "dns_config": "moved to dns (dns.magic_dns, dns.base_domain, dns.nameservers.global, ...)",
+    "dns.use_username_in_magic_dns": "removed; MagicDNS names are the node's given name",
+    "oidc.strip_email_domain": "removed in headscale 0.26",
+    "oidc.map_legacy_users": "removed in headscale 0.26",
+    "oidc.expiry": "moved to node.expiry",
+    "private_key_path": "removed; homescale uses noise.private_key_path only",
+    "db_type": "moved to database.type",
+    "db_path": "moved to database.sqlite.path",
+}
+
+_PATH_KEYS = (
+    "tls_cert_path", "tls_key_path", "noise.private_key_path", "derp.server.private_key_path",
+    "database.sqlite.path", "unix_socket", "policy.path",
+)
+
+
+# ---------------------------------------------------------------- typed settings
+
+@dataclass(frozen=True)
+class DerpSettings:
+    server_enabled: bool
+    region_id: int
+    region_code: str
+    region_name: str
+    verify_clients: bool
+    stun_listen_addr: str
+    private_key_path: Path
+    automatically_add_embedded_region: bool
+    ipv4: str
+    ipv6: str
+    urls: list[str]
+    paths: list[Path]
+    auto_update_enabled: bool
+    update_frequency: timedelta
+
+
+@dataclass(frozen=True)
+class DNSSettings:
+    magic_dns: bool
+    base_domain: str
+    override_local_dns: bool
+    nameservers_global: list[str]
+    nameservers_split: dict[str, list[str]]
+    search_domains: list[str]
+    extra_records: list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Config:
+    """The settings homescale runs with; built only by `load_config`/`config_from_values`."""
+
+    source: Path | None
+    server_url: str
+    listen_addr: str
+    metrics_listen_addr: str
+    tls_cert_path: Path | None
+    tls_key_path: Path | None
+    noise_private_key_path: Path
+    prefix_v4: ipaddress.IPv4Network | None
+    prefix_v6: ipaddress.IPv6Network | None
+    ip_allocation: str
+    derp: DerpSettings
+    database_path: Path
+    write_ahead_log: bool
+    unix_socket: Path
+    unix_socket_permission: int
+    policy_mode: str
+    policy_path: Path | None
+    dns: DNSSettings
+    log_level: str
+    log_format: str
+    logtail_enabled: bool
+    node_expiry: timedelta  # 0: node keys never expire
+    ephemeral_inactivity_timeout: timedelta
+    disable_check_updates: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- loading
+
+def env_name(key: str) -> str:
+    return "HOMESCALE_" + key.replace(".", "_").upper()
+
+
+def find_config(explicit: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path | None:
+    """The config path: `-c`, then $HOMESCALE_CONFIG, then the search paths; None if none exist."""
+    if explicit:
+        return Path(explicit)
+    if environ.get("HOMESCALE_CONFIG"):
+        return Path(environ["HOMESCALE_CONFIG"])
+    for p in SEARCH_PATHS:
+        p = p.expanduser()
+        if p.is_file():
+            return p
+    return None
+
+
+def _flatten(node: Any, prefix: str, out: dict[str, tuple[Any, int | None]]) -> None:
+    """Flatten nested YAML mappings to dotted keys, keeping each key's 1-based line."""
+    if not isinstance(node, dict):
+        return
+    for k, v in node.items():
+        key = f"{prefix}{k}"
+        line = None
+        if isinstance(node, CommentedMap):
+            try:
+                line = node.lc.key(k)[0] + 1
+            except (KeyError, TypeError):
+                line = None
+        is_leaf_map = key in ("dns.nameservers.split",) or key.startswith("oidc.extra_params")
+        if isinstance(v, dict) and v and not is_leaf_map:
+            out[key] = (_Section, line)
+            _flatten(v, key + ".", out)
+        else:
+            out[key] = (_plain(v), line)
+
+
+class _Section:
+    """Marker: this key is a mapping whose children were flattened."""
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, CommentedMap):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, CommentedSeq):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _is_ignored(key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") or (p.endswith("_") and key.startswith(p))
+               for p in IGNORED_PREFIXES)
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file; a syntax error names the file, line and column."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found (create one with `homescale init`, "
+                          f"or pass -c FILE)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+    try:
+        return YAML(typ="rt").load(text)
+    except MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: malformed YAML: {e.problem or e.context}") from None
+    except YAMLError as e:
+        raise ConfigError(f"{path}: malformed YAML: {e}") from None
+
+
+def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load and check a config file (or defaults when `path` is None) plus env overrides."""
+    environ = os.environ if environ is None else environ
+    raw: Any = {}
+    if path is not None:
+        raw = read_yaml(path)
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a YAML mapping of settings at the top level")
+    flat: dict[str, tuple[Any, int | None]] = {}
+    _flatten(raw, "", flat)
+    where = str(path) if path else "<defaults>"
+
+    warnings: list[str] = []
+    for key, (_, line) in flat.items():
+        for old, hint in REMOVED.items():
+            if key == old or key.startswith(old + "."):
+                loc = f"{where}:{line}" if line else where
+                raise ConfigError(f"{loc}: the key {key!r} was removed: {hint}")
+
+    values: dict[str, Any] = {}
+    for key, (parse, default) in SCHEMA.items():
+        raw_value, line = flat.get(key, (default, None))
+        origin = f"{where}:{line}" if line else where
+        env = env_name(key)
+        if env in environ:
+            raw_value, origin = environ[env], f"environment variable {env}"
+        if raw_value is _Section:
+            raise ConfigError(f"{origin}: {key}: expected a value, got a mapping")
+        try:
+            values[key] = parse(raw_value)
+        except ValueError as e:
+            raise ConfigError(f"{origin}: {key}: {e}, got {raw_value!r}") from None
+
+    # The old top-level alias still works (headscale warns about it too).
+    if "ephemeral_node_inactivity_timeout" in flat and "node.ephemeral.inactivity_timeout" not in flat:
+        raw_value, line = flat["ephemeral_node_inactivity_timeout"]
+        try:
+            values["node.ephemeral.inactivity_timeout"] = _duration(raw_value)
+        except ValueError as e:
+            raise ConfigError(f"{where}:{line}: ephemeral_node_inactivity_timeout: {e}") from None
+        warnings.append(f"{where}:{line}: ephemeral_node_inactivity_timeout is deprecated; "
+                        f"use node.ephemeral.inactivity_timeout")
+
+    for key, (v, line) in flat.items():
+        if key in SCHEMA or v is _Section or _is_ignored(key):
+            continue
+        loc = f"{where}:{line}" if line else where
+        warnings.append(f"{loc}: unknown configuration key {key!r} (ignored)")
+
+    base = path.parent.resolve() if path is not None else Path.cwd()
+    return config_from_values(values, source=path, base=base, warnings=warnings)
+
+
+def config_from_values(values: dict[str, Any], *, source: Path | None, base: Path,
+                       warnings: list[str]) -> Config:
+    def p(key: str) -> Path | None:
+        s = values[key]
+        if not s:
+            return None
+        path = Path(s).expanduser()
+        return path if path.is_absolute() else base / path
+
+    def req(key: str) -> Path:
+        path = p(key)
+        if path is None:
+            raise ConfigError(f"{key}: must not be empty")
+        return path
+
+    if values["prefixes.v4"] is None and values["prefixes.v6"] is None:
+        raise ConfigError("prefixes: set at least one of prefixes.v4 and prefixes.v6")
+    if bool(values["tls_cert_path"]) != bool(values["tls_key_path"]):
+        raise ConfigError("tls_cert_path and tls_key_path: set both (TLS) or neither (plain HTTP)")
+    if values["dns.magic_dns"] and not values["dns.base_domain"]:
+        raise ConfigError("dns.base_domain: must be set when dns.magic_dns is true "
+                          "(for example base_domain: tailnet.example.com)")
+    server_host = urlsplit(values["server_url"]).hostname or ""
+    if values["dns.base_domain"] and server_host.endswith("." + values["dns.base_domain"].strip(".")):
+        raise ConfigError(f"dns.base_domain: {values['dns.base_domain']!r} must not contain the "
+                          f"server_url host {server_host!r} (clients would resolve the control "
+                          f"server through MagicDNS)")
+    derp = DerpSettings(
+        server_enabled=values["derp.server.enabled"],
+        region_id=values["derp.server.region_id"],
+        region_code=values["derp.server.region_code"],
+        region_name=values["derp.server.region_name"],
+        verify_clients=values["derp.server.verify_clients"],
+        stun_listen_addr=values["derp.server.stun_listen_addr"],
+        private_key_path=req("derp.server.private_key_path"),
+        automatically_add_embedded_region=values["derp.server.automatically_add_embedded_derp_region"],
+        ipv4=values["derp.server.ipv4"],
+        ipv6=values["derp.server.ipv6"],
+        urls=values["derp.urls"],
+        paths=[Path(x) if Path(x).is_absolute() else base / x for x in values["derp.paths"]],
+        auto_update_enabled=values["derp.auto_update_enabled"],
+        update_frequency=values["derp.update_frequency"],
+    )
+    dns = DNSSettings(
+        magic_dns=values["dns.magic_dns"],
+        base_domain=values["dns.base_domain"].strip("."),
+        override_local_dns=values["dns.override_local_dns"],
+        nameservers_global=values["dns.nameservers.global"],
+        nameservers_split=values["dns.nameservers.split"],
+        search_domains=values["dns.search_domains"],
+        extra_records=values["dns.extra_records"],
+    )
+    return Config(
+        source=source,
+        server_url=values["server_url"],
+        listen_addr=values["listen_addr"],
+        metrics_listen_addr=values["metrics_listen_addr"],
+        tls_cert_path=p("tls_cert_path"),
+        tls_key_path=p("tls_key_path"),
+        noise_private_key_path=req("noise.private_key_path"),
+        prefix_v4=values["prefixes.v4"],
+        prefix_v6=values["prefixes.v6"],
+        ip_allocation=values["prefixes.allocation"],
+        derp=derp,
+        database_path=req("database.sqlite.path"),
+        write_ahead_log=values["database.sqlite.write_ahead_log"],
+        unix_socket=req("unix_socket"),
+        unix_socket_permission=values["unix_socket_permission"],
+        policy_mode=values["policy.mode"],
+        policy_path=p("policy.path"),
+        dns=dns,
+        log_level=values["log.level"],
+        log_format=values["log.format"],
+        logtail_enabled=values["logtail.enabled"],
+        node_expiry=values["node.expiry"],
+        ephemeral_inactivity_timeout=values["node.ephemeral.inactivity_timeout"],
+        disable_check_updates=values["disable_check_updates"],
+        warnings=warnings,
+    )
+
+
+def split_hostport(addr: str) -> tuple[str, int]:
+    """`127.0.0.1:8080` / `[::]:8080` / `:8080` -> (host, port); empty host = all addresses."""
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)

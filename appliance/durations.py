@@ -1,0 +1,55 @@
+"""Durations as headscale writes them: Go's `1h30m` plus Prometheus' `d`, `w`, `y`."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+_UNITS = {
+    "ms": 0.001,
+    "s": 1,
+    "m": 60,
+    "h": 3600,
+    "d": 86400,
+    "w": 7 * 86400,
+    "y": 365 * 86400,
+}
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w|y)")
+
+
+def parse_duration(text: str | int | float) -> timedelta:
+    """Parse `30m`, `1h30m`, `90d`, `0`; raise ValueError naming the expected form."""
+    if isinstance(text, bool):
+        raise ValueError("expected a duration like 30m, 24h or 90d")
+    if isinstance(text, int | float):
+        if text == 0:
+            return timedelta(0)
+        raise ValueError("expected a duration with a unit, like 30m, 24h or 90d")
+    s = str(text).strip()
+    if s in ("0", ""):
+        if s == "":
+            raise ValueError("expected a duration like 30m, 24h or 90d, got an empty value")
+        return timedelta(0)
+    pos = 0
+    total = 0.0
+    for m in _PART.finditer(s):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(s) or pos == 0:
+        raise ValueError(f"expected a duration like 30m, 24h or 90d, got {s!r}")
+    return timedelta(seconds=total)
+
+
+def format_duration(d: timedelta) -> str:
+    """The shortest Go-style form of a duration (for config round trips and logs)."""
+    secs = int(d.total_seconds())
+    if secs == 0:
+        return "0s"
+    out = []
+    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+        n, secs = divmod(secs, size)
+        if n:
+            out.append(f"{n}{unit}")
+    return "".join(out)

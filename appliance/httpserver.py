@@ -1,0 +1,304 @@
+"""The main listener: HTTP/1.1 (h11) over TCP, optionally TLS, with connection take-over.
+
+hypercorn cannot hand a socket over for non-WebSocket upgrades, and Tailscale needs
+exactly that for `/ts2021` (Noise) and `/derp`, so this front end is ours: plain
+routes answer small requests, upgrade routes take the raw stream after the request
+head, and `/api/v1/...` is passed to the admin ASGI app.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+import trio
+
+HEAD_TIMEOUT = 10.0       # a client must send a whole request head within this
+IDLE_TIMEOUT = 75.0       # keep-alive connections idle longer are closed
+TLS_HANDSHAKE_TIMEOUT = 10.0
+MAX_BODY = 4 * 1024 * 1024  # policies are the largest bodies we accept
+MAX_HEAD = 64 * 1024
+
+
+@dataclass
+class Request:
+    method: str
+    target: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]  # lower-cased names; repeated headers joined with ", "
+    body: bytes
+    peer: str
+
+    def arg(self, name: str, default: str = "") -> str:
+        v = self.query.get(name)
+        return v[0] if v else default
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+    @classmethod
+    def json(cls, obj: Any, status: int = 200) -> Response:
+        return cls(status, json.dumps(obj).encode(), [("Content-Type", "application/json")])
+
+    @classmethod
+    def text(cls, text: str, status: int = 200, content_type: str = "text/plain; charset=utf-8") -> Response:
+        return cls(status, text.encode(), [("Content-Type", content_type)])
+
+
+@dataclass
+class Upgrade:
+    """A connection handed over after its HTTP/1.1 request head (for /ts2021 and /derp)."""
+
+    stream: trio.abc.Stream  # the raw connection (TLS already terminated if any)
+    request: h11.Request     # the parsed request head
+    head: bytes              # the raw bytes of the request head, as received
+    trailing: bytes          # bytes received after the head (already read off the stream)
+    peer: str                # "ip:port" of the client
+
+
+RouteHandler = Callable[[Request], Awaitable[Response]]
+UpgradeHandler = Callable[[Upgrade], Awaitable[None]]
+AsgiApp = Callable[..., Awaitable[None]]
+
+
+def _peer(stream: trio.abc.Stream) -> str:
+    inner = getattr(stream, "transport_stream", stream)
+    sock = getattr(inner, "socket", None)
+    try:
+        addr = sock.getpeername() if sock is not None else None
+    except OSError:
+        addr = None
+    if isinstance(addr, tuple):
+        return f"{addr[0]}:{addr[1]}" if ":" not in addr[0] else f"[{addr[0]}]:{addr[1]}"
+    return "local"
+
+
+class HttpServer:
+    """Serves one listener set; routes by exact path, upgrades by path, ASGI by prefix."""
+
+    def __init__(self, *, routes: dict[str, RouteHandler], upgrades: dict[str, UpgradeHandler],
+                 asgi_prefix: str = "", asgi_app: AsgiApp | None = None,
+                 ssl_context: ssl.SSLContext | None = None, logger: logging.Logger) -> None:
+        self.routes = routes
+        self.upgrades = upgrades
+        self.asgi_prefix = asgi_prefix
+        self.asgi_app = asgi_app
+        self.ssl_context = ssl_context
+        self.log = logger
+
+    async def serve(self, listeners: list[trio.SocketListener], *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            # serve_listeners logs and retries accept errors such as EMFILE instead of dying.
+            await nursery.start(trio.serve_listeners, self.handle_connection, listeners)
+            task_status.started()
+
+    async def handle_connection(self, stream: trio.abc.Stream) -> None:
+        peer = _peer(stream)
+        try:
+            if self.ssl_context is not None:
+                tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
+                with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT) as scope:
+                    await tls.do_handshake()
+                if scope.cancelled_caught:
+                    self.log.debug("tls handshake timeout from %s", peer)
+                    return
+                stream = tls
+            await self._serve_http(stream, peer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as e:
+            self.log.debug("connection from %s ended: %s", peer, e)
+        finally:
+            with trio.move_on_after(1) as cs:
+                cs.shield = True
+                try:
+                    await stream.aclose()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
+                    pass
+
+    async def _serve_http(self, stream: trio.abc.Stream, peer: str) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        raw = bytearray()  # bytes of the current request head, for upgrades
+        first = True
+        while True:
+            timeout = HEAD_TIMEOUT if first else IDLE_TIMEOUT
+            try:
+                with trio.fail_after(timeout):
+                    event, raw = await self._next_event(conn, stream, raw)
+            except trio.TooSlowError:
+                return
+            except h11.RemoteProtocolError as e:
+                await self._send_error(conn, stream, 400, f"malformed request: {e}")
+                return
+            first = False
+            if isinstance(event, h11.ConnectionClosed) or event is None:
+                return
+            if not isinstance(event, h11.Request):
+                return
+            req_path = urlsplit(event.target.decode("latin-1")).path
+            upgrade = self.upgrades.get(req_path)
+            if upgrade is not None:
+                end = bytes(raw).find(b"\r\n\r\n")
+                head = bytes(raw[: end + 4]) if end >= 0 else bytes(raw)
+                trailing = bytes(raw[end + 4:]) if end >= 0 else b""
+                self.log.debug("%s %s upgrade from %s", event.method.decode(), req_path, peer)
+                await upgrade(Upgrade(stream, event, head, trailing, peer))
+                return
+            try:
+                with trio.fail_after(HEAD_TIMEOUT):
+                    body = await self._read_body(conn, stream)
+            except trio.TooSlowError:
+                return
+            except h11.RemoteProtocolError as e:
+                await self._send_error(conn, stream, 400, f"malformed request: {e}")
+                return
+            except _TooLarge:
+                await self._send_error(conn, stream, 413, "request body too large")
+                return
+            request = self._make_request(event, body, peer)
+            response = await self._dispatch(request)
+            self.log.debug("%s %s -> %d (%s)", request.method, request.target, response.status, peer)
+            await self._send(conn, stream, response, head_only=request.method == "HEAD")
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                return
+            try:
+                conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+            raw = bytearray(conn.trailing_data[0])
+
+    async def _next_event(self, conn: h11.Connection, stream: trio.abc.Stream,
+                          raw: bytearray) -> tuple[Any, bytearray]:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(65536)
+                raw += data
+                if len(raw) > MAX_HEAD * 2:
+                    raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
+                conn.receive_data(data)
+                continue
+            return event, raw
+
+    async def _read_body(self, conn: h11.Connection, stream: trio.abc.Stream) -> bytes:
+        body = bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+                continue
+            if isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_BODY:
+                    raise _TooLarge
+                continue
+            if isinstance(event, h11.EndOfMessage):
+                return bytes(body)
+            if event is h11.PAUSED:
+                return bytes(body)
+            raise h11.RemoteProtocolError("unexpected end of request")
+
+    @staticmethod
+    def _make_request(event: h11.Request, body: bytes, peer: str) -> Request:
+        target = event.target.decode("latin-1")
+        parts = urlsplit(target)
+        headers: dict[str, str] = {}
+        for name, value in event.headers:
+            key = name.decode("latin-1").lower()
+            val = value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {val}" if key in headers else val
+        return Request(method=event.method.decode("latin-1"), target=target, path=parts.path,
+                       query=parse_qs(parts.query), headers=headers, body=body, peer=peer)
+
+    async def _dispatch(self, request: Request) -> Response:
+        try:
+            if self.asgi_app is not None and self.asgi_prefix and (
+                    request.path == self.asgi_prefix or request.path.startswith(self.asgi_prefix + "/")):
+                return await call_asgi(self.asgi_app, request)
+            handler = self.routes.get(request.path)
+            if handler is None:
+                return Response.text("404 page not found\n", 404)
+            return await handler(request)
+        except Exception:
+            self.log.exception("handler for %s %s failed", request.method, request.path)
+            return Response.text("internal error\n", 500)
+
+    async def _send(self, conn: h11.Connection, stream: trio.abc.Stream, response: Response,
+                    head_only: bool = False) -> None:
+        headers = [*response.headers, ("Content-Length", str(len(response.body)))]
+        data = conn.send(h11.Response(status_code=response.status, headers=headers,
+                                      reason=_reason(response.status)))
+        if not head_only and response.body:
+            data += conn.send(h11.Data(data=response.body))
+        data += conn.send(h11.EndOfMessage())
+        await stream.send_all(data)
+
+    async def _send_error(self, conn: h11.Connection, stream: trio.abc.Stream, status: int,
+                          message: str) -> None:
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        try:
+            await self._send(conn, stream, Response(status, (message + "\n").encode(),
+                                                    [("Content-Type", "text/plain; charset=utf-8"),
+                                                     ("Connection", "close")]))
+        except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _reason(status: int) -> bytes:
+    from http import HTTPStatus
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+async def call_asgi(app: AsgiApp, request: Request) -> Response:
+    """Run one buffered HTTP request through an ASGI app (the admin API on the main listener)."""
+    host, _, port = request.peer.rpartition(":")
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+        "method": request.method, "scheme": "http", "path": request.path,
+        "raw_path": request.path.encode(), "query_string": urlsplit(request.target).query.encode(),
+        "root_path": "", "headers": [(k.encode(), v.encode()) for k, v in request.headers.items()],
+        "client": (host.strip("[]"), int(port)) if port.isdigit() else None, "server": None,
+    }
+    sent_body = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent_body
+        if not sent_body:
+            sent_body = True
+            return {"type": "http.request", "body": request.body, "more_body": False}
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    status = 500
+    headers: list[tuple[str, str]] = []
+    body = bytearray()
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status, headers
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            headers = [(k.decode(), v.decode()) for k, v in message.get("headers", [])
+                       if k.lower() != b"content-length"]
+        elif message["type"] == "http.response.body":
+            body.extend(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return Response(status, bytes(body), headers)

@@ -1,0 +1,47 @@
+"""Where the policy comes from (file or database) and how it is checked before use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import Config
+from .errors import HomescaleError
+from .store import Store
+
+
+class PolicyInvalid(HomescaleError):
+    """The policy does not parse or validate; the message is located (path and line)."""
+
+
+RECOVERY = """\
+To recover:
+  1. dump the stored policy:   homescale policy get > policy.hujson
+  2. fix it, then check it:    homescale policy check --file policy.hujson
+  3. store it:                 homescale policy set --file policy.hujson
+(these commands work with the server stopped: they open the database directly)"""
+
+
+def check_policy_text(text: str, source: str = "<policy>") -> None:
+    """Parse and validate a policy (its `tests` included); PolicyInvalid names what is wrong."""
+    from netmap.policy import PolicyError, parse_policy
+
+    try:
+        parse_policy(text, source)
+    except PolicyError as e:
+        raise PolicyInvalid(str(e)) from None
+
+
+def read_policy(config: Config, store: Store) -> tuple[str | None, str]:
+    """The current policy text (None: no policy, allow all) and where it came from."""
+    if config.policy_mode == "database":
+        row = store.policy()
+        return (row.data if row else None), "database"
+    if config.policy_path is None:
+        return None, "none"
+    path = Path(config.policy_path)
+    try:
+        return path.read_text(), str(path)
+    except FileNotFoundError:
+        raise PolicyInvalid(f"{path}: policy file not found (policy.path)") from None
+    except OSError as e:
+        raise PolicyInvalid(f"{path}: cannot read the policy file: {e.strerror}") from None

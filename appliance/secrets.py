@@ -1,0 +1,77 @@
+"""Pre-auth and API keys: headscale's `hskey-<kind>-<prefix>-<secret>` shape, stored hashed.
+
+Only the public prefix and a scrypt hash of the secret are stored; the full key is
+shown once, at creation.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets as _random
+from dataclasses import dataclass
+
+from .errors import InvalidInput
+
+PREFIX_LEN = 12   # hex characters of the public part (headscale: 12)
+SECRET_LEN = 64   # hex characters of the secret part (headscale: 64)
+# scrypt cost: about 20 ms here; keys are checked rarely (registration, admin calls).
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
+
+_KEY = re.compile(r"^hskey-(auth|api)-([0-9a-f]{12})-([0-9a-f]{64})$")
+
+
+@dataclass(frozen=True)
+class NewKey:
+    full: str     # shown once
+    prefix: str   # stored, shown in lists
+    hash: str     # stored
+
+
+def new_key(kind: str) -> NewKey:
+    """A fresh key of `kind` ("auth" or "api")."""
+    prefix = _random.token_hex(PREFIX_LEN // 2)
+    secret = _random.token_hex(SECRET_LEN // 2)
+    return NewKey(full=f"hskey-{kind}-{prefix}-{secret}", prefix=prefix, hash=hash_secret(secret))
+
+
+def hash_secret(secret: str) -> str:
+    salt = _random.token_bytes(16)
+    digest = hashlib.scrypt(secret.encode(), salt=salt, **_SCRYPT)
+    return "scrypt$" + base64.b64encode(salt).decode() + "$" + base64.b64encode(digest).decode()
+
+
+def verify_secret(secret: str, stored: str) -> bool:
+    try:
+        scheme, salt_b64, digest_b64 = stored.split("$")
+    except ValueError:
+        return False
+    if scheme != "scrypt":
+        return False
+    digest = hashlib.scrypt(secret.encode(), salt=base64.b64decode(salt_b64), **_SCRYPT)
+    return hmac.compare_digest(digest, base64.b64decode(digest_b64))
+
+
+def split_key(kind: str, key: str) -> tuple[str, str]:
+    """`hskey-<kind>-<prefix>-<secret>` -> (prefix, secret); InvalidInput names the problem."""
+    m = _KEY.match(key.strip())
+    if not m or m.group(1) != kind:
+        raise InvalidInput(f"malformed {'pre-auth' if kind == 'auth' else 'API'} key: expected "
+                           f"hskey-{kind}-<12 hex>-<64 hex>")
+    return m.group(2), m.group(3)
+
+
+def display_prefix(kind: str, prefix: str) -> str:
+    """How a stored key appears in lists (its secret never does)."""
+    return f"hskey-{kind}-{prefix}-***"
+
+
+def parse_prefix(kind: str, text: str) -> str:
+    """Accept `abcdef012345`, `hskey-api-abcdef012345` or the displayed `...-***` form."""
+    t = text.strip().removeprefix(f"hskey-{kind}-")
+    t = t.split("-", 1)[0]
+    if not re.fullmatch(r"[0-9a-f]{12}", t):
+        raise InvalidInput(f"malformed key prefix {text!r}: expected 12 hex characters")
+    return t

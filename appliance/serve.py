@@ -1,0 +1,241 @@
+"""`homescale serve`: one trio root nursery running every listener of the server.
+
+The nursery holds the main listener (control protocol, DERP, /health, /key,
+/api/v1), the admin API on the unix socket (hypercorn), the metrics listener, and
+the signal watcher. SIGTERM/SIGINT cancel the nursery (listeners stop, in-flight
+work is cancelled), then the database is closed; SIGHUP reloads the policy.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .admin import Admin, Change
+from .api import AdminApi
+from .config import Config, split_hostport
+from .errors import HomescaleError
+from .httpserver import HttpServer, Request, Response, RouteHandler, UpgradeHandler
+from .metrics import Metrics
+from .policies import RECOVERY, PolicyInvalid, check_policy_text, read_policy
+from .store import Store
+from .version import commit, version
+
+
+class ServeError(HomescaleError):
+    """The server cannot start (port in use, socket busy, bad policy, ...)."""
+
+
+class Server:
+    """The running process's shared state; built by `serve`, used by every task."""
+
+    def __init__(self, config: Config, log: logging.Logger) -> None:
+        from protocol.keys import load_or_create_private_key
+
+        self.config = config
+        self.log = log
+        self.store = Store(config.database_path, wal=config.write_ahead_log)
+        self.db_limiter = trio.CapacityLimiter(1)  # one writer: one store call at a time
+        try:
+            config.noise_private_key_path.parent.mkdir(parents=True, exist_ok=True)
+            self.noise_key = load_or_create_private_key(config.noise_private_key_path)
+        except (ValueError, OSError) as e:
+            self.store.close()
+            raise ServeError(f"noise.private_key_path: {e}") from None
+        self.metrics = Metrics()
+        self.admin = Admin(self.store, notify=self.on_change, online=self.is_online)
+        self.routes: dict[str, RouteHandler] = {
+            "/health": self.health, "/key": self.key, "/version": self.version_route,
+        }
+        self.upgrades: dict[str, UpgradeHandler] = {}
+        self.online: set[int] = set()
+        self.change_listeners: list[Callable[[Change], None]] = []
+        self.policy_text: str | None = None
+        self.policy_source = "none"
+        self.metrics.gauge("homescale_nodes", lambda: len(self.store.nodes()),
+                           "registered nodes")
+        self.metrics.gauge("homescale_nodes_online", lambda: len(self.online),
+                           "nodes with an open map stream")
+        self.metrics.gauge(f'homescale_build_info{{version="{version()}",commit="{commit()}"}}',
+                           lambda: 1)
+
+    async def run_db(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.db_limiter)
+
+    def is_online(self, node_id: int) -> bool:
+        return node_id in self.online
+
+    def on_change(self, change: Change) -> None:
+        for listener in self.change_listeners:
+            listener(change)
+
+    # -- policy
+
+    def load_policy(self) -> None:
+        """Read and check the policy; PolicyInvalid keeps the one in force."""
+        text, source = read_policy(self.config, self.store)
+        if text is not None:
+            check_policy_text(text, source)
+        changed = text != self.policy_text
+        self.policy_text, self.policy_source = text, source
+        if changed:
+            self.log.info("policy loaded from %s", source if text is not None else "nowhere (allow all)")
+            self.on_change(Change("policy"))
+
+    async def reload_policy(self) -> None:
+        try:
+            await self.run_db(self.load_policy)
+        except PolicyInvalid as e:
+            self.log.error("policy reload refused, keeping the previous policy: %s", e)
+
+    # -- plain routes
+
+    async def health(self, req: Request) -> Response:
+        try:
+            ok = await self.run_db(self.store.ping)
+        except Exception:
+            ok = False
+        return Response.json({"status": "pass" if ok else "fail", "databaseConnectivity": ok},
+                             200 if ok else 500)
+
+    async def key(self, req: Request) -> Response:
+        v = req.arg("v")
+        if not v:
+            return Response.text("missing capability version: GET /key?v=<capver>\n", 400)
+        if not v.isdigit():
+            return Response.text(f"malformed capability version {v!r}\n", 400)
+        # NoiseCapabilityVersion (tailcfg): clients older than this speak no Noise.
+        if int(v) < 39:
+            return Response.text("client too old: capability version 39 or newer required\n", 400)
+        return Response.json({"legacyPublicKey": "mkey:" + "0" * 64,
+                              "publicKey": str(self.noise_key.machine_public())})
+
+    async def version_route(self, req: Request) -> Response:
+        return Response.json({"version": version(), "commit": commit()})
+
+    async def metrics_route(self, req: Request) -> Response:
+        text = await self.run_db(self.metrics.render)
+        return Response.text(text, content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def _tcp_listeners(addr: str, what: str) -> list[trio.SocketListener]:
+    host, port = split_hostport(addr)
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as e:
+        hint = " (another process is listening there)" if e.errno == errno.EADDRINUSE else ""
+        raise ServeError(f"{what} {addr}: cannot listen: {e.strerror}{hint}") from None
+
+
+def _prepare_socket(path: Path) -> None:
+    """Refuse a live socket (another server runs); remove a stale one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        return
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+    except OSError:
+        path.unlink()
+        return
+    finally:
+        s.close()
+    raise ServeError(f"{path}: another homescale server is already running (its admin socket "
+                     f"answers); stop it first")
+
+
+def _ssl_context(config: Config) -> ssl.SSLContext | None:
+    if config.tls_cert_path is None or config.tls_key_path is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(str(config.tls_cert_path), str(config.tls_key_path))
+    except (OSError, ssl.SSLError) as e:
+        raise ServeError(f"tls_cert_path/tls_key_path: cannot load {config.tls_cert_path} and "
+                         f"{config.tls_key_path}: {e}") from None
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+async def serve(config: Config, log: logging.Logger, *,
+                task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the server until cancelled or signalled."""
+    from hypercorn.config import Config as HypercornConfig
+    from hypercorn.trio import serve as hypercorn_serve
+
+    for w in config.warnings:
+        log.warning("%s", w)
+    server = Server(config, log)
+    try:
+        try:
+            await server.run_db(server.load_policy)
+        except PolicyInvalid as e:
+            raise ServeError(f"the policy is invalid, refusing to start:\n  {e}\n{RECOVERY}") from None
+        ssl_ctx = _ssl_context(config)
+        _prepare_socket(config.unix_socket)
+        main_listeners = await _tcp_listeners(config.listen_addr, "listen_addr")
+        metrics_listeners = (await _tcp_listeners(config.metrics_listen_addr, "metrics_listen_addr")
+                             if config.metrics_listen_addr else [])
+
+        api_socket = AdminApi(server.admin, server.run_db, require_auth=False,
+                              policy_check=check_policy_text, policy_mode=config.policy_mode)
+        api_remote = AdminApi(server.admin, server.run_db, require_auth=True,
+                              policy_check=check_policy_text, policy_mode=config.policy_mode)
+        main = HttpServer(routes=server.routes, upgrades=server.upgrades, asgi_prefix="/api/v1",
+                          asgi_app=api_remote, ssl_context=ssl_ctx, logger=log.getChild("http"))
+        metrics = HttpServer(routes={"/metrics": server.metrics_route}, upgrades={},
+                             logger=log.getChild("metrics"))
+
+        hc = HypercornConfig()
+        hc.bind = [f"unix:{config.unix_socket}"]
+        hc.accesslog = None
+        hc.errorlog = log.getChild("api")
+        hc.graceful_timeout = 1.0
+        shutdown = trio.Event()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, server, nursery.cancel_scope, shutdown)
+            await nursery.start(main.serve, main_listeners)
+            if metrics_listeners:
+                await nursery.start(metrics.serve, metrics_listeners)
+            await nursery.start(lambda task_status: hypercorn_serve(
+                api_socket, hc, shutdown_trigger=shutdown.wait, task_status=task_status))
+            os.chmod(config.unix_socket, config.unix_socket_permission)
+            scheme = "https" if ssl_ctx else "http"
+            log.info("homescale %s listening on %s://%s (server_url %s), admin socket %s%s",
+                     version(), scheme, config.listen_addr, config.server_url, config.unix_socket,
+                     f", metrics on {config.metrics_listen_addr}" if metrics_listeners else "")
+            task_status.started(server)
+    finally:
+        server.store.close()
+        try:
+            if config.unix_socket.is_socket():
+                config.unix_socket.unlink()
+        except OSError:
+            pass
+        log.info("stopped")
+
+
+async def _watch_signals(server: Server, scope: trio.CancelScope, shutdown: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                server.log.info("SIGHUP: reloading the policy")
+                await server.reload_policy()
+                continue
+            server.log.info("%s: shutting down", signal.Signals(signum).name)
+            # Stop accepting and cancel in-flight work (map streams, long polls): clients
+            # reconnect to the next server; every store write is a transaction, so nothing
+            # half-written remains.
+            shutdown.set()
+            scope.cancel()
+            return

@@ -1,0 +1,52 @@
+"""`homescale init`: a data directory with a commented config and the server's keys."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .errors import HomescaleError
+
+EXAMPLE = "config-example.yaml"
+
+
+def example_config() -> str:
+    return resources.files("appliance").joinpath(EXAMPLE).read_text()
+
+
+def render_config(server_url: str) -> str:
+    """The example config for a data directory: paths relative to the config's folder."""
+    parts = urlsplit(server_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise HomescaleError(f"--server-url {server_url!r}: expected a URL like http://127.0.0.1:8080")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    text = example_config()
+    text = text.replace("/var/lib/homescale/", "")
+    text = text.replace("/var/run/homescale/homescale.sock", "homescale.sock")
+    text = text.replace("server_url: http://127.0.0.1:8080", f"server_url: {server_url.rstrip('/')}")
+    text = text.replace("listen_addr: 127.0.0.1:8080", f"listen_addr: 127.0.0.1:{port}"
+                        if parts.hostname in ("127.0.0.1", "localhost") else f"listen_addr: 0.0.0.0:{port}")
+    return text
+
+
+def init_data_dir(data_dir: Path, server_url: str) -> list[str]:
+    """Create what is missing in `data_dir`; never overwrite. Returns what it did, line by line."""
+    from protocol.keys import load_or_create_private_key
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    done: list[str] = []
+    config = data_dir / "config.yaml"
+    if config.exists():
+        done.append(f"{config}: exists, left as it is")
+    else:
+        tmp = config.with_suffix(".tmp")
+        tmp.write_text(render_config(server_url))
+        tmp.replace(config)
+        done.append(f"{config}: written (server_url {server_url})")
+    noise = data_dir / "noise_private.key"
+    existed = noise.exists()
+    load_or_create_private_key(noise)
+    done.append(f"{noise}: {'exists, left as it is' if existed else 'generated'}")
+    done.append(f"start the server with: homescale -c {config} serve")
+    return done

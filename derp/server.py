@@ -601,9 +601,9 @@ class DerpServer:
             reply = stun.answer(data, addr[0], addr[1])
             if reply is None:
                 continue
+            self.stats.stun_answered += 1
             try:
                 await sock.sendto(reply, addr)
-                self.stats.stun_answered += 1
             except OSError as e:
                 self._log.debug("stun: sendto %s: %s", addr, e)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import h11
@@ -120,7 +121,7 @@ async def serve_loopback(
             s = tls
         await front_end(s, f"{host}:{port}", handler)
 
-    listeners = await nursery.start(trio.serve_tcp, on_connection, 0)
+    listeners = await nursery.start(partial(trio.serve_tcp, on_connection, 0, host="127.0.0.1"))
     return listeners[0].socket.getsockname()[1]
 
 

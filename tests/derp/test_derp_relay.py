@@ -315,6 +315,7 @@ async def test_derp_over_websocket(server: DerpServer) -> None:
                 )
                 await plain.send_packet(wsc.public_key, b"back")
                 assert await recv_type(wsc, RecvPacket) == RecvPacket(plain.public_key, b"back")
+            await plain.aclose()
             assert server.stats.websocket_accepts == 1
             server.close()
             nursery.cancel_scope.cancel()

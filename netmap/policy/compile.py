@@ -26,6 +26,7 @@ from typing import Any
 
 from .ipset import EMPTY, EVERYTHING, INTERNET, TAILNET, IPAddress, IPNetwork, IPSet
 from .model import (
+    ALL_PORTS,
     AUTOGROUP_DANGER_ALL,
     AUTOGROUP_INTERNET,
     AUTOGROUP_MEMBER,
@@ -171,7 +172,11 @@ class CompiledPolicy:
         self._ssh: dict[int, list[dict[str, Any]]] = {}
         self._peers: dict[int, frozenset[int]] = {}
         self._alias_cache: dict[Alias, IPSet] = {}
-        self.allow_all = policy is None or not policy.has_network_rules
+        # No policy at all: headscale's FilterAllowAll. A policy without
+        # acls and grants: Tailscale sends what {"src": ["*"], "dst": ["*:*"]}
+        # compiles to (the tailnet ranges and approved subnets as sources),
+        # as its captures show (ssh-acceptenv-omitted and others).
+        self.allow_all = policy is None
         self._grants: list[_CompiledGrant] = []
         self._matchers: list[_Matcher] = []
         self._sends_on: dict[int, list[int]] = {nid: [] for nid in self._nodes}
@@ -250,6 +255,10 @@ class CompiledPolicy:
 
     # -- stage 1: grants -> rules --------------------------------------------
     def _compile_grants(self, policy: Policy) -> None:
+        if not policy.has_network_rules:
+            everyone = (Alias(AliasKind.WILDCARD, "*"),)
+            self._grants.append(self._compile_grant(Grant(everyone, everyone, (IPRule((), (ALL_PORTS,)),))) or _CompiledGrant())
+            return
         grants: list[Grant] = list(policy.grants or ())
         for acl in policy.acls or ():
             grants.extend(_acl_to_grants(acl))

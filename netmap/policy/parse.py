@@ -534,7 +534,13 @@ def _acl(ctx: _Context, item: Any, where: str, line: int | None) -> ACL | None:
             name, port_text = split_destination(text)
             ports = parse_ports(port_text)
         except ValueError as exc:
-            r.problem(path, pline, str(exc))
+            if text.count(":") == 1 and text.split(":")[0] in ("tag", "group", "autogroup"):
+                # "tag:server" split as alias "tag" port "server": the
+                # real mistake is the missing port.
+                message = f"{text!r} must be alias:ports, e.g. {text}:22 or {text}:*"
+            else:
+                message = str(exc)
+            r.problem(path, pline, message)
             ok = False
             continue
         alias = ctx.alias(name, path, pline)

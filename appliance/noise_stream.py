@@ -1,0 +1,117 @@
+"""``NoiseStream``: a trio Stream carrying plaintext over a Noise transport.
+
+Modelled on trio's SSLStream: the sans-IO engine (protocol.noise.NoiseTransport)
+does the cryptography, this class moves bytes between it and the inner stream.
+Protocol errors from the peer (tampering, an oversized record) surface as
+``trio.BrokenResourceError`` chained to the ``RemoteNoiseError``, which is what
+every trio stream user already handles.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import trio
+
+from protocol.noise import NoiseError, NoiseTransport
+
+# What one receive_some reads from the inner stream: one maximal record plus
+# its successor's header, so a busy stream usually decrypts a record per read.
+_READ_SIZE = 65536
+
+
+class NoiseStream(trio.abc.Stream):
+    """Plaintext view of ``inner`` once the Noise handshake is done.
+
+    ``initial_ciphertext`` is record bytes already read off ``inner`` (e.g. what
+    arrived together with the handshake); ``transport.read()`` may also already
+    hold plaintext -- both are delivered first.
+    """
+
+    def __init__(
+        self,
+        inner: trio.abc.Stream,
+        transport: NoiseTransport,
+        *,
+        initial_ciphertext: bytes = b"",
+    ) -> None:
+        self.inner = inner
+        self.transport = transport
+        self._pending_ciphertext = initial_ciphertext
+        self._closed = False
+        self._sending = False
+        self._receiving = False
+        self._broken: BaseException | None = None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("NoiseStream was closed")
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self._check_open()
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this NoiseStream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if not data:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return
+            try:
+                records = self.transport.send(bytes(data))
+            except NoiseError as e:
+                raise trio.BrokenResourceError(str(e)) from e
+            await self.inner.send_all(records)
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        self._check_open()
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this NoiseStream")
+        self._sending = True
+        try:
+            await self.inner.wait_send_all_might_not_block()
+        finally:
+            self._sending = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        self._check_open()
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this NoiseStream")
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if self._broken is not None:
+                raise trio.BrokenResourceError("Noise stream is broken") from self._broken
+            while True:
+                if self.transport.plaintext_pending:
+                    out = self.transport.read(max_bytes)
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return out
+                if self._pending_ciphertext:
+                    data, self._pending_ciphertext = self._pending_ciphertext, b""
+                else:
+                    data = await self.inner.receive_some(_READ_SIZE)
+                    if not data:
+                        if self.transport.has_partial_record:
+                            raise trio.BrokenResourceError("peer closed mid-record")
+                        return b""
+                try:
+                    self.transport.receive_data(data)
+                except NoiseError as e:
+                    self._broken = e
+                    raise trio.BrokenResourceError(str(e)) from e
+        finally:
+            self._receiving = False
+
+    async def aclose(self) -> None:
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        await self.inner.aclose()

@@ -84,7 +84,7 @@ def parse_expiration(text: str | None, default: timedelta | None) -> datetime | 
     try:
         d = parse_duration(text)
     except ValueError as e:
-        raise InvalidInput(f"--expiration: {e}") from None
+        raise InvalidInput(f"--expiration: {e}, got {text!r}") from None
     return utcnow() + d if d.total_seconds() else None
 
 

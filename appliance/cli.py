@@ -250,7 +250,7 @@ def _future(duration: str, flag: str) -> str | None:
     try:
         d = parse_duration(duration)
     except ValueError as e:
-        raise HomescaleError(f"{flag}: {e}") from None
+        raise HomescaleError(f"{flag}: {e}, got {duration!r}") from None
     if not d.total_seconds():
         return None
     return (datetime.now(UTC) + d).strftime("%Y-%m-%dT%H:%M:%SZ")

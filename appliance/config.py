@@ -435,7 +435,8 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         try:
             values["node.ephemeral.inactivity_timeout"] = _duration(raw_value)
         except ValueError as e:
-            raise ConfigError(f"{where}:{line}: ephemeral_node_inactivity_timeout: {e}") from None
+            raise ConfigError(f"{where}:{line}: ephemeral_node_inactivity_timeout: {e}, "
+                              f"got {raw_value!r}") from None
         warnings.append(f"{where}:{line}: ephemeral_node_inactivity_timeout is deprecated; "
                         f"use node.ephemeral.inactivity_timeout")
 
@@ -472,7 +473,9 @@ def config_from_values(values: dict[str, Any], *, source: Path | None, base: Pat
         raise ConfigError("dns.base_domain: must be set when dns.magic_dns is true "
                           "(for example base_domain: tailnet.example.com)")
     server_host = urlsplit(values["server_url"]).hostname or ""
-    if values["dns.base_domain"] and server_host.endswith("." + values["dns.base_domain"].strip(".")):
+    base_domain = values["dns.base_domain"].strip(".")
+    # headscale refuses both the domain itself and names under it (types/config.go isSafeServerURL).
+    if base_domain and (server_host == base_domain or server_host.endswith("." + base_domain)):
         raise ConfigError(f"dns.base_domain: {values['dns.base_domain']!r} must not contain the "
                           f"server_url host {server_host!r} (clients would resolve the control "
                           f"server through MagicDNS)")

@@ -18,7 +18,11 @@ _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w|y)")
 
 
 def parse_duration(text: str | int | float) -> timedelta:
-    """Parse `30m`, `1h30m`, `90d`, `0`; raise ValueError naming the expected form."""
+    """Parse `30m`, `1h30m`, `90d`, `0`; raise ValueError naming the expected form.
+
+    The message does not repeat the value: every caller adds it (", got ...") with
+    the key or flag it came from.
+    """
     if isinstance(text, bool):
         raise ValueError("expected a duration like 30m, 24h or 90d")
     if isinstance(text, int | float):
@@ -28,7 +32,7 @@ def parse_duration(text: str | int | float) -> timedelta:
     s = str(text).strip()
     if s in ("0", ""):
         if s == "":
-            raise ValueError("expected a duration like 30m, 24h or 90d, got an empty value")
+            raise ValueError("expected a duration like 30m, 24h or 90d")
         return timedelta(0)
     pos = 0
     total = 0.0
@@ -38,7 +42,7 @@ def parse_duration(text: str | int | float) -> timedelta:
         total += float(m.group(1)) * _UNITS[m.group(2)]
         pos = m.end()
     if pos != len(s) or pos == 0:
-        raise ValueError(f"expected a duration like 30m, 24h or 90d, got {s!r}")
+        raise ValueError("expected a duration like 30m, 24h or 90d")
     return timedelta(seconds=total)
 
 

@@ -138,7 +138,13 @@ def _merge_rules(rules: Iterable[_Rule]) -> list[_Rule]:
 
 
 class CompiledPolicy:
-    """A policy resolved against one tailnet snapshot; per-node views on demand."""
+    """A policy resolved against one tailnet snapshot; per-node views on demand.
+
+    Results are cached and shared between calls: treat them as read-only
+    (serialise them, do not edit them). A new snapshot (policy, user or node
+    change) means a new CompiledPolicy; diffing old and new per-node results
+    tells which nodes need a delta.
+    """
 
     def __init__(
         self,
@@ -172,6 +178,8 @@ class CompiledPolicy:
         self._ssh: dict[int, list[dict[str, Any]]] = {}
         self._peers: dict[int, frozenset[int]] = {}
         self._alias_cache: dict[Alias, IPSet] = {}
+        # Keyed by id() of rules owned by self.policy, which outlives us.
+        self._ssh_src_cache: dict[int, tuple[dict[int, list[dict[str, str]]], list[dict[str, str]]]] = {}
         # No policy at all: headscale's FilterAllowAll. A policy without
         # acls and grants: Tailscale sends what {"src": ["*"], "dst": ["*:*"]}
         # compiles to (the tailnet ranges and approved subnets as sources),
@@ -482,19 +490,7 @@ class CompiledPolicy:
                 if at and domain is not None and dom.lower() == domain.lower():
                     local_of[user.id] = local
 
-        # Group the source devices by owner. A tagged device appears once per
-        # tag: Tailscale expands autogroup:tagged through tag membership
-        # lists, so a device with two tags is listed twice (ssh-b6).
-        per_user: dict[int, IPSet] = {}
-        tagged: list[dict[str, str]] = []
-        for n in self._nodes.values():
-            if not src.contains_any(n.addrs):
-                continue
-            if n.node.is_tagged:
-                tagged += [{"nodeIP": str(a)} for _ in n.node.tags for a in n.addrs]
-            elif n.user_id is not None:
-                per_user[n.user_id] = per_user.get(n.user_id, EMPTY) | n.ips
-        principals = {uid: [{"nodeIP": str(a)} for a in s.addresses()] for uid, s in per_user.items()}
+        principals, tagged = self._ssh_sources(rule, src)
         out: list[dict[str, Any]] = []
 
         def emit(who: list[dict[str, str]], uid: int | None) -> None:
@@ -538,6 +534,31 @@ class CompiledPolicy:
             elif info.user_id is not None and principals.get(info.user_id):
                 emit(principals[info.user_id], info.user_id)
         return out
+
+    def _ssh_sources(
+        self, rule: SSHRule, src: IPSet
+    ) -> tuple[dict[int, list[dict[str, str]]], list[dict[str, str]]]:
+        """A rule's source devices grouped by owner; the same for every node.
+
+        A tagged device appears once per tag: Tailscale expands
+        autogroup:tagged through tag membership lists, so a device with two
+        tags is listed twice (ssh-b6).
+        """
+        cached = self._ssh_src_cache.get(id(rule))
+        if cached is not None:
+            return cached
+        per_user: dict[int, IPSet] = {}
+        tagged: list[dict[str, str]] = []
+        for n in self._nodes.values():
+            if not src.contains_any(n.addrs):
+                continue
+            if n.node.is_tagged:
+                tagged += [{"nodeIP": str(a)} for _ in n.node.tags for a in n.addrs]
+            elif n.user_id is not None:
+                per_user[n.user_id] = per_user.get(n.user_id, EMPTY) | n.ips
+        principals = {uid: [{"nodeIP": str(a)} for a in s.addresses()] for uid, s in per_user.items()}
+        self._ssh_src_cache[id(rule)] = (principals, tagged)
+        return principals, tagged
 
     # -- auto approval ---------------------------------------------------------
     def _approver_nodes(self, approvers: Iterable[Alias]) -> set[int]:

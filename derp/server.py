@@ -49,8 +49,12 @@ from derp.codec import (
 )
 from derp.errors import DerpConfigError, DerpError, RemoteDerpError
 
-# derpserver.go defaultPerClientSendQueueDepth: packets buffered per client.
-DEFAULT_SEND_QUEUE_DEPTH = 32
+# derpserver.go defaultPerClientSendQueueDepth is 32 packets, but there the
+# reader and the writers run in parallel. Here one reader task routes a whole
+# 64 KiB read (about 50 WireGuard packets) before any writer runs, so the
+# queue must hold a couple of reads' worth per destination or a burst from a
+# single fast sender would be dropped with no slow reader at all.
+DEFAULT_SEND_QUEUE_DEPTH = 128
 # derpserver.go DefaultTCPWiteTimeout: a client that does not read for this long
 # is dropped rather than letting its socket buffer pin memory.
 DEFAULT_WRITE_TIMEOUT = 2.0

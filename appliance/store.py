@@ -239,10 +239,16 @@ class Store:
                                      timeout=10)
         # execute_plugins=False: plugin discovery through entry points fails in the frozen app.
         self.db = sqlite_utils.Database(self._conn, execute_plugins=False)
-        self.db.execute("PRAGMA foreign_keys = ON")
-        if wal:
-            self.db.enable_wal()
-        self.migrate()
+        try:
+            self.db.execute("PRAGMA foreign_keys = ON")
+            if wal:
+                self.db.enable_wal()
+            self.migrate()
+        except BaseException:
+            # A refused or failed database is not kept open (the CLI reports and exits; the
+            # server never starts): the file stays free for a restore or a newer homescale.
+            self._conn.close()
+            raise
 
     def close(self) -> None:
         self._conn.close()
@@ -280,9 +286,11 @@ class Store:
                     self.db.execute(
                         "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
                         [version, name, to_iso(utcnow())])
-        except sqlite3.Error as e:
+        except Exception as e:
+            # Any failure (SQL or a bug in the migration's Python) rolled the transaction back.
             raise MigrationError(f"{self.path}: migration to schema {pending[-1][0]} failed "
-                                 f"({e}); the database was left at version {current}") from None
+                                 f"({type(e).__name__}: {e}); the database was left at version "
+                                 f"{current}") from e
         return [m[0] for m in pending]
 
     @contextmanager

@@ -40,7 +40,15 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "golden" / "tailscale-saas"
 FIXTURES = REPO / "tests" / "fixtures" / "policy" / "golden"
 
-# Scenarios homescale deliberately does not reproduce, with the reason.
+# Scenarios homescale deliberately does not reproduce, with the reason
+# ("acl-xNN": "why"). Empty: every captured scenario matches. Two harness
+# choices make that so, both mirroring what the server does:
+# - localpart_domains is the capture's tailnet domain (Tailscale refuses
+#   localpart:*@<domain> for a domain that is not the tailnet's: ssh-d1, ssh-e2);
+# - advertised routes the policy's autoApprovers cover are approved before
+#   compiling (Tailscale did; the topology lists only hand-approved routes).
+# Constructs refused at parse time (grants "app"/"via", nodeAttrs, postures,
+# ipsets, sshTests) appear in no scenario.
 UNSUPPORTED: dict[str, str] = {}
 
 

@@ -331,3 +331,34 @@ def test_server_key_file_is_created_once_in_headscale_format(tmp_path: Path) -> 
     path.write_text("nodekey:abc")
     with pytest.raises(DerpConfigError, match="not a DERP private key"):
         load_or_create_server_key(path)
+
+
+async def test_close_ends_connections_still_in_handshake(server: DerpServer) -> None:
+    from tests.derp.derp_harness import front_end
+
+    client_end, server_end = trio.testing.memory_stream_pair()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(front_end, server_end, "127.0.0.1:1", server.handle_upgrade)
+            await client_end.send_all(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\n\r\n")
+            data = b""
+            while b"DERP\xf0\x9f\x94\x91" not in data:  # 101 + ServerKey arrived
+                data += await client_end.receive_some()
+            assert data.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+            # The client never sends ClientInfo; shutdown must not wait 10 s for it.
+            server.close()
+    assert server.stats.current_connections == 0
+
+
+async def test_handshake_times_out_after_10_seconds(autojump_clock, server: DerpServer) -> None:
+    from tests.derp.derp_harness import front_end
+
+    client_end, server_end = trio.testing.memory_stream_pair()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(front_end, server_end, "127.0.0.1:1", server.handle_upgrade)
+            await client_end.send_all(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\n\r\n")
+            start = trio.current_time()
+            while await client_end.receive_some():
+                pass
+            assert 10 <= trio.current_time() - start < 11

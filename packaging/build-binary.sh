@@ -6,6 +6,9 @@
 #   packaging/build-binary.sh --force    always build
 #   packaging/build-binary.sh --check    exit 0 if up to date, 1 if not; build nothing
 #
+# HOMESCALE_DIST=DIR builds into DIR instead of dist/ (the reproducibility
+# test builds a second copy there).
+#
 # Reproducible: two builds of one clean commit give the same bytes (checked by
 # tests/packaging/test_binary.py).
 # Writes dist/homescale, dist/homescale.version (the version string baked in)
@@ -17,8 +20,10 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${VENV:-$repo/.venv}
 py=$venv/bin/python
 pyinstaller=$venv/bin/pyinstaller
-dist=$repo/dist
-work=$repo/build/pyinstaller
+dist=${HOMESCALE_DIST:-$repo/dist}
+# Per output directory, so a second build elsewhere does not share PyInstaller's
+# work files with the first.
+work=$repo/build/pyinstaller-$(printf '%s' "$dist" | sha256sum | cut -c1-8)
 
 mode=build
 case "${1:-}" in
@@ -71,7 +76,7 @@ if [ "$mode" = check ]; then
   [ "$uptodate" = yes ]; exit
 fi
 if [ "$mode" = build ] && [ "$uptodate" = yes ]; then
-  echo "build-binary: dist/homescale is up to date ($version)"
+  echo "build-binary: $dist/homescale is up to date ($version)"
   exit 0
 fi
 
@@ -116,7 +121,7 @@ export HOMESCALE_SRC=$repo HOMESCALE_DISTINFO=$distinfo
 # see this tree, not whatever tree the venv's editable install points at.
 export PYTHONPATH=$repo
 
-echo "build-binary: building dist/homescale $version"
+echo "build-binary: building $dist/homescale $version"
 start=$(date +%s)
 "$pyinstaller" --noconfirm --clean --log-level WARN \
   --distpath "$dist" --workpath "$work" packaging/homescale.spec
@@ -125,4 +130,4 @@ start=$(date +%s)
 touch -d "@$epoch" "$dist/homescale"
 echo "$version" >"$dist/homescale.version"
 echo "$inputs" >"$dist/homescale.inputs"
-echo "build-binary: dist/homescale $(du -h "$dist/homescale" | cut -f1) in $(( $(date +%s) - start ))s ($version)"
+echo "build-binary: $dist/homescale $(du -h "$dist/homescale" | cut -f1) in $(( $(date +%s) - start ))s ($version)"

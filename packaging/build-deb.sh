@@ -6,6 +6,7 @@
 #   DEB_VERSION     override the package version (default: pyproject version
 #                   + "-1"); the upgrade test builds a second, newer package.
 #   DEB_MAINTAINER  the Maintainer field.
+#   DEB_OUTDIR      where to write the .deb (default: dist/).
 # Layout of the package:
 #   /usr/bin/homescale                       the frozen binary
 #   /lib/systemd/system/homescale.service    systemd/homescale.service
@@ -33,10 +34,14 @@ epoch=$(stat -c %Y dist/homescale)
 export SOURCE_DATE_EPOCH=$epoch TZ=UTC LC_ALL=C.UTF-8
 umask 022
 
-stage=$repo/build/deb
+# A private staging tree: two builds at once (make deb, the test's upgrade
+# package) must not share it.
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
 root=$stage/root
-rm -rf "$stage"
 mkdir -p "$root/DEBIAN"
+# mktemp made it 0700; it becomes "./" in the package.
+chmod 0755 "$stage" "$root"
 
 install -D -m 0755 dist/homescale "$root/usr/bin/homescale"
 install -D -m 0644 systemd/homescale.service "$root/lib/systemd/system/homescale.service"
@@ -105,7 +110,9 @@ chmod 0644 "$root/DEBIAN/md5sums"
 # times to SOURCE_DATE_EPOCH; this makes the installed mtimes stable too).
 find "$root" -exec touch -h -d "@$epoch" {} +
 
-deb=$repo/dist/homescale_${version}_amd64.deb
+outdir=${DEB_OUTDIR:-$repo/dist}
+mkdir -p "$outdir"
+deb=$outdir/homescale_${version}_amd64.deb
 # --root-owner-group: files belong to root:root in the package whoever builds
 # it. gzip, not dpkg's default xz: the binary is already compressed inside
 # (xz saved 2% and took 12 s); named so a new default does not change bytes.

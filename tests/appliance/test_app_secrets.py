@@ -70,14 +70,14 @@ def test_unknown_key_is_refused(admin: Admin) -> None:
     unknown = secrets.new_key("auth").full
     wrong_secret = f"hskey-auth-{prefix}-" + "0" * 64
     for key in (unknown, wrong_secret):
-        with pytest.raises(InvalidInput, match="^authkey not found$"):
+        with pytest.raises(InvalidInput, match=r"^authkey not found$"):
             admin.check_pre_auth_key(key)
 
 
 def test_expired_key_is_refused(admin: Admin) -> None:
     key = admin.create_pre_auth_key(user="alice")["key"]
     admin.expire_pre_auth_key(admin.list_pre_auth_keys()[0]["id"])
-    with pytest.raises(InvalidInput, match="^authkey expired$"):
+    with pytest.raises(InvalidInput, match=r"^authkey expired$"):
         admin.check_pre_auth_key(key)
 
 
@@ -86,7 +86,7 @@ def test_used_single_use_key_is_refused_reusable_is_not(admin: Admin) -> None:
     many = admin.create_pre_auth_key(user="alice", reusable=True)
     for k in (once, many):
         admin.store.update_pre_auth_key(int(k["id"]), used=1)
-    with pytest.raises(InvalidInput, match="^authkey already used$"):
+    with pytest.raises(InvalidInput, match=r"^authkey already used$"):
         admin.check_pre_auth_key(once["key"])
     assert admin.check_pre_auth_key(many["key"]).reusable
 

@@ -1,0 +1,504 @@
+"""The ts2021 control connection: HTTP upgrade, Noise handshake, then HTTP/2.
+
+Flow (control/controlhttp/controlhttpserver and hs:hscontrol/noise.go):
+``POST /ts2021`` with ``Upgrade: tailscale-control-protocol`` and the Noise
+initiation in ``X-Tailscale-Handshake`` -> ``101`` + Noise response + early
+payload in one write -> the node speaks HTTP/2 (prior knowledge) over Noise,
+and we are the HTTP/2 server. Each request stream runs ``handler(req, resp)``
+in its own task; a client RST_STREAM or a dropped connection cancels it.
+
+Output is written by one writer task only: a handler cancelled in the middle
+of a socket write would otherwise leave half a Noise record on the wire and
+kill every other stream of the connection.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import trio
+
+from appliance.httpserver import Upgrade
+from appliance.noise_stream import NoiseStream
+from protocol import noise
+from protocol.keys import MachinePublic, PrivateKey
+
+UPGRADE_VALUE = "tailscale-control-protocol"
+HANDSHAKE_HEADER = "x-tailscale-handshake"
+# The client gives the whole dial ~10 s (controlhttp); a peer that has not sent
+# its HTTP/2 preface by then is not a Tailscale client.
+PREFACE_TIMEOUT = 10.0
+# Register and map requests are a few KiB (Hostinfo dominates); 4 MiB is far
+# above any real one and bounds what a hostile client can make us buffer.
+DEFAULT_MAX_BODY = 4 << 20
+# Go's http2 server allows 250 concurrent streams; the client assumes 100
+# until it sees our SETTINGS. Long poll + lite updates + register need few.
+MAX_CONCURRENT_STREAMS = 250
+# Our receive window per stream and for the connection. Bigger than HTTP/2's
+# 65,535 default so request uploads never wait for a WINDOW_UPDATE round trip.
+RECEIVE_WINDOW = 1 << 20
+_READ_SIZE = 65536
+
+
+class ControlConnError(Exception):
+    """Root of errors from the control connection layer."""
+
+
+class StreamClosedError(ControlConnError):
+    """The client reset this stream or the connection is gone; stop sending."""
+
+
+class ResponseStateError(ControlConnError):
+    """A handler used ControlResponse out of order (e.g. data before headers)."""
+
+
+@dataclass
+class ControlRequest:
+    """One HTTP/2 request from a node, bound to its Noise machine key."""
+
+    method: str
+    path: str
+    headers: list[tuple[str, str]]  # lower-case names, pseudo-headers removed
+    body: bytes
+    machine_key: MachinePublic
+    version: int  # the client's capability version (Noise protocol version)
+    peer: str
+    authority: str = ""
+    stream_id: int = 0
+
+    def header(self, name: str, default: str = "") -> str:
+        name = name.lower()
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return default
+
+
+ControlHandler = Callable[[ControlRequest, "ControlResponse"], Awaitable[None]]
+
+
+@dataclass
+class _StreamState:
+    stream_id: int
+    headers: list[tuple[str, str]]
+    body: bytearray = field(default_factory=bytearray)
+    too_large: bool = False
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    reset: bool = False
+
+
+class ControlResponse:
+    """The response side of one stream: headers, then data, then end.
+
+    ``send_data`` honours the client's flow-control windows and returns once
+    the bytes are handed to the socket, so a slow client slows its own
+    producer (the map stream) and nobody else.
+    """
+
+    def __init__(self, conn: _H2Server, stream_id: int) -> None:
+        self._conn = conn
+        self.stream_id = stream_id
+        self.headers_sent = False
+        self.ended = False
+        self.status: int | None = None
+
+    async def send_headers(self, status: int, headers: Iterable[tuple[str, str]] = ()) -> None:
+        if self.headers_sent:
+            raise ResponseStateError("headers already sent")
+        self.status = status
+        hdrs = [(":status", str(status)), *((k.lower(), v) for k, v in headers)]
+        self._conn.call(self.stream_id, lambda c: c.send_headers(self.stream_id, hdrs))
+        self.headers_sent = True
+        await self._conn.flush()
+
+    async def send_data(self, data: bytes) -> None:
+        if not self.headers_sent:
+            raise ResponseStateError("send_headers before send_data")
+        if self.ended:
+            raise ResponseStateError("response already ended")
+        await self._conn.send_data(self.stream_id, data)
+
+    async def end(self) -> None:
+        if self.ended:
+            return
+        if not self.headers_sent:
+            await self.send_headers(200)
+        self.ended = True
+        self._conn.call(self.stream_id, lambda c: c.end_stream(self.stream_id))
+        await self._conn.flush()
+
+    async def respond(
+        self, status: int, body: bytes = b"", headers: Iterable[tuple[str, str]] = ()
+    ) -> None:
+        """Send a whole small response at once."""
+        hdrs = list(headers)
+        if not any(k.lower() == "content-length" for k, _ in hdrs):
+            hdrs.append(("content-length", str(len(body))))
+        await self.send_headers(status, hdrs)
+        if body:
+            await self.send_data(body)
+        await self.end()
+
+
+class _H2Server:
+    """HTTP/2 server state for one Noise connection (h2 engine + trio tasks)."""
+
+    def __init__(
+        self,
+        stream: NoiseStream,
+        handler: ControlHandler,
+        *,
+        machine_key: MachinePublic,
+        version: int,
+        peer: str,
+        logger: logging.Logger,
+        max_body: int,
+    ) -> None:
+        self.stream = stream
+        self.handler = handler
+        self.machine_key = machine_key
+        self.version = version
+        self.peer = peer
+        self.log = logger
+        self.max_body = max_body
+        cfg = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        self.h2 = h2.connection.H2Connection(config=cfg)
+        self.streams: dict[int, _StreamState] = {}
+        self._wake_writer = trio.Event()
+        self._window_changed = trio.Event()
+        self._queued_seq = 0  # bumped whenever output is queued in h2
+        self._written_seq = 0  # the last queued_seq the writer fully sent
+        self._written = trio.Event()
+        self._dead: BaseException | None = None
+        self._nursery: trio.Nursery | None = None
+
+    # -- output ------------------------------------------------------------
+
+    def call(self, stream_id: int, fn: Callable[[h2.connection.H2Connection], Any]) -> None:
+        """Run an h2 send-side call; a closed stream becomes StreamClosedError."""
+        if self._dead is not None:
+            raise StreamClosedError("control connection is gone") from self._dead
+        try:
+            fn(self.h2)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
+            raise StreamClosedError(f"stream {stream_id} is closed: {e}") from e
+        self._queued_seq += 1
+        self._wake_writer.set()
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far was written to the socket."""
+        target = self._queued_seq
+        while self._written_seq < target:
+            if self._dead is not None:
+                raise StreamClosedError("control connection is gone") from self._dead
+            await self._written.wait()
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake_writer.wait()
+            self._wake_writer = trio.Event()
+            seq = self._queued_seq
+            data = self.h2.data_to_send()
+            if data:
+                await self.stream.send_all(data)
+            self._written_seq = seq
+            self._written.set()
+            self._written = trio.Event()
+
+    def _kick(self) -> None:
+        """Queue whatever h2 produced while handling input (ACKs, window updates)."""
+        self._queued_seq += 1
+        self._wake_writer.set()
+
+    async def send_data(self, stream_id: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            st = self.streams.get(stream_id)
+            if st is None or st.reset:
+                raise StreamClosedError(f"stream {stream_id} was reset by the client")
+            if self._dead is not None:
+                raise StreamClosedError("control connection is gone") from self._dead
+            try:
+                window = self.h2.local_flow_control_window(stream_id)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
+                raise StreamClosedError(f"stream {stream_id} is closed: {e}") from e
+            n = min(window, self.h2.max_outbound_frame_size, len(view))
+            if n <= 0:
+                # Blocked on the client's window: wait for WINDOW_UPDATE/SETTINGS/reset.
+                await self._window_changed.wait()
+                continue
+            chunk = bytes(view[:n])
+            view = view[n:]
+            self.call(stream_id, lambda c, chunk=chunk: c.send_data(stream_id, chunk))
+        await self.flush()
+
+    def _signal_window(self) -> None:
+        self._window_changed.set()
+        self._window_changed = trio.Event()
+
+    # -- input -------------------------------------------------------------
+
+    async def run(self, initial_settings_timeout: float = PREFACE_TIMEOUT) -> None:
+        self.h2.initiate_connection()
+        self.h2.update_settings(
+            {
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: RECEIVE_WINDOW,
+            }
+        )
+        # Connection-level window is only raised by WINDOW_UPDATE, not SETTINGS.
+        self.h2.increment_flow_control_window(RECEIVE_WINDOW)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                self._kick()
+                first = True
+                while True:
+                    if first:
+                        with trio.move_on_after(initial_settings_timeout) as cs:
+                            data = await self.stream.receive_some(_READ_SIZE)
+                        if cs.cancelled_caught:
+                            self.log.info("ts2021 %s: no HTTP/2 preface in time", self.peer)
+                            break
+                        first = False
+                    else:
+                        data = await self.stream.receive_some(_READ_SIZE)
+                    if not data:
+                        self.log.debug("ts2021 %s: connection closed by client", self.peer)
+                        break
+                    try:
+                        events = self.h2.receive_data(data)
+                    except h2.exceptions.ProtocolError as e:
+                        self.log.info("ts2021 %s: HTTP/2 protocol error: %s", self.peer, e)
+                        self._kick()  # h2 queued a GOAWAY; try to send it
+                        with trio.move_on_after(1):
+                            await self.flush()
+                        break
+                    if not self._handle_events(events, nursery):
+                        break
+                    self._kick()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._dead = self._dead or StreamClosedError("connection ended")
+            self._signal_window()
+            self._written.set()
+
+    def _handle_events(self, events: list[h2.events.Event], nursery: trio.Nursery) -> bool:
+        for ev in events:
+            if isinstance(ev, h2.events.RequestReceived):
+                sid = ev.stream_id
+                hdrs = [(_s(k), _s(v)) for k, v in (ev.headers or [])]
+                self.streams[sid] = _StreamState(sid, hdrs)
+            elif isinstance(ev, h2.events.DataReceived):
+                sid = ev.stream_id
+                # Always give the window back, even for data we drop: the
+                # connection window is shared by every stream.
+                if ev.flow_controlled_length:
+                    try:
+                        self.h2.acknowledge_received_data(ev.flow_controlled_length, sid)
+                    except h2.exceptions.StreamClosedError:
+                        pass
+                st = self.streams.get(sid)
+                if st is not None and ev.data:
+                    if len(st.body) + len(ev.data) > self.max_body:
+                        st.too_large = True
+                        st.body.clear()
+                    elif not st.too_large:
+                        st.body += ev.data
+            elif isinstance(ev, h2.events.StreamEnded):
+                # The request is complete (END_STREAM on HEADERS, DATA or trailers).
+                st = self.streams.get(ev.stream_id)
+                if st is not None:
+                    nursery.start_soon(self._run_stream, st)
+            elif isinstance(ev, h2.events.StreamReset):
+                st = self.streams.get(ev.stream_id)
+                if st is not None:
+                    st.reset = True
+                    st.scope.cancel()
+                self._signal_window()
+            elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+                self._signal_window()
+            elif isinstance(ev, h2.events.ConnectionTerminated):
+                self.log.debug("ts2021 %s: client sent GOAWAY (%s)", self.peer, ev.error_code)
+                return False
+        return True
+
+    async def _run_stream(self, st: _StreamState) -> None:
+        sid = st.stream_id
+        resp = ControlResponse(self, sid)
+        pseudo = {k: v for k, v in st.headers if k.startswith(":")}
+        req = ControlRequest(
+            method=pseudo.get(":method", ""),
+            path=pseudo.get(":path", ""),
+            authority=pseudo.get(":authority", ""),
+            headers=[(k, v) for k, v in st.headers if not k.startswith(":")],
+            body=bytes(st.body),
+            machine_key=self.machine_key,
+            version=self.version,
+            peer=self.peer,
+            stream_id=sid,
+        )
+        try:
+            with st.scope:
+                if st.too_large:
+                    self.log.info(
+                        "ts2021 %s: %s %s body over %d bytes refused",
+                        self.peer, req.method, req.path, self.max_body,
+                    )
+                    await resp.respond(413, b"request body too large\n")
+                    return
+                try:
+                    await self.handler(req, resp)
+                    if not resp.ended:
+                        await resp.end()
+                except StreamClosedError:
+                    pass
+                except Exception:
+                    # One bad request must not take down the node's other streams.
+                    self.log.exception("ts2021 %s: handler for %s %s failed",
+                                       self.peer, req.method, req.path)
+                    await self._fail_stream(resp)
+            if st.scope.cancelled_caught:
+                self.log.debug("ts2021 %s: %s %s cancelled by client reset",
+                               self.peer, req.method, req.path)
+        finally:
+            self.streams.pop(sid, None)
+
+    async def _fail_stream(self, resp: ControlResponse) -> None:
+        try:
+            if not resp.headers_sent:
+                await resp.respond(500, b"internal error\n", [("content-type", "text/plain")])
+            elif not resp.ended:
+                sid = resp.stream_id
+                self.call(sid, lambda c: c.reset_stream(sid, h2.errors.ErrorCodes.INTERNAL_ERROR))
+                await self.flush()
+        except StreamClosedError:
+            pass
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+
+
+# --- the upgrade ----------------------------------------------------------------
+
+
+def _plain_response(status: int, reason: str, body: str) -> bytes:
+    b = body.encode()
+    return (
+        f"HTTP/1.1 {status} {reason}\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(b)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode() + b
+
+
+def _request_header(upgrade: Upgrade, name: str) -> str:
+    want = name.lower().encode()
+    for k, v in upgrade.request.headers:
+        if k.lower() == want:
+            return v.decode("latin-1")
+    return ""
+
+
+async def serve_ts2021(
+    upgrade: Upgrade,
+    server_private_key: PrivateKey,
+    handler: ControlHandler,
+    *,
+    logger: logging.Logger,
+    max_body: int = DEFAULT_MAX_BODY,
+    send_early_payload: bool = True,
+) -> None:
+    """Upgrade handler for ``/ts2021``: handshake, then serve HTTP/2 until the node leaves."""
+    peer = upgrade.peer
+    method = upgrade.request.method.decode("latin-1").upper()
+    if method not in ("POST", "GET"):
+        await _refuse(upgrade, 405, "Method Not Allowed", "ts2021 needs POST (or GET)\n", logger)
+        return
+    if _request_header(upgrade, "upgrade").lower() != UPGRADE_VALUE:
+        # controlhttpserver: "missing next protocol" unless Upgrade names ours.
+        await _refuse(
+            upgrade, 400, "Bad Request",
+            f"missing next protocol: expected 'Upgrade: {UPGRADE_VALUE}'\n", logger,
+        )
+        return
+    init_b64 = _request_header(upgrade, HANDSHAKE_HEADER)
+    try:
+        initiation = base64.b64decode(init_b64, validate=True) if init_b64 else b""
+    except (binascii.Error, ValueError):
+        initiation = b""
+    if not initiation:
+        await _refuse(
+            upgrade, 400, "Bad Request",
+            "invalid tailscale handshake header: X-Tailscale-Handshake must hold the "
+            "base64 Noise initiation\n", logger,
+        )
+        return
+
+    head = (
+        b"HTTP/1.1 101 Switching Protocols\r\n"
+        b"Upgrade: " + UPGRADE_VALUE.encode() + b"\r\n"
+        b"Connection: upgrade\r\n\r\n"
+    )
+    try:
+        accepted = noise.respond(server_private_key, initiation)
+    except noise.HandshakeRejected as e:
+        # As controlbase.Server: the 101 goes out, then an error frame (or just close).
+        logger.info("ts2021 %s: handshake refused: %s", peer, e)
+        with trio.move_on_after(5):
+            await upgrade.stream.send_all(head + (e.refusal or b""))
+        return
+    except noise.NoiseError as e:
+        logger.info("ts2021 %s: handshake failed: %s", peer, e)
+        return
+
+    transport = accepted.transport
+    out = head + accepted.response
+    if send_early_payload and accepted.version >= noise.EARLY_PAYLOAD_MIN_VERSION:
+        # A fresh challenge per connection, as headscale does; v1.90.9 parses it
+        # but does not answer it yet.
+        challenge = PrivateKey.generate().challenge_public()
+        out += transport.send(noise.encode_early_payload(challenge))
+    logger.info(
+        "ts2021 %s: noise handshake ok, machine %s, capver %d",
+        peer, accepted.machine_key.short(), accepted.version,
+    )
+    with trio.move_on_after(PREFACE_TIMEOUT) as cs:
+        await upgrade.stream.send_all(out)
+    if cs.cancelled_caught:
+        logger.info("ts2021 %s: could not send the handshake response in time", peer)
+        return
+    ns = NoiseStream(upgrade.stream, transport, initial_ciphertext=upgrade.trailing)
+    server = _H2Server(
+        ns, handler, machine_key=accepted.machine_key, version=accepted.version,
+        peer=peer, logger=logger, max_body=max_body,
+    )
+    try:
+        await server.run()
+    except* (trio.BrokenResourceError, trio.ClosedResourceError) as eg:
+        # The node went away mid-write or mid-read; its handlers were cancelled.
+        first = eg.exceptions[0]
+        logger.info("ts2021 %s: connection ended: %s", peer, first.__cause__ or first)
+
+
+async def _refuse(upgrade: Upgrade, status: int, reason: str, body: str,
+                  logger: logging.Logger) -> None:
+    logger.info("ts2021 %s: refused (%d): %s", upgrade.peer, status, body.strip())
+    with trio.move_on_after(5):
+        try:
+            await upgrade.stream.send_all(_plain_response(status, reason, body))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass

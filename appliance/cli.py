@@ -82,6 +82,9 @@ class Transport:
              body: dict[str, Any] | None = None) -> Any:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the transport holds (the direct path's database connection)."""
+
     @staticmethod
     def _result(status: int, data: bytes) -> Any:
         try:
@@ -129,8 +132,13 @@ class DirectTransport(Transport):
         async def run_db(fn: Any, *args: Any) -> Any:
             return fn(*args)
 
+        # The server's rules, including policy.mode: in file mode a stored policy would be
+        # ignored, so `policy set` is refused here as the running server refuses it.
         self.api = AdminApi(Admin(self.store), run_db, require_auth=False,
-                            policy_check=check_policy_text, policy_mode="database")
+                            policy_check=check_policy_text, policy_mode=config.policy_mode)
+
+    def close(self) -> None:
+        self.store.close()
 
     def call(self, method: str, path: str, query: dict[str, str] | None = None,
              body: dict[str, Any] | None = None) -> Any:
@@ -190,7 +198,11 @@ def transport() -> Transport:
 
 def api(method: str, path: str, query: dict[str, str] | None = None,
         body: dict[str, Any] | None = None) -> Any:
-    return transport().call(method, path, query, body)
+    t = transport()
+    try:
+        return t.call(method, path, query, body)
+    finally:
+        t.close()
 
 
 # ---------------------------------------------------------------- output
@@ -645,4 +657,14 @@ def run(argv: Sequence[str]) -> int:
 
 
 def main() -> None:
-    sys.exit(run(sys.argv[1:]))
+    try:
+        code = run(sys.argv[1:])
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader left early (`homescale nodes list | head -1`): no traceback. Point stdout
+        # at /dev/null so the interpreter's final flush does not fail again (Python docs,
+        # "Note on SIGPIPE"); 128 + SIGPIPE is what a shell reports for such a writer.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 141
+    sys.exit(code)

@@ -425,3 +425,53 @@ async def test_remote_cli_with_api_key(site: Site, server: object, capsys: pytes
     monkeypatch.delenv("HOMESCALE_CLI_ADDRESS")
     names = [u["name"] for u in (await arun_cli(capsys, site, "-o", "json", "users", "list")).json()]
     assert names == ["alice"]
+
+
+# ---------------------------------------------------------------- the direct path's own duties
+
+@pytest.mark.parametrize("mode", ["server", "direct"])
+async def test_policy_set_refused_in_file_mode(site: Site, capsys: pytest.CaptureFixture[str],
+                                               tmp_path, mode: str) -> None:
+    """In policy.mode: file a database policy would be ignored: both paths refuse to store one."""
+    site.config_path.write_text(site.config_path.read_text().replace("mode: database", "mode: file"))
+    good = tmp_path / "good.hujson"
+    good.write_text(POLICY)
+    hs = Hs(site, capsys, mode)
+    async with trio.open_nursery() as nursery:
+        if mode == "server":
+            with trio.fail_after(START_TIMEOUT):
+                await nursery.start(serve, load_config(site.config_path, environ={}), LOG)
+        await hs.fails("policy", "set", "--file", str(good), says="policy.mode: database")
+        await hs.fails("policy", "get", says="no policy")
+        nursery.cancel_scope.cancel()
+
+
+async def test_direct_path_does_not_keep_the_database_open(site: Site,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from .test_app_store import open_fds_on
+
+    res = await arun_cli(capsys, site, "-v", "users", "create", "alice")
+    assert res.code == 0
+    assert VIA_DB in res.err
+    res = await arun_cli(capsys, site, "-v", "users", "rename", "--name", "alice", "--new-name", "bob")
+    assert res.code == 0
+    assert open_fds_on(site.db_path) == 0
+
+
+def test_output_into_a_closed_pipe_is_not_a_traceback(site: Site) -> None:
+    """`homescale users list | head -1`: the reader leaves early; no traceback follows."""
+    import subprocess
+
+    from .test_app_shutdown import HOMESCALE, REPO
+
+    proc = subprocess.Popen([*HOMESCALE, "-c", str(site.config_path), "-o", "json", "version"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=REPO)
+    assert proc.stdout is not None
+    proc.stdout.close()   # no reader left: the child's first write meets EPIPE
+    _, err = proc.communicate(timeout=CLI_PROCESS_TIMEOUT)
+    assert b"Traceback" not in err, err.decode()
+    assert proc.returncode == 141
+
+
+CLI_PROCESS_TIMEOUT = 30

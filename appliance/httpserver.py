@@ -227,6 +227,10 @@ class HttpServer:
                 return await call_asgi(self.asgi_app, request)
             handler = self.routes.get(request.path)
             if handler is None:
+                # Keys ending in "/" are prefixes (e.g. "/register/" for /register/<id>).
+                handler = next((h for p, h in self.routes.items()
+                                if p.endswith("/") and request.path.startswith(p)), None)
+            if handler is None:
                 return Response.text("404 page not found\n", 404)
             return await handler(request)
         except Exception:

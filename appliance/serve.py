@@ -9,6 +9,7 @@ work is cancelled), then the database is closed; SIGHUP reloads the policy.
 from __future__ import annotations
 
 import errno
+import html
 import logging
 import os
 import signal
@@ -23,11 +24,13 @@ import trio
 from .admin import Admin, Change
 from .api import AdminApi
 from .config import Config, split_hostport
+from .control import ControlService
 from .errors import HomescaleError
-from .httpserver import HttpServer, Request, Response, RouteHandler, UpgradeHandler
+from .httpserver import HttpServer, Request, Response, RouteHandler, Upgrade, UpgradeHandler
 from .metrics import Metrics
 from .policies import RECOVERY, PolicyInvalid, check_policy_text, read_policy
 from .store import Store
+from .tailnet import Tailnet
 from .version import commit, version
 
 
@@ -56,14 +59,16 @@ class Server:
         self.routes: dict[str, RouteHandler] = {
             "/health": self.health, "/key": self.key, "/version": self.version_route,
         }
-        self.upgrades: dict[str, UpgradeHandler] = {}
-        self.online: set[int] = set()
-        self.change_listeners: list[Callable[[Change], None]] = []
+        self.upgrades: dict[str, UpgradeHandler] = {"/ts2021": self.ts2021}
+        self.routes["/register/"] = self.register_page
+        self.tailnet = Tailnet(config=config, log=log.getChild("tailnet"))
+        self.control: ControlService | None = None
+        self.changes_send, self.changes_recv = trio.open_memory_channel[Change](1024)
         self.policy_text: str | None = None
         self.policy_source = "none"
         self.metrics.gauge("homescale_nodes", lambda: len(self.store.nodes()),
                            "registered nodes")
-        self.metrics.gauge("homescale_nodes_online", lambda: len(self.online),
+        self.metrics.gauge("homescale_nodes_online", lambda: len(self.tailnet.online),
                            "nodes with an open map stream")
         self.metrics.gauge(f'homescale_build_info{{version="{version()}",commit="{commit()}"}}',
                            lambda: 1)
@@ -72,11 +77,54 @@ class Server:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.db_limiter)
 
     def is_online(self, node_id: int) -> bool:
-        return node_id in self.online
+        return node_id in self.tailnet.online
 
     def on_change(self, change: Change) -> None:
-        for listener in self.change_listeners:
-            listener(change)
+        """Called by admin operations, often from the store's worker thread."""
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            trio.from_thread.run_sync(self.changes_send.send_nowait, change)
+            return
+        self.changes_send.send_nowait(change)
+
+    async def apply_changes(self) -> None:
+        """Turn admin changes into tailnet updates (and so into deltas for clients)."""
+        async for change in self.changes_recv:
+            try:
+                if change.kind == "node":
+                    row = await self.run_db(self.store.node, change.id)
+                    self.tailnet.refresh_node(change.id, row)
+                elif change.kind == "node-removed":
+                    self.tailnet.refresh_node(change.id, None)
+                elif change.kind == "user":
+                    self.tailnet.refresh_users(await self.run_db(self.store.users))
+                elif change.kind == "policy":
+                    self.tailnet.set_policy(self.policy_text)
+            except HomescaleError as e:
+                self.log.warning("could not apply %s: %s", change, e)
+
+    async def ts2021(self, upgrade: Upgrade) -> None:
+        from .control_conn import serve_ts2021
+
+        assert self.control is not None
+        await serve_ts2021(upgrade, self.noise_key, self.control.handle,
+                           logger=self.log.getChild("noise"))
+
+    async def register_page(self, req: Request) -> Response:
+        reg_id = req.path.rsplit("/", 1)[-1]
+        pending = self.control.pending.get(reg_id) if self.control else None
+        if pending is None:
+            return Response.text("unknown or expired registration; restart the login on the "
+                                 "client\n", 404)
+        host = html.escape(str(pending.hostinfo.get("Hostname") or "this machine"))
+        cmd = f"homescale nodes register --user USERNAME --key {html.escape(reg_id)}"
+        page = (f"<!doctype html><html><head><meta charset='utf-8'><title>homescale: register "
+                f"{host}</title></head><body><h1>Register {host}</h1><p>Ask an administrator of "
+                f"this homescale server to run:</p><pre>{cmd}</pre><p>(or <code>homescale auth "
+                f"register --user USERNAME --auth-id {html.escape(reg_id)}</code>). The client "
+                f"connects as soon as it is done.</p></body></html>")
+        return Response.text(page, content_type="text/html; charset=utf-8")
 
     # -- policy
 
@@ -89,13 +137,15 @@ class Server:
         self.policy_text, self.policy_source = text, source
         if changed:
             self.log.info("policy loaded from %s", source if text is not None else "nowhere (allow all)")
-            self.on_change(Change("policy"))
 
     async def reload_policy(self) -> None:
         try:
             await self.run_db(self.load_policy)
         except PolicyInvalid as e:
             self.log.error("policy reload refused, keeping the previous policy: %s", e)
+            return
+        if self.policy_text != self.tailnet.policy_text:
+            self.tailnet.set_policy(self.policy_text)
 
     # -- plain routes
 
@@ -118,6 +168,10 @@ class Server:
             return Response.text("client too old: capability version 39 or newer required\n", 400)
         return Response.json({"legacyPublicKey": "mkey:" + "0" * 64,
                               "publicKey": str(self.noise_key.machine_public())})
+
+    async def register_node(self, user: str, key: str) -> dict[str, Any]:
+        assert self.control is not None
+        return await self.control.complete_registration(user, key)
 
     async def version_route(self, req: Request) -> Response:
         return Response.json({"version": version(), "commit": commit()})
@@ -187,9 +241,11 @@ async def serve(config: Config, log: logging.Logger, *,
                              if config.metrics_listen_addr else [])
 
         api_socket = AdminApi(server.admin, server.run_db, require_auth=False,
-                              policy_check=check_policy_text, policy_mode=config.policy_mode)
+                              policy_check=check_policy_text, policy_mode=config.policy_mode,
+                              register_node=server.register_node)
         api_remote = AdminApi(server.admin, server.run_db, require_auth=True,
-                              policy_check=check_policy_text, policy_mode=config.policy_mode)
+                              policy_check=check_policy_text, policy_mode=config.policy_mode,
+                              register_node=server.register_node)
         main = HttpServer(routes=server.routes, upgrades=server.upgrades, asgi_prefix="/api/v1",
                           asgi_app=api_remote, ssl_context=ssl_ctx, logger=log.getChild("http"))
         metrics = HttpServer(routes={"/metrics": server.metrics_route}, upgrades={},
@@ -202,8 +258,16 @@ async def serve(config: Config, log: logging.Logger, *,
         hc.graceful_timeout = 1.0
         shutdown = trio.Event()
 
+        users, nodes = await server.run_db(lambda: (server.store.users(), server.store.nodes()))
+        server.tailnet.load(users, nodes, server.policy_text)
+        server.tailnet.set_derp_map({"Regions": {}})
+
         async with trio.open_nursery() as nursery:
+            server.control = ControlService(store=server.store, admin=server.admin,
+                                           tailnet=server.tailnet, run_db=server.run_db,
+                                           log=log.getChild("control"), nursery=nursery)
             nursery.start_soon(_watch_signals, server, nursery.cancel_scope, shutdown)
+            nursery.start_soon(server.apply_changes)
             await nursery.start(main.serve, main_listeners)
             if metrics_listeners:
                 await nursery.start(metrics.serve, metrics_listeners)

@@ -1,0 +1,383 @@
+"""The control endpoints inside Noise: `/machine/register` and `/machine/map`.
+
+Registration follows Tailscale's decision order (PROTOCOL.md 3.1): logout, follow-up
+long poll, auth key, known node restart, key rotation, else interactive login. The
+map endpoint stores what the node reports, then either answers a lite update or
+runs the node's map stream: a first full map, then deltas and keep-alives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import trio
+
+from netmap.mapsession import MapSessionState, keepalive_message
+from protocol import tailcfg
+from protocol.gojson import WireError, format_time, is_zero_time
+from protocol.mapframe import MapFrameEncoder
+
+from .admin import Admin
+from .errors import HomescaleError, InvalidInput, NotFound
+from .nodes import create_node, relogin_node
+from .store import NodeRow, Store, utcnow
+from .tailnet import TAGGED_USER_ID, SessionHandle, Tailnet, node_is_expired
+
+REGISTRATION_TTL = timedelta(minutes=15)  # pending interactive logins expire
+# Keep-alive cadence: the client cancels a poll after 120 s of silence (controlclient);
+# Tailscale and headscale send one every 50 s plus jitter.
+KEEPALIVE_BASE = 50.0
+KEEPALIVE_JITTER = 9.0
+MAX_BODY = 1024 * 1024
+ZERO_NODE_KEY = "nodekey:" + "0" * 64
+
+
+@dataclass
+class PendingRegistration:
+    """An interactive login waiting for `homescale nodes register --key <id>`."""
+
+    id: str
+    machine_key: str
+    node_key: str
+    hostinfo: dict[str, Any]
+    ephemeral: bool
+    created: datetime
+    done: trio.Event = field(default_factory=trio.Event)
+    node: NodeRow | None = None
+
+
+class ControlService:
+    """Answers the Noise HTTP/2 requests of every connected node."""
+
+    def __init__(self, *, store: Store, admin: Admin, tailnet: Tailnet,
+                 run_db: Callable[..., Awaitable[Any]], log: logging.Logger,
+                 nursery: trio.Nursery) -> None:
+        self.store = store
+        self.admin = admin
+        self.tailnet = tailnet
+        self.config = tailnet.config
+        self.run_db = run_db
+        self.log = log
+        self.nursery = nursery
+        self.pending: dict[str, PendingRegistration] = {}
+        self.stats = {"map_messages": 0, "map_bytes": 0, "registrations": 0}
+
+    # ------------------------------------------------------------ dispatch
+
+    async def handle(self, req: Any, resp: Any) -> None:
+        """The per-stream handler given to the ts2021 connection."""
+        try:
+            if req.method == "POST" and req.path == "/machine/register":
+                await self.register(req, resp)
+            elif req.method == "POST" and req.path == "/machine/map":
+                await self.map(req, resp)
+            elif req.path.startswith("/machine/"):
+                await self._reply(resp, 404, {"error": f"{req.path} is not supported"})
+            else:
+                await self._reply(resp, 404, {"error": "not found"})
+        except _Refusal as e:
+            self.log.info("%s from %s refused: %s", req.path, req.machine_key, e)
+            await self._reply(resp, e.status, {"error": str(e)})
+
+    async def _reply(self, resp: Any, status: int, obj: Any) -> None:
+        body = json.dumps(obj).encode()
+        await resp.send_headers(status, [("content-type", "application/json"),
+                                         ("content-length", str(len(body)))])
+        await resp.send_data(body)
+        await resp.end()
+
+    @staticmethod
+    def _parse(req: Any, cls: type[Any]) -> Any:
+        if len(req.body) > MAX_BODY:
+            raise _Refusal(413, "request body too large")
+        try:
+            return cls.from_json(json.loads(req.body))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _Refusal(400, f"malformed JSON: {e}") from None
+        except (WireError, ValueError, TypeError) as e:
+            raise _Refusal(400, f"malformed {cls.__name__}: {e}") from None
+
+    # ------------------------------------------------------------ registration
+
+    def _success(self, node: NodeRow) -> dict[str, Any]:
+        if node.tags or node.user_id is None:
+            uid, name, created = TAGGED_USER_ID, "tagged-devices", None
+        else:
+            u = self.tailnet.users.get(node.user_id) or self.store.user(node.user_id)
+            uid, name, created = u.id, u.name, u.created_at
+        return {"User": {"ID": uid, "DisplayName": name, "ProfilePicURL": "",
+                         "Created": format_time(created) if created else "0001-01-01T00:00:00Z"},
+                "Login": {"ID": uid, "Provider": "", "LoginName": name, "DisplayName": name,
+                          "ProfilePicURL": ""},
+                "MachineAuthorized": True}
+
+    async def register(self, req: Any, resp: Any) -> None:
+        rr = self._parse(req, tailcfg.RegisterRequest)
+        machine = str(req.machine_key)
+        node_key = str(rr.NodeKey)
+        if node_key == ZERO_NODE_KEY:
+            raise _Refusal(400, "RegisterRequest without a NodeKey")
+        hostinfo = rr.Hostinfo.to_json() if rr.Hostinfo is not None else {}
+        node = await self.run_db(self.store.node_by, "node_key", node_key)
+        if node is not None and node.machine_key != machine:
+            raise _Refusal(403, "node key belongs to another machine")
+        by_machine = await self.run_db(self.store.node_by, "machine_key", machine)
+
+        # 1. Logout: an expiry in the past (Tailscale sends Unix 123).
+        if not is_zero_time(rr.Expiry) and rr.Expiry <= utcnow():
+            await self._logout(node or by_machine)
+            await self._reply(resp, 200, {"NodeKeyExpired": True})
+            return
+        # 2. Follow-up of an interactive login: wait until an admin completes it.
+        if rr.Followup:
+            await self._followup(rr.Followup, node_key, machine, resp)
+            return
+        # 3. Auth key.
+        auth_key = rr.Auth.AuthKey if rr.Auth is not None else ""
+        if auth_key:
+            try:
+                done = await self.run_db(self._register_with_key, auth_key, machine, node_key,
+                                         hostinfo, rr.Ephemeral, node or by_machine)
+            except InvalidInput as e:
+                self.log.info("registration of %s refused: %s", machine, e)
+                await self._reply(resp, 200, {"Error": str(e)})
+                return
+            await self._announce(done)
+            self.log.info("node %d (%s) registered with an auth key", done.id, done.given_name)
+            await self._reply(resp, 200, self._success(done))
+            return
+        # 4. A known node restarting with its stored key.
+        if node is not None:
+            if node_is_expired(node):
+                await self._reply(resp, 200, {"NodeKeyExpired": True})
+                return
+            if hostinfo and hostinfo != node.hostinfo:
+                node = await self.run_db(lambda: self.store.update_node(node.id, hostinfo=hostinfo))
+                await self._announce(node)
+            await self._reply(resp, 200, self._success(node))
+            return
+        # 5. Key rotation: OldNodeKey names this machine's node.
+        old_key = str(rr.OldNodeKey)
+        if old_key != ZERO_NODE_KEY and by_machine is not None and by_machine.node_key == old_key \
+                and not node_is_expired(by_machine):
+            rotated = await self.run_db(lambda: self.store.update_node(by_machine.id, node_key=node_key))
+            await self._announce(rotated)
+            self.log.info("node %d rotated its key", rotated.id)
+            await self._reply(resp, 200, self._success(rotated))
+            return
+        # 6. Interactive login.
+        pending = self._new_pending(machine, node_key, hostinfo, rr.Ephemeral)
+        self.log.info("interactive login %s for %s: waiting for `homescale nodes register`",
+                      pending.id, hostinfo.get("Hostname", "?"))
+        await self._reply(resp, 200, {"AuthURL": self.auth_url(pending.id)})
+
+    def auth_url(self, reg_id: str) -> str:
+        return f"{self.config.server_url}/register/{reg_id}"
+
+    def _register_with_key(self, auth_key: str, machine: str, node_key: str,
+                           hostinfo: dict[str, Any], ephemeral: bool, existing: NodeRow | None
+                           ) -> NodeRow:
+        """(store thread) Validate the key and create or re-login the node."""
+        if existing is not None and existing.node_key == node_key and not node_is_expired(existing):
+            # A node restarting with its key still works even when its single-use key is spent.
+            return existing
+        key = self.admin.check_pre_auth_key(auth_key)
+        owner = key.user_id if not key.tags else None
+        common = {"node_key": node_key, "hostinfo": hostinfo, "user_id": owner,
+                  "tags": list(key.tags), "ephemeral": key.ephemeral or ephemeral,
+                  "auth_key_id": key.id, "register_method": "authkey"}
+        if existing is not None:
+            return relogin_node(self.store, self.config, existing, **common)
+        return create_node(self.store, self.config, machine_key=machine, **common)
+
+    async def _announce(self, node: NodeRow) -> None:
+        self.tailnet.refresh_node(node.id, node)
+
+    async def _logout(self, node: NodeRow | None) -> None:
+        if node is None:
+            return
+        if node.ephemeral:
+            await self.run_db(self.store.delete_node, node.id)
+            self.tailnet.refresh_node(node.id, None)
+            self.log.info("ephemeral node %d logged out and was deleted", node.id)
+            return
+        row = await self.run_db(lambda: self.store.update_node(node.id, expiry=utcnow()))
+        self.tailnet.refresh_node(node.id, row)
+        self.log.info("node %d logged out", node.id)
+
+    def _new_pending(self, machine: str, node_key: str, hostinfo: dict[str, Any],
+                     ephemeral: bool) -> PendingRegistration:
+        self._expire_pending()
+        for p in self.pending.values():
+            if p.machine_key == machine and p.node_key == node_key and p.node is None:
+                return p  # the same client asking again keeps its URL
+        reg = PendingRegistration(id=secrets.token_urlsafe(18), machine_key=machine,
+                                  node_key=node_key, hostinfo=hostinfo, ephemeral=ephemeral,
+                                  created=utcnow())
+        self.pending[reg.id] = reg
+        return reg
+
+    def _expire_pending(self) -> None:
+        now = utcnow()
+        for rid in [r for r, p in self.pending.items() if now - p.created > REGISTRATION_TTL]:
+            del self.pending[rid]
+
+    async def _followup(self, url: str, node_key: str, machine: str, resp: Any) -> None:
+        reg_id = url.rstrip("/").rsplit("/", 1)[-1]
+        reg = self.pending.get(reg_id)
+        if reg is None or reg.machine_key != machine:
+            node = await self.run_db(self.store.node_by, "node_key", node_key)
+            if node is not None and node.machine_key == machine and not node_is_expired(node):
+                await self._reply(resp, 200, self._success(node))
+                return
+            fresh = self._new_pending(machine, node_key, {}, False)
+            await self._reply(resp, 200, {"AuthURL": self.auth_url(fresh.id)})
+            return
+        remaining = (reg.created + REGISTRATION_TTL - utcnow()).total_seconds()
+        with trio.move_on_after(max(remaining, 0)):
+            await reg.done.wait()
+        if reg.node is None:
+            self.pending.pop(reg.id, None)
+            fresh = self._new_pending(machine, node_key, reg.hostinfo, reg.ephemeral)
+            await self._reply(resp, 200, {"AuthURL": self.auth_url(fresh.id)})
+            return
+        await self._reply(resp, 200, self._success(reg.node))
+
+    async def complete_registration(self, user: str, reg_id: str) -> dict[str, Any]:
+        """`homescale nodes register --user U --key ID`: create the node, release the client."""
+        self._expire_pending()
+        reg = self.pending.get(reg_id.strip().rsplit("/", 1)[-1])
+        if reg is None:
+            raise NotFound(f"no pending registration {reg_id!r} (it may have expired after "
+                           f"{int(REGISTRATION_TTL.total_seconds() // 60)} minutes; restart the "
+                           f"client's login)")
+        if not user:
+            raise InvalidInput("--user is required")
+
+        def create() -> NodeRow:
+            owner = self.admin.resolve_user(user)
+            existing = self.store.node_by("machine_key", reg.machine_key)
+            common = {"node_key": reg.node_key, "hostinfo": reg.hostinfo, "user_id": owner.id,
+                      "tags": [], "ephemeral": reg.ephemeral, "auth_key_id": None,
+                      "register_method": "cli"}
+            if existing is not None:
+                return relogin_node(self.store, self.config, existing, **common)
+            return create_node(self.store, self.config, machine_key=reg.machine_key, **common)
+
+        node = await self.run_db(create)
+        reg.node = node
+        reg.done.set()
+        del self.pending[reg.id]
+        await self._announce(node)
+        self.log.info("node %d (%s) registered interactively for %s", node.id, node.given_name, user)
+        return await self.run_db(self.admin.node_json, node)
+
+    # ------------------------------------------------------------ map
+
+    async def map(self, req: Any, resp: Any) -> None:
+        mr = self._parse(req, tailcfg.MapRequest)
+        machine = str(req.machine_key)
+        node = await self.run_db(self.store.node_by, "node_key", str(mr.NodeKey))
+        if node is None:
+            raise _Refusal(404, "unknown node key: register first")
+        if node.machine_key != machine:
+            raise _Refusal(403, "node key belongs to another machine")
+        node = await self._store_report(node, mr, capver=req.version)
+        if not mr.Stream and mr.OmitPeers:
+            # Lite update: stored and announced above; the client discards the body.
+            await resp.send_headers(200, [("content-type", "application/json")])
+            await resp.end()
+            return
+        await resp.send_headers(200, [("content-type", "application/json")])
+        if not mr.Stream:
+            once = MapSessionState(node_id=node.id, domain=self.config.dns.base_domain,
+                                   disable_logtail=not self.config.logtail_enabled)
+            msg = once.next_message(self.tailnet, utcnow())
+            if msg is not None:
+                await resp.send_data(MapFrameEncoder().encode(msg))
+            await resp.end()
+            return
+        await self._stream(node, resp)
+
+    async def _store_report(self, node: NodeRow, mr: Any, capver: int) -> NodeRow:
+        """Keep what the node reports (endpoints, disco key, hostinfo) and announce changes."""
+        values: dict[str, Any] = {}
+        disco = str(mr.DiscoKey)
+        if not mr.DiscoKey.is_zero() and disco != node.disco_key:
+            values["disco_key"] = disco
+        if mr.Endpoints is not None and list(mr.Endpoints) != node.endpoints:
+            values["endpoints"] = list(mr.Endpoints)
+        if mr.Hostinfo is not None:
+            hi = mr.Hostinfo.to_json()
+            if hi != node.hostinfo:
+                values["hostinfo"] = hi
+        if not values:
+            return node
+        row = await self.run_db(lambda: self.store.update_node(node.id, **values))
+        self.tailnet.refresh_node(row.id, row)
+        return row
+
+    async def _stream(self, node: NodeRow, resp: Any) -> None:
+        handle = self.tailnet.open_session(node.id)
+        encoder = MapFrameEncoder()
+        self.tailnet.set_online(node.id, True)
+        self.log.info("node %d (%s) map stream opened", node.id, node.given_name)
+        try:
+            with trio.CancelScope() as scope:
+                handle.cancel_scope = scope
+                await self._stream_loop(handle, encoder, resp)
+        finally:
+            with trio.CancelScope(shield=True):
+                if self.tailnet.close_session(handle):
+                    now = utcnow()
+                    try:
+                        row = await self.run_db(lambda: self.store.update_node(node.id, last_seen=now))
+                        self.tailnet.set_online(node.id, False, now)
+                        if row.ephemeral:
+                            self.nursery.start_soon(self._reap_ephemeral, node.id)
+                    except NotFound:
+                        pass
+                self.log.info("node %d map stream closed%s", node.id,
+                              f" ({handle.closed_reason})" if handle.closed_reason else "")
+
+    async def _stream_loop(self, handle: SessionHandle, encoder: MapFrameEncoder, resp: Any) -> None:
+        while True:
+            handle.wake = trio.Event()  # before composing: a mark after it wakes us again
+            msg = handle.state.next_message(self.tailnet, utcnow())
+            if msg is not None:
+                frame = encoder.encode(msg)
+                self.stats["map_messages"] += 1
+                self.stats["map_bytes"] += len(frame)
+                if self.log.isEnabledFor(logging.DEBUG):
+                    self.log.debug("node %d <- %d bytes: %s", handle.node_id, len(msg), msg.decode())
+                await resp.send_data(frame)
+            with trio.move_on_after(KEEPALIVE_BASE + random.uniform(0, KEEPALIVE_JITTER)):
+                await handle.wake.wait()
+                continue
+            await resp.send_data(encoder.encode(keepalive_message()))
+
+    async def _reap_ephemeral(self, node_id: int) -> None:
+        """Delete an ephemeral node once it has been offline for the inactivity timeout."""
+        await trio.sleep(self.config.ephemeral_inactivity_timeout.total_seconds())
+        if node_id in self.tailnet.online or node_id not in self.tailnet.nodes:
+            return
+        try:
+            await self.run_db(self.store.delete_node, node_id)
+        except NotFound:
+            return
+        self.tailnet.refresh_node(node_id, None)
+        self.log.info("ephemeral node %d deleted after %s offline", node_id,
+                      self.config.ephemeral_inactivity_timeout)
+
+
+class _Refusal(HomescaleError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status

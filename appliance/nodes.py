@@ -1,0 +1,73 @@
+"""Node records: creation with addresses and a unique MagicDNS name, in one store call.
+
+These run in the store's worker thread (one at a time), so address allocation and
+name choice cannot race between concurrent registrations.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from netmap.addresses import PrefixExhausted, allocate
+
+from .admin import sanitize_hostname
+from .config import Config
+from .errors import InvalidInput
+from .store import NodeRow, Store, utcnow
+
+MAX_NAME_SUFFIX = 10_000  # bounded search for a free `name-N`
+
+
+def unique_given_name(store: Store, hostname: str, *, exclude_id: int | None = None) -> str:
+    """The sanitised hostname, or `name-1`, `name-2`, ... when taken (as headscale does)."""
+    base = sanitize_hostname(hostname)
+    for n in range(MAX_NAME_SUFFIX):
+        candidate = base if n == 0 else f"{base[: 63 - len(str(n)) - 1]}-{n}"
+        other = store.node_by("given_name", candidate)
+        if other is None or other.id == exclude_id:
+            return candidate
+    raise InvalidInput(f"no free node name for hostname {hostname!r}")
+
+
+def key_expiry(config: Config, now: datetime) -> datetime | None:
+    return now + config.node_expiry if config.node_expiry > timedelta(0) else None
+
+
+def create_node(store: Store, config: Config, *, machine_key: str, node_key: str,
+                hostinfo: dict[str, Any], user_id: int | None, tags: list[str], ephemeral: bool,
+                auth_key_id: int | None, register_method: str) -> NodeRow:
+    """Insert a node with fresh addresses; the caller then announces it."""
+    used4, used6 = store.used_addresses()
+    try:
+        ipv4 = allocate(config.prefix_v4, used4, config.ip_allocation) if config.prefix_v4 else None
+        ipv6 = allocate(config.prefix_v6, used6, config.ip_allocation) if config.prefix_v6 else None
+    except PrefixExhausted as e:
+        raise InvalidInput(f"cannot register the node: {e}") from None
+    now = utcnow()
+    with store.transaction():
+        row = store.create_node(
+            machine_key=machine_key, node_key=node_key, hostinfo=hostinfo,
+            hostname=str(hostinfo.get("Hostname") or ""),
+            given_name=unique_given_name(store, str(hostinfo.get("Hostname") or "node")),
+            ipv4=ipv4, ipv6=ipv6, user_id=user_id, tags=tags, ephemeral=ephemeral,
+            auth_key_id=auth_key_id, register_method=register_method,
+            expiry=key_expiry(config, now), created_at=now)
+        if auth_key_id is not None:
+            store.update_pre_auth_key(auth_key_id, used=1)
+    return row
+
+
+def relogin_node(store: Store, config: Config, node: NodeRow, *, node_key: str,
+                 hostinfo: dict[str, Any], user_id: int | None, tags: list[str], ephemeral: bool,
+                 auth_key_id: int | None, register_method: str) -> NodeRow:
+    """A known machine logs in again (new key or new owner): keep its ID and addresses."""
+    with store.transaction():
+        row = store.update_node(
+            node.id, node_key=node_key, hostinfo=hostinfo or node.hostinfo,
+            hostname=str(hostinfo.get("Hostname") or node.hostname), user_id=user_id, tags=tags,
+            ephemeral=ephemeral, auth_key_id=auth_key_id, register_method=register_method,
+            expiry=key_expiry(config, utcnow()))
+        if auth_key_id is not None:
+            store.update_pre_auth_key(auth_key_id, used=1)
+    return row

@@ -1,0 +1,302 @@
+"""The live tailnet: nodes, users and policy in memory, turning each change into deltas.
+
+Every change goes through `refresh_node` / `refresh_users` / `set_policy`: the node's
+JSON is encoded once, and only the sessions of nodes that can see it are marked;
+their tasks compose their own (coalesced) messages. Nothing here rebuilds every
+node's map, and nothing here waits on a client.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import trio
+
+from netmap.dns import dns_config
+from netmap.mapsession import PATCH_HISTORY, MapSessionState, NodeEntry
+from netmap.nodes import PeerNode, encode_node, patch_between
+from netmap.policy import CompiledPolicy, PolicyNode, PolicyUser, compile_policy, parse_policy
+
+from .config import Config
+from .store import NodeRow, UserRow, utcnow
+
+TAGGED_USER_ID = 2147455555  # headscale's TaggedDevices pseudo-user
+EXIT_ROUTES = ("0.0.0.0/0", "::/0")
+
+
+class SessionHandle:
+    """One node's live map stream as the coordinator sees it: state plus a wake-up."""
+
+    def __init__(self, node_id: int, state: MapSessionState) -> None:
+        self.node_id = node_id
+        self.state = state
+        self.wake = trio.Event()
+        self.cancel_scope: trio.CancelScope | None = None
+        self.closed_reason = ""
+
+    def notify(self) -> None:
+        self.wake.set()
+
+    def close(self, reason: str) -> None:
+        self.closed_reason = reason
+        if self.cancel_scope is not None:
+            self.cancel_scope.cancel()
+
+
+@dataclass
+class Tailnet:
+    config: Config
+    log: logging.Logger
+    nodes: dict[int, NodeRow] = field(default_factory=dict)
+    users: dict[int, UserRow] = field(default_factory=dict)
+    peers: dict[int, PeerNode] = field(default_factory=dict)
+    entries: dict[int, NodeEntry] = field(default_factory=dict)
+    sessions: dict[int, SessionHandle] = field(default_factory=dict)
+    online: set[int] = field(default_factory=set)
+    policy_text: str | None = None
+    compiled: CompiledPolicy | None = None
+    derp_map: tuple[int, bytes] = (0, b"null")
+    dns: tuple[int, bytes] = (0, b"null")
+    _visible: dict[int, frozenset[int]] = field(default_factory=dict)
+    _filters: dict[int, bytes] = field(default_factory=dict)
+    _ssh: dict[int, bytes | None] = field(default_factory=dict)
+    on_node_offline: Callable[[int], None] | None = None
+
+    # ------------------------------------------------------------ loading
+
+    def load(self, users: list[UserRow], nodes: list[NodeRow], policy_text: str | None) -> None:
+        self.users = {u.id: u for u in users}
+        self.nodes = {n.id: n for n in nodes}
+        for n in nodes:
+            self._encode(n)
+        self.policy_text = policy_text
+        self._recompile()
+        self.set_dns()
+
+    def set_dns(self) -> None:
+        d = self.config.dns
+        prefixes = [str(p) for p in (self.config.prefix_v4, self.config.prefix_v6) if p]
+        cfg = dns_config(magic_dns=d.magic_dns, base_domain=d.base_domain,
+                         override_local_dns=d.override_local_dns, nameservers=d.nameservers_global,
+                         split=d.nameservers_split, search_domains=d.search_domains,
+                         extra_records=d.extra_records, prefixes=prefixes)
+        self.dns = (self.dns[0] + 1, json.dumps(cfg, separators=(",", ":")).encode())
+        self._wake_all()
+
+    def set_derp_map(self, derp_map: dict[str, Any]) -> None:
+        self.derp_map = (self.derp_map[0] + 1, json.dumps(derp_map, separators=(",", ":")).encode())
+        self._wake_all()
+
+    # ------------------------------------------------------------ TailnetView (for sessions)
+
+    def entry(self, node_id: int) -> NodeEntry | None:
+        return self.entries.get(node_id)
+
+    def visible_peers(self, node_id: int) -> frozenset[int]:
+        v = self._visible.get(node_id)
+        if v is None:
+            v = self.compiled.visible_peers(node_id) if self.compiled else frozenset()
+            self._visible[node_id] = v
+        return v
+
+    def filter_json(self, node_id: int) -> bytes:
+        f = self._filters.get(node_id)
+        if f is None:
+            rules = self.compiled.filter_for(node_id) if self.compiled else []
+            f = json.dumps(rules, separators=(",", ":")).encode()
+            self._filters[node_id] = f
+        return f
+
+    def ssh_json(self, node_id: int) -> bytes | None:
+        if node_id not in self._ssh:
+            rules = self.compiled.ssh_for(node_id) if self.compiled else []
+            self._ssh[node_id] = (json.dumps({"rules": rules}, separators=(",", ":")).encode()
+                                  if rules else None)
+        return self._ssh[node_id]
+
+    def user_profile(self, user_id: int) -> dict[str, Any] | None:
+        if user_id == TAGGED_USER_ID:
+            return {"ID": TAGGED_USER_ID, "LoginName": "tagged-devices", "DisplayName": "Tagged Devices"}
+        u = self.users.get(user_id)
+        if u is None:
+            return None
+        profile = {"ID": u.id, "LoginName": u.email or u.name, "DisplayName": u.display_name or u.name}
+        if u.profile_pic_url:
+            profile["ProfilePicURL"] = u.profile_pic_url
+        return profile
+
+    def derp_map_json(self) -> tuple[int, bytes]:
+        return self.derp_map
+
+    def dns_json(self) -> tuple[int, bytes]:
+        return self.dns
+
+    # ------------------------------------------------------------ node conversion
+
+    def _peer_node(self, n: NodeRow) -> PeerNode:
+        advertised = [str(r) for r in (n.hostinfo.get("RoutableIPs") or [])]
+        served = [r for r in n.approved_routes if r in advertised]
+        netinfo = n.hostinfo.get("NetInfo") or {}
+        return PeerNode(
+            id=n.id, given_name=n.given_name,
+            user_id=TAGGED_USER_ID if n.tags else (n.user_id or TAGGED_USER_ID),
+            node_key=n.node_key, machine_key=n.machine_key, disco_key=n.disco_key,
+            tags=tuple(n.tags), ipv4=n.ipv4, ipv6=n.ipv6, endpoints=tuple(n.endpoints),
+            hostinfo=n.hostinfo, home_derp=int(netinfo.get("PreferredDERP") or 0),
+            created=n.created_at, key_expiry=n.expiry, last_seen=n.last_seen,
+            online=n.id in self.online,
+            primary_routes=tuple(r for r in served if r not in EXIT_ROUTES),
+            exit_routes=tuple(r for r in served if r in EXIT_ROUTES),
+        )
+
+    def _policy_node(self, n: NodeRow) -> PolicyNode:
+        owner = self.users.get(n.user_id) if n.user_id is not None and not n.tags else None
+        return PolicyNode(id=n.id, hostname=n.given_name, user=owner.name if owner else None,
+                          tags=tuple(n.tags), ipv4=n.ipv4, ipv6=n.ipv6,
+                          routable_ips=tuple(str(r) for r in (n.hostinfo.get("RoutableIPs") or [])),
+                          approved_routes=tuple(n.approved_routes))
+
+    def _encode(self, n: NodeRow) -> tuple[PeerNode | None, PeerNode]:
+        old = self.peers.get(n.id)
+        new = self._peer_node(n)
+        self.peers[n.id] = new
+        prev = self.entries.get(n.id)
+        version = prev.version + 1 if prev else 1
+        patches = dict(prev.patches) if prev else {}
+        patch = patch_between(old, new) if old is not None else None
+        if patch is not None:
+            patches[version] = patch
+        else:
+            patches = {}
+        for v in [v for v in patches if v <= version - PATCH_HISTORY]:
+            del patches[v]
+        self.entries[n.id] = NodeEntry(id=n.id, user_id=new.user_id, version=version,
+                                       json=encode_node(new, self.config.dns.base_domain),
+                                       visible_to_peers=new.has_disco, patches=patches)
+        return old, new
+
+    # ------------------------------------------------------------ changes
+
+    def refresh_node(self, node_id: int, row: NodeRow | None) -> None:
+        """The node's stored record changed (None: deleted); tell whoever can see it."""
+        old_row = self.nodes.get(node_id)
+        if row is None:
+            if old_row is None:
+                return
+            watchers = self.visible_peers(node_id)
+            del self.nodes[node_id]
+            self.peers.pop(node_id, None)
+            self.entries.pop(node_id, None)
+            self.online.discard(node_id)
+            session = self.sessions.pop(node_id, None)
+            if session is not None:
+                session.close("node deleted")
+            self._recompile()
+            self._mark_peer(watchers, node_id)
+            return
+        self.nodes[node_id] = row
+        self._encode(row)
+        if old_row is None or self._policy_node(old_row) != self._policy_node(row):
+            # Membership, tags, addresses or routes changed: the policy resolves differently.
+            before = self.visible_peers(node_id) if old_row is not None else frozenset()
+            self._recompile()
+            self._mark_peer(before | self.visible_peers(node_id), node_id)
+            self._mark_all_sessions()
+        else:
+            self._mark_peer(self.visible_peers(node_id), node_id)
+        session = self.sessions.get(node_id)
+        if session is not None:
+            session.state.mark_self()
+            session.notify()
+
+    def set_online(self, node_id: int, online: bool, last_seen: datetime | None = None) -> None:
+        row = self.nodes.get(node_id)
+        if row is None:
+            return
+        if online:
+            self.online.add(node_id)
+        else:
+            self.online.discard(node_id)
+        if last_seen is not None:
+            row.last_seen = last_seen
+        self.refresh_node(node_id, row)
+
+    def refresh_users(self, users: list[UserRow]) -> None:
+        self.users = {u.id: u for u in users}
+        for s in self.sessions.values():
+            s.state.sent_users.clear()  # resend profiles: names may have changed
+        self._recompile()
+        self._mark_all_sessions()
+
+    def set_policy(self, text: str | None) -> None:
+        self.policy_text = text
+        self._recompile()
+        self._mark_all_sessions()
+
+    def _recompile(self) -> None:
+        policy = parse_policy(self.policy_text, "policy") if self.policy_text else None
+        users = [PolicyUser(id=u.id, name=u.name, email=u.email) for u in self.users.values()]
+        nodes = [self._policy_node(n) for n in self.nodes.values()]
+        self.compiled = compile_policy(policy, users, nodes, server_url=self.config.server_url)
+        self._visible.clear()
+        self._filters.clear()
+        self._ssh.clear()
+
+    def _mark_peer(self, watchers: frozenset[int] | set[int], node_id: int) -> None:
+        for w in watchers:
+            s = self.sessions.get(w)
+            if s is not None:
+                s.state.mark_peer(node_id)
+                s.notify()
+
+    def _mark_all_sessions(self) -> None:
+        for s in self.sessions.values():
+            s.state.mark_all()
+            s.notify()
+
+    def _wake_all(self) -> None:
+        for s in self.sessions.values():
+            s.state.mark_self()
+            s.notify()
+
+    # ------------------------------------------------------------ sessions
+
+    def open_session(self, node_id: int) -> SessionHandle:
+        """A new map stream for the node; it replaces (closes) the previous one."""
+        old = self.sessions.get(node_id)
+        if old is not None:
+            old.close("replaced by a new map stream")
+        state = MapSessionState(node_id=node_id, domain=self.config.dns.base_domain,
+                                disable_logtail=not self.config.logtail_enabled)
+        handle = SessionHandle(node_id, state)
+        self.sessions[node_id] = handle
+        return handle
+
+    def close_session(self, handle: SessionHandle) -> bool:
+        """Forget the session; True if it was the node's current one (the node goes offline)."""
+        if self.sessions.get(handle.node_id) is handle:
+            del self.sessions[handle.node_id]
+            return True
+        return False
+
+    def primary_routes(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for p in self.peers.values():
+            for r in p.primary_routes:
+                out.setdefault(r, p.id)
+        return out
+
+
+def node_is_expired(row: NodeRow, now: datetime | None = None) -> bool:
+    return row.expiry is not None and row.expiry <= (now or utcnow())
+
+
+def is_tailscale_address(addr: str) -> bool:
+    ip = ipaddress.ip_address(addr)
+    return ip in ipaddress.ip_network("100.64.0.0/10") or ip in ipaddress.ip_network("fd7a:115c:a1e0::/48")

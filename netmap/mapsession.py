@@ -1,0 +1,192 @@
+"""What one map stream has told its client, and the smallest message that brings it up to date.
+
+Pure computation: the coordinator marks what changed (`mark_peer`, `mark_self`, ...)
+and calls `next_message` when the session is ready to send. Pending marks coalesce,
+so a slow client gets one message covering many changes instead of a queue of them.
+Each peer's state is tracked by version: a peer whose changes since the client's
+version are all patchable goes out as a PeersChangedPatch, anything else as the full
+node (encoded once by the coordinator, spliced here).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from protocol.gojson import format_time
+
+PATCH_HISTORY = 16  # versions of patches kept per node; older clients get the full node
+
+
+@dataclass
+class NodeEntry:
+    """One node's current state in the coordinator: version, encoded JSON, recent patches."""
+
+    id: int
+    user_id: int
+    version: int
+    json: bytes
+    visible_to_peers: bool  # has a disco key: magicsock skips peers without one
+    patches: dict[int, dict[str, Any]] = field(default_factory=dict)  # version -> patch from version-1
+
+
+class TailnetView(Protocol):
+    """What a session reads from the coordinator (all cheap lookups)."""
+
+    def entry(self, node_id: int) -> NodeEntry | None: ...
+    def visible_peers(self, node_id: int) -> frozenset[int]: ...
+    def filter_json(self, node_id: int) -> bytes: ...
+    def ssh_json(self, node_id: int) -> bytes | None: ...
+    def user_profile(self, user_id: int) -> dict[str, Any] | None: ...
+    def derp_map_json(self) -> tuple[int, bytes]: ...
+    def dns_json(self) -> tuple[int, bytes]: ...
+
+
+def _merge_patches(entry: NodeEntry, from_version: int) -> dict[str, Any] | None:
+    merged: dict[str, Any] = {}
+    for v in range(from_version + 1, entry.version + 1):
+        p = entry.patches.get(v)
+        if p is None:
+            return None
+        merged.update(p)
+    return merged
+
+
+@dataclass
+class MapSessionState:
+    """The client's view as this session sent it, plus what is pending."""
+
+    node_id: int
+    domain: str
+    disable_logtail: bool = True
+    sent_peers: dict[int, int] = field(default_factory=dict)  # peer id -> version sent
+    sent_self: int = -1
+    sent_filter: bytes | None = None
+    sent_ssh: bytes | None = None
+    sent_derp: int = -1
+    sent_dns: int = -1
+    sent_users: set[int] = field(default_factory=set)
+    pending_peers: set[int] = field(default_factory=set)
+    pending_all: bool = True  # re-check every peer (first map, policy change)
+    pending_self: bool = True
+    started: bool = False
+
+    # -- marks (called by the coordinator; cheap, never blocking)
+
+    def mark_peer(self, peer_id: int) -> None:
+        self.pending_peers.add(peer_id)
+
+    def mark_all(self) -> None:
+        self.pending_all = True
+
+    def mark_self(self) -> None:
+        self.pending_self = True
+
+    @property
+    def has_pending(self) -> bool:
+        return self.pending_all or self.pending_self or bool(self.pending_peers)
+
+    # -- composing
+
+    def next_message(self, view: TailnetView, now: datetime) -> bytes | None:
+        """The JSON of the next MapResponse, or None when the client is up to date."""
+        me = view.entry(self.node_id)
+        if me is None:
+            return None
+        fields: list[tuple[str, bytes]] = []
+        first = not self.started
+
+        if self.pending_self or me.version != self.sent_self:
+            if me.version != self.sent_self:
+                fields.append(("Node", me.json))
+                self.sent_self = me.version
+        visible = view.visible_peers(self.node_id)
+        candidates: Iterable[int]
+        if self.pending_all:
+            candidates = set(visible) | set(self.sent_peers)
+        else:
+            candidates = self.pending_peers
+        changed: list[bytes] = []
+        removed: list[int] = []
+        patches: list[dict[str, Any]] = []
+        new_users: set[int] = set()
+        for pid in sorted(candidates):
+            if pid == self.node_id:
+                continue
+            entry = view.entry(pid)
+            show = entry is not None and pid in visible and entry.visible_to_peers
+            if not show:
+                if pid in self.sent_peers:
+                    del self.sent_peers[pid]
+                    removed.append(pid)
+                continue
+            assert entry is not None
+            have = self.sent_peers.get(pid)
+            if have == entry.version:
+                continue
+            patch = _merge_patches(entry, have) if have is not None else None
+            if patch is not None:
+                patch["NodeID"] = pid
+                patches.append(patch)
+            else:
+                changed.append(entry.json)
+                if entry.user_id not in self.sent_users:
+                    new_users.add(entry.user_id)
+            self.sent_peers[pid] = entry.version
+        if me.user_id not in self.sent_users:
+            new_users.add(me.user_id)
+
+        if first:
+            if changed:
+                fields.append(("Peers", b"[" + b",".join(changed) + b"]"))
+        else:
+            if changed:
+                fields.append(("PeersChanged", b"[" + b",".join(changed) + b"]"))
+            if removed:
+                fields.append(("PeersRemoved", _j(removed)))
+            if patches:
+                fields.append(("PeersChangedPatch", _j(patches)))
+
+        filt = view.filter_json(self.node_id)
+        if filt != self.sent_filter:
+            fields.append(("PacketFilter", filt))
+            self.sent_filter = filt
+        ssh = view.ssh_json(self.node_id)
+        if ssh != self.sent_ssh and ssh is not None:
+            fields.append(("SSHPolicy", ssh))
+            self.sent_ssh = ssh
+        derp_version, derp = view.derp_map_json()
+        if derp_version != self.sent_derp:
+            fields.append(("DERPMap", derp))
+            self.sent_derp = derp_version
+        dns_version, dns = view.dns_json()
+        if dns_version != self.sent_dns:
+            fields.append(("DNSConfig", dns))
+            self.sent_dns = dns_version
+        profiles = [p for uid in sorted(new_users) if (p := view.user_profile(uid)) is not None]
+        if profiles:
+            fields.append(("UserProfiles", _j(profiles)))
+            self.sent_users |= new_users
+
+        self.pending_peers.clear()
+        self.pending_all = False
+        self.pending_self = False
+        if not fields and self.started:
+            return None
+        if first:
+            fields += [("Domain", _j(self.domain)), ("CollectServices", b"false"),
+                       ("Debug", _j({"DisableLogTail": self.disable_logtail}))]
+            self.started = True
+        fields.append(("ControlTime", _j(format_time(now))))
+        return b"{" + b",".join(_j(k) + b":" + v for k, v in fields) + b"}"
+
+
+def _j(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def keepalive_message() -> bytes:
+    return b'{"KeepAlive":true}'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import stat
 
 import h11
 import httpx
@@ -50,10 +51,15 @@ async def test_key_matches_the_key_file(site: Site, server: Server) -> None:
     assert body["publicKey"] == str(read_private_key_file(site.key_path).machine_public())
 
 
-@pytest.mark.parametrize("query", ["", "?v=", "?v=abc", "?x=130"])
+@pytest.mark.parametrize("query", ["", "?v=", "?v=abc", "?x=130", "?v=38"])
 async def test_key_without_capability_version_400(site: Site, server: Server, query: str) -> None:
     r = await get(site, "/key" + query)
     assert r.status_code == 400
+
+
+async def test_admin_socket_has_the_configured_permissions(site: Site, server: Server) -> None:
+    # unix_socket_permission: "0770" in the site config
+    assert stat.S_IMODE(site.socket.stat().st_mode) == 0o770
 
 
 async def test_version(site: Site, server: Server) -> None:

@@ -378,12 +378,19 @@ def _is_ignored(key: str) -> bool:
 def read_yaml(path: Path) -> Any:
     """Parse a YAML file; a syntax error names the file, line and column."""
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found (create one with `homescale init`, "
                           f"or pass -c FILE)") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(f"{path}:{line}:{column}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                          f"save the file as UTF-8") from None
     try:
         return YAML(typ="rt").load(text)
     except MarkedYAMLError as e:

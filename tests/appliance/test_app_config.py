@@ -60,6 +60,14 @@ def test_malformed_yaml_names_file_line_and_column(tmp_path: Path, text: str, wh
     assert problem in msg
 
 
+def test_non_utf8_file_is_located(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"server_url: http://127.0.0.1:8080\nlisten_addr: \"ab\xff\"\n")
+    msg = load_error(path)
+    assert msg.startswith(f"{path}:2:17:"), msg
+    assert "UTF-8" in msg
+
+
 def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
     path = write(tmp_path, "- a\n- b\n")
     msg = load_error(path)

@@ -89,12 +89,17 @@ class HttpServer:
 
     def __init__(self, *, routes: dict[str, RouteHandler], upgrades: dict[str, UpgradeHandler],
                  asgi_prefix: str = "", asgi_app: AsgiApp | None = None,
-                 ssl_context: ssl.SSLContext | None = None, logger: logging.Logger) -> None:
+                 ssl_context: ssl.SSLContext | None = None, tls_optional: bool = False,
+                 logger: logging.Logger) -> None:
         self.routes = routes
         self.upgrades = upgrades
         self.asgi_prefix = asgi_prefix
         self.asgi_app = asgi_app
         self.ssl_context = ssl_context
+        # tls_optional: a plain-http server_url with a certificate serves both on one port,
+        # told apart by the first byte (0x16 opens a TLS handshake): the control protocol
+        # is happy with plain HTTP, but clients insist on TLS for DERP.
+        self.tls_optional = tls_optional
         self.log = logger
 
     async def serve(self, listeners: list[trio.SocketListener], *,
@@ -107,14 +112,25 @@ class HttpServer:
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         peer = _peer(stream)
         try:
-            if self.ssl_context is not None:
-                tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
+            inner: trio.abc.Stream = stream
+            use_tls = self.ssl_context is not None
+            if use_tls and self.tls_optional:
+                with trio.move_on_after(HEAD_TIMEOUT) as scope:
+                    first = await stream.receive_some(65536)
+                if scope.cancelled_caught or not first:
+                    return
+                inner = PrefixedStream(stream, first)
+                use_tls = first[0] == 0x16
+            if use_tls:
+                assert self.ssl_context is not None
+                tls = trio.SSLStream(inner, self.ssl_context, server_side=True)
                 with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT) as scope:
                     await tls.do_handshake()
                 if scope.cancelled_caught:
                     self.log.debug("tls handshake timeout from %s", peer)
                     return
-                stream = tls
+                inner = tls
+            stream = inner
             await self._serve_http(stream, peer)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as e:
             self.log.debug("connection from %s ended: %s", peer, e)
@@ -257,6 +273,36 @@ class HttpServer:
                                                      ("Connection", "close")]))
         except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+
+
+class PrefixedStream(trio.abc.Stream):
+    """A stream that first yields bytes already read from it (for protocol sniffing)."""
+
+    def __init__(self, inner: trio.abc.Stream, prefix: bytes) -> None:
+        self.inner = inner
+        self.transport_stream = inner
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            n = len(self._prefix) if max_bytes is None else max_bytes
+            out, self._prefix = self._prefix[:n], self._prefix[n:]
+            await trio.lowlevel.checkpoint()
+            return out
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        if isinstance(self.inner, trio.abc.HalfCloseableStream):
+            await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 class _TooLarge(Exception):

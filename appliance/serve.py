@@ -229,12 +229,39 @@ async def serve(config: Config, log: logging.Logger, *,
     for w in config.warnings:
         log.warning("%s", w)
     server = Server(config, log)
+    relay = None
     try:
         try:
             await server.run_db(server.load_policy)
         except PolicyInvalid as e:
             raise ServeError(f"the policy is invalid, refusing to start:\n  {e}\n{RECOVERY}") from None
         ssl_ctx = _ssl_context(config)
+        plain_url = config.server_url.startswith("http://")
+        if config.derp.server_enabled and plain_url and ssl_ctx is None:
+            raise ServeError("derp.server.enabled needs TLS: clients speak DERP only over TLS. Set "
+                             "tls_cert_path/tls_key_path (`homescale init` generates a local "
+                             "certificate), or use an https server_url behind a TLS proxy")
+        cert_pin = ""
+        if ssl_ctx is not None and plain_url and config.tls_cert_path is not None:
+            # No trusted name to check over plain http: clients pin our certificate instead.
+            from .tlscerts import cert_name_pin
+            cert_pin = cert_name_pin(config.tls_cert_path.read_bytes())
+        relay = None
+        if config.derp.server_enabled:
+            from .relay import EmbeddedRelay
+            relay = EmbeddedRelay(config, server.tailnet, log.getChild("derp"))
+            server.upgrades["/derp"] = relay.server.handle_upgrade
+            server.routes.update(relay.routes())
+            for name, read in relay.metrics().items():
+                server.metrics.gauge(name, read)
+        from .relay import map_builder, run_map_updates
+        derp_maps = map_builder(config, cert_pin, log.getChild("derpmap"))
+        try:
+            await derp_maps.refresh()
+        except HomescaleError as e:
+            raise ServeError(f"DERP map: {e}") from None
+        except Exception as e:  # derp.errors.DerpConfigError and friends name the file
+            raise ServeError(f"DERP map: {e}") from None
         _prepare_socket(config.unix_socket)
         main_listeners = await _tcp_listeners(config.listen_addr, "listen_addr")
         metrics_listeners = (await _tcp_listeners(config.metrics_listen_addr, "metrics_listen_addr")
@@ -247,7 +274,8 @@ async def serve(config: Config, log: logging.Logger, *,
                               policy_check=check_policy_text, policy_mode=config.policy_mode,
                               register_node=server.register_node)
         main = HttpServer(routes=server.routes, upgrades=server.upgrades, asgi_prefix="/api/v1",
-                          asgi_app=api_remote, ssl_context=ssl_ctx, logger=log.getChild("http"))
+                          asgi_app=api_remote, ssl_context=ssl_ctx, tls_optional=plain_url,
+                          logger=log.getChild("http"))
         metrics = HttpServer(routes={"/metrics": server.metrics_route}, upgrades={},
                              logger=log.getChild("metrics"))
 
@@ -260,7 +288,11 @@ async def serve(config: Config, log: logging.Logger, *,
 
         users, nodes = await server.run_db(lambda: (server.store.users(), server.store.nodes()))
         server.tailnet.load(users, nodes, server.policy_text)
-        server.tailnet.set_derp_map({"Regions": {}})
+        server.tailnet.set_derp_map(derp_maps.current)
+
+        async def derp_map_changed(new_map: dict[str, Any]) -> None:
+            log.info("DERP map changed: %d regions", len(new_map.get("Regions") or {}))
+            server.tailnet.set_derp_map(new_map)
 
         async with trio.open_nursery() as nursery:
             server.control = ControlService(store=server.store, admin=server.admin,
@@ -268,6 +300,9 @@ async def serve(config: Config, log: logging.Logger, *,
                                            log=log.getChild("control"), nursery=nursery)
             nursery.start_soon(_watch_signals, server, nursery.cancel_scope, shutdown)
             nursery.start_soon(server.apply_changes)
+            await nursery.start(run_map_updates, derp_maps, config, derp_map_changed)
+            if relay is not None:
+                await nursery.start(relay.serve_stun)
             await nursery.start(main.serve, main_listeners)
             if metrics_listeners:
                 await nursery.start(metrics.serve, metrics_listeners)
@@ -280,6 +315,8 @@ async def serve(config: Config, log: logging.Logger, *,
                      f", metrics on {config.metrics_listen_addr}" if metrics_listeners else "")
             task_status.started(server)
     finally:
+        if relay is not None:
+            relay.server.close()
         server.store.close()
         try:
             if config.unix_socket.is_socket():

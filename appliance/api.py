@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, quote, unquote
 
 from .admin import Admin
 from .errors import HomescaleError, InvalidInput, StoreError
@@ -230,7 +230,12 @@ class AdminApi:
             if not msg.get("more_body"):
                 break
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        q = ApiRequest(scope["method"], scope["path"], parse_qs(scope["query_string"].decode()),
+        # Route on the path as sent: `path` is already percent-decoded, so a name holding
+        # "%2F" would split into two segments (and "%41" would arrive as "A"); the handlers
+        # unquote each matched segment once.
+        raw_path = scope.get("raw_path")
+        path = raw_path.decode("latin-1") if raw_path else quote(scope["path"])
+        q = ApiRequest(scope["method"], path, parse_qs(scope["query_string"].decode()),
                        headers, bytes(body))
         status, obj = await self.handle(q)
         data = json.dumps(obj).encode()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from cyclopts import App, Parameter
 
@@ -194,6 +194,11 @@ def transport() -> Transport:
         return HttpTransport(lambda: _UnixHTTPConnection(str(config.unix_socket)), {})
     _say(f"no server answers on {config.unix_socket}; using the database {config.database_path} directly")
     return DirectTransport(config)
+
+
+def seg(value: object) -> str:
+    """A name as one URL path segment: `/`, `?`, `#`, `%` and spaces arrive as typed."""
+    return quote(str(value), safe="")
 
 
 def api(method: str, path: str, query: dict[str, str] | None = None,
@@ -390,7 +395,7 @@ def users_rename(*, identifier: Identifier = None, name: UserName = "",
         raise CliError("--new-name is required")
     ref = _user_ref(identifier, name)
     uid = _resolve_user_id(ref)
-    obj = api("POST", f"/api/v1/user/{uid}/rename/{new_name}")
+    obj = api("POST", f"/api/v1/user/{seg(uid)}/rename/{seg(new_name)}")
     emit(obj["user"], message="User renamed")
 
 
@@ -399,7 +404,7 @@ def users_destroy(*, identifier: Identifier = None, name: UserName = "") -> None
     """Delete a user (it must own no nodes)."""
     uid = _resolve_user_id(_user_ref(identifier, name))
     _confirm(f"destroy user {name or uid}")
-    api("DELETE", f"/api/v1/user/{uid}")
+    api("DELETE", f"/api/v1/user/{seg(uid)}")
     emit({}, message="User destroyed")
 
 
@@ -493,7 +498,7 @@ def apikeys_expire(*, prefix: Annotated[str, Parameter(name=["--prefix", "-p"])]
 def apikeys_delete(*, prefix: Annotated[str, Parameter(name=["--prefix", "-p"])] = "",
                    id: Annotated[int | None, Parameter(name=["--id", "-i"])] = None) -> None:
     """Delete an API key."""
-    api("DELETE", f"/api/v1/apikey/{_apikey_ref(prefix, id)}")
+    api("DELETE", f"/api/v1/apikey/{seg(_apikey_ref(prefix, id))}")
     emit({}, message="Key deleted")
 
 
@@ -543,7 +548,7 @@ def nodes_expire(*, identifier: NodeId,
 @nodes.command(name="rename")
 def nodes_rename(new_name: str, *, identifier: NodeId) -> None:
     """Rename a node (its MagicDNS name)."""
-    obj = api("POST", f"/api/v1/node/{identifier}/rename/{new_name}")
+    obj = api("POST", f"/api/v1/node/{identifier}/rename/{seg(new_name)}")
     emit(obj["node"], message="Node renamed")
 
 

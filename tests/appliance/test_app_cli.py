@@ -475,3 +475,15 @@ def test_output_into_a_closed_pipe_is_not_a_traceback(site: Site) -> None:
 
 
 CLI_PROCESS_TIMEOUT = 30
+
+
+@pytest.mark.parametrize("new_name", ["a/b", "a%41b", "a%2Fb", "a?b", "a#b", "a b", "x/../y"])
+async def test_names_reach_the_server_verbatim(hs: Hs, new_name: str) -> None:
+    """A name goes into the URL path: it must arrive as typed, and be judged as typed."""
+    await hs.ok("users", "create", "alice")
+    n = hs.add_node(1)
+    await hs.fails("users", "rename", "--name", "alice", "--new-name", new_name,
+                   says="invalid character")
+    await hs.fails("nodes", "rename", new_name, "--identifier", str(n), says="invalid node name")
+    assert [u["name"] for u in await hs.json("users", "list")] == ["alice"]
+    assert [x["givenName"] for x in await hs.json("nodes", "list")] == ["node1"]

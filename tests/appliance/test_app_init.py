@@ -41,11 +41,15 @@ def test_init_never_overwrites(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert init(capsys, "--data-dir", str(d))[0] == 0
     config, key = d / "config.yaml", d / "noise_private.key"
     config.write_text(config.read_text() + "# my edit\n")
-    before = (config.read_bytes(), key.read_bytes())
+    before = {p.relative_to(d).as_posix(): p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    assert {"config.yaml", "noise_private.key"} <= set(before)
     code, out, _ = init(capsys, "--data-dir", str(d), "--server-url", "https://other.example.net")
     assert code == 0
-    assert (config.read_bytes(), key.read_bytes()) == before
-    assert out.count("exists, left as it is") == 2
+    assert {p.relative_to(d).as_posix(): p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+    assert f"{config}: exists, left as it is" in out
+    assert f"{key}: exists, left as it is" in out
+    assert "written" not in out
+    assert "generated" not in out
 
 
 def test_written_config_passes_configtest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

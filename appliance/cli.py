@@ -629,6 +629,8 @@ def _read(file: str) -> str:
         return Path(file).read_text()
     except OSError as e:
         raise CliError(f"{file}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise CliError(f"{file}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
 
 
 # ---------------------------------------------------------------- entry point

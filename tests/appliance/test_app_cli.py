@@ -360,6 +360,9 @@ async def test_policy(hs: Hs, tmp_path) -> None:
     res = await hs.fails("policy", "set", "--file", str(bad), says="drop")
     assert "line 3" in res.err
     assert (await hs.json("policy", "get"))["policy"] == POLICY
+    latin1 = tmp_path / "latin1.hujson"
+    latin1.write_bytes(b'{"groups": {"group:caf\xe9": []}}')
+    await hs.fails("policy", "set", "--file", str(latin1), says="not UTF-8", local=True)
     await hs.fails("policy", "set", "--file", str(tmp_path / "missing.hujson"),
                    says="cannot read", local=True)
 

@@ -54,8 +54,8 @@ else
 fi
 
 upstream=$("$py" -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' pyproject.toml)
-# PEP 440 local version: importlib.metadata and `homescale version` show the
-# commit, and the .deb version is still derived from the part before "+".
+# The build's full name (PEP 440 local version), recorded in
+# dist/homescale.version; the .deb version is the part before "+".
 version="$upstream+g$commit$dirty"
 
 # Digest of the inputs: file contents, the commit (it is in the version) and
@@ -80,21 +80,27 @@ if [ "$mode" = build ] && [ "$uptodate" = yes ]; then
   exit 0
 fi
 
-# A dist-info for the binary only, written from pyproject.toml: the editable
-# install's own dist-info carries absolute build paths (direct_url.json) that
-# would make the bytes depend on where the tree is checked out.
+# Two generated files, bundled but never written into the source tree (others
+# may be editing it; a build must not dirty it):
+# - appliance/_build.py, read by appliance/version.py: the release and the
+#   commit, shown by `homescale version`;
+# - a dist-info, so importlib.metadata knows "homescale" inside the binary
+#   too. Written from pyproject.toml: the editable install's own dist-info
+#   carries absolute build paths (direct_url.json) that would make the bytes
+#   depend on where the tree is checked out.
 rm -rf "$work"
 mkdir -p "$work/meta" "$dist"
-distinfo="$work/meta/homescale-$version.dist-info"
+distinfo="$work/meta/homescale-$upstream.dist-info"
+buildmod="$work/meta/_build.py"
 mkdir -p "$distinfo"
-"$py" - "$distinfo" "$version" <<'PY'
+"$py" - "$distinfo" "$buildmod" "$upstream" "${commit}${dirty:+-dirty}" <<'PY'
 from __future__ import annotations
 
 import sys
 import tomllib
 from pathlib import Path
 
-out, version = Path(sys.argv[1]), sys.argv[2]
+out, buildmod, version, commit = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 lines = [
     "Metadata-Version: 2.1",
@@ -105,6 +111,10 @@ lines = [
 ]
 (out / "METADATA").write_text("\n".join(lines) + "\n")
 (out / "INSTALLER").write_text("pyinstaller\n")
+buildmod.write_text(
+    '"""Written by packaging/build-binary.sh into the frozen binary only."""\n'
+    f"VERSION = {version!r}\nCOMMIT = {commit!r}\n"
+)
 PY
 
 # Reproducibility, besides SOURCE_DATE_EPOCH:
@@ -116,7 +126,7 @@ PY
 #   compiles from source with its own timestamps).
 export SOURCE_DATE_EPOCH=$epoch PYTHONHASHSEED=0 TZ=UTC LC_ALL=C.UTF-8
 umask 022
-export HOMESCALE_SRC=$repo HOMESCALE_DISTINFO=$distinfo
+export HOMESCALE_SRC=$repo HOMESCALE_DISTINFO=$distinfo HOMESCALE_BUILDMOD=$buildmod
 # The hooks (collect_submodules) import our packages in a subprocess: make it
 # see this tree, not whatever tree the venv's editable install points at.
 export PYTHONPATH=$repo

@@ -173,7 +173,8 @@ class AdminApi:
         return await self.db(lambda: self.admin.set_policy(text, self.policy_check))
 
     async def check_policy(self, q: ApiRequest) -> dict[str, Any]:
-        self.policy_check(str(q.json().get("policy", "")))
+        text = str(q.json().get("policy", ""))
+        await self.run_db(self.policy_check, text)
         return {}
 
     # -- ASGI

@@ -134,8 +134,10 @@ class DirectTransport(Transport):
 
         # The server's rules, including policy.mode: in file mode a stored policy would be
         # ignored, so `policy set` is refused here as the running server refuses it.
-        self.api = AdminApi(Admin(self.store), run_db, require_auth=False,
-                            policy_check=check_policy_text, policy_mode=config.policy_mode)
+        store = self.store
+        self.api = AdminApi(Admin(store), run_db, require_auth=False,
+                            policy_check=lambda text: check_policy_text(text, "policy", store),
+                            policy_mode=config.policy_mode)
 
     def close(self) -> None:
         self.store.close()
@@ -619,8 +621,23 @@ def policy_set(*, file: PolicyFile) -> None:
 def policy_check(*, file: PolicyFile) -> None:
     """Check a policy file; exit 0 when valid, 1 with the located error when not."""
     from .policies import check_policy_text
+    from .store import Store
 
-    check_policy_text(_read(file), file)
+    text = _read(file)
+    # Users, tags and hosts resolve against the tailnet when its database is at hand
+    # (server running or not); without one the policy is checked on its own.
+    store = None
+    try:
+        config = _config()
+        if config.database_path.exists():
+            store = Store(config.database_path, wal=config.write_ahead_log)
+    except HomescaleError as e:
+        _say(f"checking without a tailnet: {e}")
+    try:
+        check_policy_text(text, file, store)
+    finally:
+        if store is not None:
+            store.close()
     emit({"ok": True}, message=f"{file}: policy OK")
 
 

@@ -21,12 +21,21 @@ To recover:
 (these commands work with the server stopped: they open the database directly)"""
 
 
-def check_policy_text(text: str, source: str = "<policy>") -> None:
-    """Parse and validate a policy (its `tests` included); PolicyInvalid names what is wrong."""
-    from netmap.policy import PolicyError, parse_policy
+def check_policy_text(text: str, source: str = "<policy>", store: Store | None = None) -> None:
+    """Parse, validate and compile a policy and run its `tests`, against the tailnet in
+    `store` when given (so users, tags and hosts resolve as they will); PolicyInvalid
+    names what is wrong, with its JSON path and line."""
+    from netmap.policy import PolicyError, PolicyUser, load_policy
 
+    from .tailnet import policy_node
+
+    users, nodes = [], []
+    if store is not None:
+        rows = {u.id: u for u in store.users()}
+        users = [PolicyUser(id=u.id, name=u.name, email=u.email) for u in rows.values()]
+        nodes = [policy_node(n, rows) for n in store.nodes()]
     try:
-        parse_policy(text, source)
+        load_policy(text, users, nodes, source)
     except PolicyError as e:
         raise PolicyInvalid(str(e)) from None
 

@@ -132,7 +132,7 @@ class Server:
         """Read and check the policy; PolicyInvalid keeps the one in force."""
         text, source = read_policy(self.config, self.store)
         if text is not None:
-            check_policy_text(text, source)
+            check_policy_text(text, source, self.store)
         changed = text != self.policy_text
         self.policy_text, self.policy_source = text, source
         if changed:
@@ -230,6 +230,7 @@ async def serve(config: Config, log: logging.Logger, *,
         log.warning("%s", w)
     server = Server(config, log)
     relay = None
+    socket_ours = False  # never remove a socket another running server owns
     try:
         try:
             await server.run_db(server.load_policy)
@@ -263,15 +264,19 @@ async def serve(config: Config, log: logging.Logger, *,
         except Exception as e:  # derp.errors.DerpConfigError and friends name the file
             raise ServeError(f"DERP map: {e}") from None
         _prepare_socket(config.unix_socket)
+        socket_ours = True
         main_listeners = await _tcp_listeners(config.listen_addr, "listen_addr")
         metrics_listeners = (await _tcp_listeners(config.metrics_listen_addr, "metrics_listen_addr")
                              if config.metrics_listen_addr else [])
 
+        def policy_check(text: str) -> None:
+            check_policy_text(text, "policy", server.store)  # runs in the store's thread
+
         api_socket = AdminApi(server.admin, server.run_db, require_auth=False,
-                              policy_check=check_policy_text, policy_mode=config.policy_mode,
+                              policy_check=policy_check, policy_mode=config.policy_mode,
                               register_node=server.register_node)
         api_remote = AdminApi(server.admin, server.run_db, require_auth=True,
-                              policy_check=check_policy_text, policy_mode=config.policy_mode,
+                              policy_check=policy_check, policy_mode=config.policy_mode,
                               register_node=server.register_node)
         main = HttpServer(routes=server.routes, upgrades=server.upgrades, asgi_prefix="/api/v1",
                           asgi_app=api_remote, ssl_context=ssl_ctx, tls_optional=plain_url,
@@ -319,7 +324,7 @@ async def serve(config: Config, log: logging.Logger, *,
             relay.server.close()
         server.store.close()
         try:
-            if config.unix_socket.is_socket():
+            if socket_ours and config.unix_socket.is_socket():
                 config.unix_socket.unlink()
         except OSError:
             pass

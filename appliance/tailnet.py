@@ -66,6 +66,7 @@ class Tailnet:
     _visible: dict[int, frozenset[int]] = field(default_factory=dict)
     _filters: dict[int, bytes] = field(default_factory=dict)
     _ssh: dict[int, bytes | None] = field(default_factory=dict)
+    auto_approved: dict[int, tuple[str, ...]] = field(default_factory=dict)
     on_node_offline: Callable[[int], None] | None = None
 
     # ------------------------------------------------------------ loading
@@ -140,8 +141,8 @@ class Tailnet:
     # ------------------------------------------------------------ node conversion
 
     def _peer_node(self, n: NodeRow) -> PeerNode:
-        advertised = [str(r) for r in (n.hostinfo.get("RoutableIPs") or [])]
-        served = [r for r in n.approved_routes if r in advertised]
+        approved = (*n.approved_routes, *self.auto_approved.get(n.id, ()))
+        served = [r for r in approved if r in _advertised(n)]
         netinfo = n.hostinfo.get("NetInfo") or {}
         return PeerNode(
             id=n.id, given_name=n.given_name,
@@ -156,11 +157,7 @@ class Tailnet:
         )
 
     def _policy_node(self, n: NodeRow) -> PolicyNode:
-        owner = self.users.get(n.user_id) if n.user_id is not None and not n.tags else None
-        return PolicyNode(id=n.id, hostname=n.given_name, user=owner.name if owner else None,
-                          tags=tuple(n.tags), ipv4=n.ipv4, ipv6=n.ipv6,
-                          routable_ips=tuple(str(r) for r in (n.hostinfo.get("RoutableIPs") or [])),
-                          approved_routes=tuple(n.approved_routes))
+        return policy_node(n, self.users, self.auto_approved.get(n.id, ()))
 
     def _encode(self, n: NodeRow) -> tuple[PeerNode | None, PeerNode]:
         old = self.peers.get(n.id)
@@ -242,8 +239,22 @@ class Tailnet:
     def _recompile(self) -> None:
         policy = parse_policy(self.policy_text, "policy") if self.policy_text else None
         users = [PolicyUser(id=u.id, name=u.name, email=u.email) for u in self.users.values()]
+        self.auto_approved = {}
         nodes = [self._policy_node(n) for n in self.nodes.values()]
-        self.compiled = compile_policy(policy, users, nodes, server_url=self.config.server_url)
+        compiled = compile_policy(policy, users, nodes, server_url=self.config.server_url)
+        # autoApprovers: advertised routes the policy approves count as approved. They
+        # change what others may reach, so compile once more when there are any.
+        for n in self.nodes.values():
+            pending = [r for r in _advertised(n) if r not in n.approved_routes
+                       and compiled.can_auto_approve(n.id, r)]
+            if pending:
+                self.auto_approved[n.id] = tuple(pending)
+        if self.auto_approved:
+            nodes = [self._policy_node(n) for n in self.nodes.values()]
+            compiled = compile_policy(policy, users, nodes, server_url=self.config.server_url)
+            for nid in self.auto_approved:
+                self._encode(self.nodes[nid])
+        self.compiled = compiled
         self._visible.clear()
         self._filters.clear()
         self._ssh.clear()
@@ -291,6 +302,20 @@ class Tailnet:
             for r in p.primary_routes:
                 out.setdefault(r, p.id)
         return out
+
+
+def _advertised(n: NodeRow) -> list[str]:
+    return [str(r) for r in (n.hostinfo.get("RoutableIPs") or [])]
+
+
+def policy_node(n: NodeRow, users: dict[int, UserRow], auto_approved: tuple[str, ...] = ()
+                ) -> PolicyNode:
+    """A node as the policy sees it: tagged nodes are owned by their tags, not a user."""
+    owner = users.get(n.user_id) if n.user_id is not None and not n.tags else None
+    return PolicyNode(id=n.id, hostname=n.given_name, user=owner.name if owner else None,
+                      tags=tuple(n.tags), ipv4=n.ipv4, ipv6=n.ipv6,
+                      routable_ips=tuple(_advertised(n)),
+                      approved_routes=(*n.approved_routes, *auto_approved))
 
 
 def node_is_expired(row: NodeRow, now: datetime | None = None) -> bool:

@@ -130,11 +130,6 @@ async def test_second_server_on_the_same_socket_refuses(site: Site,
     await run_second_server(site, capsys, check_first=False)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "appliance/serve.py: serve()'s `finally` unlinks config.unix_socket even when "
-    "_prepare_socket refused it, so the refused second server deletes the running server's "
-    "admin socket (the CLI then silently falls back to the database). Fix in serve.py: "
-    "unlink only a socket this process bound."))
 async def test_refused_second_server_leaves_the_first_alone(
         site: Site, capsys: pytest.CaptureFixture[str]) -> None:
     await run_second_server(site, capsys, check_first=True)

@@ -100,7 +100,7 @@ class Server:
                 elif change.kind == "user":
                     self.tailnet.refresh_users(await self.run_db(self.store.users))
                 elif change.kind == "policy":
-                    self.tailnet.set_policy(self.policy_text)
+                    await self.reload_policy()
             except HomescaleError as e:
                 self.log.warning("could not apply %s: %s", change, e)
 
@@ -306,6 +306,8 @@ async def serve(config: Config, log: logging.Logger, *,
             nursery.start_soon(_watch_signals, server, nursery.cancel_scope, shutdown)
             nursery.start_soon(server.apply_changes)
             await nursery.start(run_map_updates, derp_maps, config, derp_map_changed)
+            if config.policy_mode == "file" and config.policy_path is not None:
+                nursery.start_soon(_watch_policy_file, server, config.policy_path)
             if relay is not None:
                 await nursery.start(relay.serve_stun)
             await nursery.start(main.serve, main_listeners)
@@ -314,7 +316,7 @@ async def serve(config: Config, log: logging.Logger, *,
             await nursery.start(lambda task_status: hypercorn_serve(
                 api_socket, hc, shutdown_trigger=shutdown.wait, task_status=task_status))
             os.chmod(config.unix_socket, config.unix_socket_permission)
-            scheme = "https" if ssl_ctx else "http"
+            scheme = "http+tls" if ssl_ctx and plain_url else ("https" if ssl_ctx else "http")
             log.info("homescale %s listening on %s://%s (server_url %s), admin socket %s%s",
                      version(), scheme, config.listen_addr, config.server_url, config.unix_socket,
                      f", metrics on {config.metrics_listen_addr}" if metrics_listeners else "")
@@ -329,6 +331,29 @@ async def serve(config: Config, log: logging.Logger, *,
         except OSError:
             pass
         log.info("stopped")
+
+
+POLICY_POLL_INTERVAL = 1.0  # seconds between looks at the policy file (cheap: one stat)
+
+
+async def _watch_policy_file(server: Server, path: Path) -> None:
+    """Reload the policy when its file changes (mtime, size or inode), as headscale does."""
+
+    def stamp() -> tuple[int, int, int] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    last = stamp()
+    while True:
+        await trio.sleep(POLICY_POLL_INTERVAL)
+        now = stamp()
+        if now != last and now is not None:
+            last = now
+            server.log.info("policy file %s changed: reloading", path)
+            await server.reload_policy()
 
 
 async def _watch_signals(server: Server, scope: trio.CancelScope, shutdown: trio.Event) -> None:

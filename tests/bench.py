@@ -349,7 +349,13 @@ async def bench_derp_relay() -> list[Figure]:
     return figures
 
 
-BENCHMARKS: list[Callable[[], Awaitable[list[Figure]]]] = [bench_derp_relay]
+def _more_benchmarks() -> list[Callable[[], Awaitable[list[Figure]]]]:
+    from tests.bench_netmap import bench_netmap_deltas
+
+    return [bench_netmap_deltas]
+
+
+BENCHMARKS: list[Callable[[], Awaitable[list[Figure]]]] = [bench_derp_relay, *_more_benchmarks()]
 
 
 async def _run_all() -> None:

@@ -364,6 +364,21 @@ def test_serve_runs_as_unit_describes_and_answers_health(
     assert db.exists()
     assert db.stat().st_uid == uid
 
+    # The README's first-run steps, as root, while the service runs: they go
+    # through its admin socket (/var/run/homescale/homescale.sock). Root's /tmp
+    # here is the noexec one, so the CLI unpacks into /root instead (README:
+    # set TMPDIR when /tmp is noexec).
+    admin_env = {"TMPDIR": "/root"}
+    debroot.run("homescale", "users", "create", "alice", env=admin_env)
+    key = debroot.run("homescale", "preauthkeys", "create", "--user", "alice",
+                      env=admin_env).stdout
+    assert key.strip(), "preauthkeys create printed no key"
+    # Through the server, not by opening the database as root: nothing in the
+    # state directory became root's (the service could not write it anymore).
+    state_dir = debroot.file(f"/var/lib/{unit_service['StateDirectory'][0]}")
+    root_owned = [p for p in state_dir.rglob("*") if p.stat().st_uid != uid]
+    assert not root_owned, root_owned
+
     # systemctl stop: SIGTERM to the main PID. It exits and removes its unpack
     # directory (the cache does not grow with every restart).
     server.send_signal(signal.SIGTERM)

@@ -364,17 +364,33 @@ class ControlService:
             await resp.send_data(encoder.encode(keepalive_message()))
 
     async def _reap_ephemeral(self, node_id: int) -> None:
-        """Delete an ephemeral node once it has been offline for the inactivity timeout."""
-        await trio.sleep(self.config.ephemeral_inactivity_timeout.total_seconds())
-        if node_id in self.tailnet.online or node_id not in self.tailnet.nodes:
-            return
+        """Delete an ephemeral node once it has been offline for the inactivity timeout.
+
+        Never while online; a node that comes back and leaves again is measured from
+        its new last_seen (the reaper started at that disconnect does the work).
+        """
+        timeout = self.config.ephemeral_inactivity_timeout
+        while True:
+            row = self.tailnet.nodes.get(node_id)
+            if row is None or node_id in self.tailnet.online or not row.ephemeral:
+                return
+            due = (row.last_seen or row.created_at or utcnow()) + timeout
+            wait = (due - utcnow()).total_seconds()
+            if wait <= 0:
+                break
+            await trio.sleep(wait)
         try:
             await self.run_db(self.store.delete_node, node_id)
         except NotFound:
             return
         self.tailnet.refresh_node(node_id, None)
-        self.log.info("ephemeral node %d deleted after %s offline", node_id,
-                      self.config.ephemeral_inactivity_timeout)
+        self.log.info("ephemeral node %d deleted after %s offline", node_id, timeout)
+
+    def reap_offline_ephemeral(self) -> None:
+        """At start: ephemeral nodes left offline by a previous run get their reapers."""
+        for node_id, row in list(self.tailnet.nodes.items()):
+            if row.ephemeral and node_id not in self.tailnet.online:
+                self.nursery.start_soon(self._reap_ephemeral, node_id)
 
 
 class _Refusal(HomescaleError):

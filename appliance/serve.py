@@ -305,6 +305,7 @@ async def serve(config: Config, log: logging.Logger, *,
                                            log=log.getChild("control"), nursery=nursery)
             nursery.start_soon(_watch_signals, server, nursery.cancel_scope, shutdown)
             nursery.start_soon(server.apply_changes)
+            server.control.reap_offline_ephemeral()
             await nursery.start(run_map_updates, derp_maps, config, derp_map_changed)
             if config.policy_mode == "file" and config.policy_path is not None:
                 nursery.start_soon(_watch_policy_file, server, config.policy_path)

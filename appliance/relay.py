@@ -47,11 +47,9 @@ class EmbeddedRelay:
 
     async def verify(self, node_key_raw: bytes) -> bool:
         """verify_clients: only registered, unexpired node keys may use the relay."""
-        key = "nodekey:" + node_key_raw.hex()
-        for row in self.tailnet.nodes.values():
-            if row.node_key == key:
-                return not node_is_expired(row)
-        return False
+        node_id = self.tailnet.by_node_key.get("nodekey:" + node_key_raw.hex())
+        row = self.tailnet.nodes.get(node_id) if node_id is not None else None
+        return row is not None and not node_is_expired(row)
 
     def routes(self) -> dict[str, RouteHandler]:
         async def probe(req: Request) -> Response:

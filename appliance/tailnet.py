@@ -67,6 +67,7 @@ class Tailnet:
     _filters: dict[int, bytes] = field(default_factory=dict)
     _ssh: dict[int, bytes | None] = field(default_factory=dict)
     auto_approved: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    by_node_key: dict[str, int] = field(default_factory=dict)  # for DERP's verify_clients
     on_node_offline: Callable[[int], None] | None = None
 
     # ------------------------------------------------------------ loading
@@ -74,6 +75,7 @@ class Tailnet:
     def load(self, users: list[UserRow], nodes: list[NodeRow], policy_text: str | None) -> None:
         self.users = {u.id: u for u in users}
         self.nodes = {n.id: n for n in nodes}
+        self.by_node_key = {n.node_key: n.id for n in nodes}
         for n in nodes:
             self._encode(n)
         self.policy_text = policy_text
@@ -188,6 +190,7 @@ class Tailnet:
                 return
             watchers = self.visible_peers(node_id)
             del self.nodes[node_id]
+            self.by_node_key.pop(old_row.node_key, None)
             self.peers.pop(node_id, None)
             self.entries.pop(node_id, None)
             self.online.discard(node_id)
@@ -198,6 +201,9 @@ class Tailnet:
             self._mark_peer(watchers, node_id)
             return
         self.nodes[node_id] = row
+        if old_row is not None and old_row.node_key != row.node_key:
+            self.by_node_key.pop(old_row.node_key, None)
+        self.by_node_key[row.node_key] = node_id
         self._encode(row)
         if old_row is None or self._policy_node(old_row) != self._policy_node(row):
             # Membership, tags, addresses or routes changed: the policy resolves differently.

@@ -248,3 +248,309 @@ async def stop_caddy(cp: CaddyProcess, *, grace: float = 5.0) -> None:
             if cp.process.returncode is None:
                 cp.process.kill()
                 await cp.process.wait()
+
+
+# --- processes shared across tests (sync start, so module/session fixtures can own them) ----
+#
+# pytest-trio gives every test its own trio run, so a process started inside one
+# test's nursery cannot outlive it. Servers and clients shared by several tests
+# are plain Popen children writing to a log file; tests wait on the file.
+
+REPO = Path(__file__).resolve().parent.parent
+HOMESCALE = REPO / ".venv" / "bin" / "homescale"
+LOG_POLL = 0.1  # seconds between looks at a log file
+
+
+def free_port(kind: int = 1) -> int:
+    """A port nothing listens on now (kind 1 = TCP, 2 = UDP); the netns is ours alone."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM if kind == 1 else socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LogFile:
+    """A growing log file read as lines (JSON objects where they parse)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self._buf = b""
+        self.lines: list[dict[str, Any]] = []
+
+    def refresh(self) -> list[dict[str, Any]]:
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return self.lines
+        self._offset += len(data)
+        self._buf += data
+        *whole, self._buf = self._buf.split(b"\n")
+        for raw in whole:
+            if not raw.strip():
+                continue
+            text = raw.decode("utf-8", "replace")
+            try:
+                obj = json.loads(text)
+            except ValueError:
+                obj = None
+            self.lines.append(obj if isinstance(obj, dict) else {"msg": text})
+        return self.lines
+
+    def mark(self) -> int:
+        """The current line count: pass as ``since`` to wait only for newer lines."""
+        return len(self.refresh())
+
+    def find(self, predicate: Callable[[dict[str, Any]], bool], since: int = 0) -> dict[str, Any] | None:
+        for line in self.refresh()[since:]:
+            if predicate(line):
+                return line
+        return None
+
+    async def wait_for(self, predicate: Callable[[dict[str, Any]], bool], *, timeout: float = 20.0,
+                       since: int = 0, what: str = "", alive: Callable[[], bool] | None = None
+                       ) -> dict[str, Any]:
+        """The first line from ``since`` on matching ``predicate``; fails after ``timeout``."""
+        with trio.move_on_after(timeout):
+            while True:
+                found = self.find(predicate, since)
+                if found is not None:
+                    return found
+                if alive is not None and not alive():
+                    found = self.find(predicate, since)
+                    if found is not None:
+                        return found
+                    break
+                await trio.sleep(LOG_POLL)
+        pytest.fail(f"no log line {what or predicate} in {self.path} within {timeout} s; "
+                    f"last lines:\n{self.tail()}")
+
+    def wait_for_sync(self, predicate: Callable[[dict[str, Any]], bool], *, timeout: float = 20.0,
+                      since: int = 0, what: str = "") -> dict[str, Any]:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.find(predicate, since)
+            if found is not None:
+                return found
+            time.sleep(LOG_POLL)
+        pytest.fail(f"no log line {what or predicate} in {self.path} within {timeout} s; "
+                    f"last lines:\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.path.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return "(no log file)"
+
+
+def _stop_popen(proc: subprocess.Popen[bytes], grace: float) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def msg_has(*needles: str) -> Callable[[dict[str, Any]], bool]:
+    """A predicate: the line's ``msg`` contains every needle."""
+    def pred(line: dict[str, Any]) -> bool:
+        m = str(line.get("msg", ""))
+        return all(n in m for n in needles)
+    return pred
+
+
+class HomescaleServer:
+    """``homescale serve`` as a child process on free ports, with its CLI.
+
+    ``homescale init`` writes the config (embedded DERP on, self-signed certificate
+    pinned by clients, TLS sniffed on the plain-http port); the test then moves
+    every listener to a free port and turns on debug logging, which prints every
+    map message sent ("node N <- B bytes: {json}").
+    """
+
+    def __init__(self, directory: Path, *, ephemeral_timeout: str = "30m",
+                 verify_clients: bool = True) -> None:
+        self.dir = directory
+        self.data = directory / "data"
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.stun_port = free_port(2)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config = self.data / "config.yaml"
+        self.log = LogFile(directory / "server.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        subprocess.run([str(HOMESCALE), "init", "--data-dir", str(self.data),
+                        "--server-url", self.url], check=True, capture_output=True, timeout=60)
+        text = self.config.read_text()
+        for old, new in [
+            ("metrics_listen_addr: 127.0.0.1:9090", f"metrics_listen_addr: 127.0.0.1:{self.metrics_port}"),
+            ('stun_listen_addr: "127.0.0.1:3478"', f'stun_listen_addr: "127.0.0.1:{self.stun_port}"'),
+            ("inactivity_timeout: 30m", f"inactivity_timeout: {ephemeral_timeout}"),
+            ("verify_clients: true", f"verify_clients: {'true' if verify_clients else 'false'}"),
+            ("level: info", "level: debug"),
+        ]:
+            assert old in text, f"homescale init config lacks {old!r}"
+            text = text.replace(old, new)
+        self.config.write_text(text)
+
+    def start(self, timeout: float = 20.0) -> None:
+        import time
+
+        assert self.proc is None or self.proc.poll() is not None
+        self.starts += 1
+        since = self.log.mark()
+        with self.log.path.open("ab") as out:
+            self.proc = subprocess.Popen([str(HOMESCALE), "-c", str(self.config), "serve"],
+                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                         cwd=self.dir)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log.find(msg_has("listening on"), since):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(LOG_POLL)
+        pytest.fail(f"homescale serve did not start; log:\n{self.log.tail()}")
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.proc is not None:
+            _stop_popen(self.proc, grace)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        """``homescale -c CONFIG ARGS`` (through the running server's admin socket)."""
+        r = subprocess.run([str(HOMESCALE), "-c", str(self.config), *args], capture_output=True,
+                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        if check and r.returncode != 0:
+            pytest.fail(f"homescale {' '.join(args)} failed ({r.returncode}): {r.stderr}{r.stdout}")
+        return r
+
+    async def acli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return await trio.to_thread.run_sync(lambda: self.cli(*args, check=check))
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return list(json.loads(self.cli("nodes", "list", "-o", "json").stdout))
+
+    async def anodes(self) -> list[dict[str, Any]]:
+        return await trio.to_thread.run_sync(self.nodes)
+
+    def create_key(self, user: str, *flags: str) -> str:
+        return self.cli("preauthkeys", "create", "-u", user, *flags).stdout.strip().splitlines()[-1]
+
+    def metrics(self) -> dict[str, float]:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+
+class TsnetClient:
+    """One tsnet node in its own caddy process (so it can be killed alone).
+
+    It serves ``hello from NAME`` on the tailnet at port 80 and, on
+    127.0.0.1:``proxy_port``, forwards through itself to the tailnet address
+    given in the request's ``X-Target`` header (``ip:port``): "fetch a page from
+    node A through node B" is a plain HTTP request to B's proxy port.
+    """
+
+    def __init__(self, directory: Path, name: str, control_url: str, *, auth_key: str = "",
+                 ephemeral: bool = False, extra_env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.dir = directory / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir = self.dir / "state"
+        self.control_url = control_url
+        self.auth_key = auth_key
+        self.ephemeral = ephemeral
+        self.extra_env = dict(extra_env or {})
+        self.proxy_port = free_port()
+        self.log = LogFile(self.dir / "caddy.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def caddyfile(self) -> Path:
+        lines = [
+            "{", "\tadmin off",
+            # debug: tsnet's own verbose log (control, magicsock, netcheck, derp)
+            # lands in caddy's JSON log under logger "tailscale".
+            "\tdebug",
+            "\ttailscale {", f"\t\tcontrol_url {self.control_url}", f"\t\tstate_dir {self.state_dir}",
+            f"\t\t{self.name} {{",
+        ]
+        if self.auth_key:
+            lines.append(f"\t\t\tauth_key {self.auth_key}")
+        lines += [f"\t\t\thostname {self.name}", f"\t\t\tephemeral {'true' if self.ephemeral else 'false'}",
+                  "\t\t}", "\t}", "}",
+                  ":80 {", f"\tbind tailscale/{self.name}", f'\trespond "hello from {self.name}"', "}",
+                  f":{self.proxy_port} {{", "\tbind 127.0.0.1",
+                  "\treverse_proxy {http.request.header.X-Target} {",
+                  f"\t\ttransport tailscale {self.name}", "\t}", "}", ""]
+        path = self.dir / "Caddyfile"
+        path.write_text("\n".join(lines))
+        return path
+
+    def start(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None
+        caddyfile = self.caddyfile()
+        home = self.dir / "home"
+        home.mkdir(exist_ok=True)
+        with self.log.path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [str(CADDY), "run", "--config", str(caddyfile), "--adapter", "caddyfile"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                env=client_env(home, extra=self.extra_env), cwd=self.dir)
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self.proc is not None:
+            _stop_popen(self.proc, grace)
+
+    def kill(self) -> None:
+        """SIGKILL: the node vanishes without logging out (as a crash or power cut)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    async def wait_for_log(self, predicate: Callable[[dict[str, Any]], bool], *, timeout: float = 20.0,
+                           since: int = 0, what: str = "") -> dict[str, Any]:
+        return await self.log.wait_for(predicate, timeout=timeout, since=since, what=what,
+                                       alive=lambda: self.running)
+
+    async def fetch(self, target: str, *, timeout: float = 10.0) -> tuple[int, bytes]:
+        """GET / from ``target`` (``ip:port`` on the tailnet) through this node."""
+        req = (f"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Target: {target}\r\n"
+               "Connection: close\r\n\r\n").encode()
+        with trio.fail_after(timeout):
+            stream = await trio.open_tcp_stream("127.0.0.1", self.proxy_port)
+            async with stream:
+                await stream.send_all(req)
+                data = b""
+                while chunk := await stream.receive_some(65536):
+                    data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
+        return status, body
+
+
+def tailscale_msg(line: dict[str, Any]) -> str:
+    """The text of a tsnet log line (logger "tailscale"), else ""."""
+    return str(line.get("msg", "")) if str(line.get("logger", "")).startswith("tailscale") else ""

@@ -1,0 +1,253 @@
+"""MapSessionState on its own: what one stream sends, against a hand-built tailnet view."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from netmap.mapsession import PATCH_HISTORY, MapSessionState, NodeEntry
+from netmap.nodes import PeerNode, encode_node, patch_between
+from protocol import tailcfg
+
+NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+ALLOW_ALL = b'[{"SrcIPs":["*"],"DstPorts":[{"IP":"*","Ports":{"First":0,"Last":65535}}]}]'
+
+
+def peer(i: int, user: int = 1, **kw: Any) -> PeerNode:
+    base: dict[str, Any] = {
+        "id": i, "given_name": f"n{i}", "user_id": user, "node_key": f"nodekey:{i:064x}",
+        "machine_key": f"mkey:{i:064x}", "disco_key": f"discokey:{i:064x}",
+        "ipv4": f"100.64.0.{i}", "ipv6": f"fd7a:115c:a1e0::{i}",
+        "endpoints": (f"192.0.2.{i}:41641",), "home_derp": 999, "online": True,
+    }
+    base.update(kw)
+    return PeerNode(**base)
+
+
+@dataclass
+class View:
+    """A TailnetView the test drives by hand (the coordinator's role)."""
+
+    peers: dict[int, PeerNode] = field(default_factory=dict)
+    entries: dict[int, NodeEntry] = field(default_factory=dict)
+    visible: dict[int, frozenset[int]] = field(default_factory=dict)
+    filters: dict[int, bytes] = field(default_factory=dict)
+    ssh: dict[int, bytes | None] = field(default_factory=dict)
+    derp: tuple[int, bytes] = (1, b'{"Regions":{}}')
+    dns: tuple[int, bytes] = (1, b'{"Proxied":true}')
+
+    def put(self, n: PeerNode) -> None:
+        old = self.peers.get(n.id)
+        prev = self.entries.get(n.id)
+        version = prev.version + 1 if prev else 1
+        patches = dict(prev.patches) if prev else {}
+        patch = patch_between(old, n) if old is not None else None
+        if patch is None:
+            patches = {}
+        else:
+            patches[version] = patch
+        patches = {v: p for v, p in patches.items() if v > version - PATCH_HISTORY}
+        self.peers[n.id] = n
+        self.entries[n.id] = NodeEntry(id=n.id, user_id=n.user_id, version=version,
+                                       json=encode_node(n, "tail.example"),
+                                       visible_to_peers=n.has_disco, patches=patches)
+
+    def entry(self, node_id: int) -> NodeEntry | None:
+        return self.entries.get(node_id)
+
+    def visible_peers(self, node_id: int) -> frozenset[int]:
+        return self.visible.get(node_id, frozenset(self.entries) - {node_id})
+
+    def filter_json(self, node_id: int) -> bytes:
+        return self.filters.get(node_id, ALLOW_ALL)
+
+    def ssh_json(self, node_id: int) -> bytes | None:
+        return self.ssh.get(node_id)
+
+    def user_profile(self, user_id: int) -> dict[str, Any] | None:
+        return {"ID": user_id, "LoginName": f"user{user_id}", "DisplayName": f"User {user_id}"}
+
+    def derp_map_json(self) -> tuple[int, bytes]:
+        return self.derp
+
+    def dns_json(self) -> tuple[int, bytes]:
+        return self.dns
+
+
+def setup(n: int = 3) -> tuple[View, MapSessionState, dict[str, Any]]:
+    view = View()
+    for i in range(1, n + 1):
+        view.put(peer(i, user=1 if i < 3 else 2))
+    s = MapSessionState(node_id=1, domain="tail.example")
+    first = s.next_message(view, NOW)
+    assert first is not None
+    return view, s, json.loads(first)
+
+
+def send(view: View, s: MapSessionState) -> dict[str, Any] | None:
+    msg = s.next_message(view, NOW)
+    if msg is None:
+        return None
+    tailcfg.MapResponse.from_json(msg)  # every message decodes with the Go field names/types
+    return json.loads(msg)
+
+
+def test_first_map_is_complete_and_go_compatible() -> None:
+    view, s, first = setup()
+    for key in ("Node", "Peers", "PacketFilter", "DERPMap", "DNSConfig", "UserProfiles",
+                "Domain", "CollectServices", "Debug", "ControlTime"):
+        assert key in first, key
+    for key in ("PeersChanged", "PeersRemoved", "PeersChangedPatch"):
+        assert key not in first
+    assert first["Node"]["ID"] == 1
+    assert [p["ID"] for p in first["Peers"]] == [2, 3]
+    assert first["Domain"] == "tail.example"
+    assert first["Debug"] == {"DisableLogTail": True}
+    assert {p["ID"] for p in first["UserProfiles"]} == {1, 2}
+    resp = tailcfg.MapResponse.from_json(json.dumps(first))
+    assert resp.Node is not None
+    assert resp.Node.ID == 1
+    assert resp.Peers is not None
+    assert len(resp.Peers) == 2
+    assert resp.ControlTime == NOW
+    assert resp.PacketFilter is not None
+    assert resp.PacketFilter[0].SrcIPs == ["*"]
+    assert s.next_message(view, NOW) is None  # up to date
+    s.mark_all()
+    assert s.next_message(view, NOW) is None  # a re-check that finds nothing sends nothing
+
+
+def test_endpoint_change_goes_out_as_a_patch() -> None:
+    view, s, _ = setup()
+    view.put(dataclasses.replace(view.peers[2], endpoints=("198.51.100.9:1",)))
+    s.mark_peer(2)
+    msg = send(view, s)
+    assert msg is not None
+    assert msg["PeersChangedPatch"] == [{"NodeID": 2, "Endpoints": ["198.51.100.9:1"]}]
+    assert set(msg) == {"PeersChangedPatch", "ControlTime"}
+    assert send(view, s) is None
+
+
+def test_several_changes_coalesce_into_one_merged_patch() -> None:
+    view, s, _ = setup()
+    view.put(dataclasses.replace(view.peers[2], endpoints=("198.51.100.1:1",)))
+    s.mark_peer(2)
+    view.put(dataclasses.replace(view.peers[2], endpoints=("198.51.100.2:2",)))
+    s.mark_peer(2)
+    view.put(dataclasses.replace(view.peers[2], online=False, last_seen=NOW))
+    s.mark_peer(2)
+    msg = send(view, s)
+    assert msg is not None
+    assert msg["PeersChangedPatch"] == [{"NodeID": 2, "Endpoints": ["198.51.100.2:2"],
+                                         "Online": False, "LastSeen": "2024-05-01T12:00:00Z"}]
+    assert send(view, s) is None
+
+
+def test_patch_history_gap_sends_the_full_node() -> None:
+    view, s, _ = setup()
+    for i in range(PATCH_HISTORY + 2):
+        view.put(dataclasses.replace(view.peers[2], endpoints=(f"198.51.100.{i}:1",)))
+    s.mark_peer(2)
+    msg = send(view, s)
+    assert msg is not None
+    assert "PeersChangedPatch" not in msg
+    assert [p["Endpoints"] for p in msg["PeersChanged"]] == [[f"198.51.100.{PATCH_HISTORY + 1}:1"]]
+
+
+def test_patch_then_full_change_sends_the_full_node() -> None:
+    view, s, _ = setup()
+    view.put(dataclasses.replace(view.peers[2], endpoints=("198.51.100.1:1",)))
+    view.put(dataclasses.replace(view.peers[2], given_name="renamed"))
+    s.mark_peer(2)
+    msg = send(view, s)
+    assert msg is not None
+    assert [p["Name"] for p in msg["PeersChanged"]] == ["renamed.tail.example."]
+    assert "PeersChangedPatch" not in msg
+
+
+def test_peer_without_disco_key_is_held_back_until_it_has_one() -> None:
+    view, s, _ = setup()
+    view.put(peer(4, disco_key=""))
+    s.mark_peer(4)
+    assert send(view, s) is None
+    view.put(peer(4))
+    s.mark_peer(4)
+    msg = send(view, s)
+    assert msg is not None
+    assert [p["ID"] for p in msg["PeersChanged"]] == [4]
+
+
+def test_new_peer_of_a_new_user_brings_its_profile_once() -> None:
+    view, s, _ = setup()
+    view.put(peer(4, user=9))
+    s.mark_peer(4)
+    msg = send(view, s)
+    assert msg is not None
+    assert [p["ID"] for p in msg["PeersChanged"]] == [4]
+    assert msg["UserProfiles"] == [{"ID": 9, "LoginName": "user9", "DisplayName": "User 9"}]
+    view.put(peer(5, user=9))
+    s.mark_peer(5)
+    msg = send(view, s)
+    assert msg is not None
+    assert "UserProfiles" not in msg
+
+
+def test_removed_and_hidden_peers_go_in_peers_removed() -> None:
+    view, s, _ = setup()
+    del view.entries[3]
+    s.mark_peer(3)
+    msg = send(view, s)
+    assert msg == {"PeersRemoved": [3], "ControlTime": "2024-05-01T12:00:00Z"}
+    view.visible[1] = frozenset()
+    s.mark_all()
+    msg = send(view, s)
+    assert msg is not None
+    assert msg["PeersRemoved"] == [2]
+
+
+def test_self_change_sends_node_only() -> None:
+    view, s, _ = setup()
+    view.put(dataclasses.replace(view.peers[1], endpoints=("198.51.100.7:1",)))
+    s.mark_self()
+    msg = send(view, s)
+    assert msg is not None
+    assert msg["Node"]["Endpoints"] == ["198.51.100.7:1"]
+    assert set(msg) == {"Node", "ControlTime"}
+
+
+def test_empty_filter_is_sent_as_block_all() -> None:
+    view, s, _ = setup()
+    view.filters[1] = b"[]"
+    s.mark_all()
+    msg = send(view, s)
+    assert msg is not None
+    assert msg["PacketFilter"] == []  # present but empty: the client blocks all inbound
+
+
+def test_derp_and_dns_changes_are_resent() -> None:
+    view, s, _ = setup()
+    view.derp = (2, b'{"Regions":{"900":null}}')
+    view.dns = (2, b'{"Proxied":false}')
+    s.mark_self()
+    msg = send(view, s)
+    assert msg is not None
+    assert set(msg) == {"DERPMap", "DNSConfig", "ControlTime"}
+
+
+def test_revoked_ssh_policy_is_replaced_not_left_in_place() -> None:
+    view, s, _ = setup()
+    rules = b'{"rules":[{"principals":[{"any":true}],"sshUsers":{"*":"="},"action":{"accept":true}}]}'
+    view.ssh[1] = rules
+    s.mark_all()
+    msg = send(view, s)
+    assert msg is not None
+    assert msg["SSHPolicy"]["rules"][0]["action"] == {"accept": True}
+    # An absent SSHPolicy means "unchanged" to the client: revoking must send an empty policy.
+    view.ssh[1] = None
+    s.mark_all()
+    msg = send(view, s)
+    assert msg is not None
+    assert msg.get("SSHPolicy") == {"rules": []}

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from protocol.gojson import format_time
 
 PATCH_HISTORY = 16  # versions of patches kept per node; older clients get the full node
+NO_SSH_RULES = b'{"rules":[]}'
 
 
 @dataclass
@@ -155,8 +156,10 @@ class MapSessionState:
             fields.append(("PacketFilter", filt))
             self.sent_filter = filt
         ssh = view.ssh_json(self.node_id)
-        if ssh != self.sent_ssh and ssh is not None:
-            fields.append(("SSHPolicy", ssh))
+        if ssh != self.sent_ssh:
+            # An absent SSHPolicy means "unchanged" to the client (map.go), so a revoked
+            # policy must go out as an empty rule list or the old rules stay in force.
+            fields.append(("SSHPolicy", ssh if ssh is not None else NO_SSH_RULES))
             self.sent_ssh = ssh
         derp_version, derp = view.derp_map_json()
         if derp_version != self.sent_derp:

@@ -343,7 +343,8 @@ class LogFile:
 
     def tail(self, n: int = 40) -> str:
         try:
-            return "\n".join(self.path.read_text(errors="replace").splitlines()[-n:])
+            lines = self.path.read_text(errors="replace").splitlines()[-n:]
+            return "\n".join(ln if len(ln) < 400 else ln[:400] + "..." for ln in lines)
         except FileNotFoundError:
             return "(no log file)"
 

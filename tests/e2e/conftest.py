@@ -152,12 +152,6 @@ def pair(tailnet: Tailnet) -> Pair:
     return _pair(tailnet, "nodea", "nodeb", always_derp=False)
 
 
-@pytest.fixture(scope="session")
-def derp_pair(tailnet: Tailnet) -> Pair:
-    """derpa and derpb with TS_DEBUG_ALWAYS_USE_DERP=true: they talk only through our relay."""
-    return _pair(tailnet, "derpa", "derpb", always_derp=True)
-
-
 async def fetch_until(via: realclient.TsnetClient, target: str, *, timeout: float = 30.0
                       ) -> bytes:
     """GET / from ``target`` through ``via``, retrying until a 200 (paths take a moment)."""

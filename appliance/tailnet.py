@@ -161,9 +161,14 @@ class Tailnet:
     def _policy_node(self, n: NodeRow) -> PolicyNode:
         return policy_node(n, self.users, self.auto_approved.get(n.id, ()))
 
-    def _encode(self, n: NodeRow) -> tuple[PeerNode | None, PeerNode]:
+    def _encode(self, n: NodeRow) -> bool:
+        """Encode the node if what peers see of it changed; False when nothing did."""
         old = self.peers.get(n.id)
         new = self._peer_node(n)
+        if old == new and n.id in self.entries:
+            # A write that changed nothing peers see (a second stream marking the node
+            # online again, a re-login with the same key): no version, so no empty patch.
+            return False
         self.peers[n.id] = new
         prev = self.entries.get(n.id)
         version = prev.version + 1 if prev else 1
@@ -178,7 +183,7 @@ class Tailnet:
         self.entries[n.id] = NodeEntry(id=n.id, user_id=new.user_id, version=version,
                                        json=encode_node(new, self.config.dns.base_domain),
                                        visible_to_peers=new.has_disco, patches=patches)
-        return old, new
+        return True
 
     # ------------------------------------------------------------ changes
 
@@ -204,15 +209,17 @@ class Tailnet:
         if old_row is not None and old_row.node_key != row.node_key:
             self.by_node_key.pop(old_row.node_key, None)
         self.by_node_key[row.node_key] = node_id
-        self._encode(row)
+        changed = self._encode(row)
         if old_row is None or self._policy_node(old_row) != self._policy_node(row):
             # Membership, tags, addresses or routes changed: the policy resolves differently.
             before = self.visible_peers(node_id) if old_row is not None else frozenset()
             self._recompile()
             self._mark_peer(before | self.visible_peers(node_id), node_id)
             self._mark_all_sessions()
-        else:
+        elif changed:
             self._mark_peer(self.visible_peers(node_id), node_id)
+        else:
+            return
         session = self.sessions.get(node_id)
         if session is not None:
             session.state.mark_self()

@@ -125,6 +125,10 @@ class MapSessionState:
                     removed.append(pid)
                 continue
             assert entry is not None
+            if entry.user_id not in self.sent_users:
+                # Also for unchanged peers: refresh_users forgets what was sent so that
+                # renamed users' profiles go out again.
+                new_users.add(entry.user_id)
             have = self.sent_peers.get(pid)
             if have == entry.version:
                 continue
@@ -134,8 +138,6 @@ class MapSessionState:
                 patches.append(patch)
             else:
                 changed.append(entry.json)
-                if entry.user_id not in self.sent_users:
-                    new_users.add(entry.user_id)
             self.sent_peers[pid] = entry.version
         if me.user_id not in self.sent_users:
             new_users.add(me.user_id)

@@ -134,8 +134,9 @@ class MapSessionState:
                 continue
             patch = _merge_patches(entry, have) if have is not None else None
             if patch is not None:
-                patch["NodeID"] = pid
-                patches.append(patch)
+                patch.pop("NodeID", None)
+                if patch:  # empty: only unpatchable detail changed (NetInfo latencies)
+                    patches.append({"NodeID": pid, **patch})
             else:
                 changed.append(entry.json)
             self.sent_peers[pid] = entry.version

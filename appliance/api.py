@@ -84,25 +84,25 @@ class AdminApi:
         r("POST", r"/api/v1/user", self.create_user)
         r("POST", r"/api/v1/user/([^/]+)/rename/([^/]+)",
           lambda q, uid, new: self.db(lambda: {"user": a.rename_user(uid, new)}))
-        r("DELETE", r"/api/v1/user/([^/]+)", lambda q, uid: self.db(lambda: (a.delete_user(uid), {})[1]))
+        r("DELETE", r"/api/v1/user/([^/]+)", lambda q, uid: self.done(lambda: a.delete_user(uid)))
         r("GET", r"/api/v1/preauthkey", lambda q: self.db(
             lambda: {"preAuthKeys": a.list_pre_auth_keys(q.arg("user") or None)}))
         r("POST", r"/api/v1/preauthkey", self.create_pre_auth_key)
-        r("POST", r"/api/v1/preauthkey/expire", lambda q: self.db(
-            lambda: (a.expire_pre_auth_key(self._need(q.json(), "id", "key")), {})[1]))
-        r("DELETE", r"/api/v1/preauthkey", lambda q: self.db(
-            lambda: (a.delete_pre_auth_key(q.arg("id") or q.arg("key")), {})[1]))
+        r("POST", r"/api/v1/preauthkey/expire", lambda q: self.done(
+            lambda: a.expire_pre_auth_key(self._need(q.json(), "id", "key"))))
+        r("DELETE", r"/api/v1/preauthkey", lambda q: self.done(
+            lambda: a.delete_pre_auth_key(q.arg("id") or q.arg("key"))))
         r("GET", r"/api/v1/apikey", lambda q: self.db(lambda: {"apiKeys": a.list_api_keys()}))
         r("POST", r"/api/v1/apikey", lambda q: self.db(
             lambda: {"apiKey": a.create_api_key(_time(q.json().get("expiration"), "expiration"))}))
-        r("POST", r"/api/v1/apikey/expire", lambda q: self.db(
-            lambda: (a.expire_api_key(self._need(q.json(), "prefix", "id")), {})[1]))
-        r("DELETE", r"/api/v1/apikey/([^/]+)", lambda q, prefix: self.db(
-            lambda: (a.delete_api_key(prefix), {})[1]))
+        r("POST", r"/api/v1/apikey/expire", lambda q: self.done(
+            lambda: a.expire_api_key(self._need(q.json(), "prefix", "id"))))
+        r("DELETE", r"/api/v1/apikey/([^/]+)", lambda q, prefix: self.done(
+            lambda: a.delete_api_key(prefix)))
         r("GET", r"/api/v1/node", lambda q: self.db(lambda: {"nodes": a.list_nodes(q.arg("user") or None)}))
         r("POST", r"/api/v1/node/register", self.register)
         r("GET", r"/api/v1/node/(\d+)", lambda q, nid: self.db(lambda: {"node": a.get_node(nid)}))
-        r("DELETE", r"/api/v1/node/(\d+)", lambda q, nid: self.db(lambda: (a.delete_node(nid), {})[1]))
+        r("DELETE", r"/api/v1/node/(\d+)", lambda q, nid: self.done(lambda: a.delete_node(nid)))
         r("POST", r"/api/v1/node/(\d+)/expire", self.expire_node)
         r("POST", r"/api/v1/node/(\d+)/rename/([^/]+)", lambda q, nid, new: self.db(
             lambda: {"node": a.rename_node(nid, new)}))
@@ -126,6 +126,11 @@ class AdminApi:
 
     async def db(self, fn: Callable[[], Any]) -> Any:
         return await self.run_db(fn)
+
+    async def done(self, fn: Callable[[], None]) -> dict[str, Any]:
+        """Run an operation that returns nothing; the API answers `{}` as headscale's does."""
+        await self.run_db(fn)
+        return {}
 
     # -- handlers that need more than one line
 

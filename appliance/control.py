@@ -106,11 +106,11 @@ class ControlService:
 
     # ------------------------------------------------------------ registration
 
-    def _success(self, node: NodeRow) -> dict[str, Any]:
+    async def _success(self, node: NodeRow) -> dict[str, Any]:
         if node.tags or node.user_id is None:
             uid, name, created = TAGGED_USER_ID, "tagged-devices", None
         else:
-            u = self.tailnet.users.get(node.user_id) or self.store.user(node.user_id)
+            u = self.tailnet.users.get(node.user_id) or await self.run_db(self.store.user, node.user_id)
             uid, name, created = u.id, u.name, u.created_at
         return {"User": {"ID": uid, "DisplayName": name, "ProfilePicURL": "",
                          "Created": format_time(created) if created else "0001-01-01T00:00:00Z"},
@@ -151,7 +151,7 @@ class ControlService:
                 return
             await self._announce(done)
             self.log.info("node %d (%s) registered with an auth key", done.id, done.given_name)
-            await self._reply(resp, 200, self._success(done))
+            await self._reply(resp, 200, await self._success(done))
             return
         # 4. A known node restarting with its stored key.
         if node is not None:
@@ -161,7 +161,7 @@ class ControlService:
             if hostinfo and hostinfo != node.hostinfo:
                 node = await self.run_db(lambda: self.store.update_node(node.id, hostinfo=hostinfo))
                 await self._announce(node)
-            await self._reply(resp, 200, self._success(node))
+            await self._reply(resp, 200, await self._success(node))
             return
         # 5. Key rotation: OldNodeKey names this machine's node.
         old_key = str(rr.OldNodeKey)
@@ -170,7 +170,7 @@ class ControlService:
             rotated = await self.run_db(lambda: self.store.update_node(by_machine.id, node_key=node_key))
             await self._announce(rotated)
             self.log.info("node %d rotated its key", rotated.id)
-            await self._reply(resp, 200, self._success(rotated))
+            await self._reply(resp, 200, await self._success(rotated))
             return
         # 6. Interactive login.
         pending = self._new_pending(machine, node_key, hostinfo, rr.Ephemeral)
@@ -235,7 +235,7 @@ class ControlService:
         if reg is None or reg.machine_key != machine:
             node = await self.run_db(self.store.node_by, "node_key", node_key)
             if node is not None and node.machine_key == machine and not node_is_expired(node):
-                await self._reply(resp, 200, self._success(node))
+                await self._reply(resp, 200, await self._success(node))
                 return
             fresh = self._new_pending(machine, node_key, {}, False)
             await self._reply(resp, 200, {"AuthURL": self.auth_url(fresh.id)})
@@ -248,7 +248,7 @@ class ControlService:
             fresh = self._new_pending(machine, node_key, reg.hostinfo, reg.ephemeral)
             await self._reply(resp, 200, {"AuthURL": self.auth_url(fresh.id)})
             return
-        await self._reply(resp, 200, self._success(reg.node))
+        await self._reply(resp, 200, await self._success(reg.node))
 
     async def complete_registration(self, user: str, reg_id: str) -> dict[str, Any]:
         """`homescale nodes register --user U --key ID`: create the node, release the client."""

@@ -21,6 +21,8 @@ from typing import Any
 
 import trio
 
+from derp.errors import DerpError
+
 from .admin import Admin, Change
 from .api import AdminApi
 from .config import Config, split_hostport
@@ -259,9 +261,7 @@ async def serve(config: Config, log: logging.Logger, *,
         derp_maps = map_builder(config, cert_pin, log.getChild("derpmap"))
         try:
             await derp_maps.refresh()
-        except HomescaleError as e:
-            raise ServeError(f"DERP map: {e}") from None
-        except Exception as e:  # derp.errors.DerpConfigError and friends name the file
+        except DerpError as e:  # names the file or URL and what is wrong with it
             raise ServeError(f"DERP map: {e}") from None
         _prepare_socket(config.unix_socket)
         socket_ours = True

@@ -252,6 +252,7 @@ class Tailnet:
     def _recompile(self) -> None:
         policy = parse_policy(self.policy_text, "policy") if self.policy_text else None
         users = [PolicyUser(id=u.id, name=u.name, email=u.email) for u in self.users.values()]
+        before = self.auto_approved
         self.auto_approved = {}
         nodes = [self._policy_node(n) for n in self.nodes.values()]
         compiled = compile_policy(policy, users, nodes, server_url=self.config.server_url)
@@ -265,7 +266,10 @@ class Tailnet:
         if self.auto_approved:
             nodes = [self._policy_node(n) for n in self.nodes.values()]
             compiled = compile_policy(policy, users, nodes, server_url=self.config.server_url)
-            for nid in self.auto_approved:
+        # Re-encode the nodes whose auto-approved routes changed either way: a revoked
+        # approval must leave their AllowedIPs/PrimaryRoutes too.
+        for nid in before.keys() | self.auto_approved.keys():
+            if before.get(nid) != self.auto_approved.get(nid) and nid in self.nodes:
                 self._encode(self.nodes[nid])
         self.compiled = compiled
         self._visible.clear()

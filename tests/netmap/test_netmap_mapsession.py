@@ -251,3 +251,16 @@ def test_revoked_ssh_policy_is_replaced_not_left_in_place() -> None:
     msg = send(view, s)
     assert msg is not None
     assert msg.get("SSHPolicy") == {"rules": []}
+
+
+def test_netinfo_only_change_sends_nothing_to_peers() -> None:
+    view, s, _ = setup()
+    hostinfo = {**view.peers[2].hostinfo, "NetInfo": {"PreferredDERP": 999, "DERPLatency": {"999-v4": 0.01}}}
+    view.put(dataclasses.replace(view.peers[2], hostinfo=hostinfo))
+    s.mark_peer(2)
+    assert send(view, s) is None
+    view.put(dataclasses.replace(view.peers[2], endpoints=("198.51.100.9:1",)))
+    s.mark_peer(2)
+    msg = send(view, s)
+    assert msg is not None
+    assert msg["PeersChangedPatch"] == [{"NodeID": 2, "Endpoints": ["198.51.100.9:1"]}]

@@ -1,0 +1,58 @@
+"""The design rule: one node's change costs work proportional to the peers that can see it."""
+
+from __future__ import annotations
+
+import pytest
+
+import appliance.tailnet as tailnet_mod
+from tests.appliance.test_tailnet_support import change, compose, connect, make_tailnet, node, user
+
+USERS = 10
+PER_USER = 20
+# Every node sees only its own user's nodes.
+SELF_ONLY = """{
+  "acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]}]
+}"""
+
+
+def test_endpoint_change_marks_only_the_nodes_that_see_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    users = [user(u, f"user{u}") for u in range(1, USERS + 1)]
+    nodes = [node(i, user_id=(i - 1) // PER_USER + 1) for i in range(1, USERS * PER_USER + 1)]
+    tn = make_tailnet(users, nodes, SELF_ONLY)
+    handles = {}
+    for n in nodes:
+        h, first = connect(tn, n.id)
+        assert len(first["Peers"]) == PER_USER - 1
+        handles[n.id] = h
+
+    encodes: list[int] = []
+    compiles: list[int] = []
+    real_encode, real_compile = tailnet_mod.encode_node, tailnet_mod.compile_policy
+    monkeypatch.setattr(tailnet_mod, "encode_node",
+                        lambda n, d: encodes.append(n.id) or real_encode(n, d))
+    monkeypatch.setattr(tailnet_mod, "compile_policy",
+                        lambda *a, **k: compiles.append(1) or real_compile(*a, **k))
+
+    changed = 45  # user 3's node
+    change(tn, changed, endpoints=["198.51.100.45:41641"])
+
+    woken = {nid for nid, h in handles.items() if h.wake.is_set()}
+    same_user = set(range(41, 61))
+    assert woken - {changed} == same_user - {changed}  # the other 19 nodes of that user
+    assert len(woken - {changed}) == PER_USER - 1
+    assert encodes == [changed]  # encoded once, reused for every recipient
+    assert compiles == []  # an endpoint change does not recompile the policy
+    for nid in woken - {changed}:
+        msg = compose(tn, handles[nid])
+        assert msg is not None
+        assert msg["PeersChangedPatch"] == [{"NodeID": changed, "Endpoints": ["198.51.100.45:41641"]}]
+
+
+def test_online_change_marks_only_the_nodes_that_see_it() -> None:
+    users = [user(u, f"user{u}") for u in range(1, USERS + 1)]
+    nodes = [node(i, user_id=(i - 1) // PER_USER + 1) for i in range(1, USERS * PER_USER + 1)]
+    tn = make_tailnet(users, nodes, SELF_ONLY)
+    handles = {n.id: connect(tn, n.id)[0] for n in nodes}
+    tn.set_online(1, True)
+    woken = {nid for nid, h in handles.items() if h.wake.is_set()}
+    assert woken == set(range(1, PER_USER + 1))

@@ -26,7 +26,7 @@ from protocol.mapframe import MapFrameEncoder
 
 from .admin import Admin
 from .errors import HomescaleError, InvalidInput, NotFound
-from .nodes import create_node, relogin_node
+from .nodes import Login, log_in
 from .store import NodeRow, Store, utcnow
 from .tailnet import TAGGED_USER_ID, SessionHandle, Tailnet, node_is_expired
 
@@ -189,13 +189,11 @@ class ControlService:
             # A node restarting with its key still works even when its single-use key is spent.
             return existing
         key = self.admin.check_pre_auth_key(auth_key)
-        owner = key.user_id if not key.tags else None
-        common = {"node_key": node_key, "hostinfo": hostinfo, "user_id": owner,
-                  "tags": list(key.tags), "ephemeral": key.ephemeral or ephemeral,
-                  "auth_key_id": key.id, "register_method": "authkey"}
-        if existing is not None:
-            return relogin_node(self.store, self.config, existing, **common)
-        return create_node(self.store, self.config, machine_key=machine, **common)
+        login = Login(node_key=node_key, hostinfo=hostinfo,
+                      user_id=key.user_id if not key.tags else None, tags=tuple(key.tags),
+                      ephemeral=key.ephemeral or ephemeral, auth_key_id=key.id,
+                      register_method="authkey")
+        return log_in(self.store, self.config, machine, existing, login)
 
     async def _announce(self, node: NodeRow) -> None:
         self.tailnet.refresh_node(node.id, node)
@@ -264,12 +262,9 @@ class ControlService:
         def create() -> NodeRow:
             owner = self.admin.resolve_user(user)
             existing = self.store.node_by("machine_key", reg.machine_key)
-            common = {"node_key": reg.node_key, "hostinfo": reg.hostinfo, "user_id": owner.id,
-                      "tags": [], "ephemeral": reg.ephemeral, "auth_key_id": None,
-                      "register_method": "cli"}
-            if existing is not None:
-                return relogin_node(self.store, self.config, existing, **common)
-            return create_node(self.store, self.config, machine_key=reg.machine_key, **common)
+            login = Login(node_key=reg.node_key, hostinfo=reg.hostinfo, user_id=owner.id,
+                          ephemeral=reg.ephemeral, register_method="cli")
+            return log_in(self.store, self.config, reg.machine_key, existing, login)
 
         node = await self.run_db(create)
         reg.node = node

@@ -119,7 +119,7 @@ class HttpServer:
                     first = await stream.receive_some(65536)
                 if scope.cancelled_caught or not first:
                     return
-                inner = PrefixedStream(stream, first)
+                inner = PrefixedStream(stream, bytes(first))
                 use_tls = first[0] == 0x16
             if use_tls:
                 assert self.ssl_context is not None
@@ -202,7 +202,7 @@ class HttpServer:
                 raw += data
                 if len(raw) > MAX_HEAD * 2:
                     raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
-                conn.receive_data(data)
+                conn.receive_data(bytes(data))
                 continue
             return event, raw
 
@@ -211,7 +211,7 @@ class HttpServer:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
+                conn.receive_data(bytes(await stream.receive_some(65536)))
                 continue
             if isinstance(event, h11.Data):
                 body += event.data
@@ -289,7 +289,7 @@ class PrefixedStream(trio.abc.Stream):
             out, self._prefix = self._prefix[:n], self._prefix[n:]
             await trio.lowlevel.checkpoint()
             return out
-        return await self.inner.receive_some(max_bytes)
+        return bytes(await self.inner.receive_some(max_bytes))
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.inner.send_all(data)

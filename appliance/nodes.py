@@ -6,6 +6,7 @@ name choice cannot race between concurrent registrations.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -30,13 +31,24 @@ def unique_given_name(store: Store, hostname: str, *, exclude_id: int | None = N
     raise InvalidInput(f"no free node name for hostname {hostname!r}")
 
 
+@dataclass(frozen=True)
+class Login:
+    """Who a node logs in as, and how: what creating or re-logging a node records."""
+
+    node_key: str
+    hostinfo: dict[str, Any] = field(default_factory=dict)
+    user_id: int | None = None       # None: owned by its tags
+    tags: tuple[str, ...] = ()
+    ephemeral: bool = False
+    auth_key_id: int | None = None
+    register_method: str = "authkey"  # authkey | cli
+
+
 def key_expiry(config: Config, now: datetime) -> datetime | None:
     return now + config.node_expiry if config.node_expiry > timedelta(0) else None
 
 
-def create_node(store: Store, config: Config, *, machine_key: str, node_key: str,
-                hostinfo: dict[str, Any], user_id: int | None, tags: list[str], ephemeral: bool,
-                auth_key_id: int | None, register_method: str) -> NodeRow:
+def create_node(store: Store, config: Config, machine_key: str, login: Login) -> NodeRow:
     """Insert a node with fresh addresses; the caller then announces it."""
     used4, used6 = store.used_addresses()
     try:
@@ -45,29 +57,35 @@ def create_node(store: Store, config: Config, *, machine_key: str, node_key: str
     except PrefixExhausted as e:
         raise InvalidInput(f"cannot register the node: {e}") from None
     now = utcnow()
+    hostname = str(login.hostinfo.get("Hostname") or "")
     with store.transaction():
         row = store.create_node(
-            machine_key=machine_key, node_key=node_key, hostinfo=hostinfo,
-            hostname=str(hostinfo.get("Hostname") or ""),
-            given_name=unique_given_name(store, str(hostinfo.get("Hostname") or "node")),
-            ipv4=ipv4, ipv6=ipv6, user_id=user_id, tags=tags, ephemeral=ephemeral,
-            auth_key_id=auth_key_id, register_method=register_method,
-            expiry=key_expiry(config, now), created_at=now)
-        if auth_key_id is not None:
-            store.update_pre_auth_key(auth_key_id, used=1)
+            machine_key=machine_key, node_key=login.node_key, hostinfo=login.hostinfo,
+            hostname=hostname, given_name=unique_given_name(store, hostname or "node"),
+            ipv4=ipv4, ipv6=ipv6, user_id=login.user_id, tags=list(login.tags),
+            ephemeral=login.ephemeral, auth_key_id=login.auth_key_id,
+            register_method=login.register_method, expiry=key_expiry(config, now), created_at=now)
+        if login.auth_key_id is not None:
+            store.update_pre_auth_key(login.auth_key_id, used=1)
     return row
 
 
-def relogin_node(store: Store, config: Config, node: NodeRow, *, node_key: str,
-                 hostinfo: dict[str, Any], user_id: int | None, tags: list[str], ephemeral: bool,
-                 auth_key_id: int | None, register_method: str) -> NodeRow:
+def relogin_node(store: Store, config: Config, node: NodeRow, login: Login) -> NodeRow:
     """A known machine logs in again (new key or new owner): keep its ID and addresses."""
     with store.transaction():
         row = store.update_node(
-            node.id, node_key=node_key, hostinfo=hostinfo or node.hostinfo,
-            hostname=str(hostinfo.get("Hostname") or node.hostname), user_id=user_id, tags=tags,
-            ephemeral=ephemeral, auth_key_id=auth_key_id, register_method=register_method,
-            expiry=key_expiry(config, utcnow()))
-        if auth_key_id is not None:
-            store.update_pre_auth_key(auth_key_id, used=1)
+            node.id, node_key=login.node_key, hostinfo=login.hostinfo or node.hostinfo,
+            hostname=str(login.hostinfo.get("Hostname") or node.hostname), user_id=login.user_id,
+            tags=list(login.tags), ephemeral=login.ephemeral, auth_key_id=login.auth_key_id,
+            register_method=login.register_method, expiry=key_expiry(config, utcnow()))
+        if login.auth_key_id is not None:
+            store.update_pre_auth_key(login.auth_key_id, used=1)
     return row
+
+
+def log_in(store: Store, config: Config, machine_key: str, existing: NodeRow | None,
+           login: Login) -> NodeRow:
+    """Create the node, or re-login the machine's existing one."""
+    if existing is not None:
+        return relogin_node(store, config, existing, login)
+    return create_node(store, config, machine_key, login)

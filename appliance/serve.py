@@ -314,8 +314,9 @@ async def serve(config: Config, log: logging.Logger, *,
             await nursery.start(main.serve, main_listeners)
             if metrics_listeners:
                 await nursery.start(metrics.serve, metrics_listeners)
+            asgi_app: Any = api_socket  # an ASGI callable; hypercorn's stubs want its own types
             await nursery.start(lambda task_status: hypercorn_serve(
-                api_socket, hc, shutdown_trigger=shutdown.wait, task_status=task_status))
+                asgi_app, hc, shutdown_trigger=shutdown.wait, task_status=task_status))
             os.chmod(config.unix_socket, config.unix_socket_permission)
             scheme = "http+tls" if ssl_ctx and plain_url else ("https" if ssl_ctx else "http")
             log.info("homescale %s listening on %s://%s (server_url %s), admin socket %s%s",

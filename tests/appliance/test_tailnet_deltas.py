@@ -15,6 +15,7 @@ from tests.appliance.test_tailnet_support import (
     compose,
     connect,
     delta_keys,
+    make_config,
     make_tailnet,
     node,
     user,
@@ -264,3 +265,26 @@ def test_first_map_when_alone_has_node_and_no_peers() -> None:
     assert not first.get("Peers")
 
 
+
+
+def test_dns_config_in_the_first_map() -> None:
+    _, first = connect(three(), 1)
+    dns = first["DNSConfig"]
+    assert dns["Proxied"] is True
+    assert dns["Domains"][0] == BASE_DOMAIN
+    assert f"{BASE_DOMAIN}." in dns["Routes"]
+    assert len([z for z in dns["Routes"] if z.endswith(".in-addr.arpa.")]) == 64
+    assert any(z.endswith(".ip6.arpa.") for z in dns["Routes"])
+
+
+def test_dns_without_override_uses_fallback_resolvers() -> None:
+    config = make_config(override_local_dns=False, nameservers_global=["9.9.9.9"],
+                         nameservers_split={"corp.example": ["10.0.0.53"]},
+                         extra_records=[{"name": "db.corp.example", "type": "A", "value": "100.64.0.9"}])
+    tn = make_tailnet(USERS, [node(1), node(2)], config=config)
+    _, first = connect(tn, 1)
+    dns = first["DNSConfig"]
+    assert dns["FallbackResolvers"] == [{"Addr": "9.9.9.9"}]
+    assert "Resolvers" not in dns
+    assert dns["Routes"]["corp.example."] == [{"Addr": "10.0.0.53"}]
+    assert dns["ExtraRecords"] == [{"Name": "db.corp.example", "Type": "A", "Value": "100.64.0.9"}]

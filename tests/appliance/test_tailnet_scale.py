@@ -56,3 +56,20 @@ def test_online_change_marks_only_the_nodes_that_see_it() -> None:
     tn.set_online(1, True)
     woken = {nid for nid, h in handles.items() if h.wake.is_set()}
     assert woken == set(range(1, PER_USER + 1))
+
+
+def test_membership_change_sends_only_to_those_whose_view_changed() -> None:
+    users = [user(u, f"user{u}") for u in range(1, USERS + 1)]
+    nodes = [node(i, user_id=(i - 1) // PER_USER + 1) for i in range(1, USERS * PER_USER + 1)]
+    tn = make_tailnet(users, nodes, SELF_ONLY)
+    handles = {n.id: connect(tn, n.id)[0] for n in nodes}
+    change(tn, 45, user_id=4)  # moves from user 3 (41..60) to user 4 (61..80)
+    got = {nid: msg for nid, h in handles.items() if (msg := compose(tn, h)) is not None}
+    assert set(got) == set(range(41, 81))
+    for nid in range(41, 61):
+        if nid != 45:
+            assert got[nid]["PeersRemoved"] == [45]
+    for nid in range(61, 81):
+        assert [p["ID"] for p in got[nid]["PeersChanged"]] == [45]
+    assert len(got[45]["PeersRemoved"]) == PER_USER - 1
+    assert len(got[45]["PeersChanged"]) == PER_USER

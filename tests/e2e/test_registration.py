@@ -84,23 +84,41 @@ async def test_single_use_key(tailnet: Tailnet) -> None:
     first.stop()
 
 
-async def test_ephemeral_key_node_deleted_after_inactivity(tailnet: Tailnet) -> None:
-    key = await trio.to_thread.run_sync(tailnet.server.create_key, "alice", "--reusable",
-                                        "--ephemeral")
-    eph = tailnet.client("eph1", auth_key=key)
-    nodes = await wait_nodes(tailnet.server, ["eph1"], timeout=ONLINE_WITHIN)
-    node = node_by_name(nodes, "eph1")
-    assert node is not None
-    # Gone without a word (no logout): only the inactivity timeout (4 s here) removes it.
-    eph.kill()
+async def test_ephemeral_nodes_deleted_after_inactivity(tailnet: Tailnet, pair: Pair) -> None:
+    server = tailnet.server
+    key = await trio.to_thread.run_sync(server.create_key, "alice", "--reusable", "--ephemeral")
+    # eph1: an ephemeral key. eph2: a plain key, but the client asks to be ephemeral
+    # (tsnet Ephemeral, RegisterRequest.Ephemeral).
+    eph1 = tailnet.client("eph1", auth_key=key)
+    eph2 = tailnet.client("eph2", ephemeral=True)
+    nodes = await wait_nodes(server, ["eph1", "eph2"], timeout=ONLINE_WITHIN)
+    online_at = time.monotonic()
+    n1, n2 = node_by_name(nodes, "eph1"), node_by_name(nodes, "eph2")
+    assert n1 is not None
+    assert n2 is not None
+    # Never deleted while online: still here after more than the 4 s timeout.
+    await eph1.wait_for_log(msg_has("Switching ipn state", "-> Running"), timeout=RUNNING_WITHIN)
+    await trio.sleep(max(0.0, 5.0 - (time.monotonic() - online_at)))
+    assert node_by_name(await server.anodes(), "eph1") is not None
+    since_a = pair.a.log.mark()
+    # eph1 vanishes without a word (no logout): only the inactivity timeout removes it.
+    # eph2 shuts down cleanly.
+    eph1.kill()
+    eph2.stop()
     t0 = time.monotonic()
     with trio.fail_after(30):
         while True:
-            if node_by_name(await tailnet.server.anodes(), "eph1") is None:
+            nodes = await server.anodes()
+            if node_by_name(nodes, "eph1") is None and node_by_name(nodes, "eph2") is None:
                 break
             await trio.sleep(0.3)
     assert time.monotonic() - t0 >= 2.0, "deleted before the inactivity timeout"
-    await tailnet.server.log.wait_for(msg_has(f"ephemeral node {node['id']} deleted"), timeout=5)
+    await server.log.wait_for(msg_has(f"ephemeral node {n1['id']} deleted"), timeout=5)
+    # The deletion reached the peers: eph1 left nodea's netmap.
+    await pair.a.wait_for_log(
+        lambda line: "netmap diff" in str(line.get("msg", ""))
+        and f"- {short_key(n1['nodeKey'])}" in str(line.get("msg", "")),
+        since=since_a, timeout=15, what="eph1 removed from nodea's netmap")
 
 
 async def test_tagged_key_node_owned_by_tags(tailnet: Tailnet) -> None:
@@ -169,8 +187,8 @@ async def test_rename_expire_delete_reach_clients(tailnet: Tailnet, pair: Pair) 
     c1.stop()
 
 
+@pytest.mark.usefixtures("realclient_ready")
 async def test_server_restart_clients_reconnect(tmp_path_factory: pytest.TempPathFactory) -> None:
-    realclient.require_realclient()
     d = tmp_path_factory.mktemp("restart")
     server = realclient.HomescaleServer(d)
     clients: list[realclient.TsnetClient] = []
@@ -191,6 +209,10 @@ async def test_server_restart_clients_reconnect(tmp_path_factory: pytest.TempPat
         # They came back on their stored node keys: no registration after the restart.
         assert server.log.find(msg_has("registered"), since) is None
         assert server.log.find(msg_has("map stream opened"), since) is not None
+        # The maps served from the reloaded state work: rsb reaches rsa.
+        rsa = node_by_name(after, "rsa")
+        assert rsa is not None
+        assert await fetch_until(clients[1], f"{rsa['ipAddresses'][0]}:80") == b"hello from rsa"
     finally:
         for c in clients:
             c.stop()

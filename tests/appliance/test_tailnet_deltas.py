@@ -11,6 +11,7 @@ from protocol import tailcfg
 from tests.appliance.test_tailnet_support import (
     BASE_DOMAIN,
     LATER,
+    NOW,
     change,
     compose,
     connect,
@@ -288,3 +289,32 @@ def test_dns_without_override_uses_fallback_resolvers() -> None:
     assert "Resolvers" not in dns
     assert dns["Routes"]["corp.example."] == [{"Addr": "10.0.0.53"}]
     assert dns["ExtraRecords"] == [{"Name": "db.corp.example", "Type": "A", "Value": "100.64.0.9"}]
+
+
+def test_node_key_rotation_is_a_key_patch() -> None:
+    tn = three()
+    h1, _ = connect(tn, 1)
+    h2, _ = connect(tn, 2)
+    new_key = "nodekey:" + "ee" * 32
+    change(tn, 2, node_key=new_key)
+    msg = compose(tn, h1)
+    assert msg is not None
+    assert msg["PeersChangedPatch"] == [{"NodeID": 2, "Key": new_key}]
+    own = compose(tn, h2)
+    assert own is not None
+    assert own["Node"]["Key"] == new_key
+    assert tn.by_node_key.get(new_key) == 2
+    assert f"nodekey:{2:064x}" not in tn.by_node_key
+
+
+def test_expiring_a_node_tells_it_and_its_peers() -> None:
+    tn = three()
+    h1, _ = connect(tn, 1)
+    h2, _ = connect(tn, 2)
+    change(tn, 2, expiry=NOW)
+    msg = compose(tn, h1)
+    assert msg is not None
+    assert msg["PeersChangedPatch"] == [{"NodeID": 2, "KeyExpiry": "2024-05-01T12:00:00Z"}]
+    own = compose(tn, h2)
+    assert own is not None
+    assert own["Node"]["KeyExpiry"] == "2024-05-01T12:00:00Z"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import pytest
 
 from appliance.tailnet import TAGGED_USER_ID, Tailnet
+from netmap.policy.ipset import IPSet
 from protocol import tailcfg
 from tests.appliance.test_tailnet_support import (
     BASE_DOMAIN,
@@ -318,3 +320,44 @@ def test_expiring_a_node_tells_it_and_its_peers() -> None:
     own = compose(tn, h2)
     assert own is not None
     assert own["Node"]["KeyExpiry"] == "2024-05-01T12:00:00Z"
+
+
+SUBNET_POLICY = """{
+  "acls": [{"action": "accept", "src": ["bob@"], "dst": ["10.1.0.0/16:*"]}],
+  "autoApprovers": {"routes": {"10.0.0.0/8": ["alice@"]}}
+}"""
+
+
+def test_auto_approved_route_makes_the_router_reachable() -> None:
+    tn = make_tailnet(USERS, [node(1), node(2, user_id=2)], SUBNET_POLICY)
+    router, first_r = connect(tn, 1)
+    client, first_c = connect(tn, 2)
+    assert not first_c.get("Peers")  # nothing to reach yet
+    assert first_r["PacketFilter"] == []
+    change(tn, 1, hostinfo={**tn.nodes[1].hostinfo, "RoutableIPs": ["10.1.0.0/16"]})
+    msg = compose(tn, client)
+    assert msg is not None
+    (peer,) = msg["PeersChanged"]
+    assert peer["ID"] == 1
+    assert "10.1.0.0/16" in peer["AllowedIPs"]
+    assert peer["PrimaryRoutes"] == ["10.1.0.0/16"]
+    own = compose(tn, router)
+    assert own is not None
+    assert [p["ID"] for p in own["PeersChanged"]] == [2]
+    (rule,) = own["PacketFilter"]
+    assert [d["IP"] for d in rule["DstPorts"]] == ["10.1.0.0/16"]
+    assert IPSet.of(rule["SrcIPs"]).contains(ipaddress.ip_address(tn.nodes[2].ipv4 or ""))
+
+
+@pytest.mark.xfail(strict=True, reason="no primary-route election: every router serving a subnet "
+                   "puts it in its AllowedIPs/PrimaryRoutes (headscale: only the primary)")
+def test_a_subnet_served_by_two_routers_is_primary_on_one() -> None:
+    routes = {"RoutableIPs": ["10.1.0.0/16"]}
+    tn = make_tailnet(USERS, [node(1, hostinfo={**node(1).hostinfo, **routes},
+                                   approved_routes=["10.1.0.0/16"]),
+                              node(2, hostinfo={**node(2).hostinfo, **routes},
+                                   approved_routes=["10.1.0.0/16"]),
+                              node(3, user_id=2)])
+    _, first = connect(tn, 3)
+    claiming = [p["ID"] for p in first["Peers"] if "10.1.0.0/16" in p["AllowedIPs"]]
+    assert len(claiming) == 1

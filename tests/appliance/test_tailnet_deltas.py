@@ -50,6 +50,7 @@ def test_first_map_is_complete() -> None:
     assert first["PacketFilter"][0]["SrcIPs"] == ["*"]
     resp = tailcfg.MapResponse.from_json(first)
     assert resp.DERPMap is not None
+    assert resp.DERPMap.Regions is not None
     assert 999 in resp.DERPMap.Regions
     assert compose(tn, h) is None  # nothing new: nothing to send
     assert not h.wake.is_set()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 import appliance.tailnet as tailnet_mod
+from netmap.nodes import PeerNode
+from netmap.policy import CompiledPolicy
 from tests.appliance.test_tailnet_support import change, compose, connect, make_tailnet, node, user
 
 USERS = 10
@@ -28,10 +32,17 @@ def test_endpoint_change_marks_only_the_nodes_that_see_it(monkeypatch: pytest.Mo
     encodes: list[int] = []
     compiles: list[int] = []
     real_encode, real_compile = tailnet_mod.encode_node, tailnet_mod.compile_policy
-    monkeypatch.setattr(tailnet_mod, "encode_node",
-                        lambda n, d: encodes.append(n.id) or real_encode(n, d))
-    monkeypatch.setattr(tailnet_mod, "compile_policy",
-                        lambda *a, **k: compiles.append(1) or real_compile(*a, **k))
+
+    def encode_node(n: PeerNode, domain: str) -> bytes:
+        encodes.append(n.id)
+        return real_encode(n, domain)
+
+    def compile_policy(*args: Any, **kwargs: Any) -> CompiledPolicy:
+        compiles.append(1)
+        return real_compile(*args, **kwargs)
+
+    monkeypatch.setattr(tailnet_mod, "encode_node", encode_node)
+    monkeypatch.setattr(tailnet_mod, "compile_policy", compile_policy)
 
     changed = 45  # user 3's node
     change(tn, changed, endpoints=["198.51.100.45:41641"])

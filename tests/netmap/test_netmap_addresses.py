@@ -44,8 +44,8 @@ def test_sequential_skips_the_magicdns_address() -> None:
 
 def test_sequential_skips_the_chromeos_range() -> None:
     net = ipaddress.IPv4Network("100.115.0.0/16")
-    below = {str(a) for a in ipaddress.ip_network("100.115.0.0/17")
-             if a < ipaddress.ip_address("100.115.92.0")}
+    below = {str(a) for a in ipaddress.IPv4Network("100.115.0.0/17")
+             if a < ipaddress.IPv4Address("100.115.92.0")}
     below.discard("100.115.0.0")
     assert allocate(net, below) == "100.115.94.0"  # 100.115.92.0/23 is ChromeOS's
 

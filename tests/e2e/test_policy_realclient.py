@@ -1,0 +1,445 @@
+"""Issue 5 with real clients: a policy decides who reaches whom, and changes to it
+reach connected clients within seconds, as deltas for the affected nodes only.
+
+The tailnet: users alice, bob and carol; a node ``web`` tagged ``tag:server``
+(owned by alice) serving a page on :80; ``alicepc`` (alice) and ``bobpc`` (bob),
+all real tsnet clients; carol's node is an in-process ts2021 peer whose map
+stream the test reads frame by frame. The policy lets group:a (alice) reach
+tag:server:80 and nothing else; then it is changed to let bob in too -- by editing
+the file (policy.mode: file) or with ``homescale policy set`` (database mode).
+
+What the client saw comes from the client: its traffic (a fetch through it), its
+own log (tsnet's netmap peers, caddy ``debug``), and for carol the decoded map
+stream. The server's debug log ("node N <- B bytes: {json}") shows what each real
+node was sent.
+
+Everything skips unless inside a private network namespace (tests/in-netns.sh).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sqlite3
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from appliance.config import load_config
+from tests import realclient
+from tests.e2e.conftest import ControlPeer, MapStream, connect_peer, fetch_until, wait_nodes
+
+pytestmark = [pytest.mark.realclient]
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "policy_e2e"
+GROUP_A_ONLY = FIXTURES / "group_a_only.hujson"
+GROUP_A_AND_BOB = FIXTURES / "group_a_and_bob.hujson"
+UNDEFINED_GROUP = FIXTURES / "undefined_group.hujson"
+FAILING_TEST = FIXTURES / "failing_test.hujson"
+
+# Registration and map stream come within a couple of seconds; Running takes
+# netcheck's ~6 s in the namespace. Generous for 2 shared cores.
+ONLINE_WITHIN = 30.0
+RUNNING_WITHIN = 40.0
+# Issue 5: a change "reaches every affected connected node within a second"; the
+# file is polled every second, and tsnet then reconfigures WireGuard and
+# netstack. Seconds, not a minute.
+CHANGE_WITHIN = 10.0
+# A denied fetch: caddy gives up dialing a tailnet address no peer owns. Bounded
+# so a hanging dial fails the test instead of stalling it.
+DENIED_FETCH_TIMEOUT = 12.0
+# After the affected nodes got their deltas, how long the unaffected ones are
+# watched for anything (the server composes all sessions' messages together,
+# so a stray one would come right away).
+QUIET_WINDOW = 2.0
+
+
+def _skip_unless_netns() -> None:
+    realclient.require_realclient()
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def configure_policy(server: realclient.HomescaleServer, mode: str, path: Path | None = None) -> None:
+    """Set policy.mode (and policy.path) in the config ``homescale init`` wrote."""
+    text = server.config.read_text()
+    old = '  mode: file\n  path: ""'
+    assert old in text, "homescale init config lacks the policy section"
+    text = text.replace(old, f"  mode: {mode}\n  path: {json.dumps(str(path) if path else '')}")
+    server.config.write_text(text)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """As an editor saving: the watcher must never read a half-written file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def sent_messages(server: realclient.HomescaleServer, node_id: str, since: int) -> list[dict[str, Any]]:
+    """The map messages the server sent node ``node_id`` after log line ``since``."""
+    # Plain-text lines: "<time> DEBUG homescale.control: node N <- B bytes: {json}".
+    needle = f": node {node_id} <- "
+    out = []
+    for line in server.log.refresh()[since:]:
+        msg = str(line.get("msg", ""))
+        if needle in msg and " bytes: " in msg:
+            out.append(json.loads(msg.split(" bytes: ", 1)[1]))
+    return out
+
+
+def filter_allows(rules: list[dict[str, Any]], src: str, dst: str, port: int) -> bool:
+    """Whether a PacketFilter lets ``src`` reach ``dst:port`` (prefixes may be merged)."""
+    def within(addr: str, entries: list[str]) -> bool:
+        ip = ipaddress.ip_address(addr)
+        for e in entries:  # "*", a prefix, an address, or a range "first-last" (tailcfg)
+            if e == "*":
+                return True
+            if "-" in e:
+                first, last = (ipaddress.ip_address(x) for x in e.split("-", 1))
+                if first.version == ip.version and first <= ip <= last:  # type: ignore[operator]
+                    return True
+            elif ip in ipaddress.ip_network(e, strict=False):
+                return True
+        return False
+    return any(
+        within(src, rule["SrcIPs"]) and any(
+            within(dst, [d["IP"]]) and d["Ports"]["First"] <= port <= d["Ports"]["Last"]
+            for d in rule["DstPorts"])
+        for rule in rules)
+
+
+def peer_ids(msg: dict[str, Any], key: str) -> set[int]:
+    return {int(p["ID"]) for p in msg.get(key) or []}
+
+
+async def fetch_denied(via: realclient.TsnetClient, target: str) -> str:
+    """One fetch through ``via`` that must not return the page; what happened instead."""
+    try:
+        status, body = await via.fetch(target, timeout=DENIED_FETCH_TIMEOUT)
+    except (OSError, trio.TooSlowError) as e:
+        return f"{type(e).__name__}: {e}"
+    denied = f"{via.name} fetched {target} although the policy denies it: {status} {body[:200]!r}"
+    assert status != 200, denied
+    assert b"hello from" not in body, denied
+    return f"HTTP {status}"
+
+
+@dataclass
+class Scenario:
+    server: realclient.HomescaleServer
+    dir: Path
+    clients: dict[str, realclient.TsnetClient] = field(default_factory=dict)
+    ids: dict[str, str] = field(default_factory=dict)
+    ipv4: dict[str, str] = field(default_factory=dict)
+    carol_key: str = ""
+
+    @property
+    def web(self) -> str:
+        return f"{self.ipv4['web']}:80"
+
+
+@asynccontextmanager
+async def scenario(d: Path, mode: str) -> AsyncIterator[Scenario]:
+    """Server with the group_a_only policy (file or database), users, three tsnet nodes."""
+    _skip_unless_netns()
+    server = realclient.HomescaleServer(d / "server")
+    policy_file = d / "policy.hujson"
+    if mode == "file":
+        write_atomically(policy_file, GROUP_A_ONLY.read_text())
+        configure_policy(server, "file", policy_file)
+    else:
+        configure_policy(server, "database")
+    sc = Scenario(server, d)
+    try:
+        await trio.to_thread.run_sync(server.start)
+        for user in ("alice", "bob", "carol"):
+            await server.acli("users", "create", user)
+        if mode == "database":
+            await server.acli("policy", "set", "--file", str(GROUP_A_ONLY))
+        keys = {
+            "web": server.create_key("alice", "--tags", "tag:server"),
+            "alicepc": server.create_key("alice"),
+            "bobpc": server.create_key("bob"),
+        }
+        sc.carol_key = server.create_key("carol")
+        for name, key in keys.items():
+            c = realclient.TsnetClient(d, name, server.url, auth_key=key)
+            sc.clients[name] = c
+            c.start()
+        nodes = await wait_nodes(server, list(keys), timeout=ONLINE_WITHIN)
+        for n in nodes:
+            sc.ids[n["givenName"]] = str(n["id"])
+            sc.ipv4[n["givenName"]] = n["ipAddresses"][0]
+        for c in sc.clients.values():
+            await c.wait_for_log(realclient.msg_has("Switching ipn state", "-> Running"),
+                                 timeout=RUNNING_WITHIN, what=f"{c.name} Running")
+        yield sc
+    finally:
+        for c in sc.clients.values():
+            try:
+                c.stop()
+            except Exception:  # stop the others whatever this one did
+                c.kill()
+        server.stop()
+
+
+async def open_carol(sc: Scenario, nursery: trio.Nursery) -> tuple[ControlPeer, MapStream, dict[str, Any]]:
+    """carol's node, registered over real ts2021; its first map."""
+    carol = await connect_peer(sc.server, nursery, "carolpc")
+    with trio.fail_after(20):
+        await carol.register(sc.carol_key)
+        await carol.lite_update(Endpoints=["192.0.2.30:41641"], EndpointTypes=[1])
+        stream = await carol.open_stream()
+        _, first = await stream.next()
+    return carol, stream, first
+
+
+async def check_before_change(sc: Scenario, carol_first: dict[str, Any], since: int) -> None:
+    """group_a_only in force: alice reaches web, bob neither reaches nor sees it."""
+    web_id, bob_id = int(sc.ids["web"]), int(sc.ids["bobpc"])
+    body = await fetch_until(sc.clients["alicepc"], sc.web, timeout=30)
+    assert body.startswith(b"hello from web")
+    how = await fetch_denied(sc.clients["bobpc"], sc.web)
+
+    # What bob's node was sent: a first map (no Peers: an empty list is left out) with
+    # an empty filter (nobody may reach bob), and web never, not even later.
+    bob_msgs = sent_messages(sc.server, sc.ids["bobpc"], since)
+    first = next((m for m in bob_msgs if "DERPMap" in m), None)
+    assert first is not None, f"no first map sent to bobpc: {bob_msgs}"
+    assert first.get("PacketFilter") == [], first.get("PacketFilter")
+    assert all(web_id not in peer_ids(m, "Peers") | peer_ids(m, "PeersChanged") for m in bob_msgs), \
+        f"bobpc was sent web as a peer: {bob_msgs}"
+    # And what bob's client holds: tsnet's own netmap has no peer at all.
+    await assert_tsnet_peers(sc.clients["bobpc"], expect=set(), why=f"bob denied ({how})")
+    await assert_tsnet_peers(sc.clients["alicepc"], expect={sc.ipv4["web"]}, why="alice allowed")
+
+    # carol, in no rule, sees nobody either.
+    assert not carol_first.get("Peers"), f"carol sees peers: {carol_first.get('Peers')}"
+    # And web sees alice (to answer her) but not bob.
+    web_peers: set[int] = set()
+    for m in sent_messages(sc.server, sc.ids["web"], since):
+        web_peers |= peer_ids(m, "Peers") | peer_ids(m, "PeersChanged")
+        web_peers -= set(m.get("PeersRemoved") or [])
+    assert int(sc.ids["alicepc"]) in web_peers
+    assert bob_id not in web_peers
+
+
+def tsnet_netmap_peers(client: realclient.TsnetClient) -> dict[str, set[str]] | None:
+    """The peers of the client's current netmap, as tsnet logged it (caddy ``debug``):
+    short node key -> tailnet IPv4 addresses. None if it logged no netmap yet.
+
+    tsnet 1.90.9 logs ``control: [v1] new network map (...)`` with netmap.Concise
+    (a ``netmap: self:`` line, then one `` [key] d:... D<derp> <ips> : <endpoints>``
+    line per peer) and, on every later map, ``[v1] netmap diff:`` with ``- [key] ...``
+    and ``+ [key] ...`` lines (a changed peer is removed then added).
+    """
+    peers: dict[str, set[str]] | None = None
+    for line in client.log.refresh():
+        m = realclient.tailscale_msg(line)
+        if "new network map" in m:
+            peers = {}
+            entries = [("+", e) for e in m.splitlines()[1:] if e.lstrip().startswith("[")]
+        elif m.startswith("[v1] netmap diff:") and peers is not None:
+            entries = [(e[0], e[1:]) for e in m.splitlines()[1:] if e[:1] in "+-" and e[1:].strip()]
+        else:
+            continue
+        for sign, entry in entries:
+            words = entry.split()
+            key = words[0]
+            if sign == "-":
+                peers.pop(key, None)
+            else:
+                peers[key] = {w for w in words[1:] if w.startswith("100.")}
+    return peers
+
+
+def wireguard_peers(client: realclient.TsnetClient) -> int | None:
+    """How many peers tsnet last configured WireGuard with (``with N/M peers``: M of them)."""
+    total = None
+    for line in client.log.refresh():
+        m = realclient.tailscale_msg(line)
+        if "configuring userspace WireGuard config (with " in m:
+            total = int(m.split("(with ", 1)[1].split("/", 1)[1].split()[0])
+    return total
+
+
+async def assert_tsnet_peers(client: realclient.TsnetClient, *, expect: set[str], why: str,
+                             timeout: float = 5.0) -> None:
+    """The client's own netmap holds exactly the peers with these IPv4 addresses.
+
+    Waits (bounded) for tsnet to log it: the map may still be in flight."""
+    found: set[str] | None = None
+    wg: int | None = None
+    with trio.move_on_after(timeout):
+        while True:
+            peers = tsnet_netmap_peers(client)
+            found = None if peers is None else set().union(*peers.values()) if peers else set()
+            wg = wireguard_peers(client)
+            if found == expect and wg == len(expect):
+                return
+            await trio.sleep(0.2)
+    pytest.fail(f"{client.name} ({why}): tsnet's netmap peers {found}, WireGuard peers {wg}; "
+                f"expected {expect}; log {client.log.path}")
+
+
+async def change_lets_bob_in(sc: Scenario, carol_stream: MapStream, since: int,
+                             change: Callable[[], Any]) -> None:
+    """Apply ``change``; bob's node fetches within seconds, only bob's and web's nodes
+    were sent anything, carol's stream stays silent."""
+    web_id, bob_id = int(sc.ids["web"]), int(sc.ids["bobpc"])
+    t0 = time.monotonic()
+    await change()
+    body = await fetch_until(sc.clients["bobpc"], sc.web, timeout=CHANGE_WITHIN)
+    took = time.monotonic() - t0
+    assert body.startswith(b"hello from web")
+    assert took < CHANGE_WITHIN, took
+
+    # bob's node was sent web as a changed peer; web was sent bob and a new filter.
+    bob_msgs = sent_messages(sc.server, sc.ids["bobpc"], since)
+    assert any(web_id in peer_ids(m, "PeersChanged") for m in bob_msgs), bob_msgs
+    assert not any("Peers" in m for m in bob_msgs), f"bobpc was sent a full map: {bob_msgs}"
+    web_msgs = sent_messages(sc.server, sc.ids["web"], since)
+    assert any(bob_id in peer_ids(m, "PeersChanged") for m in web_msgs), web_msgs
+    filters = [m["PacketFilter"] for m in web_msgs if "PacketFilter" in m]
+    assert filters, f"web was sent no new PacketFilter: {web_msgs}"
+    assert filter_allows(filters[-1], sc.ipv4["bobpc"], sc.ipv4["web"], 80), filters[-1]
+    assert filter_allows(filters[-1], sc.ipv4["alicepc"], sc.ipv4["web"], 80), filters[-1]
+    assert not filter_allows(filters[-1], sc.ipv4["bobpc"], sc.ipv4["web"], 81), filters[-1]
+    await assert_tsnet_peers(sc.clients["bobpc"], expect={sc.ipv4["web"]}, why="bob let in")
+
+    # Unaffected: alice's access and peers did not change, carol's neither.
+    with trio.move_on_after(QUIET_WINDOW):
+        size, msg = await carol_stream.next(timeout=QUIET_WINDOW + 1)
+        pytest.fail(f"carol's node, unaffected, was sent {size} bytes: {msg}")
+    alice_msgs = sent_messages(sc.server, sc.ids["alicepc"], since)
+    assert alice_msgs == [], f"alicepc, unaffected, was sent: {alice_msgs}"
+
+
+# --- the tests -------------------------------------------------------------------------
+
+
+async def test_file_policy_denies_then_admits_after_edit(tmp_path: Path) -> None:
+    async with scenario(tmp_path, "file") as sc, trio.open_nursery() as nursery:
+        since = 0
+        _, carol_stream, carol_first = await open_carol(sc, nursery)
+        await check_before_change(sc, carol_first, since)
+
+        mark = sc.server.log.mark()
+
+        async def edit() -> None:
+            write_atomically(tmp_path / "policy.hujson", GROUP_A_AND_BOB.read_text())
+
+        await change_lets_bob_in(sc, carol_stream, mark, edit)
+        nursery.cancel_scope.cancel()
+
+
+async def test_database_policy_denies_then_admits_after_set(tmp_path: Path) -> None:
+    async with scenario(tmp_path, "database") as sc, trio.open_nursery() as nursery:
+        _, carol_stream, carol_first = await open_carol(sc, nursery)
+        await check_before_change(sc, carol_first, 0)
+
+        mark = sc.server.log.mark()
+
+        async def policy_set() -> None:
+            await sc.server.acli("policy", "set", "--file", str(GROUP_A_AND_BOB))
+
+        await change_lets_bob_in(sc, carol_stream, mark, policy_set)
+        got = await sc.server.acli("policy", "get")
+        assert got.stdout.strip() == GROUP_A_AND_BOB.read_text().strip()
+        nursery.cancel_scope.cancel()
+
+
+
+
+# --- CLI and server --------------------------------------------------------------------
+
+# What each invalid policy's error must name: the JSON path, the problem, the line.
+INVALID = [
+    (UNDEFINED_GROUP, ("acls[1].src[0]", 'group "group:nosuch" is not defined', "(line 7)")),
+    (FAILING_TEST, ("tests[0]", "test failed: bobpc -> web:80", "(line 10)")),
+]
+
+
+def assert_located(r: subprocess.CompletedProcess[str], needles: tuple[str, ...], what: str) -> None:
+    out = r.stderr + r.stdout
+    assert r.returncode != 0, f"{what} succeeded: {out}"
+    for n in needles:
+        assert n in out, f"{what}: {n!r} not in the error: {out}"
+    assert "Traceback" not in out, out
+
+
+async def test_policy_check_set_refused_start_and_recovery(tmp_path: Path) -> None:
+    _skip_unless_netns()
+    server = realclient.HomescaleServer(tmp_path / "server")
+    configure_policy(server, "database")
+    stored = GROUP_A_ONLY.read_text()
+    try:
+        await trio.to_thread.run_sync(server.start)
+        await server.acli("users", "create", "alice")
+
+        # policy check: 0 for a valid policy, non-zero with the located error otherwise.
+        r = await server.acli("policy", "check", "--file", str(GROUP_A_ONLY), check=False)
+        assert r.returncode == 0, r.stderr + r.stdout
+        for bad, needles in INVALID:
+            r = await server.acli("policy", "check", "--file", str(bad), check=False)
+            assert_located(r, needles, f"policy check {bad.name}")
+
+        # policy set: an invalid policy is refused, the stored one stays.
+        await server.acli("policy", "set", "--file", str(GROUP_A_ONLY))
+        for bad, needles in INVALID:
+            r = await server.acli("policy", "set", "--file", str(bad), check=False)
+            assert_located(r, needles, f"policy set {bad.name}")
+            got = await server.acli("policy", "get")
+            assert got.stdout.strip() == stored.strip(), f"after a refused set: {got.stdout}"
+    finally:
+        server.stop()
+
+    # An invalid policy in the database (as a hand edit, or a policy an older version
+    # accepted, would leave it: `policy set` never stores one), then the server refuses
+    # to start, says why and how to recover.
+    database = load_config(server.config).database_path
+    conn = sqlite3.connect(database)
+    try:
+        with conn:
+            conn.execute("INSERT INTO policies (data, created_at) VALUES (?, ?)",
+                         (UNDEFINED_GROUP.read_text(), "2026-01-01T00:00:00Z"))
+    finally:
+        conn.close()
+    r = await trio.to_thread.run_sync(lambda: subprocess.run(
+        [str(realclient.HOMESCALE), "-c", str(server.config), "serve"], capture_output=True,
+        text=True, timeout=30, stdin=subprocess.DEVNULL, cwd=server.dir))
+    assert_located(r, (*INVALID[0][1], "refusing to start", "homescale policy get",
+                       "homescale policy check --file", "homescale policy set --file",
+                       "server stopped"), "serve with an invalid stored policy")
+
+    # The recovery steps, with the server down (the CLI opens the database itself).
+    dump = tmp_path / "policy.hujson"
+    got = await server.acli("policy", "get")
+    assert got.stdout.strip() == UNDEFINED_GROUP.read_text().strip()
+    dump.write_text(got.stdout)
+    r = await server.acli("policy", "check", "--file", str(dump), check=False)
+    assert_located(r, INVALID[0][1], "policy check of the dump")
+    dump.write_text(got.stdout.replace('"group:nosuch"', '"group:a"'))  # the fix
+    r = await server.acli("policy", "check", "--file", str(dump), check=False)
+    assert r.returncode == 0, r.stderr + r.stdout
+    await server.acli("policy", "set", "--file", str(dump))
+    got = await server.acli("policy", "get")
+    assert got.stdout.strip() == dump.read_text().strip()
+
+    since = server.log.mark()
+    try:
+        await trio.to_thread.run_sync(server.start)
+        assert server.log.find(realclient.msg_has("policy loaded from database"), since), server.log.tail()
+        got = await server.acli("policy", "get")
+        assert got.stdout.strip() == dump.read_text().strip()
+    finally:
+        server.stop()

@@ -113,7 +113,10 @@ async def test_ephemeral_nodes_deleted_after_inactivity(tailnet: Tailnet, pair: 
                 break
             await trio.sleep(0.3)
     assert time.monotonic() - t0 >= 2.0, "deleted before the inactivity timeout"
-    await server.log.wait_for(msg_has(f"ephemeral node {n1['id']} deleted"), timeout=5)
+    await server.log.wait_for(msg_has(f"ephemeral node {n1['id']} deleted after"), timeout=5)
+    # A clean shutdown of an ephemeral tsnet node is a logout: deleted at once.
+    await server.log.wait_for(msg_has(f"ephemeral node {n2['id']} logged out and was deleted"),
+                              timeout=5)
     # The deletion reached the peers: eph1 left nodea's netmap.
     await pair.a.wait_for_log(
         lambda line: "netmap diff" in str(line.get("msg", ""))
@@ -123,12 +126,15 @@ async def test_ephemeral_nodes_deleted_after_inactivity(tailnet: Tailnet, pair: 
 
 async def test_tagged_key_node_owned_by_tags(tailnet: Tailnet) -> None:
     key = await trio.to_thread.run_sync(tailnet.server.create_key, "alice", "--tags", "tag:server")
-    tailnet.client("tagged1", auth_key=key)
+    c = tailnet.client("tagged1", auth_key=key)
     nodes = await wait_nodes(tailnet.server, ["tagged1"], timeout=ONLINE_WITHIN)
     node = node_by_name(nodes, "tagged1")
     assert node is not None
     assert node["tags"] == ["tag:server"]
     assert node["user"]["name"] == "tagged-devices"
+    # The client, too, sees itself owned by the tags, not by alice who made the key.
+    await c.wait_for_log(msg_has("netmap: self:", "u=tagged-devices"), timeout=20)
+    await c.wait_for_log(msg_has("active login: tagged-devices"), timeout=20)
 
 
 async def test_interactive_login_via_cli(tailnet: Tailnet) -> None:

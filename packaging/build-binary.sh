@@ -68,6 +68,15 @@ inputs=$( {
   "$py" -m pip freeze --exclude-editable 2>/dev/null
 } | sha256sum | cut -d' ' -f1)
 
+# Several people (and their `make test`) may build in this tree at once:
+# serialize builds per output directory; the second one then finds the first
+# one's result up to date. (--check only reads.)
+if [ "$mode" != check ]; then
+  mkdir -p "$repo/build"
+  exec 9>"$work.lock"
+  flock 9
+fi
+
 uptodate=no
 if [ -f "$dist/homescale" ] && [ "$(cat "$dist/homescale.inputs" 2>/dev/null)" = "$inputs" ]; then
   uptodate=yes
@@ -127,6 +136,10 @@ PY
 export SOURCE_DATE_EPOCH=$epoch PYTHONHASHSEED=0 TZ=UTC LC_ALL=C.UTF-8
 umask 022
 export HOMESCALE_SRC=$repo HOMESCALE_DISTINFO=$distinfo HOMESCALE_BUILDMOD=$buildmod
+# PyInstaller's cache (stripped copies of the libraries) defaults to
+# ~/.cache/pyinstaller, shared by every build of every user of that HOME, and
+# --clean empties it: a concurrent build elsewhere then loses files mid-build.
+export PYINSTALLER_CONFIG_DIR=$work/pyinstaller-cache
 # The hooks (collect_submodules) import our packages in a subprocess: make it
 # see this tree, not whatever tree the venv's editable install points at.
 export PYTHONPATH=$repo
@@ -134,10 +147,17 @@ export PYTHONPATH=$repo
 echo "build-binary: building $dist/homescale $version"
 start=$(date +%s)
 "$pyinstaller" --noconfirm --clean --log-level WARN \
-  --distpath "$dist" --workpath "$work" packaging/homescale.spec
+  --distpath "$work/out" --workpath "$work" packaging/homescale.spec
 # PyInstaller stamps the file with the build time; give it the commit time so
 # the .deb (which keeps mtimes) is reproducible too.
-touch -d "@$epoch" "$dist/homescale"
-echo "$version" >"$dist/homescale.version"
-echo "$inputs" >"$dist/homescale.inputs"
+touch -d "@$epoch" "$work/out/homescale"
+echo "$version" >"$work/out/homescale.version"
+echo "$inputs" >"$work/out/homescale.inputs"
+# Into place by rename: a test or a user running the old dist/homescale keeps
+# its file; nobody sees a half-written one. The inputs digest goes last: it
+# is what declares dist/ up to date.
+for f in homescale homescale.version homescale.inputs; do
+  cp -p "$work/out/$f" "$dist/.$f.new"
+  mv -f "$dist/.$f.new" "$dist/$f"
+done
 echo "build-binary: $dist/homescale $(du -h "$dist/homescale" | cut -f1) in $(( $(date +%s) - start ))s ($version)"

@@ -116,5 +116,8 @@ deb=$outdir/homescale_${version}_amd64.deb
 # --root-owner-group: files belong to root:root in the package whoever builds
 # it. gzip, not dpkg's default xz: the binary is already compressed inside
 # (xz saved 2% and took 12 s); named so a new default does not change bytes.
-dpkg-deb --root-owner-group -Zgzip -z9 --build "$root" "$deb" >&2
+dpkg-deb --root-owner-group -Zgzip -z9 --build "$root" "$stage/out.deb" >&2
+# Into place by rename: a concurrent build or install never reads half a file.
+cp "$stage/out.deb" "$deb.new.$$"
+mv -f "$deb.new.$$" "$deb"
 echo "build-deb: wrote $deb"

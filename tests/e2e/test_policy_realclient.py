@@ -324,14 +324,41 @@ async def change_lets_bob_in(sc: Scenario, carol_stream: MapStream, since: int,
     assert alice_msgs == [], f"alicepc, unaffected, was sent: {alice_msgs}"
 
 
+async def change_shuts_bob_out(sc: Scenario, carol_stream: MapStream, since: int,
+                               change: Callable[[], Any]) -> None:
+    """Apply ``change`` (back to group_a_only): bob's node loses web within seconds and
+    its fetch fails again; only bob's and web's nodes were sent anything."""
+    web_id, bob_id = int(sc.ids["web"]), int(sc.ids["bobpc"])
+    await change()
+    await assert_tsnet_peers(sc.clients["bobpc"], expect=set(), why="bob shut out again",
+                             timeout=CHANGE_WITHIN)
+    await fetch_denied(sc.clients["bobpc"], sc.web)
+
+    bob_msgs = sent_messages(sc.server, sc.ids["bobpc"], since)
+    assert any(web_id in (m.get("PeersRemoved") or []) for m in bob_msgs), bob_msgs
+    web_msgs = sent_messages(sc.server, sc.ids["web"], since)
+    assert any(bob_id in (m.get("PeersRemoved") or []) for m in web_msgs), web_msgs
+    filters = [m["PacketFilter"] for m in web_msgs if "PacketFilter" in m]
+    assert filters, f"web was sent no new PacketFilter: {web_msgs}"
+    assert not filter_allows(filters[-1], sc.ipv4["bobpc"], sc.ipv4["web"], 80), filters[-1]
+    assert filter_allows(filters[-1], sc.ipv4["alicepc"], sc.ipv4["web"], 80), filters[-1]
+
+    with trio.move_on_after(QUIET_WINDOW):
+        size, msg = await carol_stream.next(timeout=QUIET_WINDOW + 1)
+        pytest.fail(f"carol's node, unaffected, was sent {size} bytes: {msg}")
+    alice_msgs = sent_messages(sc.server, sc.ids["alicepc"], since)
+    assert alice_msgs == [], f"alicepc, unaffected, was sent: {alice_msgs}"
+    body = await fetch_until(sc.clients["alicepc"], sc.web, timeout=10)
+    assert body.startswith(b"hello from web")
+
+
 # --- the tests -------------------------------------------------------------------------
 
 
 async def test_file_policy_denies_then_admits_after_edit(tmp_path: Path) -> None:
     async with scenario(tmp_path, "file") as sc, trio.open_nursery() as nursery:
-        since = 0
         _, carol_stream, carol_first = await open_carol(sc, nursery)
-        await check_before_change(sc, carol_first, since)
+        await check_before_change(sc, carol_first, 0)
 
         mark = sc.server.log.mark()
 
@@ -339,6 +366,14 @@ async def test_file_policy_denies_then_admits_after_edit(tmp_path: Path) -> None
             write_atomically(tmp_path / "policy.hujson", GROUP_A_AND_BOB.read_text())
 
         await change_lets_bob_in(sc, carol_stream, mark, edit)
+
+        # And back: the revocation reaches the clients the same way.
+        mark = sc.server.log.mark()
+
+        async def revert() -> None:
+            write_atomically(tmp_path / "policy.hujson", GROUP_A_ONLY.read_text())
+
+        await change_shuts_bob_out(sc, carol_stream, mark, revert)
         nursery.cancel_scope.cancel()
 
 

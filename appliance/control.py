@@ -328,6 +328,9 @@ class ControlService:
             with trio.CancelScope() as scope:
                 handle.cancel_scope = scope
                 await self._stream_loop(handle, encoder, resp)
+            if handle.last_words is not None:
+                with trio.move_on_after(5):
+                    await resp.send_data(encoder.encode(handle.last_words))
         finally:
             with trio.CancelScope(shield=True):
                 if self.tailnet.close_session(handle):

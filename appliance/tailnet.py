@@ -8,6 +8,7 @@ node's map, and nothing here waits on a client.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -39,12 +40,14 @@ class SessionHandle:
         self.wake = trio.Event()
         self.cancel_scope: trio.CancelScope | None = None
         self.closed_reason = ""
+        self.last_words: bytes | None = None  # a final MapResponse to send before closing
 
     def notify(self) -> None:
         self.wake.set()
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, last_words: bytes | None = None) -> None:
         self.closed_reason = reason
+        self.last_words = last_words
         if self.cancel_scope is not None:
             self.cancel_scope.cancel()
 
@@ -194,6 +197,7 @@ class Tailnet:
             if old_row is None:
                 return
             watchers = self.visible_peers(node_id)
+            peer = self.peers.get(node_id)
             del self.nodes[node_id]
             self.by_node_key.pop(old_row.node_key, None)
             self.peers.pop(node_id, None)
@@ -201,7 +205,13 @@ class Tailnet:
             self.online.discard(node_id)
             session = self.sessions.pop(node_id, None)
             if session is not None:
-                session.close("node deleted")
+                # Tell the client before hanging up: its own node with an expired key
+                # sends it to NeedsLogin, instead of polling on with a stale netmap.
+                expired = b""
+                if peer is not None:
+                    gone = dataclasses.replace(peer, key_expiry=utcnow())
+                    expired = b'{"Node":' + encode_node(gone, self.config.dns.base_domain) + b"}"
+                session.close("node deleted", expired or None)
             self._recompile()
             self._mark_peer(watchers, node_id)
             return

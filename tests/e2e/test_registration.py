@@ -175,9 +175,14 @@ async def test_rename_expire_delete_reach_clients(tailnet: Tailnet, pair: Pair) 
     body = await fetch_until(pair.b, "renamed1.tailnet.internal:80")
     assert body == b"hello from victim1"
 
-    # Delete: victim2 leaves nodea's netmap.
+    # Delete: victim2 leaves nodea's netmap, and victim2 itself is told (NeedsLogin)
+    # instead of polling on with a stale netmap.
+    await c2.wait_for_log(msg_has("Switching ipn state", "-> Running"), timeout=RUNNING_WITHIN)
     since = pair.a.log.mark()
+    since2 = c2.log.mark()
     await server.acli("nodes", "delete", "-i", str(v2["id"]), "--force")
+    await c2.wait_for_log(msg_has("-> NeedsLogin"), since=since2, timeout=15,
+                          what="victim2 NeedsLogin after its deletion")
     await pair.a.wait_for_log(
         lambda line: "netmap diff" in str(line.get("msg", ""))
         and f"- {short_key(v2['nodeKey'])}" in str(line.get("msg", "")),

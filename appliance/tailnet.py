@@ -71,6 +71,7 @@ class Tailnet:
     _ssh: dict[int, bytes | None] = field(default_factory=dict)
     auto_approved: dict[int, tuple[str, ...]] = field(default_factory=dict)
     by_node_key: dict[str, int] = field(default_factory=dict)  # for DERP's verify_clients
+    primaries: dict[str, int] = field(default_factory=dict)  # subnet route -> primary router
     on_node_offline: Callable[[int], None] | None = None
 
     # ------------------------------------------------------------ loading
@@ -145,9 +146,36 @@ class Tailnet:
 
     # ------------------------------------------------------------ node conversion
 
-    def _peer_node(self, n: NodeRow) -> PeerNode:
+    def _served(self, n: NodeRow) -> list[str]:
+        """Routes the node advertises and has approved (by an admin or autoApprovers)."""
         approved = (*n.approved_routes, *self.auto_approved.get(n.id, ()))
-        served = [r for r in approved if r in _advertised(n)]
+        return [r for r in approved if r in _advertised(n)]
+
+    def _elect_primaries(self) -> None:
+        """One primary router per subnet (online first, then lowest ID), as headscale does;
+        re-encode the routers whose primary routes changed (HA failover when one goes)."""
+        elected: dict[str, int] = {}
+        for nid in sorted(self.nodes):
+            for r in self._served(self.nodes[nid]):
+                if r in EXIT_ROUTES:
+                    continue  # every exit node offers them; no election
+                cur = elected.get(r)
+                if cur is None or (nid in self.online and cur not in self.online):
+                    elected[r] = nid
+        moved = {nid for r in elected.keys() | self.primaries.keys()
+                 if elected.get(r) != self.primaries.get(r)
+                 for nid in (elected.get(r), self.primaries.get(r)) if nid is not None}
+        self.primaries = elected
+        for nid in moved:
+            row = self.nodes.get(nid)
+            if row is not None and self._encode(row):
+                self._mark_peer(self.visible_peers(nid), nid)
+
+    def _is_router(self, n: NodeRow) -> bool:
+        return bool(self._served(n)) or n.id in self.primaries.values()
+
+    def _peer_node(self, n: NodeRow) -> PeerNode:
+        served = self._served(n)
         netinfo = n.hostinfo.get("NetInfo") or {}
         return PeerNode(
             id=n.id, given_name=n.given_name,
@@ -157,7 +185,7 @@ class Tailnet:
             hostinfo=n.hostinfo, home_derp=int(netinfo.get("PreferredDERP") or 0),
             created=n.created_at, key_expiry=n.expiry, last_seen=n.last_seen,
             online=n.id in self.online,
-            primary_routes=tuple(r for r in served if r not in EXIT_ROUTES),
+            primary_routes=tuple(r for r in served if self.primaries.get(r) == n.id),
             exit_routes=tuple(r for r in served if r in EXIT_ROUTES),
         )
 
@@ -230,6 +258,8 @@ class Tailnet:
             self._mark_peer(self.visible_peers(node_id), node_id)
         else:
             return
+        if self._is_router(row) or (old_row is not None and self._is_router(old_row)):
+            self._elect_primaries()
         session = self.sessions.get(node_id)
         if session is not None:
             session.state.mark_self()
@@ -282,6 +312,7 @@ class Tailnet:
             if before.get(nid) != self.auto_approved.get(nid) and nid in self.nodes:
                 self._encode(self.nodes[nid])
         self.compiled = compiled
+        self._elect_primaries()
         self._visible.clear()
         self._filters.clear()
         self._ssh.clear()
@@ -323,12 +354,6 @@ class Tailnet:
             return True
         return False
 
-    def primary_routes(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for p in self.peers.values():
-            for r in p.primary_routes:
-                out.setdefault(r, p.id)
-        return out
 
 
 def _advertised(n: NodeRow) -> list[str]:

@@ -226,7 +226,7 @@ def test_auto_approved_route_is_served_and_allowed() -> None:
     assert own is not None
     dsts = {d["IP"] for r in own["PacketFilter"] for d in r["DstPorts"]}
     assert dsts & {"*", "10.1.0.0/16"}
-    assert tn.primary_routes() == {"10.1.0.0/16": 1}
+    assert tn.primaries == {"10.1.0.0/16": 1}
 
 
 def test_auto_approval_revoked_by_policy_withdraws_the_route() -> None:
@@ -241,7 +241,7 @@ def test_auto_approval_revoked_by_policy_withdraws_the_route() -> None:
     (router,) = msg["PeersChanged"]
     assert "10.1.0.0/16" not in router["AllowedIPs"]
     assert "PrimaryRoutes" not in router
-    assert tn.primary_routes() == {}
+    assert tn.primaries == {}
 
 
 def test_unrelated_recompile_does_not_resend_auto_approved_routers() -> None:
@@ -350,8 +350,6 @@ def test_auto_approved_route_makes_the_router_reachable() -> None:
     assert IPSet.of(rule["SrcIPs"]).contains(ipaddress.ip_address(tn.nodes[2].ipv4 or ""))
 
 
-@pytest.mark.xfail(strict=True, reason="no primary-route election: every router serving a subnet "
-                   "puts it in its AllowedIPs/PrimaryRoutes (headscale: only the primary)")
 def test_a_subnet_served_by_two_routers_is_primary_on_one() -> None:
     routes = {"RoutableIPs": ["10.1.0.0/16"]}
     tn = make_tailnet(USERS, [node(1, hostinfo={**node(1).hostinfo, **routes},
@@ -362,3 +360,25 @@ def test_a_subnet_served_by_two_routers_is_primary_on_one() -> None:
     _, first = connect(tn, 3)
     claiming = [p["ID"] for p in first["Peers"] if "10.1.0.0/16" in p["AllowedIPs"]]
     assert len(claiming) == 1
+
+
+def test_primary_router_fails_over_when_it_goes_offline() -> None:
+    routes = {"RoutableIPs": ["10.1.0.0/16"]}
+    tn = make_tailnet(USERS, [node(1, hostinfo={**node(1).hostinfo, **routes},
+                                   approved_routes=["10.1.0.0/16"]),
+                              node(2, hostinfo={**node(2).hostinfo, **routes},
+                                   approved_routes=["10.1.0.0/16"]),
+                              node(3, user_id=2)])
+    tn.set_online(1, True)
+    tn.set_online(2, True)
+    h, first = connect(tn, 3)
+    owner = next(p["ID"] for p in first["Peers"] if "10.1.0.0/16" in p["AllowedIPs"])
+    other = 2 if owner == 1 else 1
+    tn.set_online(owner, False)
+    msg = compose(tn, h)
+    assert msg is not None
+    changed = {p["ID"]: p for p in msg.get("PeersChanged") or []}
+    # The standby takes the route over and the old primary gives it up, in one delta.
+    assert "10.1.0.0/16" in changed[other]["AllowedIPs"]
+    assert "10.1.0.0/16" in changed[other]["PrimaryRoutes"]
+    assert "10.1.0.0/16" not in changed[owner]["AllowedIPs"]

@@ -51,13 +51,17 @@ NIL = "nil"  # omit only None: for lists where [] has a meaning of its own
 
 
 def wire_field(
-    default: Any = dataclasses.MISSING,
     *,
+    default: Any = dataclasses.MISSING,
     omit: str = EMPTY,
     json: str | None = None,
     default_factory: Callable[[], Any] | Any = dataclasses.MISSING,
 ) -> Any:
-    """Declare a field's Go tag options (``omit``) and JSON name if not the attribute's."""
+    """Declare a field's Go tag options (``omit``) and JSON name if not the attribute's.
+
+    Keyword-only, like ``dataclasses.field``: type checkers (PEP 681) see a field
+    specifier's default only when it is passed as ``default=``/``default_factory=``.
+    """
     md = {"omit": omit, "json": json}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=md)

@@ -57,150 +57,150 @@ def _time(omit: str = NEVER) -> Any:
 class Oauth2Token(Wire):
     """golang.org/x/oauth2 Token, sent by very old Android clients only."""
 
-    access_token: str = wire_field("")
-    token_type: str = wire_field("")
-    refresh_token: str = wire_field("")
-    expiry: datetime | None = wire_field(None)
+    access_token: str = wire_field(default="")
+    token_type: str = wire_field(default="")
+    refresh_token: str = wire_field(default="")
+    expiry: datetime | None = wire_field(default=None)
 
 
 class RegisterResponseAuth(Wire):
-    Oauth2Token: Oauth2Token | None = wire_field(None)
-    AuthKey: str = wire_field("")
+    Oauth2Token: Oauth2Token | None = wire_field(default=None)
+    AuthKey: str = wire_field(default="")
 
 
 class RegisterRequest(Wire):
-    Version: int = wire_field(0, omit=NEVER)
+    Version: int = wire_field(default=0, omit=NEVER)
     NodeKey: NodePublic = _key(NodePublic)
     OldNodeKey: NodePublic = _key(NodePublic)
     NLKey: NLPublic = _key(NLPublic)
-    Auth: RegisterResponseAuth | None = wire_field(None)
+    Auth: RegisterResponseAuth | None = wire_field(default=None)
     # Unix 123 means "log me out" (direct.go TryLogout).
     Expiry: datetime = _time()
-    Followup: str = wire_field("", omit=NEVER)
-    Hostinfo: Hostinfo | None = wire_field(None, omit=NEVER)
-    Ephemeral: bool = wire_field(False)
-    NodeKeySignature: bytes | None = wire_field(None, omit=NEVER)
-    SignatureType: int = wire_field(0)
-    Timestamp: datetime | None = wire_field(None)
-    DeviceCert: bytes | None = wire_field(None)
-    Signature: bytes | None = wire_field(None)
-    Tailnet: str = wire_field("")
+    Followup: str = wire_field(default="", omit=NEVER)
+    Hostinfo: Hostinfo | None = wire_field(default=None, omit=NEVER)
+    Ephemeral: bool = wire_field(default=False)
+    NodeKeySignature: bytes | None = wire_field(default=None, omit=NEVER)
+    SignatureType: int = wire_field(default=0)
+    Timestamp: datetime | None = wire_field(default=None)
+    DeviceCert: bytes | None = wire_field(default=None)
+    Signature: bytes | None = wire_field(default=None)
+    Tailnet: str = wire_field(default="")
 
 
 class User(Wire):
-    ID: int = wire_field(0, omit=NEVER)
-    DisplayName: str = wire_field("", omit=NEVER)
-    ProfilePicURL: str = wire_field("", omit=NEVER)
+    ID: int = wire_field(default=0, omit=NEVER)
+    DisplayName: str = wire_field(default="", omit=NEVER)
+    ProfilePicURL: str = wire_field(default="", omit=NEVER)
     Created: datetime = _time()
 
 
 class Login(Wire):
-    ID: int = wire_field(0, omit=NEVER)
-    Provider: str = wire_field("", omit=NEVER)
-    LoginName: str = wire_field("", omit=NEVER)
-    DisplayName: str = wire_field("", omit=NEVER)
-    ProfilePicURL: str = wire_field("", omit=NEVER)
+    ID: int = wire_field(default=0, omit=NEVER)
+    Provider: str = wire_field(default="", omit=NEVER)
+    LoginName: str = wire_field(default="", omit=NEVER)
+    DisplayName: str = wire_field(default="", omit=NEVER)
+    ProfilePicURL: str = wire_field(default="", omit=NEVER)
 
 
 class RegisterResponse(Wire):
     User: User = wire_field(default_factory=lambda: User(), omit=NEVER)
     Login: Login = wire_field(default_factory=lambda: Login(), omit=NEVER)
-    NodeKeyExpired: bool = wire_field(False, omit=NEVER)
-    MachineAuthorized: bool = wire_field(False, omit=NEVER)
-    AuthURL: str = wire_field("", omit=NEVER)
+    NodeKeyExpired: bool = wire_field(default=False, omit=NEVER)
+    MachineAuthorized: bool = wire_field(default=False, omit=NEVER)
+    AuthURL: str = wire_field(default="", omit=NEVER)
     # Leave empty: a signature here makes the client re-register (tailnet lock).
-    NodeKeySignature: bytes | None = wire_field(None, omit=NEVER)
-    Error: str = wire_field("", omit=NEVER)
+    NodeKeySignature: bytes | None = wire_field(default=None, omit=NEVER)
+    Error: str = wire_field(default="", omit=NEVER)
 
 
 # --- hostinfo -------------------------------------------------------------------
 
 
 class Service(Wire):
-    Proto: str = wire_field("", omit=NEVER)
-    Port: int = wire_field(0, omit=NEVER)
-    Description: str = wire_field("")
+    Proto: str = wire_field(default="", omit=NEVER)
+    Port: int = wire_field(default=0, omit=NEVER)
+    Description: str = wire_field(default="")
 
 
 class NetInfo(Wire):
     # opt.Bool fields without omitempty marshal as null when unset.
-    MappingVariesByDestIP: bool | None = wire_field(None, omit=NEVER)
-    HairPinning: bool | None = wire_field(None, omit=NEVER)
-    WorkingIPv6: bool | None = wire_field(None, omit=NEVER)
-    OSHasIPv6: bool | None = wire_field(None, omit=NEVER)
-    WorkingUDP: bool | None = wire_field(None, omit=NEVER)
-    WorkingICMPv4: bool | None = wire_field(None, omit=NEVER)
-    HavePortMap: bool = wire_field(False)
-    UPnP: bool | None = wire_field(None, omit=NEVER)
-    PMP: bool | None = wire_field(None, omit=NEVER)
-    PCP: bool | None = wire_field(None, omit=NEVER)
-    PreferredDERP: int = wire_field(0, omit=NEVER)
-    LinkType: str = wire_field("")
-    DERPLatency: dict[str, float] | None = wire_field(None)
-    FirewallMode: str = wire_field("")
+    MappingVariesByDestIP: bool | None = wire_field(default=None, omit=NEVER)
+    HairPinning: bool | None = wire_field(default=None, omit=NEVER)
+    WorkingIPv6: bool | None = wire_field(default=None, omit=NEVER)
+    OSHasIPv6: bool | None = wire_field(default=None, omit=NEVER)
+    WorkingUDP: bool | None = wire_field(default=None, omit=NEVER)
+    WorkingICMPv4: bool | None = wire_field(default=None, omit=NEVER)
+    HavePortMap: bool = wire_field(default=False)
+    UPnP: bool | None = wire_field(default=None, omit=NEVER)
+    PMP: bool | None = wire_field(default=None, omit=NEVER)
+    PCP: bool | None = wire_field(default=None, omit=NEVER)
+    PreferredDERP: int = wire_field(default=0, omit=NEVER)
+    LinkType: str = wire_field(default="")
+    DERPLatency: dict[str, float] | None = wire_field(default=None)
+    FirewallMode: str = wire_field(default="")
 
 
 class Location(Wire):
-    Country: str = wire_field("")
-    CountryCode: str = wire_field("")
-    City: str = wire_field("")
-    CityCode: str = wire_field("")
-    Latitude: float = wire_field(0.0)
-    Longitude: float = wire_field(0.0)
-    Priority: int = wire_field(0)
+    Country: str = wire_field(default="")
+    CountryCode: str = wire_field(default="")
+    City: str = wire_field(default="")
+    CityCode: str = wire_field(default="")
+    Latitude: float = wire_field(default=0.0)
+    Longitude: float = wire_field(default=0.0)
+    Priority: int = wire_field(default=0)
 
 
 class TPMInfo(Wire):
-    Manufacturer: str = wire_field("")
-    Vendor: str = wire_field("")
-    Model: int = wire_field(0)
-    FirmwareVersion: int = wire_field(0)
-    SpecRevision: int = wire_field(0)
-    FamilyIndicator: str = wire_field("")
+    Manufacturer: str = wire_field(default="")
+    Vendor: str = wire_field(default="")
+    Model: int = wire_field(default=0)
+    FirmwareVersion: int = wire_field(default=0)
+    SpecRevision: int = wire_field(default=0)
+    FamilyIndicator: str = wire_field(default="")
 
 
 class Hostinfo(Wire):
-    IPNVersion: str = wire_field("")
-    FrontendLogID: str = wire_field("")
-    BackendLogID: str = wire_field("")
-    OS: str = wire_field("")
-    OSVersion: str = wire_field("")
-    Container: bool | None = wire_field(None)
-    Env: str = wire_field("")
-    Distro: str = wire_field("")
-    DistroVersion: str = wire_field("")
-    DistroCodeName: str = wire_field("")
-    App: str = wire_field("")
-    Desktop: bool | None = wire_field(None)
-    Package: str = wire_field("")
-    DeviceModel: str = wire_field("")
-    PushDeviceToken: str = wire_field("")
-    Hostname: str = wire_field("")
-    ShieldsUp: bool = wire_field(False)
-    ShareeNode: bool = wire_field(False)
-    NoLogsNoSupport: bool = wire_field(False)
-    WireIngress: bool = wire_field(False)
-    IngressEnabled: bool = wire_field(False)
-    AllowsUpdate: bool = wire_field(False)
-    Machine: str = wire_field("")
-    GoArch: str = wire_field("")
-    GoArchVar: str = wire_field("")
-    GoVersion: str = wire_field("")
-    RoutableIPs: list[str] | None = wire_field(None)
-    RequestTags: list[str] | None = wire_field(None)
-    WoLMACs: list[str] | None = wire_field(None)
-    Services: list[Service] | None = wire_field(None)
-    NetInfo: NetInfo | None = wire_field(None)
-    sshHostKeys: list[str] | None = wire_field(None)
-    Cloud: str = wire_field("")
-    Userspace: bool | None = wire_field(None)
-    UserspaceRouter: bool | None = wire_field(None)
-    AppConnector: bool | None = wire_field(None)
-    ServicesHash: str = wire_field("")
-    ExitNodeID: str = wire_field("", omit=ZERO)
-    Location: Location | None = wire_field(None)
-    TPM: TPMInfo | None = wire_field(None)
-    StateEncrypted: bool | None = wire_field(None)
+    IPNVersion: str = wire_field(default="")
+    FrontendLogID: str = wire_field(default="")
+    BackendLogID: str = wire_field(default="")
+    OS: str = wire_field(default="")
+    OSVersion: str = wire_field(default="")
+    Container: bool | None = wire_field(default=None)
+    Env: str = wire_field(default="")
+    Distro: str = wire_field(default="")
+    DistroVersion: str = wire_field(default="")
+    DistroCodeName: str = wire_field(default="")
+    App: str = wire_field(default="")
+    Desktop: bool | None = wire_field(default=None)
+    Package: str = wire_field(default="")
+    DeviceModel: str = wire_field(default="")
+    PushDeviceToken: str = wire_field(default="")
+    Hostname: str = wire_field(default="")
+    ShieldsUp: bool = wire_field(default=False)
+    ShareeNode: bool = wire_field(default=False)
+    NoLogsNoSupport: bool = wire_field(default=False)
+    WireIngress: bool = wire_field(default=False)
+    IngressEnabled: bool = wire_field(default=False)
+    AllowsUpdate: bool = wire_field(default=False)
+    Machine: str = wire_field(default="")
+    GoArch: str = wire_field(default="")
+    GoArchVar: str = wire_field(default="")
+    GoVersion: str = wire_field(default="")
+    RoutableIPs: list[str] | None = wire_field(default=None)
+    RequestTags: list[str] | None = wire_field(default=None)
+    WoLMACs: list[str] | None = wire_field(default=None)
+    Services: list[Service] | None = wire_field(default=None)
+    NetInfo: NetInfo | None = wire_field(default=None)
+    sshHostKeys: list[str] | None = wire_field(default=None)
+    Cloud: str = wire_field(default="")
+    Userspace: bool | None = wire_field(default=None)
+    UserspaceRouter: bool | None = wire_field(default=None)
+    AppConnector: bool | None = wire_field(default=None)
+    ServicesHash: str = wire_field(default="")
+    ExitNodeID: str = wire_field(default="", omit=ZERO)
+    Location: Location | None = wire_field(default=None)
+    TPM: TPMInfo | None = wire_field(default=None)
+    StateEncrypted: bool | None = wire_field(default=None)
 
 
 # --- DNS ------------------------------------------------------------------------
@@ -209,97 +209,97 @@ class Hostinfo(Wire):
 class Resolver(Wire):
     """types/dnstype.Resolver."""
 
-    Addr: str = wire_field("")
-    BootstrapResolution: list[str] | None = wire_field(None)
-    UseWithExitNode: bool = wire_field(False)
+    Addr: str = wire_field(default="")
+    BootstrapResolution: list[str] | None = wire_field(default=None)
+    UseWithExitNode: bool = wire_field(default=False)
 
 
 class DNSRecord(Wire):
-    Name: str = wire_field("", omit=NEVER)
-    Type: str = wire_field("")
-    Value: str = wire_field("", omit=NEVER)
+    Name: str = wire_field(default="", omit=NEVER)
+    Type: str = wire_field(default="")
+    Value: str = wire_field(default="", omit=NEVER)
 
 
 class DNSConfig(Wire):
-    Resolvers: list[Resolver] | None = wire_field(None)
+    Resolvers: list[Resolver] | None = wire_field(default=None)
     # An empty list for a suffix means "answered by 100.100.100.100" (split DNS).
-    Routes: dict[str, list[Resolver] | None] | None = wire_field(None)
-    FallbackResolvers: list[Resolver] | None = wire_field(None)
-    Domains: list[str] | None = wire_field(None)
-    Proxied: bool = wire_field(False)
-    Nameservers: list[str] | None = wire_field(None)
-    CertDomains: list[str] | None = wire_field(None)
-    ExtraRecords: list[DNSRecord] | None = wire_field(None)
-    ExitNodeFilteredSet: list[str] | None = wire_field(None)
-    TempCorpIssue13969: str = wire_field("")
+    Routes: dict[str, list[Resolver] | None] | None = wire_field(default=None)
+    FallbackResolvers: list[Resolver] | None = wire_field(default=None)
+    Domains: list[str] | None = wire_field(default=None)
+    Proxied: bool = wire_field(default=False)
+    Nameservers: list[str] | None = wire_field(default=None)
+    CertDomains: list[str] | None = wire_field(default=None)
+    ExtraRecords: list[DNSRecord] | None = wire_field(default=None)
+    ExitNodeFilteredSet: list[str] | None = wire_field(default=None)
+    TempCorpIssue13969: str = wire_field(default="")
 
 
 # --- DERP map -------------------------------------------------------------------
 
 
 class DERPNode(Wire):
-    Name: str = wire_field("", omit=NEVER)
-    RegionID: int = wire_field(0, omit=NEVER)
-    HostName: str = wire_field("", omit=NEVER)
-    CertName: str = wire_field("")
-    IPv4: str = wire_field("")
-    IPv6: str = wire_field("")
-    STUNPort: int = wire_field(0)
-    STUNOnly: bool = wire_field(False)
-    DERPPort: int = wire_field(0)
-    InsecureForTests: bool = wire_field(False)
-    STUNTestIP: str = wire_field("")
-    CanPort80: bool = wire_field(False)
+    Name: str = wire_field(default="", omit=NEVER)
+    RegionID: int = wire_field(default=0, omit=NEVER)
+    HostName: str = wire_field(default="", omit=NEVER)
+    CertName: str = wire_field(default="")
+    IPv4: str = wire_field(default="")
+    IPv6: str = wire_field(default="")
+    STUNPort: int = wire_field(default=0)
+    STUNOnly: bool = wire_field(default=False)
+    DERPPort: int = wire_field(default=0)
+    InsecureForTests: bool = wire_field(default=False)
+    STUNTestIP: str = wire_field(default="")
+    CanPort80: bool = wire_field(default=False)
 
 
 class DERPRegion(Wire):
-    RegionID: int = wire_field(0, omit=NEVER)
-    RegionCode: str = wire_field("", omit=NEVER)
-    RegionName: str = wire_field("", omit=NEVER)
-    Latitude: float = wire_field(0.0)
-    Longitude: float = wire_field(0.0)
-    Avoid: bool = wire_field(False)
-    NoMeasureNoHome: bool = wire_field(False)
-    Nodes: list[DERPNode] | None = wire_field(None, omit=NEVER)
+    RegionID: int = wire_field(default=0, omit=NEVER)
+    RegionCode: str = wire_field(default="", omit=NEVER)
+    RegionName: str = wire_field(default="", omit=NEVER)
+    Latitude: float = wire_field(default=0.0)
+    Longitude: float = wire_field(default=0.0)
+    Avoid: bool = wire_field(default=False)
+    NoMeasureNoHome: bool = wire_field(default=False)
+    Nodes: list[DERPNode] | None = wire_field(default=None, omit=NEVER)
 
 
 class DERPHomeParams(Wire):
-    RegionScore: dict[int, float] | None = wire_field(None)
+    RegionScore: dict[int, float] | None = wire_field(default=None)
 
 
 class DERPMap(Wire):
-    HomeParams: DERPHomeParams | None = wire_field(None)
+    HomeParams: DERPHomeParams | None = wire_field(default=None)
     # Never put a None region in here: older clients crash on it (PROTOCOL.md 7.2.17).
-    Regions: dict[int, DERPRegion] | None = wire_field(None, omit=NEVER)
-    omitDefaultRegions: bool = wire_field(False)
+    Regions: dict[int, DERPRegion] | None = wire_field(default=None, omit=NEVER)
+    omitDefaultRegions: bool = wire_field(default=False)
 
 
 # --- packet filter --------------------------------------------------------------
 
 
 class PortRange(Wire):
-    First: int = wire_field(0, omit=NEVER)
-    Last: int = wire_field(0, omit=NEVER)
+    First: int = wire_field(default=0, omit=NEVER)
+    Last: int = wire_field(default=0, omit=NEVER)
 
 
 class NetPortRange(Wire):
-    IP: str = wire_field("", omit=NEVER)
-    Bits: int | None = wire_field(None)
+    IP: str = wire_field(default="", omit=NEVER)
+    Bits: int | None = wire_field(default=None)
     Ports: PortRange = wire_field(default_factory=lambda: PortRange(), omit=NEVER)
 
 
 class CapGrant(Wire):
-    Dsts: list[str] | None = wire_field(None, omit=NEVER)
-    Caps: list[str] | None = wire_field(None)
-    CapMap: dict[str, Any] | None = wire_field(None)
+    Dsts: list[str] | None = wire_field(default=None, omit=NEVER)
+    Caps: list[str] | None = wire_field(default=None)
+    CapMap: dict[str, Any] | None = wire_field(default=None)
 
 
 class FilterRule(Wire):
-    SrcIPs: list[str] | None = wire_field(None, omit=NEVER)
-    SrcBits: list[int] | None = wire_field(None)
-    DstPorts: list[NetPortRange] | None = wire_field(None)
-    IPProto: list[int] | None = wire_field(None)
-    CapGrant: list[CapGrant] | None = wire_field(None)
+    SrcIPs: list[str] | None = wire_field(default=None, omit=NEVER)
+    SrcBits: list[int] | None = wire_field(default=None)
+    DstPorts: list[NetPortRange] | None = wire_field(default=None)
+    IPProto: list[int] | None = wire_field(default=None)
+    CapGrant: list[CapGrant] | None = wire_field(default=None)
 
 
 # tailcfg.FilterAllowAll
@@ -316,220 +316,225 @@ def filter_allow_all() -> list[FilterRule]:
 
 
 class SSHPrincipal(Wire):
-    node: str = wire_field("")
-    nodeIP: str = wire_field("")
-    userLogin: str = wire_field("")
-    any: bool = wire_field(False)
-    pubKeys: list[str] | None = wire_field(None)
+    node: str = wire_field(default="")
+    nodeIP: str = wire_field(default="")
+    userLogin: str = wire_field(default="")
+    any: bool = wire_field(default=False)
+    pubKeys: list[str] | None = wire_field(default=None)
 
 
 class SSHRecorderFailureAction(Wire):
-    RejectSessionWithMessage: str = wire_field("")
-    TerminateSessionWithMessage: str = wire_field("")
-    NotifyURL: str = wire_field("")
+    RejectSessionWithMessage: str = wire_field(default="")
+    TerminateSessionWithMessage: str = wire_field(default="")
+    NotifyURL: str = wire_field(default="")
 
 
 class SSHAction(Wire):
-    message: str = wire_field("")
-    reject: bool = wire_field(False)
-    accept: bool = wire_field(False)
+    message: str = wire_field(default="")
+    reject: bool = wire_field(default=False)
+    accept: bool = wire_field(default=False)
     # time.Duration: integer nanoseconds.
-    sessionDuration: int = wire_field(0)
-    allowAgentForwarding: bool = wire_field(False)
-    holdAndDelegate: str = wire_field("")
-    allowLocalPortForwarding: bool = wire_field(False)
-    allowRemotePortForwarding: bool = wire_field(False)
-    recorders: list[str] | None = wire_field(None)
-    onRecordingFailure: SSHRecorderFailureAction | None = wire_field(None)
+    sessionDuration: int = wire_field(default=0)
+    allowAgentForwarding: bool = wire_field(default=False)
+    holdAndDelegate: str = wire_field(default="")
+    allowLocalPortForwarding: bool = wire_field(default=False)
+    allowRemotePortForwarding: bool = wire_field(default=False)
+    recorders: list[str] | None = wire_field(default=None)
+    onRecordingFailure: SSHRecorderFailureAction | None = wire_field(default=None)
 
 
 class SSHRule(Wire):
-    ruleExpires: datetime | None = wire_field(None)
-    principals: list[SSHPrincipal] | None = wire_field(None, omit=NEVER)
-    sshUsers: dict[str, str] | None = wire_field(None, omit=NEVER)
-    action: SSHAction | None = wire_field(None, omit=NEVER)
-    acceptEnv: list[str] | None = wire_field(None)
+    ruleExpires: datetime | None = wire_field(default=None)
+    principals: list[SSHPrincipal] | None = wire_field(default=None, omit=NEVER)
+    sshUsers: dict[str, str] | None = wire_field(default=None, omit=NEVER)
+    action: SSHAction | None = wire_field(default=None, omit=NEVER)
+    acceptEnv: list[str] | None = wire_field(default=None)
 
 
 class SSHPolicy(Wire):
-    rules: list[SSHRule] | None = wire_field(None, omit=NEVER)
+    rules: list[SSHRule] | None = wire_field(default=None, omit=NEVER)
 
 
 # --- nodes and users ------------------------------------------------------------
 
 
 class UserProfile(Wire):
-    ID: int = wire_field(0, omit=NEVER)
-    LoginName: str = wire_field("", omit=NEVER)
-    DisplayName: str = wire_field("", omit=NEVER)
-    ProfilePicURL: str = wire_field("")
+    ID: int = wire_field(default=0, omit=NEVER)
+    LoginName: str = wire_field(default="", omit=NEVER)
+    DisplayName: str = wire_field(default="", omit=NEVER)
+    ProfilePicURL: str = wire_field(default="")
 
 
 class Node(Wire):
-    ID: int = wire_field(0, omit=NEVER)
-    StableID: str = wire_field("", omit=NEVER)
+    ID: int = wire_field(default=0, omit=NEVER)
+    StableID: str = wire_field(default="", omit=NEVER)
     # FQDN with the trailing dot; the client derives the MagicDNS suffix from it.
-    Name: str = wire_field("", omit=NEVER)
-    User: int = wire_field(0, omit=NEVER)
-    Sharer: int = wire_field(0)
+    Name: str = wire_field(default="", omit=NEVER)
+    User: int = wire_field(default=0, omit=NEVER)
+    Sharer: int = wire_field(default=0)
     Key: NodePublic = _key(NodePublic)
     KeyExpiry: datetime = _time()
-    KeySignature: bytes | None = wire_field(None)
+    KeySignature: bytes | None = wire_field(default=None)
     Machine: MachinePublic = _key(MachinePublic)
     DiscoKey: DiscoPublic = _key(DiscoPublic)
-    Addresses: list[str] | None = wire_field(None, omit=NEVER)
-    AllowedIPs: list[str] | None = wire_field(None, omit=NEVER)
-    Endpoints: list[str] | None = wire_field(None)
-    LegacyDERPString: str = wire_field("", json="DERP")
-    HomeDERP: int = wire_field(0)
+    Addresses: list[str] | None = wire_field(default=None, omit=NEVER)
+    AllowedIPs: list[str] | None = wire_field(default=None, omit=NEVER)
+    Endpoints: list[str] | None = wire_field(default=None)
+    LegacyDERPString: str = wire_field(default="", json="DERP")
+    HomeDERP: int = wire_field(default=0)
     # A HostinfoView: null when unset, which some client code dereferences, so
     # the netmap builder should always fill it.
-    Hostinfo: Hostinfo | None = wire_field(None, omit=NEVER)
+    Hostinfo: Hostinfo | None = wire_field(default=None, omit=NEVER)
     Created: datetime = _time()
-    Cap: int = wire_field(0)
-    Tags: list[str] | None = wire_field(None)
-    PrimaryRoutes: list[str] | None = wire_field(None)
-    LastSeen: datetime | None = wire_field(None)
-    Online: bool | None = wire_field(None)
-    MachineAuthorized: bool = wire_field(False)
-    Capabilities: list[str] | None = wire_field(None)
-    CapMap: dict[str, Any] | None = wire_field(None)
-    UnsignedPeerAPIOnly: bool = wire_field(False)
+    Cap: int = wire_field(default=0)
+    Tags: list[str] | None = wire_field(default=None)
+    PrimaryRoutes: list[str] | None = wire_field(default=None)
+    LastSeen: datetime | None = wire_field(default=None)
+    Online: bool | None = wire_field(default=None)
+    MachineAuthorized: bool = wire_field(default=False)
+    Capabilities: list[str] | None = wire_field(default=None)
+    CapMap: dict[str, Any] | None = wire_field(default=None)
+    UnsignedPeerAPIOnly: bool = wire_field(default=False)
     # Computed by the client; present in client-side dumps, never sent by a server.
-    ComputedName: str = wire_field("")
-    ComputedNameWithHost: str = wire_field("")
-    DataPlaneAuditLogID: str = wire_field("")
-    Expired: bool = wire_field(False)
-    SelfNodeV4MasqAddrForThisPeer: str | None = wire_field(None)
-    SelfNodeV6MasqAddrForThisPeer: str | None = wire_field(None)
-    IsWireGuardOnly: bool = wire_field(False)
-    IsJailed: bool = wire_field(False)
-    ExitNodeDNSResolvers: list[Resolver] | None = wire_field(None)
+    ComputedName: str = wire_field(default="")
+    ComputedNameWithHost: str = wire_field(default="")
+    DataPlaneAuditLogID: str = wire_field(default="")
+    Expired: bool = wire_field(default=False)
+    SelfNodeV4MasqAddrForThisPeer: str | None = wire_field(default=None)
+    SelfNodeV6MasqAddrForThisPeer: str | None = wire_field(default=None)
+    IsWireGuardOnly: bool = wire_field(default=False)
+    IsJailed: bool = wire_field(default=False)
+    ExitNodeDNSResolvers: list[Resolver] | None = wire_field(default=None)
 
 
 class PeerChange(Wire):
-    NodeID: int = wire_field(0, omit=NEVER)
-    DERPRegion: int = wire_field(0)
-    Cap: int = wire_field(0)
-    CapMap: dict[str, Any] | None = wire_field(None)
-    Endpoints: list[str] | None = wire_field(None)
-    Key: NodePublic | None = wire_field(None)
-    KeySignature: bytes | None = wire_field(None)
-    DiscoKey: DiscoPublic | None = wire_field(None)
-    Online: bool | None = wire_field(None)
-    LastSeen: datetime | None = wire_field(None)
-    KeyExpiry: datetime | None = wire_field(None)
+    NodeID: int = wire_field(default=0, omit=NEVER)
+    DERPRegion: int = wire_field(default=0)
+    Cap: int = wire_field(default=0)
+    CapMap: dict[str, Any] | None = wire_field(default=None)
+    Endpoints: list[str] | None = wire_field(default=None)
+    Key: NodePublic | None = wire_field(default=None)
+    KeySignature: bytes | None = wire_field(default=None)
+    DiscoKey: DiscoPublic | None = wire_field(default=None)
+    Online: bool | None = wire_field(default=None)
+    LastSeen: datetime | None = wire_field(default=None)
+    KeyExpiry: datetime | None = wire_field(default=None)
 
 
 # --- map request / response -----------------------------------------------------
 
 
 class MapRequest(Wire):
-    Version: int = wire_field(0, omit=NEVER)
-    Compress: str = wire_field("", omit=NEVER)
-    KeepAlive: bool = wire_field(False, omit=NEVER)
+    Version: int = wire_field(default=0, omit=NEVER)
+    Compress: str = wire_field(default="", omit=NEVER)
+    KeepAlive: bool = wire_field(default=False, omit=NEVER)
     NodeKey: NodePublic = _key(NodePublic)
     DiscoKey: DiscoPublic = _key(DiscoPublic)
     HardwareAttestationKey: HardwareAttestationPublic = _key(HardwareAttestationPublic, ZERO)
-    HardwareAttestationKeySignature: bytes | None = wire_field(None)
+    HardwareAttestationKeySignature: bytes | None = wire_field(default=None)
     HardwareAttestationKeySignatureTimestamp: datetime = _time(ZERO)
-    Stream: bool = wire_field(False, omit=NEVER)
-    Hostinfo: Hostinfo | None = wire_field(None, omit=NEVER)
-    MapSessionHandle: str = wire_field("")
-    MapSessionSeq: int = wire_field(0)
-    Endpoints: list[str] | None = wire_field(None)
-    EndpointTypes: list[int] | None = wire_field(None)
-    TKAHead: str = wire_field("")
-    ReadOnly: bool = wire_field(False)
-    OmitPeers: bool = wire_field(False)
-    DebugFlags: list[str] | None = wire_field(None)
-    ConnectionHandleForTest: str = wire_field("")
+    Stream: bool = wire_field(default=False, omit=NEVER)
+    Hostinfo: Hostinfo | None = wire_field(default=None, omit=NEVER)
+    MapSessionHandle: str = wire_field(default="")
+    MapSessionSeq: int = wire_field(default=0)
+    Endpoints: list[str] | None = wire_field(default=None)
+    EndpointTypes: list[int] | None = wire_field(default=None)
+    TKAHead: str = wire_field(default="")
+    ReadOnly: bool = wire_field(default=False)
+    OmitPeers: bool = wire_field(default=False)
+    DebugFlags: list[str] | None = wire_field(default=None)
+    ConnectionHandleForTest: str = wire_field(default="")
 
 
 class PingRequest(Wire):
-    URL: str = wire_field("", omit=NEVER)
-    URLIsNoise: bool = wire_field(False)
-    Log: bool = wire_field(False)
-    Types: str = wire_field("")
-    IP: str = wire_field("", omit=NEVER)
-    Payload: bytes | None = wire_field(None)
+    URL: str = wire_field(default="", omit=NEVER)
+    URLIsNoise: bool = wire_field(default=False)
+    Log: bool = wire_field(default=False)
+    Types: str = wire_field(default="")
+    IP: str = wire_field(default="", omit=NEVER)
+    Payload: bytes | None = wire_field(default=None)
 
 
 class Debug(Wire):
-    SleepSeconds: float = wire_field(0.0)
-    DisableLogTail: bool = wire_field(False)
+    SleepSeconds: float = wire_field(default=0.0)
+    DisableLogTail: bool = wire_field(default=False)
     # Never set by homescale: the client calls os.Exit with it.
-    Exit: int | None = wire_field(None)
+    Exit: int | None = wire_field(default=None)
 
 
 class ClientVersion(Wire):
-    RunningLatest: bool = wire_field(False)
-    LatestVersion: str = wire_field("")
-    UrgentSecurityUpdate: bool = wire_field(False)
-    Notify: bool = wire_field(False)
-    NotifyURL: str = wire_field("")
-    NotifyText: str = wire_field("")
+    RunningLatest: bool = wire_field(default=False)
+    LatestVersion: str = wire_field(default="")
+    UrgentSecurityUpdate: bool = wire_field(default=False)
+    Notify: bool = wire_field(default=False)
+    NotifyURL: str = wire_field(default="")
+    NotifyText: str = wire_field(default="")
 
 
 class ControlIPCandidate(Wire):
-    IP: str = wire_field("", omit=ZERO)
-    ACEHost: str = wire_field("")
-    DialStartDelaySec: float = wire_field(0.0)
-    DialTimeoutSec: float = wire_field(0.0)
-    Priority: int = wire_field(0)
+    IP: str = wire_field(default="", omit=ZERO)
+    ACEHost: str = wire_field(default="")
+    DialStartDelaySec: float = wire_field(default=0.0)
+    DialTimeoutSec: float = wire_field(default=0.0)
+    Priority: int = wire_field(default=0)
 
 
 class ControlDialPlan(Wire):
-    Candidates: list[ControlIPCandidate] | None = wire_field(None, omit=NEVER)
+    Candidates: list[ControlIPCandidate] | None = wire_field(default=None, omit=NEVER)
 
 
 class DisplayMessageAction(Wire):
-    URL: str = wire_field("", omit=NEVER)
-    Label: str = wire_field("", omit=NEVER)
+    URL: str = wire_field(default="", omit=NEVER)
+    Label: str = wire_field(default="", omit=NEVER)
 
 
 class DisplayMessage(Wire):
-    Title: str = wire_field("", omit=NEVER)
-    Text: str = wire_field("", omit=NEVER)
-    Severity: str = wire_field("", omit=NEVER)
-    ImpactsConnectivity: bool = wire_field(False)
-    PrimaryAction: DisplayMessageAction | None = wire_field(None)
+    Title: str = wire_field(default="", omit=NEVER)
+    Text: str = wire_field(default="", omit=NEVER)
+    Severity: str = wire_field(default="", omit=NEVER)
+    ImpactsConnectivity: bool = wire_field(default=False)
+    PrimaryAction: DisplayMessageAction | None = wire_field(default=None)
+
+
+# Inside MapResponse the field ``Node`` shadows the class for type checkers; the
+# annotations there name the class through this alias.
+_Node = Node
 
 
 class MapResponse(Wire):
-    MapSessionHandle: str = wire_field("")
-    Seq: int = wire_field(0)
-    KeepAlive: bool = wire_field(False)
-    PingRequest: PingRequest | None = wire_field(None)
-    PopBrowserURL: str = wire_field("")
-    Node: Node | None = wire_field(None)
-    DERPMap: DERPMap | None = wire_field(None)
+    MapSessionHandle: str = wire_field(default="")
+    Seq: int = wire_field(default=0)
+    KeepAlive: bool = wire_field(default=False)
+    PingRequest: PingRequest | None = wire_field(default=None)
+    PopBrowserURL: str = wire_field(default="")
+    Node: _Node | None = wire_field(default=None)
+    DERPMap: DERPMap | None = wire_field(default=None)
     # Non-empty Peers replaces the whole peer set (map.go); deltas use the next three.
-    Peers: list[Node] | None = wire_field(None)
-    PeersChanged: list[Node] | None = wire_field(None)
-    PeersRemoved: list[int] | None = wire_field(None)
-    PeersChangedPatch: list[PeerChange] | None = wire_field(None)
-    PeerSeenChange: dict[int, bool] | None = wire_field(None)
-    OnlineChange: dict[int, bool] | None = wire_field(None)
-    DNSConfig: DNSConfig | None = wire_field(None)
-    Domain: str = wire_field("")
-    CollectServices: bool | None = wire_field(None)
+    Peers: list[_Node] | None = wire_field(default=None)
+    PeersChanged: list[_Node] | None = wire_field(default=None)
+    PeersRemoved: list[int] | None = wire_field(default=None)
+    PeersChangedPatch: list[PeerChange] | None = wire_field(default=None)
+    PeerSeenChange: dict[int, bool] | None = wire_field(default=None)
+    OnlineChange: dict[int, bool] | None = wire_field(default=None)
+    DNSConfig: DNSConfig | None = wire_field(default=None)
+    Domain: str = wire_field(default="")
+    CollectServices: bool | None = wire_field(default=None)
     # Deliberately not Go's omitempty: a present-but-empty PacketFilter means
     # "block everything" to the client, which Go's encoder cannot express but a
     # server must be able to. None = unchanged (absent).
-    PacketFilter: list[FilterRule] | None = wire_field(None, omit=NIL)
-    PacketFilters: dict[str, list[FilterRule] | None] | None = wire_field(None)
-    UserProfiles: list[UserProfile] | None = wire_field(None)
-    Health: list[str] | None = wire_field(None)
-    DisplayMessages: dict[str, DisplayMessage | None] | None = wire_field(None)
-    SSHPolicy: SSHPolicy | None = wire_field(None)
-    ControlTime: datetime | None = wire_field(None)
-    TKAInfo: Any = wire_field(None)
-    DomainDataPlaneAuditLogID: str = wire_field("")
-    Debug: Debug | None = wire_field(None)
-    ControlDialPlan: ControlDialPlan | None = wire_field(None)
-    ClientVersion: ClientVersion | None = wire_field(None)
-    DefaultAutoUpdate: bool | None = wire_field(None)
+    PacketFilter: list[FilterRule] | None = wire_field(default=None, omit=NIL)
+    PacketFilters: dict[str, list[FilterRule] | None] | None = wire_field(default=None)
+    UserProfiles: list[UserProfile] | None = wire_field(default=None)
+    Health: list[str] | None = wire_field(default=None)
+    DisplayMessages: dict[str, DisplayMessage | None] | None = wire_field(default=None)
+    SSHPolicy: SSHPolicy | None = wire_field(default=None)
+    ControlTime: datetime | None = wire_field(default=None)
+    TKAInfo: Any = wire_field(default=None)
+    DomainDataPlaneAuditLogID: str = wire_field(default="")
+    Debug: Debug | None = wire_field(default=None)
+    ControlDialPlan: ControlDialPlan | None = wire_field(default=None)
+    ClientVersion: ClientVersion | None = wire_field(default=None)
+    DefaultAutoUpdate: bool | None = wire_field(default=None)
 
 
 # --- other Noise endpoints -------------------------------------------------------
@@ -547,24 +552,24 @@ class OverTLSPublicKeyResponse(Wire):
 
 
 class SetDNSRequest(Wire):
-    Version: int = wire_field(0, omit=NEVER)
+    Version: int = wire_field(default=0, omit=NEVER)
     NodeKey: NodePublic = _key(NodePublic)
-    Name: str = wire_field("", omit=NEVER)
-    Type: str = wire_field("", omit=NEVER)
-    Value: str = wire_field("", omit=NEVER)
+    Name: str = wire_field(default="", omit=NEVER)
+    Type: str = wire_field(default="", omit=NEVER)
+    Value: str = wire_field(default="", omit=NEVER)
 
 
 class TokenRequest(Wire):
-    CapVersion: int = wire_field(0, omit=NEVER)
+    CapVersion: int = wire_field(default=0, omit=NEVER)
     NodeKey: NodePublic = _key(NodePublic)
-    Audience: str = wire_field("", omit=NEVER)
+    Audience: str = wire_field(default="", omit=NEVER)
 
 
 class TokenResponse(Wire):
-    id_token: str = wire_field("", omit=NEVER)
+    id_token: str = wire_field(default="", omit=NEVER)
 
 
 class HealthChangeRequest(Wire):
-    Subsys: str = wire_field("", omit=NEVER)
-    Error: str = wire_field("", omit=NEVER)
+    Subsys: str = wire_field(default="", omit=NEVER)
+    Error: str = wire_field(default="", omit=NEVER)
     NodeKey: NodePublic = _key(NodePublic)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import signal
 import sqlite3
 import subprocess
 import time
@@ -59,6 +61,8 @@ DENIED_FETCH_TIMEOUT = 12.0
 # watched for anything (the server composes all sessions' messages together,
 # so a stray one would come right away).
 QUIET_WINDOW = 2.0
+# Longer than the server's policy file poll (appliance/serve.py, 1 s).
+POLL_AND_SOME = 1.5
 
 
 def _skip_unless_netns() -> None:
@@ -356,24 +360,55 @@ async def change_shuts_bob_out(sc: Scenario, carol_stream: MapStream, since: int
 
 
 async def test_file_policy_denies_then_admits_after_edit(tmp_path: Path) -> None:
+    policy_file = tmp_path / "policy.hujson"
     async with scenario(tmp_path, "file") as sc, trio.open_nursery() as nursery:
         _, carol_stream, carol_first = await open_carol(sc, nursery)
         await check_before_change(sc, carol_first, 0)
 
+        # An invalid edit is refused (located error in the log), the policy in force
+        # stays, and no node is sent anything.
+        mark = sc.server.log.mark()
+        write_atomically(policy_file, UNDEFINED_GROUP.read_text())
+        await sc.server.log.wait_for(realclient.msg_has("policy reload refused", "acls[1].src[0]", "line 7"),
+                                     since=mark, timeout=CHANGE_WITHIN, what="the refused reload")
+        await trio.sleep(0.5)  # what a (wrong) recompile would have sent comes at once
+        for name in sc.ids:
+            assert sent_messages(sc.server, sc.ids[name], mark) == [], f"{name} was sent a map"
+        await fetch_denied(sc.clients["bobpc"], sc.web)
+
         mark = sc.server.log.mark()
 
         async def edit() -> None:
-            write_atomically(tmp_path / "policy.hujson", GROUP_A_AND_BOB.read_text())
+            # Padded (HuJSON allows trailing whitespace) so that the revert below fits
+            # in the same number of bytes.
+            text = GROUP_A_AND_BOB.read_text()
+            write_atomically(policy_file, text.ljust(len(GROUP_A_ONLY.read_text()) + 16))
 
         await change_lets_bob_in(sc, carol_stream, mark, edit)
 
-        # And back: the revocation reaches the clients the same way.
+        # And back, by SIGHUP alone: the file is rewritten in place with the same
+        # size, inode and mtime, so the watcher (which compares those) sees no change.
         mark = sc.server.log.mark()
 
-        async def revert() -> None:
-            write_atomically(tmp_path / "policy.hujson", GROUP_A_ONLY.read_text())
+        async def revert_and_sighup() -> None:
+            before = policy_file.stat()
+            text = GROUP_A_ONLY.read_text()
+            text = text.ljust(before.st_size)
+            with policy_file.open("r+") as f:
+                f.write(text)
+            os.utime(policy_file, ns=(before.st_atime_ns, before.st_mtime_ns))
+            after = policy_file.stat()
+            assert (after.st_size, after.st_ino, after.st_mtime_ns) == \
+                (before.st_size, before.st_ino, before.st_mtime_ns)
+            await trio.sleep(POLL_AND_SOME)
+            assert not sc.server.log.find(realclient.msg_has("policy loaded"), mark), \
+                "the watcher reloaded a file whose stamp did not change"
+            assert sc.server.proc is not None
+            sc.server.proc.send_signal(signal.SIGHUP)
+            await sc.server.log.wait_for(realclient.msg_has("SIGHUP: reloading the policy"),
+                                         since=mark, timeout=5, what="the SIGHUP reload")
 
-        await change_shuts_bob_out(sc, carol_stream, mark, revert)
+        await change_shuts_bob_out(sc, carol_stream, mark, revert_and_sighup)
         nursery.cancel_scope.cancel()
 
 

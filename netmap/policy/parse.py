@@ -241,7 +241,7 @@ class _Reader:
         if not isinstance(value, LocList):
             self.problem(path, line, f"{what} must be a list of strings")
             return []
-        out = []
+        out: list[tuple[str, str, int | None]] = []
         for i, item in enumerate(value):
             if not isinstance(item, str):
                 self.problem(_path(path, i), value.lines[i], f"{what} entries must be strings")
@@ -525,8 +525,8 @@ def _acl(ctx: _Context, item: Any, where: str, line: int | None) -> ACL | None:
                 r.problem(f["proto"][1], f["proto"][2], str(exc))
                 ok = False
     srcs = _aliases(ctx, f.get("src", (LocList(), _path(where, "src"), line)), "src")
-    for alias, path, pline in srcs:
-        ok &= _check_src_autogroup(ctx, alias, path, pline, _ACL_SRC_AUTOGROUPS)
+    for src, path, pline in srcs:
+        ok &= _check_src_autogroup(ctx, src, path, pline, _ACL_SRC_AUTOGROUPS)
     dsts: list[Destination] = []
     has_self = False
     for text, path, pline in r.strings(*f.get("dst", (LocList(), _path(where, "dst"), line)), "dst"):
@@ -637,12 +637,12 @@ def _ssh(ctx: _Context, item: Any, where: str, line: int | None) -> SSHRule | No
     action = (action or "").strip()
 
     srcs = _aliases(ctx, f.get("src", (LocList(), _path(where, "src"), line)), "src")
-    for alias, path, pline in srcs:
-        if alias.kind not in (AliasKind.USER, AliasKind.GROUP, AliasKind.TAG, AliasKind.AUTOGROUP):
-            r.problem(path, pline, f'"{alias.name}" is not valid as an SSH source; use users, groups, tags or autogroups')
+    for src, path, pline in srcs:
+        if src.kind not in (AliasKind.USER, AliasKind.GROUP, AliasKind.TAG, AliasKind.AUTOGROUP):
+            r.problem(path, pline, f'"{src.name}" is not valid as an SSH source; use users, groups, tags or autogroups')
             ok = False
         else:
-            ok &= _check_src_autogroup(ctx, alias, path, pline, _SSH_SRC_AUTOGROUPS)
+            ok &= _check_src_autogroup(ctx, src, path, pline, _SSH_SRC_AUTOGROUPS)
     dsts: list[tuple[Alias, str, int | None]] = []
     for text, path, pline in r.strings(*f.get("dst", (LocList(), _path(where, "dst"), line)), "dst"):
         if text == "*":
@@ -691,20 +691,20 @@ def _ssh(ctx: _Context, item: Any, where: str, line: int | None) -> SSHRule | No
     check_period = None
     if "checkPeriod" in f:
         value, path, pline = f["checkPeriod"]
-        text = r.string(value, path, pline, "checkPeriod")
-        if text is not None:
+        period = r.string(value, path, pline, "checkPeriod")
+        if period is not None:
             if action != "check":
                 r.problem(path, pline, 'checkPeriod is only valid with action "check"')
                 ok = False
-            elif text != "always":
-                seconds = _go_duration_seconds(text)
+            elif period != "always":
+                seconds = _go_duration_seconds(period)
                 if seconds is None:
-                    r.problem(path, pline, f"checkPeriod {text!r} is not a duration like 12h or 30m")
+                    r.problem(path, pline, f"checkPeriod {period!r} is not a duration like 12h or 30m")
                     ok = False
                 elif seconds < 0 or seconds > _CHECK_PERIOD_MAX_S:
-                    r.problem(path, pline, f"checkPeriod {text!r} must be between 0 and 168h")
+                    r.problem(path, pline, f"checkPeriod {period!r} must be between 0 and 168h")
                     ok = False
-            check_period = text
+            check_period = period
     accept_env: list[str] = []
     if "acceptEnv" in f:
         for text, path, pline in r.strings(*f["acceptEnv"], "acceptEnv"):
@@ -815,7 +815,8 @@ def _test(ctx: _Context, item: Any, where: str, line: int | None) -> PolicyTest 
             ok = False
     else:
         ok = False
-    proto_text, protos = "", ()
+    proto_text = ""
+    protos: tuple[int, ...] = ()
     if "proto" in f:
         proto_text = r.string(*f["proto"], "proto") or ""
         try:

@@ -446,3 +446,39 @@ def test_remove_keeps_state_and_purge_removes_it(debroot: DebianRoot, deb_file: 
     debroot.install(deb_file)
     assert debroot.package_status().startswith("ii ")
     debroot.run("homescale", "configtest")
+
+
+def test_scripts_drive_systemd_when_it_runs(debroot: DebianRoot, deb_file: Path,
+                                            upgrade_deb: Path) -> None:
+    # A chroot has no systemd: pretend it runs (/run/systemd/system is what
+    # the scripts test) and record what they ask of it through a recording
+    # systemctl (minbase has none; the real deb-systemd-invoke calls it).
+    debroot.file("/run/systemd/system").mkdir(parents=True)
+    log = debroot.file("/systemctl-calls.log")
+    stub = debroot.file("/usr/bin/systemctl")
+    stub.write_text('#!/bin/sh\necho "$*" >>/systemctl-calls.log\n')
+    stub.chmod(0o755)
+
+    def calls() -> list[str]:
+        lines = log.read_text().splitlines() if log.exists() else []
+        log.unlink(missing_ok=True)
+        return lines
+
+    def asked(lines: list[str], verb: str) -> bool:
+        return any(verb in line.split() and UNIT_NAME in line for line in lines)
+
+    debroot.install(deb_file)
+    # First install: enabled, but not started (server_url is not set yet).
+    first = calls()
+    assert not asked(first, "start"), first
+    assert not asked(first, "restart"), first
+    assert not asked(first, "try-restart"), first
+
+    debroot.install(upgrade_deb)
+    # Upgrade: restarted if (and only if) it was running: try-restart.
+    upgrade = calls()
+    assert asked(upgrade, "try-restart"), upgrade
+
+    debroot.apt("remove", "homescale")
+    remove = calls()
+    assert asked(remove, "stop"), remove

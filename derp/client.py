@@ -102,7 +102,7 @@ class DerpClient:
         self._events.extend(self.conn.receive_data(data))
 
     async def _fill(self) -> None:
-        data = await self.stream.receive_some(_READ_SIZE)
+        data = bytes(await self.stream.receive_some(_READ_SIZE))
         if not data:
             raise trio.EndOfChannel("DERP server closed the connection")
         self._feed(data)

@@ -332,7 +332,7 @@ class DerpServer:
                 await stream.send_all(prefix + conn.start())
                 events = conn.receive_data(initial)
                 while not events:
-                    data = await stream.receive_some(_READ_SIZE)
+                    data = bytes(await stream.receive_some(_READ_SIZE))
                     if not data:
                         return None
                     events = conn.receive_data(data)
@@ -408,7 +408,7 @@ class DerpServer:
                 elif t is ClosePeer:
                     self._close_peer(client, ev.key)  # type: ignore[attr-defined]
                 # Pong and unknown frames: nothing to do (as the Go server).
-            data = await stream.receive_some(_READ_SIZE)
+            data = bytes(await stream.receive_some(_READ_SIZE))
             if not data:
                 return
             events = conn.receive_data(data)
@@ -646,7 +646,7 @@ class _ReplayStream(trio.abc.Stream):
             out, self._prefix = self._prefix[:n], self._prefix[n:]
             await trio.lowlevel.checkpoint()
             return out
-        return await self._inner.receive_some(max_bytes)
+        return bytes(await self._inner.receive_some(max_bytes))
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._inner.send_all(data)

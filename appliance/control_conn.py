@@ -240,7 +240,11 @@ class _H2Server:
                 continue
             chunk = bytes(view[:n])
             view = view[n:]
-            self.call(stream_id, lambda c, chunk=chunk: c.send_data(stream_id, chunk))
+
+            def send(c: h2.connection.H2Connection, chunk: bytes = chunk) -> None:
+                c.send_data(stream_id, chunk)
+
+            self.call(stream_id, send)
         await self.flush()
 
     def _signal_window(self) -> None:

@@ -96,7 +96,7 @@ class NoiseStream(trio.abc.Stream):
                 if self._pending_ciphertext:
                     data, self._pending_ciphertext = self._pending_ciphertext, b""
                 else:
-                    data = await self.inner.receive_some(_READ_SIZE)
+                    data = bytes(await self.inner.receive_some(_READ_SIZE))
                     if not data:
                         if self.transport.has_partial_record:
                             raise trio.BrokenResourceError("peer closed mid-record")

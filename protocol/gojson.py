@@ -303,7 +303,7 @@ class _Struct(_Codec):
         self.cls = cls
 
     @property
-    def zero_value(self) -> Any:  # type: ignore[override]
+    def zero_value(self) -> Any:
         return self.cls()
 
     def decode(self, v: Any, path: str) -> Any:

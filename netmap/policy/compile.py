@@ -26,6 +26,7 @@ from typing import Any
 
 from .ipset import EMPTY, EVERYTHING, INTERNET, TAILNET, IPAddress, IPNetwork, IPSet
 from .model import (
+    ACL,
     ALL_PORTS,
     AUTOGROUP_DANGER_ALL,
     AUTOGROUP_INTERNET,
@@ -35,6 +36,7 @@ from .model import (
     AUTOGROUP_TAGGED,
     Alias,
     AliasKind,
+    Destination,
     Grant,
     IPRule,
     Policy,
@@ -595,13 +597,13 @@ def _localpart(user: str) -> str | None:
     return domain if at and local == "*" and domain else None
 
 
-def _acl_to_grants(acl) -> list[Grant]:
+def _acl_to_grants(acl: ACL) -> list[Grant]:
     """One grant per ACL destination (headscale aclToGrants).
 
     The order is kept except that, when the ACL names anything but
     autogroups, autogroup:self destinations go last (Tailscale's order).
     """
-    def grant(dst) -> Grant:
+    def grant(dst: Destination) -> Grant:
         return Grant(acl.src, (dst.alias,), (IPRule(acl.protos, dst.ports),), acl.where)
 
     dsts = list(acl.dst)

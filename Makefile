@@ -30,6 +30,7 @@ test: $(STAMP) sysdeps
 	PIP=$(BIN)/pip tests/fetch-realclient.sh
 	packaging/prepare-testroot.sh
 	$(BIN)/ruff check appliance protocol netmap derp tests
+	$(BIN)/mypy appliance protocol netmap derp
 	tests/in-netns.sh $(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)

@@ -7,6 +7,7 @@
 #                   + "-1"); the upgrade test builds a second, newer package.
 #   DEB_MAINTAINER  the Maintainer field.
 #   DEB_OUTDIR      where to write the .deb (default: dist/).
+#   DEB_USE_BUILT_BINARY=1  package dist/homescale without checking it is up to date.
 # Layout of the package:
 #   /usr/bin/homescale                       the frozen binary
 #   /lib/systemd/system/homescale.service    systemd/homescale.service
@@ -22,8 +23,14 @@ venv=${VENV:-$repo/.venv}
 py=$venv/bin/python
 cd "$repo"
 
-# Reuses dist/homescale when it is up to date with the tree.
-packaging/build-binary.sh >&2
+# Reuses dist/homescale when it is up to date with the tree. DEB_USE_BUILT_BINARY=1
+# packages dist/homescale as it is: the tests build the binary once per run and
+# package that one, even if the shared tree moved on meanwhile.
+if [ "${DEB_USE_BUILT_BINARY:-0}" = 1 ] && [ -f dist/homescale.version ]; then
+  echo "build-deb: packaging dist/homescale $(cat dist/homescale.version) as built" >&2
+else
+  packaging/build-binary.sh >&2
+fi
 
 upstream=$(cut -d+ -f1 dist/homescale.version)
 version=${DEB_VERSION:-$upstream-1}

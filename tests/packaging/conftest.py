@@ -20,10 +20,10 @@ TESTROOT_DEFAULT = Path("/var/cache/homescale-test/bookworm-root")
 TESTROOT_MARKER = ".homescale-testroot-complete"
 
 
-def run_script(*cmd: str | Path, timeout: float = 600) -> str:
+def run_script(*cmd: str | Path, timeout: float = 600, env: dict[str, str] | None = None) -> str:
     """Run a packaging script; on failure show its output in the test report."""
     proc = subprocess.run([str(c) for c in cmd], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+                          timeout=timeout, check=False, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         pytest.fail(f"{cmd[0]} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout
@@ -60,7 +60,9 @@ def frozen_binary() -> Path:
 def deb_file(frozen_binary: Path) -> Path:
     if shutil.which("dpkg-deb") is None:
         pytest.skip("dpkg-deb missing (apt-get install dpkg-dev)")
-    out = run_script(REPO / "packaging" / "build-deb.sh")
+    # Package the binary this run built and tested (others may commit to the
+    # tree meanwhile; that would rebuild it mid-run).
+    out = run_script(REPO / "packaging" / "build-deb.sh", env={"DEB_USE_BUILT_BINARY": "1"})
     # The script's last line names the package it wrote.
     return Path(out.strip().splitlines()[-1].split()[-1])
 

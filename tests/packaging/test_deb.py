@@ -165,7 +165,8 @@ def upgrade_deb(deb_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     version = subprocess.run(["dpkg-deb", "-f", str(deb_file), "Version"], capture_output=True,
                              text=True, check=True).stdout.strip()
     out = tmp_path_factory.mktemp("upgrade")
-    env = {**os.environ, "DEB_VERSION": f"{version}+test1", "DEB_OUTDIR": str(out)}
+    env = {**os.environ, "DEB_VERSION": f"{version}+test1", "DEB_OUTDIR": str(out),
+           "DEB_USE_BUILT_BINARY": "1"}
     proc = subprocess.run([str(REPO / "packaging" / "build-deb.sh")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr

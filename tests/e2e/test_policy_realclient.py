@@ -6,11 +6,14 @@ The tailnet: users alice, bob and carol; a node ``web`` tagged ``tag:server``
 all real tsnet clients; carol's node is an in-process ts2021 peer whose map
 stream the test reads frame by frame. The policy lets group:a (alice) reach
 tag:server:80 and nothing else; then it is changed to let bob in too -- by editing
-the file (policy.mode: file) or with ``homescale policy set`` (database mode).
+the file (policy.mode: file) or with ``homescale policy set`` (database mode) --
+and, in file mode, back again by SIGHUP (an invalid edit in between is refused).
+The last test covers ``policy check``/``set`` errors and a server that refuses to
+start on an invalid stored policy, then recovers.
 
 What the client saw comes from the client: its traffic (a fetch through it), its
-own log (tsnet's netmap peers, caddy ``debug``), and for carol the decoded map
-stream. The server's debug log ("node N <- B bytes: {json}") shows what each real
+own log (caddy ``debug``: how many peers tsnet configured WireGuard with, and the
+peers its netmap diffs added or removed), and for carol the decoded map stream. The server's debug log ("node N <- B bytes: {json}") shows what each real
 node was sent.
 
 Everything skips unless inside a private network namespace (tests/in-netns.sh).
@@ -38,7 +41,10 @@ from appliance.config import load_config
 from tests import realclient
 from tests.e2e.conftest import ControlPeer, MapStream, connect_peer, fetch_until, wait_nodes
 
-pytestmark = [pytest.mark.realclient]
+# Decided at collection (a pytest.skip inside the trio test run loses its reason).
+pytestmark = [pytest.mark.realclient,
+              pytest.mark.skipif(realclient.skip_reason() is not None,
+                                 reason=realclient.skip_reason() or "")]
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "policy_e2e"
 GROUP_A_ONLY = FIXTURES / "group_a_only.hujson"
@@ -63,10 +69,6 @@ DENIED_FETCH_TIMEOUT = 12.0
 QUIET_WINDOW = 2.0
 # Longer than the server's policy file poll (appliance/serve.py, 1 s).
 POLL_AND_SOME = 1.5
-
-
-def _skip_unless_netns() -> None:
-    realclient.require_realclient()
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -154,7 +156,6 @@ class Scenario:
 @asynccontextmanager
 async def scenario(d: Path, mode: str) -> AsyncIterator[Scenario]:
     """Server with the group_a_only policy (file or database), users, three tsnet nodes."""
-    _skip_unless_netns()
     server = realclient.HomescaleServer(d / "server")
     policy_file = d / "policy.hujson"
     if mode == "file":
@@ -222,9 +223,9 @@ async def check_before_change(sc: Scenario, carol_first: dict[str, Any], since: 
     assert first.get("PacketFilter") == [], first.get("PacketFilter")
     assert all(web_id not in peer_ids(m, "Peers") | peer_ids(m, "PeersChanged") for m in bob_msgs), \
         f"bobpc was sent web as a peer: {bob_msgs}"
-    # And what bob's client holds: tsnet's own netmap has no peer at all.
-    await assert_tsnet_peers(sc.clients["bobpc"], expect=set(), why=f"bob denied ({how})")
-    await assert_tsnet_peers(sc.clients["alicepc"], expect={sc.ipv4["web"]}, why="alice allowed")
+    # And what bob's client holds: no peer at all (alice's: one, web).
+    await wait_client_view(sc.clients["bobpc"], peers=0, why=f"bob denied ({how})")
+    await wait_client_view(sc.clients["alicepc"], peers=1, why="alice allowed")
 
     # carol, in no rule, sees nobody either.
     assert not carol_first.get("Peers"), f"carol sees peers: {carol_first.get('Peers')}"
@@ -235,39 +236,15 @@ async def check_before_change(sc: Scenario, carol_first: dict[str, Any], since: 
         web_peers -= set(m.get("PeersRemoved") or [])
     assert int(sc.ids["alicepc"]) in web_peers
     assert bob_id not in web_peers
-
-
-def tsnet_netmap_peers(client: realclient.TsnetClient) -> dict[str, set[str]] | None:
-    """The peers of the client's current netmap, as tsnet logged it (caddy ``debug``):
-    short node key -> tailnet IPv4 addresses. None if it logged no netmap yet.
-
-    tsnet 1.90.9 logs ``control: [v1] new network map (...)`` with netmap.Concise
-    (a ``netmap: self:`` line, then one `` [key] d:... D<derp> <ips> : <endpoints>``
-    line per peer) and, on every later map, ``[v1] netmap diff:`` with ``- [key] ...``
-    and ``+ [key] ...`` lines (a changed peer is removed then added).
-    """
-    peers: dict[str, set[str]] | None = None
-    for line in client.log.refresh():
-        m = realclient.tailscale_msg(line)
-        if "new network map" in m:
-            peers = {}
-            entries = [("+", e) for e in m.splitlines()[1:] if e.lstrip().startswith("[")]
-        elif m.startswith("[v1] netmap diff:") and peers is not None:
-            entries = [(e[0], e[1:]) for e in m.splitlines()[1:] if e[:1] in "+-" and e[1:].strip()]
-        else:
-            continue
-        for sign, entry in entries:
-            words = entry.split()
-            key = words[0]
-            if sign == "-":
-                peers.pop(key, None)
-            else:
-                peers[key] = {w for w in words[1:] if w.startswith("100.")}
-    return peers
+    await wait_client_view(sc.clients["web"], peers=1, why="serves alice only")
 
 
 def wireguard_peers(client: realclient.TsnetClient) -> int | None:
-    """How many peers tsnet last configured WireGuard with (``with N/M peers``: M of them)."""
+    """How many peers the client last configured WireGuard with, None before any.
+
+    tsnet logs ``wgengine: Reconfig: configuring userspace WireGuard config (with
+    N/M peers)`` on every change: M is every peer of its netmap (N the active ones).
+    """
     total = None
     for line in client.log.refresh():
         m = realclient.tailscale_msg(line)
@@ -276,23 +253,48 @@ def wireguard_peers(client: realclient.TsnetClient) -> int | None:
     return total
 
 
-async def assert_tsnet_peers(client: realclient.TsnetClient, *, expect: set[str], why: str,
-                             timeout: float = 5.0) -> None:
-    """The client's own netmap holds exactly the peers with these IPv4 addresses.
+def netmap_diff_signs(client: realclient.TsnetClient, since: int) -> dict[str, str]:
+    """For each tailnet IPv4 address in the client's netmap diffs after log line
+    ``since``: "+" if its peer was last added, "-" if last removed.
+
+    tsnet logs ``[v1] netmap diff:`` with ``- [key] d:... <ips> ...`` and ``+ [key] ...``
+    lines for every netmap after the first (a changed peer: removed, then added).
+    The first netmap is never diffed (and the periodic ``new network map`` line
+    has no peers), so a client's initial peers show only in its WireGuard count.
+    """
+    signs: dict[str, str] = {}
+    for line in client.log.refresh()[since:]:
+        m = realclient.tailscale_msg(line)
+        if not m.startswith("[v1] netmap diff:"):
+            continue
+        for entry in m.splitlines()[1:]:
+            if entry[:1] in ("+", "-"):
+                for word in entry[1:].split():
+                    if word.startswith("100."):
+                        signs[word] = entry[0]
+    return signs
+
+
+async def wait_client_view(client: realclient.TsnetClient, *, peers: int, why: str,
+                           added: frozenset[str] = frozenset(), removed: frozenset[str] = frozenset(),
+                           since: int = 0, timeout: float = 5.0) -> None:
+    """The client itself holds ``peers`` peers, and since log line ``since`` its
+    netmap gained the peers with the ``added`` addresses and lost the ``removed`` ones.
 
     Waits (bounded) for tsnet to log it: the map may still be in flight."""
-    found: set[str] | None = None
     wg: int | None = None
+    signs: dict[str, str] = {}
     with trio.move_on_after(timeout):
         while True:
-            peers = tsnet_netmap_peers(client)
-            found = None if peers is None else set().union(*peers.values()) if peers else set()
             wg = wireguard_peers(client)
-            if found == expect and wg == len(expect):
+            signs = netmap_diff_signs(client, since)
+            if (wg == peers and all(signs.get(a) == "+" for a in added)
+                    and all(signs.get(r) == "-" for r in removed)):
                 return
             await trio.sleep(0.2)
-    pytest.fail(f"{client.name} ({why}): tsnet's netmap peers {found}, WireGuard peers {wg}; "
-                f"expected {expect}; log {client.log.path}")
+    pytest.fail(f"{client.name} ({why}): WireGuard peers {wg} (expected {peers}); netmap diffs "
+                f"{signs} (expected added {set(added)}, removed {set(removed)}); "
+                f"log {client.log.path}")
 
 
 async def change_lets_bob_in(sc: Scenario, carol_stream: MapStream, since: int,
@@ -300,6 +302,7 @@ async def change_lets_bob_in(sc: Scenario, carol_stream: MapStream, since: int,
     """Apply ``change``; bob's node fetches within seconds, only bob's and web's nodes
     were sent anything, carol's stream stays silent."""
     web_id, bob_id = int(sc.ids["web"]), int(sc.ids["bobpc"])
+    marks = {name: c.log.mark() for name, c in sc.clients.items()}
     t0 = time.monotonic()
     await change()
     body = await fetch_until(sc.clients["bobpc"], sc.web, timeout=CHANGE_WITHIN)
@@ -318,7 +321,11 @@ async def change_lets_bob_in(sc: Scenario, carol_stream: MapStream, since: int,
     assert filter_allows(filters[-1], sc.ipv4["bobpc"], sc.ipv4["web"], 80), filters[-1]
     assert filter_allows(filters[-1], sc.ipv4["alicepc"], sc.ipv4["web"], 80), filters[-1]
     assert not filter_allows(filters[-1], sc.ipv4["bobpc"], sc.ipv4["web"], 81), filters[-1]
-    await assert_tsnet_peers(sc.clients["bobpc"], expect={sc.ipv4["web"]}, why="bob let in")
+    # The clients' own view: bob's gained web, web's gained bob.
+    await wait_client_view(sc.clients["bobpc"], peers=1, why="bob let in",
+                           added=frozenset({sc.ipv4["web"]}), since=marks["bobpc"])
+    await wait_client_view(sc.clients["web"], peers=2, why="serves alice and bob",
+                           added=frozenset({sc.ipv4["bobpc"]}), since=marks["web"])
 
     # Unaffected: alice's access and peers did not change, carol's neither.
     with trio.move_on_after(QUIET_WINDOW):
@@ -326,6 +333,7 @@ async def change_lets_bob_in(sc: Scenario, carol_stream: MapStream, since: int,
         pytest.fail(f"carol's node, unaffected, was sent {size} bytes: {msg}")
     alice_msgs = sent_messages(sc.server, sc.ids["alicepc"], since)
     assert alice_msgs == [], f"alicepc, unaffected, was sent: {alice_msgs}"
+    assert netmap_diff_signs(sc.clients["alicepc"], marks["alicepc"]) == {}, "alicepc's netmap changed"
 
 
 async def change_shuts_bob_out(sc: Scenario, carol_stream: MapStream, since: int,
@@ -333,9 +341,13 @@ async def change_shuts_bob_out(sc: Scenario, carol_stream: MapStream, since: int
     """Apply ``change`` (back to group_a_only): bob's node loses web within seconds and
     its fetch fails again; only bob's and web's nodes were sent anything."""
     web_id, bob_id = int(sc.ids["web"]), int(sc.ids["bobpc"])
+    marks = {name: c.log.mark() for name, c in sc.clients.items()}
     await change()
-    await assert_tsnet_peers(sc.clients["bobpc"], expect=set(), why="bob shut out again",
-                             timeout=CHANGE_WITHIN)
+    await wait_client_view(sc.clients["bobpc"], peers=0, why="bob shut out again",
+                           removed=frozenset({sc.ipv4["web"]}), since=marks["bobpc"],
+                           timeout=CHANGE_WITHIN)
+    await wait_client_view(sc.clients["web"], peers=1, why="serves alice only",
+                           removed=frozenset({sc.ipv4["bobpc"]}), since=marks["web"])
     await fetch_denied(sc.clients["bobpc"], sc.web)
 
     bob_msgs = sent_messages(sc.server, sc.ids["bobpc"], since)
@@ -352,6 +364,7 @@ async def change_shuts_bob_out(sc: Scenario, carol_stream: MapStream, since: int
         pytest.fail(f"carol's node, unaffected, was sent {size} bytes: {msg}")
     alice_msgs = sent_messages(sc.server, sc.ids["alicepc"], since)
     assert alice_msgs == [], f"alicepc, unaffected, was sent: {alice_msgs}"
+    assert netmap_diff_signs(sc.clients["alicepc"], marks["alicepc"]) == {}, "alicepc's netmap changed"
     body = await fetch_until(sc.clients["alicepc"], sc.web, timeout=10)
     assert body.startswith(b"hello from web")
 
@@ -448,7 +461,6 @@ def assert_located(r: subprocess.CompletedProcess[str], needles: tuple[str, ...]
 
 
 async def test_policy_check_set_refused_start_and_recovery(tmp_path: Path) -> None:
-    _skip_unless_netns()
     server = realclient.HomescaleServer(tmp_path / "server")
     configure_policy(server, "database")
     stored = GROUP_A_ONLY.read_text()

@@ -29,7 +29,7 @@ run: $(STAMP)
 test: $(STAMP) sysdeps
 	PIP=$(BIN)/pip tests/fetch-realclient.sh
 	packaging/prepare-testroot.sh
-	$(BIN)/ruff check appliance protocol netmap derp tests
+	$(BIN)/ruff check appliance protocol netmap derp tests packaging
 	$(BIN)/mypy appliance protocol netmap derp
 	tests/in-netns.sh $(BIN)/python -m pytest -q tests
 

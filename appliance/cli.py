@@ -195,7 +195,29 @@ def transport() -> Transport:
         _say(f"using the running server's admin socket {config.unix_socket}")
         return HttpTransport(lambda: _UnixHTTPConnection(str(config.unix_socket)), {})
     _say(f"no server answers on {config.unix_socket}; using the database {config.database_path} directly")
+    _refuse_foreign_state(config)
     return DirectTransport(config)
+
+
+def _refuse_foreign_state(config: Config) -> None:
+    """Root must not create files in a state directory owned by the service user: the
+    service could no longer open its own database (WAL and journal files would be root's)."""
+    if os.geteuid() != 0:
+        return
+    try:
+        owner = config.database_path.parent.stat().st_uid
+    except OSError:
+        return
+    if owner != 0:
+        import pwd
+
+        try:
+            name = pwd.getpwuid(owner).pw_name
+        except KeyError:
+            name = str(owner)
+        raise HomescaleError(f"the server is not running and {config.database_path.parent} belongs "
+                             f"to {name!r}: run the command as that user so the database stays "
+                             f"theirs, e.g. sudo -u {name} homescale ...")
 
 
 def seg(value: object) -> str:

@@ -13,12 +13,14 @@ class PolicyInvalid(HomescaleError):
     """The policy does not parse or validate; the message is located (path and line)."""
 
 
-RECOVERY = """\
-To recover:
-  1. dump the stored policy:   homescale policy get > policy.hujson
-  2. fix it, then check it:    homescale policy check --file policy.hujson
-  3. store it:                 homescale policy set --file policy.hujson
-(these commands work with the server stopped: they open the database directly)"""
+def recovery_steps(config_path: Path | None) -> str:
+    """How to repair an invalid stored policy with the server down (for its refusal)."""
+    hs = f"homescale -c {config_path}" if config_path is not None else "homescale"
+    return (f"To recover:\n"
+            f"  1. dump the stored policy:   {hs} policy get > policy.hujson\n"
+            f"  2. fix it, then check it:    {hs} policy check --file policy.hujson\n"
+            f"  3. store it:                 {hs} policy set --file policy.hujson\n"
+            f"(these commands work with the server stopped: they open the database directly)")
 
 
 def check_policy_text(text: str, source: str = "<policy>", store: Store | None = None) -> None:

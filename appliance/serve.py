@@ -30,7 +30,7 @@ from .control import ControlService
 from .errors import HomescaleError
 from .httpserver import HttpServer, Request, Response, RouteHandler, Upgrade, UpgradeHandler
 from .metrics import Metrics
-from .policies import RECOVERY, PolicyInvalid, check_policy_text, read_policy
+from .policies import PolicyInvalid, check_policy_text, read_policy, recovery_steps
 from .store import Store
 from .tailnet import Tailnet
 from .version import commit, version
@@ -237,7 +237,8 @@ async def serve(config: Config, log: logging.Logger, *,
         try:
             await server.run_db(server.load_policy)
         except PolicyInvalid as e:
-            raise ServeError(f"the policy is invalid, refusing to start:\n  {e}\n{RECOVERY}") from None
+            raise ServeError(f"the policy is invalid, refusing to start:\n  {e}\n"
+                             f"{recovery_steps(config.source)}") from None
         ssl_ctx = _ssl_context(config)
         plain_url = config.server_url.startswith("http://")
         if config.derp.server_enabled and plain_url and ssl_ctx is None:

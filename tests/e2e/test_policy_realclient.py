@@ -499,8 +499,9 @@ async def test_policy_check_set_refused_start_and_recovery(tmp_path: Path) -> No
     r = await trio.to_thread.run_sync(lambda: subprocess.run(
         [str(realclient.HOMESCALE), "-c", str(server.config), "serve"], capture_output=True,
         text=True, timeout=30, stdin=subprocess.DEVNULL, cwd=server.dir))
-    assert_located(r, (*INVALID[0][1], "refusing to start", "homescale policy get",
-                       "homescale policy check --file", "homescale policy set --file",
+    hs = f"homescale -c {server.config}"  # the steps name the config this server runs with
+    assert_located(r, (*INVALID[0][1], "refusing to start", f"{hs} policy get",
+                       f"{hs} policy check --file", f"{hs} policy set --file",
                        "server stopped"), "serve with an invalid stored policy")
 
     # The recovery steps, with the server down (the CLI opens the database itself).

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import html
 import logging
+import math
 import os
 import signal
 import socket
@@ -65,10 +66,12 @@ class Server:
         self.routes["/register/"] = self.register_page
         self.tailnet = Tailnet(config=config, log=log.getChild("tailnet"))
         self.control: ControlService | None = None
-        self.changes_send, self.changes_recv = trio.open_memory_channel[Change](1024)
+        # Admin changes arrive at human/API rate and are applied at once; a change must never
+        # be dropped after its store write committed, so this queue is not bounded.
+        self.changes_send, self.changes_recv = trio.open_memory_channel[Change](math.inf)
         self.policy_text: str | None = None
         self.policy_source = "none"
-        self.metrics.gauge("homescale_nodes", lambda: len(self.store.nodes()),
+        self.metrics.gauge("homescale_nodes", lambda: len(self.tailnet.nodes),
                            "registered nodes")
         self.metrics.gauge("homescale_nodes_online", lambda: len(self.tailnet.online),
                            "nodes with an open map stream")

@@ -25,6 +25,7 @@ from protocol.gojson import WireError, format_time, is_zero_time
 from protocol.mapframe import MapFrameEncoder
 
 from .admin import Admin
+from .control_conn import ControlRequest, ControlResponse
 from .errors import HomescaleError, InvalidInput, NotFound
 from .nodes import Login, log_in
 from .store import NodeRow, Store, utcnow
@@ -71,7 +72,7 @@ class ControlService:
 
     # ------------------------------------------------------------ dispatch
 
-    async def handle(self, req: Any, resp: Any) -> None:
+    async def handle(self, req: ControlRequest, resp: ControlResponse) -> None:
         """The per-stream handler given to the ts2021 connection."""
         try:
             if req.method == "POST" and req.path == "/machine/register":
@@ -86,7 +87,7 @@ class ControlService:
             self.log.info("%s from %s refused: %s", req.path, req.machine_key, e)
             await self._reply(resp, e.status, {"error": str(e)})
 
-    async def _reply(self, resp: Any, status: int, obj: Any) -> None:
+    async def _reply(self, resp: ControlResponse, status: int, obj: Any) -> None:
         body = json.dumps(obj).encode()
         await resp.send_headers(status, [("content-type", "application/json"),
                                          ("content-length", str(len(body)))])
@@ -94,7 +95,7 @@ class ControlService:
         await resp.end()
 
     @staticmethod
-    def _parse(req: Any, cls: type[Any]) -> Any:
+    def _parse(req: ControlRequest, cls: type[Any]) -> Any:
         if len(req.body) > MAX_BODY:
             raise _Refusal(413, "request body too large")
         try:
@@ -118,7 +119,7 @@ class ControlService:
                           "ProfilePicURL": ""},
                 "MachineAuthorized": True}
 
-    async def register(self, req: Any, resp: Any) -> None:
+    async def register(self, req: ControlRequest, resp: ControlResponse) -> None:
         rr = self._parse(req, tailcfg.RegisterRequest)
         machine = str(req.machine_key)
         node_key = str(rr.NodeKey)
@@ -227,7 +228,7 @@ class ControlService:
         for rid in [r for r, p in self.pending.items() if now - p.created > REGISTRATION_TTL]:
             del self.pending[rid]
 
-    async def _followup(self, url: str, node_key: str, machine: str, resp: Any) -> None:
+    async def _followup(self, url: str, node_key: str, machine: str, resp: ControlResponse) -> None:
         reg_id = url.rstrip("/").rsplit("/", 1)[-1]
         reg = self.pending.get(reg_id)
         if reg is None or reg.machine_key != machine:
@@ -276,15 +277,17 @@ class ControlService:
 
     # ------------------------------------------------------------ map
 
-    async def map(self, req: Any, resp: Any) -> None:
+    async def map(self, req: ControlRequest, resp: ControlResponse) -> None:
         mr = self._parse(req, tailcfg.MapRequest)
         machine = str(req.machine_key)
-        node = await self.run_db(self.store.node_by, "node_key", str(mr.NodeKey))
+        # The tailnet mirrors the store: map requests (frequent) need no database read.
+        node_id = self.tailnet.by_node_key.get(str(mr.NodeKey))
+        node = self.tailnet.nodes.get(node_id) if node_id is not None else None
         if node is None:
             raise _Refusal(404, "unknown node key: register first")
         if node.machine_key != machine:
             raise _Refusal(403, "node key belongs to another machine")
-        node = await self._store_report(node, mr, capver=req.version)
+        node = await self._store_report(node, mr)
         if not mr.Stream and mr.OmitPeers:
             # Lite update: stored and announced above; the client discards the body.
             await resp.send_headers(200, [("content-type", "application/json")])
@@ -301,7 +304,7 @@ class ControlService:
             return
         await self._stream(node, resp)
 
-    async def _store_report(self, node: NodeRow, mr: Any, capver: int) -> NodeRow:
+    async def _store_report(self, node: NodeRow, mr: tailcfg.MapRequest) -> NodeRow:
         """Keep what the node reports (endpoints, disco key, hostinfo) and announce changes."""
         values: dict[str, Any] = {}
         disco = str(mr.DiscoKey)
@@ -319,7 +322,7 @@ class ControlService:
         self.tailnet.refresh_node(row.id, row)
         return row
 
-    async def _stream(self, node: NodeRow, resp: Any) -> None:
+    async def _stream(self, node: NodeRow, resp: ControlResponse) -> None:
         handle = self.tailnet.open_session(node.id)
         encoder = MapFrameEncoder()
         self.tailnet.set_online(node.id, True)
@@ -345,7 +348,8 @@ class ControlService:
                 self.log.info("node %d map stream closed%s", node.id,
                               f" ({handle.closed_reason})" if handle.closed_reason else "")
 
-    async def _stream_loop(self, handle: SessionHandle, encoder: MapFrameEncoder, resp: Any) -> None:
+    async def _stream_loop(self, handle: SessionHandle, encoder: MapFrameEncoder,
+                           resp: ControlResponse) -> None:
         while True:
             handle.wake = trio.Event()  # before composing: a mark after it wakes us again
             msg = handle.state.next_message(self.tailnet, utcnow())

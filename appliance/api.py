@@ -12,7 +12,7 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, quote, unquote
 
 from .admin import Admin
@@ -45,6 +45,13 @@ class ApiRequest:
         return obj
 
 
+class InteractiveLogins(Protocol):
+    """Pending interactive logins live in the running server (appliance.control)."""
+
+    async def complete_registration(self, user: str, reg_id: str) -> dict[str, Any]: ...
+    def reject_registration(self, reg_id: str) -> None: ...
+
+
 class ApiError(HomescaleError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -66,14 +73,13 @@ class AdminApi:
 
     def __init__(self, admin: Admin, run_db: RunDb, *, require_auth: bool,
                  policy_check: Callable[[str], None], policy_mode: str,
-                 register_node: Callable[[str, str], Awaitable[dict[str, Any]]] | None = None
-                 ) -> None:
+                 logins: InteractiveLogins | None = None) -> None:
         self.admin = admin
         self.run_db = run_db
         self.require_auth = require_auth
         self.policy_check = policy_check
         self.policy_mode = policy_mode
-        self.register_node = register_node
+        self.logins = logins
         a = admin
         # (method, pattern, handler) -- handlers take (request, *path groups).
         self.routes: list[tuple[str, re.Pattern[str], Callable[..., Awaitable[Any]]]] = []
@@ -100,7 +106,10 @@ class AdminApi:
         r("DELETE", r"/api/v1/apikey/([^/]+)", lambda q, prefix: self.done(
             lambda: a.delete_api_key(prefix)))
         r("GET", r"/api/v1/node", lambda q: self.db(lambda: {"nodes": a.list_nodes(q.arg("user") or None)}))
-        r("POST", r"/api/v1/node/register", self.register)
+        r("POST", r"/api/v1/node/register", lambda q: self.register(q.arg("user"), q.arg("key")))
+        r("POST", r"/api/v1/auth/register", lambda q: self.register(
+            str(q.json().get("user", "")), self._need(q.json(), "authId")))
+        r("POST", r"/api/v1/auth/reject", self.reject)
         r("GET", r"/api/v1/node/(\d+)", lambda q, nid: self.db(lambda: {"node": a.get_node(nid)}))
         r("DELETE", r"/api/v1/node/(\d+)", lambda q, nid: self.done(lambda: a.delete_node(nid)))
         r("POST", r"/api/v1/node/(\d+)/expire", self.expire_node)
@@ -165,10 +174,17 @@ class AdminApi:
         disable = bool(b.get("disableExpiry")) or q.arg("disableExpiry") == "true"
         return await self.db(lambda: {"node": self.admin.expire_node(nid, expiry, disable)})
 
-    async def register(self, q: ApiRequest) -> dict[str, Any]:
-        if self.register_node is None:
-            raise ApiError(503, "interactive registration needs the running server")
-        return {"node": await self.register_node(q.arg("user"), q.arg("key"))}
+    def _logins(self) -> InteractiveLogins:
+        if self.logins is None:
+            raise ApiError(503, "interactive logins wait in the running server; start it first")
+        return self.logins
+
+    async def register(self, user: str, auth_id: str) -> dict[str, Any]:
+        return {"node": await self._logins().complete_registration(user, auth_id)}
+
+    async def reject(self, q: ApiRequest) -> dict[str, Any]:
+        self._logins().reject_registration(self._need(q.json(), "authId"))
+        return {}
 
     async def set_policy(self, q: ApiRequest) -> dict[str, Any]:
         if self.policy_mode != "database":

@@ -617,6 +617,13 @@ def auth_register(*, user: Annotated[str, Parameter(name=["--user", "-u"])],
     nodes_register(user=user, key=auth_id)
 
 
+@auth.command(name="reject")
+def auth_reject(*, auth_id: Annotated[str, Parameter(name=["--auth-id", "--key", "-k"])]) -> None:
+    """Refuse a pending interactive login; the waiting client is told so."""
+    api("POST", "/api/v1/auth/reject", body={"authId": auth_id})
+    emit({}, message="Login rejected")
+
+
 # -- policy
 
 policy = App(name="policy", help="Manage the policy.")

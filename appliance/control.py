@@ -52,6 +52,7 @@ class PendingRegistration:
     created: datetime
     done: trio.Event = field(default_factory=trio.Event)
     node: NodeRow | None = None
+    rejected: bool = False
 
 
 class ControlService:
@@ -242,6 +243,11 @@ class ControlService:
         remaining = (reg.created + REGISTRATION_TTL - utcnow()).total_seconds()
         with trio.move_on_after(max(remaining, 0)):
             await reg.done.wait()
+        if reg.rejected:
+            self.log.info("interactive login %s was rejected", reg.id)
+            await self._reply(resp, 200, {"Error": "login rejected by an administrator of this "
+                                                   "homescale server"})
+            return
         if reg.node is None:
             self.pending.pop(reg.id, None)
             fresh = self._new_pending(machine, node_key, reg.hostinfo, reg.ephemeral)
@@ -249,14 +255,25 @@ class ControlService:
             return
         await self._reply(resp, 200, await self._success(reg.node))
 
-    async def complete_registration(self, user: str, reg_id: str) -> dict[str, Any]:
-        """`homescale nodes register --user U --key ID`: create the node, release the client."""
+    def _pending(self, reg_id: str) -> PendingRegistration:
         self._expire_pending()
         reg = self.pending.get(reg_id.strip().rsplit("/", 1)[-1])
         if reg is None:
             raise NotFound(f"no pending registration {reg_id!r} (it may have expired after "
                            f"{int(REGISTRATION_TTL.total_seconds() // 60)} minutes; restart the "
                            f"client's login)")
+        return reg
+
+    def reject_registration(self, reg_id: str) -> None:
+        """`homescale auth reject --auth-id ID`: the waiting client is told it was refused."""
+        reg = self._pending(reg_id)
+        reg.rejected = True
+        reg.done.set()
+        del self.pending[reg.id]
+
+    async def complete_registration(self, user: str, reg_id: str) -> dict[str, Any]:
+        """`homescale nodes register --user U --key ID`: create the node, release the client."""
+        reg = self._pending(reg_id)
         if not user:
             raise InvalidInput("--user is required")
 

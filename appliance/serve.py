@@ -109,6 +109,15 @@ class Server:
             except HomescaleError as e:
                 self.log.warning("could not apply %s: %s", change, e)
 
+    # Interactive logins (appliance.api.InteractiveLogins) wait in the control service.
+    async def complete_registration(self, user: str, reg_id: str) -> dict[str, Any]:
+        assert self.control is not None
+        return await self.control.complete_registration(user, reg_id)
+
+    def reject_registration(self, reg_id: str) -> None:
+        assert self.control is not None
+        self.control.reject_registration(reg_id)
+
     async def ts2021(self, upgrade: Upgrade) -> None:
         from .control_conn import serve_ts2021
 
@@ -173,10 +182,6 @@ class Server:
             return Response.text("client too old: capability version 39 or newer required\n", 400)
         return Response.json({"legacyPublicKey": "mkey:" + "0" * 64,
                               "publicKey": str(self.noise_key.machine_public())})
-
-    async def register_node(self, user: str, key: str) -> dict[str, Any]:
-        assert self.control is not None
-        return await self.control.complete_registration(user, key)
 
     async def version_route(self, req: Request) -> Response:
         return Response.json({"version": version(), "commit": commit()})
@@ -278,10 +283,10 @@ async def serve(config: Config, log: logging.Logger, *,
 
         api_socket = AdminApi(server.admin, server.run_db, require_auth=False,
                               policy_check=policy_check, policy_mode=config.policy_mode,
-                              register_node=server.register_node)
+                              logins=server)
         api_remote = AdminApi(server.admin, server.run_db, require_auth=True,
                               policy_check=policy_check, policy_mode=config.policy_mode,
-                              register_node=server.register_node)
+                              logins=server)
         main = HttpServer(routes=server.routes, upgrades=server.upgrades, asgi_prefix="/api/v1",
                           asgi_app=api_remote, ssl_context=ssl_ctx, tls_optional=plain_url,
                           logger=log.getChild("http"))

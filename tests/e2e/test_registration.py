@@ -160,6 +160,25 @@ async def test_interactive_login_via_cli(tailnet: Tailnet) -> None:
     await c.wait_for_log(msg_has("Switching ipn state", "-> Running"), timeout=RUNNING_WITHIN)
 
 
+async def test_interactive_login_rejected_via_cli(tailnet: Tailnet) -> None:
+    c = tailnet.client("interactive2", auth_key="")
+    line = await c.wait_for_log(msg_has("/register/"), timeout=20, what="the AuthURL")
+    msg = str(line["msg"])
+    reg_id = msg[msg.index(tailnet.server.url):].split()[0].rsplit("/", 1)[-1]
+    since = c.log.mark()
+    await tailnet.server.acli("auth", "reject", "--auth-id", reg_id)
+    # The waiting client hears why (the register response's Error), and no node appears.
+    await c.wait_for_log(msg_has("rejected by an administrator"), since=since, timeout=20,
+                         what="the client reporting the rejection")
+    assert node_by_name(await tailnet.server.anodes(), "interactive2") is None
+    # A rejected id is gone: completing it now is a clear error, not a registration.
+    r = await tailnet.server.acli("nodes", "register", "--user", "alice", "--key", reg_id,
+                                  check=False)
+    assert r.returncode != 0
+    assert "no pending registration" in r.stderr
+    c.stop()
+
+
 async def test_rename_expire_delete_reach_clients(tailnet: Tailnet, pair: Pair) -> None:
     server = tailnet.server
     c1 = tailnet.client("victim1")

@@ -25,13 +25,17 @@ async def api_key(server: Server) -> str:
 
 
 async def request(site: Site, method: str, path: str, key: str | None = None,
-                  headers: dict[str, str] | None = None, **kwargs: object) -> httpx.Response:
+                  headers: dict[str, str] | None = None, *, json: object = None,
+                  params: dict[str, str] | None = None,
+                  content: bytes | None = None) -> httpx.Response:
+    """One API call; `json`, `params`, `content` go to httpx as they are (None: not sent)."""
     headers = dict(headers or {})
     if key is not None:
         headers["Authorization"] = f"Bearer {key}"
     with trio.fail_after(CALL_TIMEOUT):
         async with httpx.AsyncClient(base_url=site.url) as client:
-            return await client.request(method, path, headers=headers, **kwargs)
+            return await client.request(method, path, headers=headers, json=json, params=params,
+                                        content=content)
 
 
 # ---------------------------------------------------------------- authentication

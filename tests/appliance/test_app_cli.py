@@ -13,6 +13,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
 import pytest
 import trio
@@ -32,6 +33,9 @@ NODE_FIELDS = {"id", "machineKey", "nodeKey", "discoKey", "ipAddresses", "name",
                "online", "lastSeen", "expiry", "createdAt", "registerMethod", "tags",
                "approvedRoutes", "availableRoutes", "subnetRoutes"}
 APIKEY_FIELDS = {"id", "prefix", "expiration", "createdAt", "lastSeen"}
+
+# One JSON object as the CLI prints it; its values are whatever JSON holds.
+JsonObject = dict[str, Any]
 
 VIA_SERVER = "using the running server's admin socket"
 VIA_DB = "using the database"
@@ -80,6 +84,14 @@ class Hs:
     async def json(self, *args: str) -> object:
         return (await self.ok("-o", "json", *args)).json()
 
+    async def json_object(self, *args: str) -> JsonObject:
+        """`json` for a command that prints one object (a user, a key, a node, the policy)."""
+        return cast(JsonObject, await self.json(*args))
+
+    async def json_list(self, *args: str) -> list[JsonObject]:
+        """`json` for a `list` command: the CLI prints the objects as a bare list."""
+        return cast(list[JsonObject], await self.json(*args))
+
     async def fails(self, *args: str, says: str, local: bool = False) -> CliResult:
         res = await self(*args, local=local)
         assert res.code != 0, res.out
@@ -126,7 +138,7 @@ def parse_time(s: str) -> datetime:
 # ---------------------------------------------------------------- users
 
 async def test_users(hs: Hs) -> None:
-    created = await hs.json("users", "create", "alice", "--email", "alice@example.com",
+    created = await hs.json_object("users", "create", "alice", "--email", "alice@example.com",
                             "--display-name", "Alice A")
     assert set(created) == USER_FIELDS
     assert created["name"] == "alice"
@@ -135,27 +147,28 @@ async def test_users(hs: Hs) -> None:
     assert re.fullmatch(r"\d+", created["id"])
     await hs.ok("users", "create", "bob")
 
-    listed = await hs.json("users", "list")
+    listed = await hs.json_list("users", "list")
     assert isinstance(listed, list)   # the CLI prints lists bare
     assert [u["name"] for u in listed] == ["alice", "bob"]
     table = (await hs.ok("users", "list")).out
     assert "alice" in table
     assert "bob" in table
-    assert [u["name"] for u in await hs.json("users", "list", "--name", "bob")] == ["bob"]
+    assert [u["name"] for u in await hs.json_list("users", "list", "--name", "bob")] == ["bob"]
 
-    renamed = await hs.json("users", "rename", "--name", "bob", "--new-name", "carol")
+    renamed = await hs.json_object("users", "rename", "--name", "bob", "--new-name", "carol")
     assert renamed["name"] == "carol"
-    renamed = await hs.json("users", "rename", "--identifier", created["id"], "--new-name", "alicia")
+    renamed = await hs.json_object("users", "rename", "--identifier", created["id"],
+                                   "--new-name", "alicia")
     assert renamed["name"] == "alicia"
 
     res = await hs.ok("users", "destroy", "--name", "carol", "--force")
     assert "destroyed" in res.out
-    assert [u["name"] for u in await hs.json("users", "list")] == ["alicia"]
+    assert [u["name"] for u in await hs.json_list("users", "list")] == ["alicia"]
 
 
 async def test_users_errors_change_nothing(hs: Hs) -> None:
     await hs.ok("users", "create", "alice")
-    before = await hs.json("users", "list")
+    before = await hs.json_list("users", "list")
     await hs.fails("users", "create", "alice", says="already exists")
     await hs.fails("users", "create", "1nvalid", says="must start with a letter")
     await hs.fails("users", "rename", "--name", "nobody", "--new-name", "x2", says="nobody")
@@ -166,7 +179,7 @@ async def test_users_errors_change_nothing(hs: Hs) -> None:
     await hs.fails("users", "destroy", "--name", "bob", says="--force")
     hs.add_node(1)
     await hs.fails("users", "destroy", "--name", "alice", "--force", says="still owns 1 node")
-    after = await hs.json("users", "list")
+    after = await hs.json_list("users", "list")
     assert [u["name"] for u in after] == ["alice", "bob"]
     assert after[0] == before[0]
 
@@ -175,8 +188,8 @@ async def test_users_errors_change_nothing(hs: Hs) -> None:
 
 async def test_preauthkeys(hs: Hs) -> None:
     await hs.ok("users", "create", "alice")
-    key = await hs.json("preauthkeys", "create", "--user", "alice", "--reusable", "--ephemeral",
-                        "--expiration", "2h", "--tags", "tag:web,tag:db")
+    key = await hs.json_object("preauthkeys", "create", "--user", "alice", "--reusable",
+                               "--ephemeral", "--expiration", "2h", "--tags", "tag:web,tag:db")
     assert set(key) == PAK_FIELDS
     assert re.fullmatch(r"hskey-auth-[0-9a-f]{12}-[0-9a-f]{64}", key["key"])
     assert key["user"]["name"] == "alice"
@@ -191,35 +204,36 @@ async def test_preauthkeys(hs: Hs) -> None:
     plain = await hs.ok("preauthkeys", "create", "--user", "alice")
     assert re.fullmatch(r"hskey-auth-[0-9a-f]{12}-[0-9a-f]{64}\n", plain.out)
 
-    listed = await hs.json("preauthkeys", "list")
+    listed = await hs.json_list("preauthkeys", "list")
     assert isinstance(listed, list)
     assert len(listed) == 2
     assert all(set(k) == PAK_FIELDS for k in listed)
     prefix = key["key"].split("-")[2]
     assert listed[0]["key"] == f"hskey-auth-{prefix}-***"   # prefix shown, secret never
     assert key["key"] not in json.dumps(listed)
-    assert len(await hs.json("preauthkeys", "list", "--user", "alice")) == 2
+    assert len(await hs.json_list("preauthkeys", "list", "--user", "alice")) == 2
 
     await hs.ok("preauthkeys", "expire", "--id", key["id"])
-    expired = (await hs.json("preauthkeys", "list"))[0]
+    expired = (await hs.json_list("preauthkeys", "list"))[0]
     assert parse_time(expired["expiration"]) <= datetime.now(UTC)
 
     await hs.ok("preauthkeys", "delete", "--id", key["id"])
-    assert [k["id"] for k in await hs.json("preauthkeys", "list")] != [key["id"]]
-    assert len(await hs.json("preauthkeys", "list")) == 1
+    assert [k["id"] for k in await hs.json_list("preauthkeys", "list")] != [key["id"]]
+    assert len(await hs.json_list("preauthkeys", "list")) == 1
 
 
 async def test_preauthkeys_by_prefix(hs: Hs) -> None:
     await hs.ok("users", "create", "alice")
     key = (await hs.ok("preauthkeys", "create", "--user", "alice")).out.strip()
     await hs.ok("preauthkeys", "expire", "--id", f"hskey-auth-{key.split('-')[2]}-***")
-    assert parse_time((await hs.json("preauthkeys", "list"))[0]["expiration"]) <= datetime.now(UTC)
+    listed = await hs.json_list("preauthkeys", "list")
+    assert parse_time(listed[0]["expiration"]) <= datetime.now(UTC)
     await hs.ok("preauthkeys", "delete", "--id", key.split("-")[2])
     assert await hs.json("preauthkeys", "list") == []
 
 
 async def test_tag_only_preauthkey(hs: Hs) -> None:
-    key = await hs.json("preauthkeys", "create", "--tags", "tag:server")
+    key = await hs.json_object("preauthkeys", "create", "--tags", "tag:server")
     assert key["user"] is None
     assert key["aclTags"] == ["tag:server"]
 
@@ -245,7 +259,7 @@ async def test_apikeys(hs: Hs) -> None:
     key = (await hs.ok("apikeys", "create", "--expiration", "30d")).out.strip()
     assert re.fullmatch(r"hskey-api-[0-9a-f]{12}-[0-9a-f]{64}", key)
     assert isinstance(await hs.json("apikeys", "create"), str)
-    listed = await hs.json("apikeys", "list")
+    listed = await hs.json_list("apikeys", "list")
     assert isinstance(listed, list)
     assert len(listed) == 2
     assert all(set(k) == APIKEY_FIELDS for k in listed)
@@ -256,9 +270,9 @@ async def test_apikeys(hs: Hs) -> None:
     assert expires > datetime.now(UTC) + timedelta(days=29)
 
     await hs.ok("apikeys", "expire", "--prefix", prefix)
-    assert parse_time((await hs.json("apikeys", "list"))[0]["expiration"]) <= datetime.now(UTC)
+    assert parse_time((await hs.json_list("apikeys", "list"))[0]["expiration"]) <= datetime.now(UTC)
     await hs.ok("apikeys", "delete", "--prefix", prefix)
-    assert [k["id"] for k in await hs.json("apikeys", "list")] == [listed[1]["id"]]
+    assert [k["id"] for k in await hs.json_list("apikeys", "list")] == [listed[1]["id"]]
     await hs.ok("apikeys", "delete", "--id", listed[1]["id"])
     assert await hs.json("apikeys", "list") == []
 
@@ -278,7 +292,7 @@ async def test_nodes(hs: Hs) -> None:
     n1 = hs.add_node(1)
     n2 = hs.add_node(2, user="bob")
 
-    listed = await hs.json("nodes", "list")
+    listed = await hs.json_list("nodes", "list")
     assert isinstance(listed, list)
     assert [n["id"] for n in listed] == [str(n1), str(n2)]
     node = listed[0]
@@ -298,21 +312,22 @@ async def test_nodes(hs: Hs) -> None:
     assert node["availableRoutes"] == ["10.0.0.0/24", "10.1.0.0/24"]
     assert node["subnetRoutes"] == ["10.0.0.0/24"]
     assert node["expiry"] is None
-    assert [n["id"] for n in await hs.json("nodes", "list", "--user", "bob")] == [str(n2)]
+    assert [n["id"] for n in await hs.json_list("nodes", "list", "--user", "bob")] == [str(n2)]
     assert "node1" in (await hs.ok("nodes", "list")).out
 
-    renamed = await hs.json("nodes", "rename", "laptop", "--identifier", str(n1))
+    renamed = await hs.json_object("nodes", "rename", "laptop", "--identifier", str(n1))
     assert renamed["givenName"] == "laptop"
 
-    tagged = await hs.json("nodes", "tag", "--identifier", str(n1), "--tags", "tag:web,tag:db")
+    tagged = await hs.json_object("nodes", "tag", "--identifier", str(n1),
+                                  "--tags", "tag:web,tag:db")
     assert tagged["tags"] == ["tag:db", "tag:web"]
     assert tagged["user"]["name"] == "tagged-devices"
 
-    expired = await hs.json("nodes", "expire", "--identifier", str(n1))
+    expired = await hs.json_object("nodes", "expire", "--identifier", str(n1))
     assert parse_time(expired["expiry"]) <= datetime.now(UTC)
 
     await hs.ok("nodes", "delete", "--identifier", str(n2), "--force")
-    assert [n["id"] for n in await hs.json("nodes", "list")] == [str(n1)]
+    assert [n["id"] for n in await hs.json_list("nodes", "list")] == [str(n1)]
 
 
 async def test_nodes_errors_change_nothing(hs: Hs) -> None:
@@ -355,11 +370,11 @@ async def test_policy(hs: Hs, tmp_path) -> None:
     await hs.fails("policy", "get", says="no policy")
     await hs.ok("policy", "set", "--file", str(good))
     assert (await hs.ok("policy", "get")).out == POLICY + "\n"
-    got = await hs.json("policy", "get")
+    got = await hs.json_object("policy", "get")
     assert got["policy"] == POLICY
     res = await hs.fails("policy", "set", "--file", str(bad), says="drop")
     assert "line 3" in res.err
-    assert (await hs.json("policy", "get"))["policy"] == POLICY
+    assert (await hs.json_object("policy", "get"))["policy"] == POLICY
     latin1 = tmp_path / "latin1.hujson"
     latin1.write_bytes(b'{"groups": {"group:caf\xe9": []}}')
     await hs.fails("policy", "set", "--file", str(latin1), says="not UTF-8", local=True)
@@ -488,5 +503,5 @@ async def test_names_reach_the_server_verbatim(hs: Hs, new_name: str) -> None:
     await hs.fails("users", "rename", "--name", "alice", "--new-name", new_name,
                    says="invalid character")
     await hs.fails("nodes", "rename", new_name, "--identifier", str(n), says="invalid node name")
-    assert [u["name"] for u in await hs.json("users", "list")] == ["alice"]
-    assert [x["givenName"] for x in await hs.json("nodes", "list")] == ["node1"]
+    assert [u["name"] for u in await hs.json_list("users", "list")] == ["alice"]
+    assert [x["givenName"] for x in await hs.json_list("nodes", "list")] == ["node1"]

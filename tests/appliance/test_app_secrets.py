@@ -12,7 +12,7 @@ import pytest
 from appliance import secrets
 from appliance.admin import Admin
 from appliance.errors import InvalidInput
-from appliance.store import Store, utcnow
+from appliance.store import ApiKeyRow, PreAuthKeyRow, Store, utcnow
 
 
 @pytest.fixture
@@ -45,7 +45,8 @@ def test_keys_are_never_stored_in_clear(admin: Admin) -> None:
         assert secret.encode() not in raw
         assert full.encode() not in raw
         assert secret[:16].encode() not in raw
-    for row in (*admin.store.pre_auth_keys(), *admin.store.api_keys()):
+    rows: list[PreAuthKeyRow | ApiKeyRow] = [*admin.store.pre_auth_keys(), *admin.store.api_keys()]
+    for row in rows:
         assert row.hash.startswith("scrypt$")
 
 
@@ -61,7 +62,9 @@ def test_prefix_visible_in_lists_secret_not(admin: Admin) -> None:
 def test_valid_key_is_accepted(admin: Admin) -> None:
     key = admin.create_pre_auth_key(user="alice", expiration=utcnow() + timedelta(hours=1))["key"]
     row = admin.check_pre_auth_key(key)
-    assert row.user_id == admin.store.user_by_name("alice").id
+    alice = admin.store.user_by_name("alice")
+    assert alice is not None
+    assert row.user_id == alice.id
 
 
 def test_unknown_key_is_refused(admin: Admin) -> None:

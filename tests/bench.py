@@ -15,11 +15,13 @@ import argparse
 import logging
 import os
 import resource
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -66,8 +68,6 @@ def _tls_files(directory: Path) -> tuple[Path, Path]:
 
 
 async def _serve_child(kind: str, certdir: Path) -> None:
-    import ssl
-
     from tests.derp.derp_harness import serve_loopback
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -84,13 +84,13 @@ async def _serve_child(kind: str, certdir: Path) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def _serve_bare(nursery: trio.Nursery, ctx: object) -> int:
+async def _serve_bare(nursery: trio.Nursery, ctx: ssl.SSLContext) -> int:
     """The baseline: TLS in, 9-byte hello (pair id + role), bytes piped to the partner."""
     receivers: dict[bytes, trio.abc.Stream] = {}
     arrived: dict[bytes, trio.Event] = {}
 
     async def on_conn(raw: trio.SocketStream) -> None:
-        stream = trio.SSLStream(raw, ctx, server_side=True)  # type: ignore[arg-type]
+        stream = trio.SSLStream(raw, ctx, server_side=True)
         try:
             head = b""
             while len(head) < 9:
@@ -159,9 +159,7 @@ class _Child:
 # ---------------------------------------------------------------- clients
 
 
-def _client_ctx(certdir: Path):  # type: ignore[no-untyped-def]
-    import ssl
-
+def _client_ctx(certdir: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(certdir / "server.pem"))
 
 
@@ -172,26 +170,38 @@ async def _tls(port: int, certdir: Path) -> trio.SSLStream[trio.SocketStream]:
     return s
 
 
-class _Pair:
+class _Pair(ABC):
     """A sender and a receiver, DERP or bare, with the same send/receive surface."""
 
+    @abstractmethod
+    def frame(self, payload: bytes) -> bytes:
+        """The bytes `send` must write so that `receive` yields `payload`."""
+
+    @abstractmethod
     async def send(self, data: bytes) -> None: ...
+
+    @abstractmethod
     async def receive(self) -> list[bytes]: ...
+
+    @abstractmethod
     async def aclose(self) -> None: ...
 
 
 class _DerpPair(_Pair):
+    def __init__(self, a: DerpClient, b: DerpClient) -> None:
+        self.a = a  # sends
+        self.b = b  # receives
+        self.dst = b.public_key
+
     @classmethod
     async def open(cls, port: int, certdir: Path) -> _DerpPair:
-        self = cls()
-        self.a = await DerpClient.connect(
+        a = await DerpClient.connect(
             await _tls(port, certdir), bytes(PrivateKey.generate()), host="127.0.0.1"
         )
-        self.b = await DerpClient.connect(
+        b = await DerpClient.connect(
             await _tls(port, certdir), bytes(PrivateKey.generate()), host="127.0.0.1"
         )
-        self.dst = self.b.public_key
-        return self
+        return cls(a, b)
 
     def frame(self, payload: bytes) -> bytes:
         return self.a.conn.send_packet(self.dst, payload)
@@ -211,18 +221,22 @@ class _DerpPair(_Pair):
 
 
 class _BarePair(_Pair):
-    @classmethod
-    async def open(cls, port: int, certdir: Path) -> _BarePair:
-        self = cls()
-        pair = os.urandom(8)
-        self.b = await _tls(port, certdir)
-        await self.b.send_all(pair + b"\x01")
-        self.a = await _tls(port, certdir)
-        await self.a.send_all(pair + b"\x00")
+    def __init__(self, a: trio.SSLStream[trio.SocketStream],
+                 b: trio.SSLStream[trio.SocketStream]) -> None:
+        self.a = a  # sends
+        self.b = b  # receives
         self.frames = FrameBuffer()
         # Same framing as DERP, so both sides parse the same bytes.
         self.dst = bytes(32)
-        return self
+
+    @classmethod
+    async def open(cls, port: int, certdir: Path) -> _BarePair:
+        pair = os.urandom(8)
+        b = await _tls(port, certdir)
+        await b.send_all(pair + b"\x01")
+        a = await _tls(port, certdir)
+        await a.send_all(pair + b"\x00")
+        return cls(a, b)
 
     def frame(self, payload: bytes) -> bytes:
         return len(self.dst + payload).to_bytes(5, "big") + self.dst + payload
@@ -236,7 +250,7 @@ class _BarePair(_Pair):
             data = await self.b.receive_some(65536)
             if not data:
                 raise trio.EndOfChannel
-            self.frames.feed(data)
+            self.frames.feed(bytes(data))  # bytes(b) is b itself: no copy
             while (f := self.frames.next_frame(1 << 20)) is not None:
                 out.append(f[1][32:])
         return out
@@ -256,7 +270,7 @@ async def _throughput(open_pair: OpenPair, port: int, certdir: Path) -> tuple[fl
     done = trio.Event()
 
     async def sender(p: _Pair) -> None:
-        burst = b"".join(p.frame(b"x" * PACKET) for _ in range(batch))  # type: ignore[attr-defined]
+        burst = b"".join(p.frame(b"x" * PACKET) for _ in range(batch))
         while not done.is_set():
             await p.send(burst)
 
@@ -286,7 +300,7 @@ async def _latency(open_pair: OpenPair, port: int, certdir: Path) -> tuple[float
     samples = []
     for _ in range(LATENCY_SAMPLES):
         t0 = time.perf_counter()
-        await p.send(p.frame(b"l" * PACKET))  # type: ignore[attr-defined]
+        await p.send(p.frame(b"l" * PACKET))
         got = 0
         while got < 1:
             got += len(await p.receive())
@@ -300,7 +314,7 @@ async def _idle_rss(kind: str, certdir: Path) -> float:
     async with _Child(kind, certdir) as child:
         await trio.sleep(0.2)
         before = child.rss_kib()
-        streams: list[object] = []
+        streams: list[DerpClient | trio.SSLStream[trio.SocketStream]] = []
         for i in range(IDLE_CONNECTIONS):
             if kind == "derp":
                 s = await _tls(child.port, certdir)
@@ -313,8 +327,8 @@ async def _idle_rss(kind: str, certdir: Path) -> float:
                 streams.append(s)
         await trio.sleep(0.5)
         after = child.rss_kib()
-        for s in streams:
-            await trio.aclose_forcefully(s.stream if isinstance(s, DerpClient) else s)  # type: ignore[arg-type]
+        for conn in streams:
+            await trio.aclose_forcefully(conn.stream if isinstance(conn, DerpClient) else conn)
     return (after - before) / IDLE_CONNECTIONS
 
 

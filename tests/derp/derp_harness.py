@@ -47,7 +47,7 @@ async def front_end(stream: trio.abc.Stream, peer: str, handler: Handler) -> Non
                     break
                 data = await stream.receive_some(65536)
                 raw += data
-                conn.receive_data(data)
+                conn.receive_data(bytes(data))
         if not isinstance(event, h11.Request):
             return
         trailing, _closed = conn.trailing_data

@@ -44,6 +44,11 @@ class ClientStream:
     reset_code: int | None = None
 
 
+def _text(header: str | bytes) -> str:
+    """A header name or value: h2 decodes them (header_encoding) but is typed as bytes."""
+    return header.decode() if isinstance(header, bytes) else header
+
+
 class TS2021Client:
     def __init__(self, stream: NoiseStream, early: noise.EarlyPayload | None,
                  leftover: bytes, window: int) -> None:
@@ -92,10 +97,11 @@ class TS2021Client:
         if isinstance(ev, h2.events.ResponseReceived):
             st = self.streams[ev.stream_id]
             for k, v in ev.headers:
-                if k == ":status":
-                    st.status = int(v)
+                name, value = _text(k), _text(v)
+                if name == ":status":
+                    st.status = int(value)
                 else:
-                    st.headers.append((k, v))
+                    st.headers.append((name, value))
             st.headers_ready.set()
         elif isinstance(ev, h2.events.DataReceived):
             st = self.streams[ev.stream_id]
@@ -112,12 +118,12 @@ class TS2021Client:
             assert st.send is not None
             st.send.close()
         elif isinstance(ev, h2.events.StreamReset):
-            st = self.streams.get(ev.stream_id)
-            if st is not None:
-                st.reset_code = ev.error_code
-                st.headers_ready.set()
-                if st.send is not None:
-                    st.send.close()
+            reset = self.streams.get(ev.stream_id)
+            if reset is not None:
+                reset.reset_code = ev.error_code
+                reset.headers_ready.set()
+                if reset.send is not None:
+                    reset.send.close()
         if isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self._window.set()
             self._window = trio.Event()
@@ -200,7 +206,7 @@ async def upgrade(
     while True:
         ev = conn.next_event()
         if ev is h11.NEED_DATA:
-            conn.receive_data(await raw.receive_some(65536))
+            conn.receive_data(bytes(await raw.receive_some(65536)))
             continue
         if isinstance(ev, h11.InformationalResponse) and ev.status_code == 101:
             break
@@ -209,14 +215,14 @@ async def upgrade(
             while True:
                 ev2 = conn.next_event()
                 if ev2 is h11.NEED_DATA:
-                    conn.receive_data(await raw.receive_some(65536))
+                    conn.receive_data(bytes(await raw.receive_some(65536)))
                 elif isinstance(ev2, h11.Data):
                     body += ev2.data
                 else:
                     break
             raise UpgradeRefused(ev.status_code, body)
         raise AssertionError(f"unexpected {ev!r}")
-    data, _closed = conn.trailing_data
+    data: bytes | bytearray = conn.trailing_data[0]
     transport = None
     while transport is None:
         if data:

@@ -128,7 +128,9 @@ def test_merge_order_null_removes_and_embedded_wins(tmp_path: Path) -> None:
     assert list(dm["Regions"]) == ["900", "999"]
     assert dm["Regions"]["999"]["RegionCode"] == "headscale"
     # Nodes without a name get Go-style ones; RegionID is filled from the region.
-    assert load_derp_map_file(f1)[1]["Nodes"][0] == {"Name": "1a", "RegionID": 1, "HostName": "a"}
+    region = load_derp_map_file(f1)[1]
+    assert region is not None
+    assert region["Nodes"][0] == {"Name": "1a", "RegionID": 1, "HostName": "a"}
 
 
 @pytest.mark.parametrize(

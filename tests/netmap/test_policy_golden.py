@@ -91,9 +91,14 @@ def build_tailnet(topology: dict[str, Any]) -> tuple[list[PolicyUser], list[Poli
 _DEFAULT_PROTOS = frozenset({6, 17, 1, 58})
 
 
-def normalise_filter(rules: list[dict[str, Any]] | None) -> set[tuple]:
+# (source set, destination set, first port, last port, protocols) per DstPorts entry;
+# (source set, "CapGrant", the grants as canonical JSON) per rule with a CapGrant.
+FilterEntry = tuple[IPSet, IPSet, int, int, frozenset[int]] | tuple[IPSet, str, str]
+
+
+def normalise_filter(rules: list[dict[str, Any]] | None) -> set[FilterEntry]:
     """(source set, destination set, first, last, protocols) per DstPorts entry."""
-    out = set()
+    out: set[FilterEntry] = set()
     for rule in rules or []:
         src = IPSet.of(rule["SrcIPs"])
         protos = frozenset(rule.get("IPProto") or ()) or _DEFAULT_PROTOS
@@ -117,7 +122,7 @@ def normalise_ssh(rules: list[dict[str, Any]] | None) -> list[tuple]:
     ]
 
 
-def _describe(items: set[tuple]) -> list[str]:
+def _describe(items: set[FilterEntry]) -> list[str]:
     def show(x: Any) -> Any:
         return x.strings() if isinstance(x, IPSet) else sorted(x) if isinstance(x, frozenset) else x
 

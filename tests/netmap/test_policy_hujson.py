@@ -56,7 +56,8 @@ def test_strings_and_prefixes_describe_the_same_set(items: list) -> None:
 
 
 @given(st.lists(networks, max_size=4), st.lists(networks, max_size=4), addresses)
-def test_difference_and_union(a_items: list, b_items: list, probe: object) -> None:
+def test_difference_and_union(a_items: list, b_items: list,
+                              probe: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
     a, b = IPSet.of(a_items), IPSet.of(b_items)
     assert (a - b).contains(probe) == (a.contains(probe) and not b.contains(probe))
     assert (a | b).contains(probe) == (a.contains(probe) or b.contains(probe))

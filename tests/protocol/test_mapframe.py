@@ -47,7 +47,9 @@ def test_frame_without_content_size_decodes() -> None:
     body = zstandard.ZstdCompressor(write_content_size=False).compress(b'{"Domain":"x"}')
     dec = MapFrameDecoder()
     dec.receive_data(struct.pack("<I", len(body)) + body)
-    assert json.loads(dec.next_message()) == {"Domain": "x"}
+    msg = dec.next_message()
+    assert msg is not None
+    assert json.loads(msg) == {"Domain": "x"}
 
 
 def test_oversized_length_refused_before_buffering() -> None:

@@ -177,8 +177,11 @@ def test_early_payload_round_trip() -> None:
     assert b'{"nodeKeyChallenge":"chalpub:' in blob
     for cut in range(len(blob)):
         assert noise.parse_early_payload(blob[:cut]) is None
-    payload, used = noise.parse_early_payload(blob + b"PRI")
+    parsed = noise.parse_early_payload(blob + b"PRI")
+    assert parsed is not None
+    payload, used = parsed
     assert used == len(blob)
+    assert payload is not None
     assert payload.node_key_challenge == chal
 
 

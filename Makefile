@@ -30,7 +30,7 @@ test: $(STAMP) sysdeps
 	PIP=$(BIN)/pip tests/fetch-realclient.sh
 	packaging/prepare-testroot.sh
 	$(BIN)/ruff check appliance protocol netmap derp tests packaging
-	$(BIN)/mypy appliance protocol netmap derp
+	$(BIN)/mypy appliance protocol netmap derp tests
 	tests/in-netns.sh $(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)

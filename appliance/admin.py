@@ -10,12 +10,11 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from . import secrets
-from .durations import parse_duration
 from .errors import InvalidInput, NotFound
 from .store import ApiKeyRow, NodeRow, PreAuthKeyRow, Store, UserRow, to_iso, utcnow
 
@@ -76,16 +75,6 @@ def sanitize_hostname(hostname: str) -> str:
     s = re.sub(r"[^a-z0-9-]+", "-", s).strip("-")
     s = s[:63].strip("-")
     return s or "node"
-
-
-def parse_expiration(text: str | None, default: timedelta | None) -> datetime | None:
-    if text in (None, ""):
-        return utcnow() + default if default else None
-    try:
-        d = parse_duration(text)
-    except ValueError as e:
-        raise InvalidInput(f"--expiration: {e}, got {text!r}") from None
-    return utcnow() + d if d.total_seconds() else None
 
 
 class Admin:
@@ -349,13 +338,3 @@ class Admin:
         row = self.store.set_policy(text)
         self._notify(Change("policy"))
         return {"policy": row.data, "updatedAt": to_iso(row.created_at)}
-
-
-@dataclass
-class ChangeLog:
-    """Collects changes (the direct-database CLI path has no server to tell)."""
-
-    changes: list[Change] = field(default_factory=list)
-
-    def __call__(self, change: Change) -> None:
-        self.changes.append(change)

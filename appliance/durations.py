@@ -44,16 +44,3 @@ def parse_duration(text: str | int | float) -> timedelta:
     if pos != len(s) or pos == 0:
         raise ValueError("expected a duration like 30m, 24h or 90d")
     return timedelta(seconds=total)
-
-
-def format_duration(d: timedelta) -> str:
-    """The shortest Go-style form of a duration (for config round trips and logs)."""
-    secs = int(d.total_seconds())
-    if secs == 0:
-        return "0s"
-    out = []
-    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
-        n, secs = divmod(secs, size)
-        if n:
-            out.append(f"{n}{unit}")
-    return "".join(out)

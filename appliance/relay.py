@@ -87,7 +87,14 @@ class EmbeddedRelay:
             "homescale_derp_packets_sent_total": lambda: s.packets_sent,
             "homescale_derp_packets_dropped_total": lambda: s.packets_dropped_total,
             "homescale_derp_refused_total": lambda: s.refused,
+            "homescale_derp_bytes_received_total": lambda: s.bytes_received,
+            "homescale_derp_bytes_sent_total": lambda: s.bytes_sent,
+            "homescale_derp_duplicate_replaced_total": lambda: s.duplicate_replaced,
+            "homescale_derp_write_timeouts_total": lambda: s.write_timeouts,
+            "homescale_derp_websocket_accepts_total": lambda: s.websocket_accepts,
+            "homescale_derp_home_connections": lambda: s.current_home_connections,
             "homescale_stun_requests_total": lambda: s.stun_requests,
+            "homescale_stun_answered_total": lambda: s.stun_answered,
         }
 
 

@@ -70,7 +70,6 @@ class Server:
         # be dropped after its store write committed, so this queue is not bounded.
         self.changes_send, self.changes_recv = trio.open_memory_channel[Change](math.inf)
         self.policy_text: str | None = None
-        self.policy_source = "none"
         self.metrics.gauge("homescale_nodes", lambda: len(self.tailnet.nodes),
                            "registered nodes")
         self.metrics.gauge("homescale_nodes_online", lambda: len(self.tailnet.online),
@@ -148,7 +147,7 @@ class Server:
         if text is not None:
             check_policy_text(text, source, self.store)
         changed = text != self.policy_text
-        self.policy_text, self.policy_source = text, source
+        self.policy_text = text
         if changed:
             self.log.info("policy loaded from %s", source if text is not None else "nowhere (allow all)")
 

@@ -9,10 +9,8 @@ node's map, and nothing here waits on a client.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -72,7 +70,6 @@ class Tailnet:
     auto_approved: dict[int, tuple[str, ...]] = field(default_factory=dict)
     by_node_key: dict[str, int] = field(default_factory=dict)  # for DERP's verify_clients
     primaries: dict[str, int] = field(default_factory=dict)  # subnet route -> primary router
-    on_node_offline: Callable[[int], None] | None = None
 
     # ------------------------------------------------------------ loading
 
@@ -372,8 +369,3 @@ def policy_node(n: NodeRow, users: dict[int, UserRow], auto_approved: tuple[str,
 
 def node_is_expired(row: NodeRow, now: datetime | None = None) -> bool:
     return row.expiry is not None and row.expiry <= (now or utcnow())
-
-
-def is_tailscale_address(addr: str) -> bool:
-    ip = ipaddress.ip_address(addr)
-    return ip in ipaddress.ip_network("100.64.0.0/10") or ip in ipaddress.ip_network("fd7a:115c:a1e0::/48")

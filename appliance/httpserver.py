@@ -19,6 +19,8 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import trio
 
+from derp.streams import PrefixedStream
+
 HEAD_TIMEOUT = 10.0       # a client must send a whole request head within this
 IDLE_TIMEOUT = 75.0       # keep-alive connections idle longer are closed
 TLS_HANDSHAKE_TIMEOUT = 10.0
@@ -273,36 +275,6 @@ class HttpServer:
                                                      ("Connection", "close")]))
         except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-
-
-class PrefixedStream(trio.abc.Stream):
-    """A stream that first yields bytes already read from it (for protocol sniffing)."""
-
-    def __init__(self, inner: trio.abc.Stream, prefix: bytes) -> None:
-        self.inner = inner
-        self.transport_stream = inner
-        self._prefix = prefix
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._prefix:
-            n = len(self._prefix) if max_bytes is None else max_bytes
-            out, self._prefix = self._prefix[:n], self._prefix[n:]
-            await trio.lowlevel.checkpoint()
-            return out
-        return bytes(await self.inner.receive_some(max_bytes))
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        if isinstance(self.inner, trio.abc.HalfCloseableStream):
-            await self.inner.send_eof()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 class _TooLarge(Exception):

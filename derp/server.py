@@ -48,6 +48,7 @@ from derp.codec import (
     WatchConns,
 )
 from derp.errors import DerpConfigError, DerpError, RemoteDerpError
+from derp.streams import PrefixedStream
 
 # derpserver.go defaultPerClientSendQueueDepth is 32 packets, but there the
 # reader and the writers run in parallel. Here one reader task routes a whole
@@ -249,7 +250,7 @@ class DerpServer:
         """DERP over WebSocket (subprotocol ``derp``, binary messages, no compression)."""
         from trio_websocket import ConnectionClosed, wrap_server_stream
 
-        replay = _ReplayStream(upgrade.stream, upgrade.head + upgrade.trailing)
+        replay = PrefixedStream(upgrade.stream, upgrade.head + upgrade.trailing)
         async with trio.open_nursery() as nursery:
             with trio.move_on_after(HANDSHAKE_TIMEOUT) as hs:
                 request = await wrap_server_stream(nursery, replay, max_message_size=1 << 21)
@@ -631,36 +632,6 @@ async def open_stun_socket(listen_addr: str) -> trio.socket.SocketType:
 
 
 # ---------------------------------------------------------------- stream adapters
-
-
-class _ReplayStream(trio.abc.Stream):
-    """A stream that first yields bytes already read (the HTTP head) again."""
-
-    def __init__(self, inner: trio.abc.Stream, prefix: bytes) -> None:
-        self._inner = inner
-        self._prefix = prefix
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._prefix:
-            n = len(self._prefix) if max_bytes is None else max_bytes
-            out, self._prefix = self._prefix[:n], self._prefix[n:]
-            await trio.lowlevel.checkpoint()
-            return out
-        return bytes(await self._inner.receive_some(max_bytes))
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._inner.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        send_eof = getattr(self._inner, "send_eof", None)
-        if send_eof is not None:
-            await send_eof()
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
 
 
 class WebSocketByteStream(trio.abc.Stream):

@@ -350,25 +350,25 @@ def test_auto_approved_route_makes_the_router_reachable() -> None:
     assert IPSet.of(rule["SrcIPs"]).contains(ipaddress.ip_address(tn.nodes[2].ipv4 or ""))
 
 
-def test_a_subnet_served_by_two_routers_is_primary_on_one() -> None:
+def two_routers_and_a_client() -> Tailnet:
+    """Nodes 1 and 2 both serve 10.1.0.0/16 (approved); node 3 of another user uses it."""
     routes = {"RoutableIPs": ["10.1.0.0/16"]}
-    tn = make_tailnet(USERS, [node(1, hostinfo={**node(1).hostinfo, **routes},
-                                   approved_routes=["10.1.0.0/16"]),
-                              node(2, hostinfo={**node(2).hostinfo, **routes},
-                                   approved_routes=["10.1.0.0/16"]),
-                              node(3, user_id=2)])
+    return make_tailnet(USERS, [node(1, hostinfo={**node(1).hostinfo, **routes},
+                                     approved_routes=["10.1.0.0/16"]),
+                                node(2, hostinfo={**node(2).hostinfo, **routes},
+                                     approved_routes=["10.1.0.0/16"]),
+                                node(3, user_id=2)])
+
+
+def test_a_subnet_served_by_two_routers_is_primary_on_one() -> None:
+    tn = two_routers_and_a_client()
     _, first = connect(tn, 3)
     claiming = [p["ID"] for p in first["Peers"] if "10.1.0.0/16" in p["AllowedIPs"]]
     assert len(claiming) == 1
 
 
 def test_primary_router_fails_over_when_it_goes_offline() -> None:
-    routes = {"RoutableIPs": ["10.1.0.0/16"]}
-    tn = make_tailnet(USERS, [node(1, hostinfo={**node(1).hostinfo, **routes},
-                                   approved_routes=["10.1.0.0/16"]),
-                              node(2, hostinfo={**node(2).hostinfo, **routes},
-                                   approved_routes=["10.1.0.0/16"]),
-                              node(3, user_id=2)])
+    tn = two_routers_and_a_client()
     tn.set_online(1, True)
     tn.set_online(2, True)
     h, first = connect(tn, 3)

@@ -249,8 +249,14 @@ class Tailnet:
             # Membership, tags, addresses or routes changed: the policy resolves differently.
             before = self.visible_peers(node_id) if old_row is not None else frozenset()
             self._recompile()
-            self._mark_peer(before | self.visible_peers(node_id), node_id)
-            self._mark_all_sessions()
+            affected = before | self.visible_peers(node_id) | {node_id}
+            # Only these can have a different view now: a node's filter admits the node only
+            # if traffic may flow between them, and then they see each other (before or after).
+            for nid in affected:
+                s = self.sessions.get(nid)
+                if s is not None:
+                    s.state.mark_all()
+                    s.notify()
         elif changed:
             self._mark_peer(self.visible_peers(node_id), node_id)
         else:

@@ -75,6 +75,8 @@ def test_membership_change_sends_only_to_those_whose_view_changed() -> None:
     tn = make_tailnet(users, nodes, SELF_ONLY)
     handles = {n.id: connect(tn, n.id)[0] for n in nodes}
     change(tn, 45, user_id=4)  # moves from user 3 (41..60) to user 4 (61..80)
+    # The design rule: only the 40 sessions whose view can change are woken at all.
+    assert {nid for nid, h in handles.items() if h.wake.is_set()} == set(range(41, 81))
     got = {nid: msg for nid, h in handles.items() if (msg := compose(tn, h)) is not None}
     assert set(got) == set(range(41, 81))
     for nid in range(41, 61):

@@ -30,9 +30,10 @@ def _tailnet(n: int) -> Tailnet:
     tn = Tailnet(config=config, log=logging.getLogger("bench"))
     now = utcnow()
     users = [UserRow(id=1, name="alice", created_at=now)]
+    users += [UserRow(id=u, name=f"user{u}", created_at=now) for u in range(2, 11)]
     nodes = [NodeRow(id=i, machine_key=f"mkey:{i:064x}", node_key=f"nodekey:{i:064x}",
                      given_name=f"node{i}", hostname=f"node{i}", disco_key=f"discokey:{i:064x}",
-                     endpoints=[f"192.0.2.{i % 250}:41641"], user_id=1,
+                     endpoints=[f"192.0.2.{i % 250}:41641"], user_id=i % 10 + 1,
                      ipv4=f"100.64.{i // 250}.{i % 250 + 1}", created_at=now,
                      hostinfo={"Hostname": f"node{i}", "NetInfo": {"PreferredDERP": 999}})
              for i in range(1, n + 1)]
@@ -42,7 +43,7 @@ def _tailnet(n: int) -> Tailnet:
 
 
 async def bench_netmap_deltas() -> list:
-    """One endpoint change vs rebuilding every node's map (in memory, N nodes, allow-all)."""
+    """One endpoint change vs rebuilding every node's map; a node joining (in memory, N nodes)."""
     from tests.bench import Figure
 
     tn = _tailnet(NODES)
@@ -67,6 +68,24 @@ async def bench_netmap_deltas() -> list:
                 delta_bytes += len(msg or b"")
                 h.wake = type(h.wake)()
     per_change = (time.perf_counter() - t0) / rounds
+
+    # A node joining under a policy where users see only their own nodes (10 users):
+    # the policy re-resolves, but only the joining user's sessions are woken.
+    tn.set_policy('{"acls":[{"action":"accept","src":["autogroup:member"],'
+                  '"dst":["autogroup:self:*"]}]}')
+    for h in handles:
+        h.state.next_message(tn, utcnow())
+        h.wake = type(h.wake)()
+    t0 = time.perf_counter()
+    joined = NodeRow(id=NODES + 1, machine_key=f"mkey:{NODES + 1:064x}",
+                     node_key=f"nodekey:{NODES + 1:064x}", given_name="joined", user_id=1,
+                     disco_key=f"discokey:{NODES + 1:064x}", ipv4="100.64.200.1",
+                     created_at=utcnow())
+    tn.refresh_node(joined.id, joined)
+    woken = [h for h in handles if h.wake.is_set()]
+    for h in woken:
+        h.state.next_message(tn, utcnow())
+    join = time.perf_counter() - t0
     return [
         Figure(f"full maps for all {NODES} nodes (what a whole-world rebuild sends)", full * 1000, "ms"),
         Figure("  bytes of all full maps", full_bytes / 1e6, "MB"),
@@ -74,4 +93,6 @@ async def bench_netmap_deltas() -> list:
         Figure("  bytes of those deltas", delta_bytes / rounds / 1e3, "KB"),
         Figure("  delta bytes per peer", delta_bytes / rounds / (NODES - 1), "B"),
         Figure("speed-up of a delta over a rebuild", full / per_change, "x"),
+        Figure(f"a node joins (own-user policy): re-resolve + deltas to the {len(woken)} woken",
+               join * 1000, "ms"),
     ]

@@ -459,12 +459,13 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
 
 def config_from_values(values: dict[str, Any], *, source: Path | None, base: Path,
                        warnings: list[str]) -> Config:
-    def p(key: str) -> Path | None:
-        s = values[key]
-        if not s:
-            return None
-        path = Path(s).expanduser()
+    def resolve(text: str) -> Path:
+        """Relative paths are relative to the config file's folder; `~` is expanded."""
+        path = Path(text).expanduser()
         return path if path.is_absolute() else base / path
+
+    def p(key: str) -> Path | None:
+        return resolve(values[key]) if values[key] else None
 
     def req(key: str) -> Path:
         path = p(key)
@@ -498,7 +499,7 @@ def config_from_values(values: dict[str, Any], *, source: Path | None, base: Pat
         ipv4=values["derp.server.ipv4"],
         ipv6=values["derp.server.ipv6"],
         urls=values["derp.urls"],
-        paths=[Path(x) if Path(x).is_absolute() else base / x for x in values["derp.paths"]],
+        paths=[resolve(x) for x in values["derp.paths"]],
         auto_update_enabled=values["derp.auto_update_enabled"],
         update_frequency=values["derp.update_frequency"],
     )

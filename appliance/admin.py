@@ -19,11 +19,18 @@ from .errors import InvalidInput, NotFound
 from .store import ApiKeyRow, NodeRow, PreAuthKeyRow, Store, UserRow, to_iso, utcnow
 
 # headscale renders tagged nodes as owned by this pseudo-user (hscontrol/types/users.go).
-TAGGED_DEVICES_USER = {"id": "2147455555", "name": "tagged-devices", "displayName": "Tagged Devices"}
+TAGGED_DEVICES_USER = {
+    "id": "2147455555",
+    "name": "tagged-devices",
+    "displayName": "Tagged Devices",
+}
 _TAG = re.compile(r"^tag:[A-Za-z][A-Za-z0-9-]*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-REGISTER_METHODS = {"authkey": "REGISTER_METHOD_AUTH_KEY", "cli": "REGISTER_METHOD_CLI",
-                    "oidc": "REGISTER_METHOD_OIDC"}
+REGISTER_METHODS = {
+    "authkey": "REGISTER_METHOD_AUTH_KEY",
+    "cli": "REGISTER_METHOD_CLI",
+    "oidc": "REGISTER_METHOD_OIDC",
+}
 
 
 @dataclass(frozen=True)
@@ -44,8 +51,10 @@ def validate_username(name: str) -> str:
         raise InvalidInput(f"user name {name!r} has more than one '@'")
     for ch in name:
         if not (ch.isalnum() or ch in "-._@"):
-            raise InvalidInput(f"user name {name!r} has an invalid character {ch!r} "
-                               f"(letters, digits, '-', '.', '_' and one '@')")
+            raise InvalidInput(
+                f"user name {name!r} has an invalid character {ch!r} "
+                f"(letters, digits, '-', '.', '_' and one '@')"
+            )
     return name
 
 
@@ -54,8 +63,10 @@ def validate_tags(tags: list[str]) -> list[str]:
     for t in tags:
         t = t.strip()
         if not _TAG.match(t):
-            raise InvalidInput(f"malformed tag {t!r}: expected tag:<name>, a letter then letters, "
-                               f"digits or '-' (e.g. tag:server)")
+            raise InvalidInput(
+                f"malformed tag {t!r}: expected tag:<name>, a letter then letters, "
+                f"digits or '-' (e.g. tag:server)"
+            )
         if t not in out:
             out.append(t)
     return sorted(out)
@@ -63,8 +74,10 @@ def validate_tags(tags: list[str]) -> list[str]:
 
 def validate_given_name(name: str) -> str:
     if not _DNS_LABEL.match(name):
-        raise InvalidInput(f"invalid node name {name!r}: a DNS label of lowercase letters, digits "
-                           f"and '-', at most 63 characters, not starting or ending with '-'")
+        raise InvalidInput(
+            f"invalid node name {name!r}: a DNS label of lowercase letters, digits "
+            f"and '-', at most 63 characters, not starting or ending with '-'"
+        )
     return name
 
 
@@ -80,8 +93,13 @@ def sanitize_hostname(hostname: str) -> str:
 class Admin:
     """The admin operations over one store; `notify` tells the running server what changed."""
 
-    def __init__(self, store: Store, *, notify: Callable[[Change], None] | None = None,
-                 online: Callable[[int], bool] | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        notify: Callable[[Change], None] | None = None,
+        online: Callable[[int], bool] | None = None,
+    ) -> None:
         self.store = store
         self._notify = notify or (lambda change: None)
         self._online = online or (lambda node_id: False)
@@ -90,23 +108,40 @@ class Admin:
 
     @staticmethod
     def user_json(u: UserRow) -> dict[str, Any]:
-        return {"id": str(u.id), "name": u.name, "createdAt": to_iso(u.created_at),
-                "displayName": u.display_name, "email": u.email, "providerId": u.provider_id,
-                "provider": u.provider, "profilePicUrl": u.profile_pic_url}
+        return {
+            "id": str(u.id),
+            "name": u.name,
+            "createdAt": to_iso(u.created_at),
+            "displayName": u.display_name,
+            "email": u.email,
+            "providerId": u.provider_id,
+            "provider": u.provider,
+            "profilePicUrl": u.profile_pic_url,
+        }
 
     def pre_auth_key_json(self, k: PreAuthKeyRow, full_key: str | None = None) -> dict[str, Any]:
         user = self.user_json(self.store.user(k.user_id)) if k.user_id is not None else None
-        return {"user": user, "id": str(k.id),
-                "key": full_key or secrets.display_prefix("auth", k.prefix),
-                "reusable": k.reusable, "ephemeral": k.ephemeral, "used": k.used,
-                "expiration": to_iso(k.expiration), "createdAt": to_iso(k.created_at),
-                "aclTags": list(k.tags)}
+        return {
+            "user": user,
+            "id": str(k.id),
+            "key": full_key or secrets.display_prefix("auth", k.prefix),
+            "reusable": k.reusable,
+            "ephemeral": k.ephemeral,
+            "used": k.used,
+            "expiration": to_iso(k.expiration),
+            "createdAt": to_iso(k.created_at),
+            "aclTags": list(k.tags),
+        }
 
     @staticmethod
     def api_key_json(k: ApiKeyRow) -> dict[str, Any]:
-        return {"id": str(k.id), "prefix": secrets.display_prefix("api", k.prefix),
-                "expiration": to_iso(k.expiration), "createdAt": to_iso(k.created_at),
-                "lastSeen": to_iso(k.last_seen)}
+        return {
+            "id": str(k.id),
+            "prefix": secrets.display_prefix("api", k.prefix),
+            "expiration": to_iso(k.expiration),
+            "createdAt": to_iso(k.created_at),
+            "lastSeen": to_iso(k.last_seen),
+        }
 
     def node_json(self, n: NodeRow) -> dict[str, Any]:
         if n.tags:
@@ -121,13 +156,24 @@ class Admin:
                 pak = None
         available = list(n.hostinfo.get("RoutableIPs") or [])
         return {
-            "id": str(n.id), "machineKey": n.machine_key, "nodeKey": n.node_key,
-            "discoKey": n.disco_key, "ipAddresses": [a for a in (n.ipv4, n.ipv6) if a],
-            "name": n.hostname, "user": user, "lastSeen": to_iso(n.last_seen),
-            "expiry": to_iso(n.expiry), "preAuthKey": pak, "createdAt": to_iso(n.created_at),
-            "registerMethod": REGISTER_METHODS.get(n.register_method, "REGISTER_METHOD_UNSPECIFIED"),
-            "givenName": n.given_name, "online": self._online(n.id),
-            "approvedRoutes": list(n.approved_routes), "availableRoutes": available,
+            "id": str(n.id),
+            "machineKey": n.machine_key,
+            "nodeKey": n.node_key,
+            "discoKey": n.disco_key,
+            "ipAddresses": [a for a in (n.ipv4, n.ipv6) if a],
+            "name": n.hostname,
+            "user": user,
+            "lastSeen": to_iso(n.last_seen),
+            "expiry": to_iso(n.expiry),
+            "preAuthKey": pak,
+            "createdAt": to_iso(n.created_at),
+            "registerMethod": REGISTER_METHODS.get(
+                n.register_method, "REGISTER_METHOD_UNSPECIFIED"
+            ),
+            "givenName": n.given_name,
+            "online": self._online(n.id),
+            "approvedRoutes": list(n.approved_routes),
+            "availableRoutes": available,
             "subnetRoutes": [r for r in n.approved_routes if r in available],
             "tags": list(n.tags),
         }
@@ -146,8 +192,9 @@ class Admin:
 
     # -- users
 
-    def create_user(self, name: str, display_name: str = "", email: str = "",
-                    picture_url: str = "") -> dict[str, Any]:
+    def create_user(
+        self, name: str, display_name: str = "", email: str = "", picture_url: str = ""
+    ) -> dict[str, Any]:
         validate_username(name)
         u = self.store.create_user(name, display_name, email, picture_url)
         self._notify(Change("user", u.id))
@@ -177,20 +224,34 @@ class Admin:
 
     # -- pre-auth keys
 
-    def create_pre_auth_key(self, *, user: str | int | None, reusable: bool = False,
-                            ephemeral: bool = False, expiration: datetime | None = None,
-                            tags: list[str] | None = None) -> dict[str, Any]:
+    def create_pre_auth_key(
+        self,
+        *,
+        user: str | int | None,
+        reusable: bool = False,
+        ephemeral: bool = False,
+        expiration: datetime | None = None,
+        tags: list[str] | None = None,
+    ) -> dict[str, Any]:
         tags = validate_tags(tags or [])
         if user in (None, "", 0, "0") and not tags:
-            raise InvalidInput("a pre-auth key needs a user (--user) or tags (--tags tag:x): "
-                               "a node must be owned by someone")
+            raise InvalidInput(
+                "a pre-auth key needs a user (--user) or tags (--tags tag:x): "
+                "a node must be owned by someone"
+            )
         u = self.resolve_user(user) if user not in (None, "", 0, "0") else None
         if expiration is not None and expiration <= utcnow():
             raise InvalidInput(f"expiration {to_iso(expiration)} is in the past")
         key = secrets.new_key("auth")
-        row = self.store.create_pre_auth_key(prefix=key.prefix, hash=key.hash,
-                                             user_id=u.id if u else None, reusable=reusable,
-                                             ephemeral=ephemeral, tags=tags, expiration=expiration)
+        row = self.store.create_pre_auth_key(
+            prefix=key.prefix,
+            hash=key.hash,
+            user_id=u.id if u else None,
+            reusable=reusable,
+            ephemeral=ephemeral,
+            tags=tags,
+            expiration=expiration,
+        )
         return self.pre_auth_key_json(row, full_key=key.full)
 
     def list_pre_auth_keys(self, user: str | int | None = None) -> list[dict[str, Any]]:
@@ -268,7 +329,9 @@ class Admin:
     def _node(self, ref: str | int) -> NodeRow:
         s = str(ref).strip()
         if not s.isdigit():
-            raise InvalidInput(f"node identifier {s!r}: expected a numeric ID (see `homescale nodes list`)")
+            raise InvalidInput(
+                f"node identifier {s!r}: expected a numeric ID (see `homescale nodes list`)"
+            )
         return self.store.node(int(s))
 
     def get_node(self, ref: str | int) -> dict[str, Any]:
@@ -283,8 +346,9 @@ class Admin:
         self.store.delete_node(n.id)
         self._notify(Change("node-removed", n.id))
 
-    def expire_node(self, ref: str | int, expiry: datetime | None = None,
-                    disable: bool = False) -> dict[str, Any]:
+    def expire_node(
+        self, ref: str | int, expiry: datetime | None = None, disable: bool = False
+    ) -> dict[str, Any]:
         n = self._node(ref)
         when = None if disable else (expiry or utcnow())
         out = self.node_json(self.store.update_node(n.id, expiry=when))
@@ -312,6 +376,7 @@ class Admin:
 
     def approve_routes(self, ref: str | int, routes: list[str]) -> dict[str, Any]:
         import ipaddress
+
         n = self._node(ref)
         clean = []
         for r in routes:

@@ -64,16 +64,24 @@ def _time(value: Any, field: str) -> datetime | None:
     try:
         return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     except ValueError:
-        raise InvalidInput(f"{field}: expected an RFC 3339 time like 2026-01-02T15:04:05Z, "
-                           f"got {value!r}") from None
+        raise InvalidInput(
+            f"{field}: expected an RFC 3339 time like 2026-01-02T15:04:05Z, got {value!r}"
+        ) from None
 
 
 class AdminApi:
     """Routes `/api/v1/...` to admin operations; an ASGI app (`__call__`)."""
 
-    def __init__(self, admin: Admin, run_db: RunDb, *, require_auth: bool,
-                 policy_check: Callable[[str], None], policy_mode: str,
-                 logins: InteractiveLogins | None = None) -> None:
+    def __init__(
+        self,
+        admin: Admin,
+        run_db: RunDb,
+        *,
+        require_auth: bool,
+        policy_check: Callable[[str], None],
+        policy_mode: str,
+        logins: InteractiveLogins | None = None,
+    ) -> None:
         self.admin = admin
         self.run_db = run_db
         self.require_auth = require_auth
@@ -85,40 +93,92 @@ class AdminApi:
         self.routes: list[tuple[str, re.Pattern[str], Callable[..., Awaitable[Any]]]] = []
         r = self._route
         r("GET", r"/api/v1/health", self.health)
-        r("GET", r"/api/v1/user", lambda q: self.db(lambda: {"users": a.list_users(
-            name=q.arg("name"), id=q.arg("id"), email=q.arg("email"))}))
+        r(
+            "GET",
+            r"/api/v1/user",
+            lambda q: self.db(
+                lambda: {
+                    "users": a.list_users(name=q.arg("name"), id=q.arg("id"), email=q.arg("email"))
+                }
+            ),
+        )
         r("POST", r"/api/v1/user", self.create_user)
-        r("POST", r"/api/v1/user/([^/]+)/rename/([^/]+)",
-          lambda q, uid, new: self.db(lambda: {"user": a.rename_user(uid, new)}))
+        r(
+            "POST",
+            r"/api/v1/user/([^/]+)/rename/([^/]+)",
+            lambda q, uid, new: self.db(lambda: {"user": a.rename_user(uid, new)}),
+        )
         r("DELETE", r"/api/v1/user/([^/]+)", lambda q, uid: self.done(lambda: a.delete_user(uid)))
-        r("GET", r"/api/v1/preauthkey", lambda q: self.db(
-            lambda: {"preAuthKeys": a.list_pre_auth_keys(q.arg("user") or None)}))
+        r(
+            "GET",
+            r"/api/v1/preauthkey",
+            lambda q: self.db(lambda: {"preAuthKeys": a.list_pre_auth_keys(q.arg("user") or None)}),
+        )
         r("POST", r"/api/v1/preauthkey", self.create_pre_auth_key)
-        r("POST", r"/api/v1/preauthkey/expire", lambda q: self.done(
-            lambda: a.expire_pre_auth_key(self._need(q.json(), "id", "key"))))
-        r("DELETE", r"/api/v1/preauthkey", lambda q: self.done(
-            lambda: a.delete_pre_auth_key(q.arg("id") or q.arg("key"))))
+        r(
+            "POST",
+            r"/api/v1/preauthkey/expire",
+            lambda q: self.done(lambda: a.expire_pre_auth_key(self._need(q.json(), "id", "key"))),
+        )
+        r(
+            "DELETE",
+            r"/api/v1/preauthkey",
+            lambda q: self.done(lambda: a.delete_pre_auth_key(q.arg("id") or q.arg("key"))),
+        )
         r("GET", r"/api/v1/apikey", lambda q: self.db(lambda: {"apiKeys": a.list_api_keys()}))
-        r("POST", r"/api/v1/apikey", lambda q: self.db(
-            lambda: {"apiKey": a.create_api_key(_time(q.json().get("expiration"), "expiration"))}))
-        r("POST", r"/api/v1/apikey/expire", lambda q: self.done(
-            lambda: a.expire_api_key(self._need(q.json(), "prefix", "id"))))
-        r("DELETE", r"/api/v1/apikey/([^/]+)", lambda q, prefix: self.done(
-            lambda: a.delete_api_key(prefix)))
-        r("GET", r"/api/v1/node", lambda q: self.db(lambda: {"nodes": a.list_nodes(q.arg("user") or None)}))
+        r(
+            "POST",
+            r"/api/v1/apikey",
+            lambda q: self.db(
+                lambda: {
+                    "apiKey": a.create_api_key(_time(q.json().get("expiration"), "expiration"))
+                }
+            ),
+        )
+        r(
+            "POST",
+            r"/api/v1/apikey/expire",
+            lambda q: self.done(lambda: a.expire_api_key(self._need(q.json(), "prefix", "id"))),
+        )
+        r(
+            "DELETE",
+            r"/api/v1/apikey/([^/]+)",
+            lambda q, prefix: self.done(lambda: a.delete_api_key(prefix)),
+        )
+        r(
+            "GET",
+            r"/api/v1/node",
+            lambda q: self.db(lambda: {"nodes": a.list_nodes(q.arg("user") or None)}),
+        )
         r("POST", r"/api/v1/node/register", lambda q: self.register(q.arg("user"), q.arg("key")))
-        r("POST", r"/api/v1/auth/register", lambda q: self.register(
-            str(q.json().get("user", "")), self._need(q.json(), "authId")))
+        r(
+            "POST",
+            r"/api/v1/auth/register",
+            lambda q: self.register(str(q.json().get("user", "")), self._need(q.json(), "authId")),
+        )
         r("POST", r"/api/v1/auth/reject", self.reject)
         r("GET", r"/api/v1/node/(\d+)", lambda q, nid: self.db(lambda: {"node": a.get_node(nid)}))
         r("DELETE", r"/api/v1/node/(\d+)", lambda q, nid: self.done(lambda: a.delete_node(nid)))
         r("POST", r"/api/v1/node/(\d+)/expire", self.expire_node)
-        r("POST", r"/api/v1/node/(\d+)/rename/([^/]+)", lambda q, nid, new: self.db(
-            lambda: {"node": a.rename_node(nid, new)}))
-        r("POST", r"/api/v1/node/(\d+)/tags", lambda q, nid: self.db(
-            lambda: {"node": a.tag_node(nid, list(q.json().get("tags") or []))}))
-        r("POST", r"/api/v1/node/(\d+)/approve_routes", lambda q, nid: self.db(
-            lambda: {"node": a.approve_routes(nid, list(q.json().get("routes") or []))}))
+        r(
+            "POST",
+            r"/api/v1/node/(\d+)/rename/([^/]+)",
+            lambda q, nid, new: self.db(lambda: {"node": a.rename_node(nid, new)}),
+        )
+        r(
+            "POST",
+            r"/api/v1/node/(\d+)/tags",
+            lambda q, nid: self.db(
+                lambda: {"node": a.tag_node(nid, list(q.json().get("tags") or []))}
+            ),
+        )
+        r(
+            "POST",
+            r"/api/v1/node/(\d+)/approve_routes",
+            lambda q, nid: self.db(
+                lambda: {"node": a.approve_routes(nid, list(q.json().get("routes") or []))}
+            ),
+        )
         r("GET", r"/api/v1/policy", lambda q: self.db(a.get_policy))
         r("PUT", r"/api/v1/policy", self.set_policy)
         r("POST", r"/api/v1/policy/check", self.check_policy)
@@ -154,9 +214,16 @@ class AdminApi:
 
     async def create_user(self, q: ApiRequest) -> dict[str, Any]:
         b = q.json()
-        return await self.db(lambda: {"user": self.admin.create_user(
-            str(b.get("name", "")), str(b.get("displayName", "")), str(b.get("email", "")),
-            str(b.get("pictureUrl", "")))})
+        return await self.db(
+            lambda: {
+                "user": self.admin.create_user(
+                    str(b.get("name", "")),
+                    str(b.get("displayName", "")),
+                    str(b.get("email", "")),
+                    str(b.get("pictureUrl", "")),
+                )
+            }
+        )
 
     async def create_pre_auth_key(self, q: ApiRequest) -> dict[str, Any]:
         b = q.json()
@@ -164,9 +231,17 @@ class AdminApi:
         if not isinstance(tags, list):
             raise InvalidInput("aclTags: expected a list of tags")
         expiration = _time(b.get("expiration"), "expiration")
-        return await self.db(lambda: {"preAuthKey": self.admin.create_pre_auth_key(
-            user=b.get("user"), reusable=bool(b.get("reusable")), ephemeral=bool(b.get("ephemeral")),
-            expiration=expiration, tags=[str(t) for t in tags])})
+        return await self.db(
+            lambda: {
+                "preAuthKey": self.admin.create_pre_auth_key(
+                    user=b.get("user"),
+                    reusable=bool(b.get("reusable")),
+                    ephemeral=bool(b.get("ephemeral")),
+                    expiration=expiration,
+                    tags=[str(t) for t in tags],
+                )
+            }
+        )
 
     async def expire_node(self, q: ApiRequest, nid: str) -> dict[str, Any]:
         b = q.json()
@@ -188,8 +263,11 @@ class AdminApi:
 
     async def set_policy(self, q: ApiRequest) -> dict[str, Any]:
         if self.policy_mode != "database":
-            raise ApiError(400, "the policy can only be set in policy.mode: database "
-                                "(in file mode, edit the file at policy.path)")
+            raise ApiError(
+                400,
+                "the policy can only be set in policy.mode: database "
+                "(in file mode, edit the file at policy.path)",
+            )
         text = str(q.json().get("policy", ""))
         return await self.db(lambda: self.admin.set_policy(text, self.policy_check))
 
@@ -211,8 +289,11 @@ class AdminApi:
         if self.require_auth:
             check = self._authorized(q.headers)
             if check is None or not await self.run_db(check):
-                return 401, {"title": "Unauthorized", "status": 401,
-                             "detail": "missing or invalid API key (Authorization: Bearer <key>)"}
+                return 401, {
+                    "title": "Unauthorized",
+                    "status": 401,
+                    "detail": "missing or invalid API key (Authorization: Bearer <key>)",
+                }
         allowed = []
         for method, pattern, handler in self.routes:
             m = pattern.match(q.path)
@@ -233,8 +314,12 @@ class AdminApi:
             return 405, _problem(405, f"method {q.method} not allowed; use {', '.join(allowed)}")
         return 404, _problem(404, f"no API route {q.path}")
 
-    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Awaitable[Any]],
-                       send: Callable[..., Awaitable[Any]]) -> None:
+    async def __call__(
+        self,
+        scope: dict[str, Any],
+        receive: Callable[..., Awaitable[Any]],
+        send: Callable[..., Awaitable[Any]],
+    ) -> None:
         if scope["type"] == "lifespan":
             while True:
                 msg = await receive()
@@ -257,16 +342,25 @@ class AdminApi:
         # unquote each matched segment once.
         raw_path = scope.get("raw_path")
         path = raw_path.decode("latin-1") if raw_path else quote(scope["path"])
-        q = ApiRequest(scope["method"], path, parse_qs(scope["query_string"].decode()),
-                       headers, bytes(body))
+        q = ApiRequest(
+            scope["method"], path, parse_qs(scope["query_string"].decode()), headers, bytes(body)
+        )
         status, obj = await self.handle(q)
         data = json.dumps(obj).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(data)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(data)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": data})
 
 
 def _problem(status: int, detail: str) -> dict[str, Any]:
     from http import HTTPStatus
+
     return {"title": HTTPStatus(status).phrase, "status": status, "detail": detail}

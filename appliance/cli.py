@@ -50,11 +50,14 @@ OPTS = Options()
 
 # ---------------------------------------------------------------- config + transport
 
+
 def _config() -> Config:
     path = find_config(OPTS.config, os.environ)
     if path is None:
-        raise HomescaleError("no config file found: pass -c FILE, set HOMESCALE_CONFIG, or create "
-                             "/etc/homescale/config.yaml (`homescale init` writes one)")
+        raise HomescaleError(
+            "no config file found: pass -c FILE, set HOMESCALE_CONFIG, or create "
+            "/etc/homescale/config.yaml (`homescale init` writes one)"
+        )
     return load_config(path)
 
 
@@ -78,8 +81,13 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 class Transport:
     """Sends one API call; returns the decoded JSON body or raises CliError with the detail."""
 
-    def call(self, method: str, path: str, query: dict[str, str] | None = None,
-             body: dict[str, Any] | None = None) -> Any:
+    def call(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, str] | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> Any:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -102,14 +110,20 @@ class HttpTransport(Transport):
         self.conn_factory = conn_factory
         self.headers = headers
 
-    def call(self, method: str, path: str, query: dict[str, str] | None = None,
-             body: dict[str, Any] | None = None) -> Any:
+    def call(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, str] | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> Any:
         url = path + ("?" + urlencode(query) if query else "")
         data = json.dumps(body).encode() if body is not None else None
         conn = self.conn_factory()
         try:
-            conn.request(method, url, body=data,
-                         headers={**self.headers, "Content-Type": "application/json"})
+            conn.request(
+                method, url, body=data, headers={**self.headers, "Content-Type": "application/json"}
+            )
             resp = conn.getresponse()
             return self._result(resp.status, resp.read())
         except OSError as e:
@@ -135,21 +149,35 @@ class DirectTransport(Transport):
         # The server's rules, including policy.mode: in file mode a stored policy would be
         # ignored, so `policy set` is refused here as the running server refuses it.
         store = self.store
-        self.api = AdminApi(Admin(store), run_db, require_auth=False,
-                            policy_check=lambda text: check_policy_text(text, "policy", store),
-                            policy_mode=config.policy_mode)
+        self.api = AdminApi(
+            Admin(store),
+            run_db,
+            require_auth=False,
+            policy_check=lambda text: check_policy_text(text, "policy", store),
+            policy_mode=config.policy_mode,
+        )
 
     def close(self) -> None:
         self.store.close()
 
-    def call(self, method: str, path: str, query: dict[str, str] | None = None,
-             body: dict[str, Any] | None = None) -> Any:
+    def call(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, str] | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> Any:
         import trio
 
         from .api import ApiRequest
 
-        q = ApiRequest(method, path, {k: [v] for k, v in (query or {}).items()}, {},
-                       json.dumps(body).encode() if body is not None else b"")
+        q = ApiRequest(
+            method,
+            path,
+            {k: [v] for k, v in (query or {}).items()},
+            {},
+            json.dumps(body).encode() if body is not None else b"",
+        )
         status, obj = trio.run(self.api.handle, q)
         return self._result(status, json.dumps(obj).encode())
 
@@ -171,8 +199,10 @@ def transport() -> Transport:
     if address:
         api_key = os.environ.get("HOMESCALE_CLI_API_KEY", "")
         if not api_key:
-            raise HomescaleError("HOMESCALE_CLI_ADDRESS is set but HOMESCALE_CLI_API_KEY is not "
-                                 "(create one with `homescale apikeys create` on the server)")
+            raise HomescaleError(
+                "HOMESCALE_CLI_ADDRESS is set but HOMESCALE_CLI_API_KEY is not "
+                "(create one with `homescale apikeys create` on the server)"
+            )
         url = address if "://" in address else f"https://{address}"
         parts = urlsplit(url)
         insecure = os.environ.get("HOMESCALE_CLI_INSECURE", "").lower() in ("1", "true")
@@ -183,10 +213,12 @@ def transport() -> Transport:
                 if insecure:
                     ctx.check_hostname = False
                     ctx.verify_mode = ssl.CERT_NONE
-                return http.client.HTTPSConnection(parts.hostname or "", parts.port or 443,
-                                                   timeout=CLI_TIMEOUT, context=ctx)
-            return http.client.HTTPConnection(parts.hostname or "", parts.port or 80,
-                                              timeout=CLI_TIMEOUT)
+                return http.client.HTTPSConnection(
+                    parts.hostname or "", parts.port or 443, timeout=CLI_TIMEOUT, context=ctx
+                )
+            return http.client.HTTPConnection(
+                parts.hostname or "", parts.port or 80, timeout=CLI_TIMEOUT
+            )
 
         _say(f"using the remote API at {url}")
         return HttpTransport(factory, {"Authorization": f"Bearer {api_key}"})
@@ -194,7 +226,9 @@ def transport() -> Transport:
     if _socket_answers(config.unix_socket):
         _say(f"using the running server's admin socket {config.unix_socket}")
         return HttpTransport(lambda: _UnixHTTPConnection(str(config.unix_socket)), {})
-    _say(f"no server answers on {config.unix_socket}; using the database {config.database_path} directly")
+    _say(
+        f"no server answers on {config.unix_socket}; using the database {config.database_path} directly"
+    )
     _refuse_foreign_state(config)
     return DirectTransport(config)
 
@@ -215,9 +249,11 @@ def _refuse_foreign_state(config: Config) -> None:
             name = pwd.getpwuid(owner).pw_name
         except KeyError:
             name = str(owner)
-        raise HomescaleError(f"the server is not running and {config.database_path.parent} belongs "
-                             f"to {name!r}: run the command as that user so the database stays "
-                             f"theirs, e.g. sudo -u {name} homescale ...")
+        raise HomescaleError(
+            f"the server is not running and {config.database_path.parent} belongs "
+            f"to {name!r}: run the command as that user so the database stays "
+            f"theirs, e.g. sudo -u {name} homescale ..."
+        )
 
 
 def seg(value: object) -> str:
@@ -225,8 +261,9 @@ def seg(value: object) -> str:
     return quote(str(value), safe="")
 
 
-def api(method: str, path: str, query: dict[str, str] | None = None,
-        body: dict[str, Any] | None = None) -> Any:
+def api(
+    method: str, path: str, query: dict[str, str] | None = None, body: dict[str, Any] | None = None
+) -> Any:
     t = transport()
     try:
         return t.call(method, path, query, body)
@@ -235,6 +272,7 @@ def api(method: str, path: str, query: dict[str, str] | None = None,
 
 
 # ---------------------------------------------------------------- output
+
 
 def emit(obj: Any, table: list[tuple[str, str]] | None = None, message: str | None = None) -> None:
     """Print per `-o`: json, json-line, yaml, or (default) a table / message."""
@@ -245,6 +283,7 @@ def emit(obj: Any, table: list[tuple[str, str]] | None = None, message: str | No
         print(json.dumps(obj))
     elif fmt == "yaml":
         from ruamel.yaml import YAML
+
         YAML(typ="safe", pure=True).dump(obj, sys.stdout)
     elif fmt:
         raise HomescaleError(f"-o {fmt}: unknown output format; use json, json-line or yaml")
@@ -299,20 +338,50 @@ def _future(duration: str, flag: str) -> str | None:
 
 # ---------------------------------------------------------------- the app
 
-app = App(name="homescale", version=version,
-          help="homescale: a self-hosted control server for Tailscale networks.")
+app = App(
+    name="homescale",
+    version=version,
+    help="homescale: a self-hosted control server for Tailscale networks.",
+)
 
-USER_COLS = [("ID", "id"), ("Name", "name"), ("Username", "displayName"), ("Email", "email"),
-             ("Created", "createdAt")]
-KEY_COLS = [("ID", "id"), ("Key", "key"), ("User", "user.name"), ("Reusable", "reusable"),
-            ("Ephemeral", "ephemeral"), ("Used", "used"), ("Expiration", "expiration"),
-            ("Created", "createdAt"), ("Tags", "aclTags")]
-APIKEY_COLS = [("ID", "id"), ("Prefix", "prefix"), ("Expiration", "expiration"),
-               ("Created", "createdAt"), ("Last seen", "lastSeen")]
-NODE_COLS = [("ID", "id"), ("Hostname", "name"), ("Name", "givenName"), ("MachineKey", "machineKey"),
-             ("NodeKey", "nodeKey"), ("User", "user.name"), ("Tags", "tags"),
-             ("IP addresses", "ipAddresses"), ("Online", "online"), ("Last seen", "lastSeen"),
-             ("Expiry", "expiry")]
+USER_COLS = [
+    ("ID", "id"),
+    ("Name", "name"),
+    ("Username", "displayName"),
+    ("Email", "email"),
+    ("Created", "createdAt"),
+]
+KEY_COLS = [
+    ("ID", "id"),
+    ("Key", "key"),
+    ("User", "user.name"),
+    ("Reusable", "reusable"),
+    ("Ephemeral", "ephemeral"),
+    ("Used", "used"),
+    ("Expiration", "expiration"),
+    ("Created", "createdAt"),
+    ("Tags", "aclTags"),
+]
+APIKEY_COLS = [
+    ("ID", "id"),
+    ("Prefix", "prefix"),
+    ("Expiration", "expiration"),
+    ("Created", "createdAt"),
+    ("Last seen", "lastSeen"),
+]
+NODE_COLS = [
+    ("ID", "id"),
+    ("Hostname", "name"),
+    ("Name", "givenName"),
+    ("MachineKey", "machineKey"),
+    ("NodeKey", "nodeKey"),
+    ("User", "user.name"),
+    ("Tags", "tags"),
+    ("IP addresses", "ipAddresses"),
+    ("Online", "online"),
+    ("Last seen", "lastSeen"),
+    ("Expiry", "expiry"),
+]
 
 
 @app.command
@@ -344,9 +413,11 @@ def configtest() -> None:
 
 
 @app.command
-def init(*, data_dir: Annotated[str, Parameter(name=["--data-dir"])] = "data",
-         server_url: Annotated[str, Parameter(name=["--server-url"])] = "http://127.0.0.1:8080",
-         ) -> None:
+def init(
+    *,
+    data_dir: Annotated[str, Parameter(name=["--data-dir"])] = "data",
+    server_url: Annotated[str, Parameter(name=["--server-url"])] = "http://127.0.0.1:8080",
+) -> None:
     """Write a commented config and the server keys into a data directory (never overwrites)."""
     from .setup import init_data_dir
 
@@ -379,7 +450,9 @@ def health() -> None:
 users = App(name="users", alias="user", help="Manage users.")
 app.command(users)
 
-Identifier = Annotated[int | None, Parameter(name=["--identifier", "-i"], help="User identifier (ID)")]
+Identifier = Annotated[
+    int | None, Parameter(name=["--identifier", "-i"], help="User identifier (ID)")
+]
 UserName = Annotated[str, Parameter(name=["--name", "-n"], help="Username")]
 
 
@@ -392,28 +465,49 @@ def _user_ref(identifier: int | None, name: str) -> str:
 
 
 @users.command(name="create", alias=["c", "new"])
-def users_create(name: str, *,
-                 display_name: Annotated[str, Parameter(name=["--display-name", "-d"])] = "",
-                 email: Annotated[str, Parameter(name=["--email", "-e"])] = "",
-                 picture_url: Annotated[str, Parameter(name=["--picture-url", "-p"])] = "") -> None:
+def users_create(
+    name: str,
+    *,
+    display_name: Annotated[str, Parameter(name=["--display-name", "-d"])] = "",
+    email: Annotated[str, Parameter(name=["--email", "-e"])] = "",
+    picture_url: Annotated[str, Parameter(name=["--picture-url", "-p"])] = "",
+) -> None:
     """Create a user."""
-    obj = api("POST", "/api/v1/user", body={"name": name, "displayName": display_name,
-                                             "email": email, "pictureUrl": picture_url})
+    obj = api(
+        "POST",
+        "/api/v1/user",
+        body={"name": name, "displayName": display_name, "email": email, "pictureUrl": picture_url},
+    )
     emit(obj["user"], message="User created")
 
 
 @users.command(name="list", alias=["ls", "show"])
-def users_list(*, identifier: Identifier = None, name: UserName = "",
-               email: Annotated[str, Parameter(name=["--email", "-e"])] = "") -> None:
+def users_list(
+    *,
+    identifier: Identifier = None,
+    name: UserName = "",
+    email: Annotated[str, Parameter(name=["--email", "-e"])] = "",
+) -> None:
     """List users."""
-    query = {k: v for k, v in (("id", "" if identifier is None else str(identifier)),
-                               ("name", name), ("email", email)) if v}
+    query = {
+        k: v
+        for k, v in (
+            ("id", "" if identifier is None else str(identifier)),
+            ("name", name),
+            ("email", email),
+        )
+        if v
+    }
     emit(api("GET", "/api/v1/user", query=query)["users"], table=USER_COLS)
 
 
 @users.command(name="rename", alias=["mv"])
-def users_rename(*, identifier: Identifier = None, name: UserName = "",
-                 new_name: Annotated[str, Parameter(name=["--new-name", "-r"])] = "") -> None:
+def users_rename(
+    *,
+    identifier: Identifier = None,
+    name: UserName = "",
+    new_name: Annotated[str, Parameter(name=["--new-name", "-r"])] = "",
+) -> None:
     """Rename a user."""
     if not new_name:
         raise CliError("--new-name is required")
@@ -443,22 +537,35 @@ def _resolve_user_id(ref: str) -> str:
 
 # -- pre-auth keys
 
-preauthkeys = App(name="preauthkeys", alias=["preauthkey", "authkey", "pre"],
-                  help="Manage pre-auth keys.")
+preauthkeys = App(
+    name="preauthkeys", alias=["preauthkey", "authkey", "pre"], help="Manage pre-auth keys."
+)
 app.command(preauthkeys)
 
 
 @preauthkeys.command(name="create", alias=["c", "new"])
-def preauthkeys_create(*, user: Annotated[str, Parameter(name=["--user", "-u"], help="User ID or name")] = "",
-                       reusable: bool = False, ephemeral: bool = False,
-                       expiration: Annotated[str, Parameter(name=["--expiration", "-e"])] = "1h",
-                       tags: Annotated[str, Parameter(name=["--tags"], help="tag:a,tag:b")] = "") -> None:
+def preauthkeys_create(
+    *,
+    user: Annotated[str, Parameter(name=["--user", "-u"], help="User ID or name")] = "",
+    reusable: bool = False,
+    ephemeral: bool = False,
+    expiration: Annotated[str, Parameter(name=["--expiration", "-e"])] = "1h",
+    tags: Annotated[str, Parameter(name=["--tags"], help="tag:a,tag:b")] = "",
+) -> None:
     """Create a pre-auth key."""
     uid = _resolve_user_id(user) if user else None
     tag_list = [t.strip() for t in tags.split(",") if t.strip()]
-    obj = api("POST", "/api/v1/preauthkey", body={
-        "user": uid, "reusable": reusable, "ephemeral": ephemeral,
-        "expiration": _future(expiration, "--expiration"), "aclTags": tag_list})
+    obj = api(
+        "POST",
+        "/api/v1/preauthkey",
+        body={
+            "user": uid,
+            "reusable": reusable,
+            "ephemeral": ephemeral,
+            "expiration": _future(expiration, "--expiration"),
+            "aclTags": tag_list,
+        },
+    )
     emit(obj["preAuthKey"], message=obj["preAuthKey"]["key"])
 
 
@@ -470,14 +577,18 @@ def preauthkeys_list(*, user: Annotated[str, Parameter(name=["--user", "-u"])] =
 
 
 @preauthkeys.command(name="expire", alias=["revoke", "exp", "e"])
-def preauthkeys_expire(*, id: Annotated[str, Parameter(name=["--id", "-i"], help="Key ID or prefix")]) -> None:
+def preauthkeys_expire(
+    *, id: Annotated[str, Parameter(name=["--id", "-i"], help="Key ID or prefix")]
+) -> None:
     """Expire a pre-auth key."""
     api("POST", "/api/v1/preauthkey/expire", body={"id": id})
     emit({}, message="Key expired")
 
 
 @preauthkeys.command(name="delete", alias=["del", "rm", "d"])
-def preauthkeys_delete(*, id: Annotated[str, Parameter(name=["--id", "-i"], help="Key ID or prefix")]) -> None:
+def preauthkeys_delete(
+    *, id: Annotated[str, Parameter(name=["--id", "-i"], help="Key ID or prefix")]
+) -> None:
     """Delete a pre-auth key."""
     api("DELETE", "/api/v1/preauthkey", query={"id": id})
     emit({}, message="Key deleted")
@@ -490,7 +601,9 @@ app.command(apikeys)
 
 
 @apikeys.command(name="create", alias=["c", "new"])
-def apikeys_create(*, expiration: Annotated[str, Parameter(name=["--expiration", "-e"])] = "90d") -> None:
+def apikeys_create(
+    *, expiration: Annotated[str, Parameter(name=["--expiration", "-e"])] = "90d"
+) -> None:
     """Create an API key (shown once)."""
     obj = api("POST", "/api/v1/apikey", body={"expiration": _future(expiration, "--expiration")})
     emit(obj["apiKey"], message=obj["apiKey"])
@@ -511,16 +624,22 @@ def _apikey_ref(prefix: str, id: int | None) -> str:
 
 
 @apikeys.command(name="expire", alias=["revoke", "exp", "e"])
-def apikeys_expire(*, prefix: Annotated[str, Parameter(name=["--prefix", "-p"])] = "",
-                   id: Annotated[int | None, Parameter(name=["--id", "-i"])] = None) -> None:
+def apikeys_expire(
+    *,
+    prefix: Annotated[str, Parameter(name=["--prefix", "-p"])] = "",
+    id: Annotated[int | None, Parameter(name=["--id", "-i"])] = None,
+) -> None:
     """Expire an API key."""
     api("POST", "/api/v1/apikey/expire", body={"prefix": _apikey_ref(prefix, id)})
     emit({}, message="Key expired")
 
 
 @apikeys.command(name="delete", alias=["remove", "del"])
-def apikeys_delete(*, prefix: Annotated[str, Parameter(name=["--prefix", "-p"])] = "",
-                   id: Annotated[int | None, Parameter(name=["--id", "-i"])] = None) -> None:
+def apikeys_delete(
+    *,
+    prefix: Annotated[str, Parameter(name=["--prefix", "-p"])] = "",
+    id: Annotated[int | None, Parameter(name=["--id", "-i"])] = None,
+) -> None:
     """Delete an API key."""
     api("DELETE", f"/api/v1/apikey/{seg(_apikey_ref(prefix, id))}")
     emit({}, message="Key deleted")
@@ -536,12 +655,17 @@ NodeId = Annotated[int, Parameter(name=["--identifier", "-i"], help="Node identi
 @nodes.command(name="list", alias=["ls", "show"])
 def nodes_list(*, user: Annotated[str, Parameter(name=["--user", "-u"])] = "") -> None:
     """List nodes."""
-    emit(api("GET", "/api/v1/node", query={"user": user} if user else None)["nodes"], table=NODE_COLS)
+    emit(
+        api("GET", "/api/v1/node", query={"user": user} if user else None)["nodes"], table=NODE_COLS
+    )
 
 
 @nodes.command(name="register")
-def nodes_register(*, user: Annotated[str, Parameter(name=["--user", "-u"])],
-                   key: Annotated[str, Parameter(name=["--key", "-k"])]) -> None:
+def nodes_register(
+    *,
+    user: Annotated[str, Parameter(name=["--user", "-u"])],
+    key: Annotated[str, Parameter(name=["--key", "-k"])],
+) -> None:
     """Complete an interactive login (the id shown on the client's /register page)."""
     obj = api("POST", "/api/v1/node/register", query={"user": user, "key": key})
     emit(obj["node"], message=f"Node {obj['node']['givenName']} registered")
@@ -556,9 +680,12 @@ def nodes_delete(*, identifier: NodeId) -> None:
 
 
 @nodes.command(name="expire", alias=["logout", "exp", "e"])
-def nodes_expire(*, identifier: NodeId,
-                 expiry: Annotated[str, Parameter(name=["--expiry", "-e"])] = "",
-                 disable: Annotated[bool, Parameter(name=["--disable", "-d"])] = False) -> None:
+def nodes_expire(
+    *,
+    identifier: NodeId,
+    expiry: Annotated[str, Parameter(name=["--expiry", "-e"])] = "",
+    disable: Annotated[bool, Parameter(name=["--disable", "-d"])] = False,
+) -> None:
     """Expire a node's key now (or at --expiry), or --disable its expiry."""
     body: dict[str, Any] = {}
     if expiry:
@@ -577,8 +704,11 @@ def nodes_rename(new_name: str, *, identifier: NodeId) -> None:
 
 
 @nodes.command(name="tag", alias=["tags", "t"])
-def nodes_tag(*, identifier: NodeId,
-              tags: Annotated[str, Parameter(name=["--tags", "-t"], help="tag:a,tag:b")] = "") -> None:
+def nodes_tag(
+    *,
+    identifier: NodeId,
+    tags: Annotated[str, Parameter(name=["--tags", "-t"], help="tag:a,tag:b")] = "",
+) -> None:
     """Set a node's tags."""
     tag_list = [t.strip() for t in tags.split(",") if t.strip()]
     obj = api("POST", f"/api/v1/node/{identifier}/tags", body={"tags": tag_list})
@@ -586,22 +716,36 @@ def nodes_tag(*, identifier: NodeId,
 
 
 @nodes.command(name="approve-routes")
-def nodes_approve_routes(*, identifier: NodeId,
-                         routes: Annotated[str, Parameter(name=["--routes", "-r"])] = "") -> None:
+def nodes_approve_routes(
+    *, identifier: NodeId, routes: Annotated[str, Parameter(name=["--routes", "-r"])] = ""
+) -> None:
     """Set a node's approved routes."""
-    obj = api("POST", f"/api/v1/node/{identifier}/approve_routes",
-              body={"routes": [r.strip() for r in routes.split(",") if r.strip()]})
+    obj = api(
+        "POST",
+        f"/api/v1/node/{identifier}/approve_routes",
+        body={"routes": [r.strip() for r in routes.split(",") if r.strip()]},
+    )
     emit(obj["node"], message="Node updated")
 
 
 @nodes.command(name="list-routes", alias=["lsr", "routes"])
-def nodes_list_routes(*, identifier: Annotated[int | None, Parameter(name=["--identifier", "-i"])] = None) -> None:
+def nodes_list_routes(
+    *, identifier: Annotated[int | None, Parameter(name=["--identifier", "-i"])] = None
+) -> None:
     """List nodes' routes."""
     found = api("GET", "/api/v1/node")["nodes"]
     if identifier is not None:
         found = [n for n in found if n["id"] == str(identifier)]
-    emit(found, table=[("ID", "id"), ("Hostname", "givenName"), ("Approved", "approvedRoutes"),
-                       ("Available", "availableRoutes"), ("Serving", "subnetRoutes")])
+    emit(
+        found,
+        table=[
+            ("ID", "id"),
+            ("Hostname", "givenName"),
+            ("Approved", "approvedRoutes"),
+            ("Available", "availableRoutes"),
+            ("Serving", "subnetRoutes"),
+        ],
+    )
 
 
 # -- auth (headscale's newer spelling of interactive registration)
@@ -611,8 +755,11 @@ app.command(auth)
 
 
 @auth.command(name="register")
-def auth_register(*, user: Annotated[str, Parameter(name=["--user", "-u"])],
-                  auth_id: Annotated[str, Parameter(name=["--auth-id", "--key", "-k"])]) -> None:
+def auth_register(
+    *,
+    user: Annotated[str, Parameter(name=["--user", "-u"])],
+    auth_id: Annotated[str, Parameter(name=["--auth-id", "--key", "-k"])],
+) -> None:
     """Complete an interactive login (alias of `nodes register`)."""
     nodes_register(user=user, key=auth_id)
 
@@ -681,14 +828,17 @@ def _read(file: str) -> str:
 
 # ---------------------------------------------------------------- entry point
 
+
 @app.meta.default
-def _meta(*tokens: Annotated[str, Parameter(show=False, allow_leading_hyphen=True)],
-          config: Annotated[str | None, Parameter(name=["--config", "-c"], help="Config file")] = None,
-          output: Annotated[str, Parameter(name=["--output", "-o"],
-                                           help="json, json-line or yaml (default: human)")] = "",
-          force: Annotated[bool, Parameter(name=["--force"], help="Skip confirmations")] = False,
-          verbose: Annotated[bool, Parameter(name=["--verbose", "-v"], help="Say what is done")] = False,
-          ) -> Any:
+def _meta(
+    *tokens: Annotated[str, Parameter(show=False, allow_leading_hyphen=True)],
+    config: Annotated[str | None, Parameter(name=["--config", "-c"], help="Config file")] = None,
+    output: Annotated[
+        str, Parameter(name=["--output", "-o"], help="json, json-line or yaml (default: human)")
+    ] = "",
+    force: Annotated[bool, Parameter(name=["--force"], help="Skip confirmations")] = False,
+    verbose: Annotated[bool, Parameter(name=["--verbose", "-v"], help="Say what is done")] = False,
+) -> Any:
     OPTS.config, OPTS.output, OPTS.force, OPTS.verbose = config, output, force, verbose
     return app(tokens, result_action="return_value")
 

@@ -88,11 +88,14 @@ def _prefix(version: int) -> Callable[[Any], ipaddress.IPv4Network | ipaddress.I
         try:
             net = ipaddress.ip_network(_str(v), strict=True)
         except ValueError as e:
-            raise ValueError(f"expected an IPv{version} CIDR like "
-                             f"{'100.64.0.0/10' if version == 4 else 'fd7a:115c:a1e0::/48'} ({e})") from None
+            raise ValueError(
+                f"expected an IPv{version} CIDR like "
+                f"{'100.64.0.0/10' if version == 4 else 'fd7a:115c:a1e0::/48'} ({e})"
+            ) from None
         if net.version != version:
             raise ValueError(f"expected an IPv{version} CIDR, got an IPv{net.version} one")
         return net
+
     return parse
 
 
@@ -107,6 +110,7 @@ def _ip(version: int) -> Callable[[Any], str]:
         if addr.version != version:
             raise ValueError(f"expected an IPv{version} address")
         return str(addr)
+
     return parse
 
 
@@ -120,6 +124,7 @@ def _choice(*options: str) -> Callable[[Any], str]:
         if s not in options:
             raise ValueError(f"expected one of {', '.join(options)}")
         return s
+
     return parse
 
 
@@ -166,14 +171,16 @@ def _octal_mode(v: Any) -> int:
     try:
         mode = int(s, 8)
     except ValueError:
-        raise ValueError("expected an octal file mode like \"0770\"") from None
+        raise ValueError('expected an octal file mode like "0770"') from None
     if not 0 <= mode <= 0o777:
-        raise ValueError("expected an octal file mode like \"0770\"")
+        raise ValueError('expected an octal file mode like "0770"')
     return mode
 
 
 def _level(v: Any) -> str:
-    return _choice("trace", "debug", "info", "warn", "warning", "error", "fatal", "panic", "disabled")(v)
+    return _choice(
+        "trace", "debug", "info", "warn", "warning", "error", "fatal", "panic", "disabled"
+    )(v)
 
 
 # ---------------------------------------------------------------- the schema
@@ -229,17 +236,33 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
 # Keys headscale accepts for features homescale does not have (OIDC, ACME, gRPC,
 # Postgres, ...). Accepted so a headscale config loads; they change nothing here.
 IGNORED_PREFIXES = (
-    "trusted_proxies", "grpc_listen_addr", "grpc_allow_insecure", "acme_url", "acme_email",
-    "tls_letsencrypt_", "oidc", "database.gorm", "database.debug", "database.postgres",
-    "database.sqlite.wal_autocheckpoint", "taildrop", "auto_update", "node.routes",
-    "cli", "tuning", "preauth_keys", "derp.server.stun", "dns.extra_records_path",
-    "policy.v1", "ephemeral_node_inactivity_timeout",
+    "trusted_proxies",
+    "grpc_listen_addr",
+    "grpc_allow_insecure",
+    "acme_url",
+    "acme_email",
+    "tls_letsencrypt_",
+    "oidc",
+    "database.gorm",
+    "database.debug",
+    "database.postgres",
+    "database.sqlite.wal_autocheckpoint",
+    "taildrop",
+    "auto_update",
+    "node.routes",
+    "cli",
+    "tuning",
+    "preauth_keys",
+    "derp.server.stun",
+    "dns.extra_records_path",
+    "policy.v1",
+    "ephemeral_node_inactivity_timeout",
 )
 
 # Keys headscale removed, with where they went (hscontrol/types/config.go).
 REMOVED = {
     "randomize_client_port": 'moved to the policy: set "randomizeClientPort": true at the top '
-                             "level of your policy file",
+    "level of your policy file",
     "acl_policy_path": "renamed to policy.path",
     "dns_config": "moved to dns (dns.magic_dns, dns.base_domain, dns.nameservers.global, ...)",
     "dns.use_username_in_magic_dns": "removed; MagicDNS names are the node's given name",
@@ -252,12 +275,18 @@ REMOVED = {
 }
 
 _PATH_KEYS = (
-    "tls_cert_path", "tls_key_path", "noise.private_key_path", "derp.server.private_key_path",
-    "database.sqlite.path", "unix_socket", "policy.path",
+    "tls_cert_path",
+    "tls_key_path",
+    "noise.private_key_path",
+    "derp.server.private_key_path",
+    "database.sqlite.path",
+    "unix_socket",
+    "policy.path",
 )
 
 
 # ---------------------------------------------------------------- typed settings
+
 
 @dataclass(frozen=True)
 class DerpSettings:
@@ -321,6 +350,7 @@ class Config:
 
 # ---------------------------------------------------------------- loading
 
+
 def env_name(key: str) -> str:
     return "HOMESCALE_" + key.replace(".", "_").upper()
 
@@ -371,8 +401,10 @@ def _plain(v: Any) -> Any:
 
 
 def _is_ignored(key: str) -> bool:
-    return any(key == p or key.startswith(p + ".") or (p.endswith("_") and key.startswith(p))
-               for p in IGNORED_PREFIXES)
+    return any(
+        key == p or key.startswith(p + ".") or (p.endswith("_") and key.startswith(p))
+        for p in IGNORED_PREFIXES
+    )
 
 
 def read_yaml(path: Path) -> Any:
@@ -380,8 +412,9 @@ def read_yaml(path: Path) -> Any:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found (create one with `homescale init`, "
-                          f"or pass -c FILE)") from None
+        raise ConfigError(
+            f"{path}: config file not found (create one with `homescale init`, or pass -c FILE)"
+        ) from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
     try:
@@ -389,8 +422,10 @@ def read_yaml(path: Path) -> Any:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise ConfigError(f"{path}:{line}:{column}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
-                          f"save the file as UTF-8") from None
+        raise ConfigError(
+            f"{path}:{line}:{column}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
+            f"save the file as UTF-8"
+        ) from None
     try:
         return YAML(typ="rt").load(text)
     except MarkedYAMLError as e:
@@ -437,15 +472,21 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
             raise ConfigError(f"{origin}: {key}: {e}, got {raw_value!r}") from None
 
     # The old top-level alias still works (headscale warns about it too).
-    if "ephemeral_node_inactivity_timeout" in flat and "node.ephemeral.inactivity_timeout" not in flat:
+    if (
+        "ephemeral_node_inactivity_timeout" in flat
+        and "node.ephemeral.inactivity_timeout" not in flat
+    ):
         raw_value, line = flat["ephemeral_node_inactivity_timeout"]
         try:
             values["node.ephemeral.inactivity_timeout"] = _duration(raw_value)
         except ValueError as e:
-            raise ConfigError(f"{where}:{line}: ephemeral_node_inactivity_timeout: {e}, "
-                              f"got {raw_value!r}") from None
-        warnings.append(f"{where}:{line}: ephemeral_node_inactivity_timeout is deprecated; "
-                        f"use node.ephemeral.inactivity_timeout")
+            raise ConfigError(
+                f"{where}:{line}: ephemeral_node_inactivity_timeout: {e}, got {raw_value!r}"
+            ) from None
+        warnings.append(
+            f"{where}:{line}: ephemeral_node_inactivity_timeout is deprecated; "
+            f"use node.ephemeral.inactivity_timeout"
+        )
 
     for key, (v, line) in flat.items():
         if key in SCHEMA or v is _Section or _is_ignored(key):
@@ -457,8 +498,9 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     return config_from_values(values, source=path, base=base, warnings=warnings)
 
 
-def config_from_values(values: dict[str, Any], *, source: Path | None, base: Path,
-                       warnings: list[str]) -> Config:
+def config_from_values(
+    values: dict[str, Any], *, source: Path | None, base: Path, warnings: list[str]
+) -> Config:
     def resolve(text: str) -> Path:
         """Relative paths are relative to the config file's folder; `~` is expanded."""
         path = Path(text).expanduser()
@@ -478,15 +520,19 @@ def config_from_values(values: dict[str, Any], *, source: Path | None, base: Pat
     if bool(values["tls_cert_path"]) != bool(values["tls_key_path"]):
         raise ConfigError("tls_cert_path and tls_key_path: set both (TLS) or neither (plain HTTP)")
     if values["dns.magic_dns"] and not values["dns.base_domain"]:
-        raise ConfigError("dns.base_domain: must be set when dns.magic_dns is true "
-                          "(for example base_domain: tailnet.example.com)")
+        raise ConfigError(
+            "dns.base_domain: must be set when dns.magic_dns is true "
+            "(for example base_domain: tailnet.example.com)"
+        )
     server_host = urlsplit(values["server_url"]).hostname or ""
     base_domain = values["dns.base_domain"].strip(".")
     # headscale refuses both the domain itself and names under it (types/config.go isSafeServerURL).
     if base_domain and (server_host == base_domain or server_host.endswith("." + base_domain)):
-        raise ConfigError(f"dns.base_domain: {values['dns.base_domain']!r} must not contain the "
-                          f"server_url host {server_host!r} (clients would resolve the control "
-                          f"server through MagicDNS)")
+        raise ConfigError(
+            f"dns.base_domain: {values['dns.base_domain']!r} must not contain the "
+            f"server_url host {server_host!r} (clients would resolve the control "
+            f"server through MagicDNS)"
+        )
     derp = DerpSettings(
         server_enabled=values["derp.server.enabled"],
         region_id=values["derp.server.region_id"],
@@ -495,7 +541,9 @@ def config_from_values(values: dict[str, Any], *, source: Path | None, base: Pat
         verify_clients=values["derp.server.verify_clients"],
         stun_listen_addr=values["derp.server.stun_listen_addr"],
         private_key_path=req("derp.server.private_key_path"),
-        automatically_add_embedded_region=values["derp.server.automatically_add_embedded_derp_region"],
+        automatically_add_embedded_region=values[
+            "derp.server.automatically_add_embedded_derp_region"
+        ],
         ipv4=values["derp.server.ipv4"],
         ipv6=values["derp.server.ipv6"],
         urls=values["derp.urls"],

@@ -58,9 +58,16 @@ class PendingRegistration:
 class ControlService:
     """Answers the Noise HTTP/2 requests of every connected node."""
 
-    def __init__(self, *, store: Store, admin: Admin, tailnet: Tailnet,
-                 run_db: Callable[..., Awaitable[Any]], log: logging.Logger,
-                 nursery: trio.Nursery) -> None:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        admin: Admin,
+        tailnet: Tailnet,
+        run_db: Callable[..., Awaitable[Any]],
+        log: logging.Logger,
+        nursery: trio.Nursery,
+    ) -> None:
         self.store = store
         self.admin = admin
         self.tailnet = tailnet
@@ -90,8 +97,9 @@ class ControlService:
 
     async def _reply(self, resp: ControlResponse, status: int, obj: Any) -> None:
         body = json.dumps(obj).encode()
-        await resp.send_headers(status, [("content-type", "application/json"),
-                                         ("content-length", str(len(body)))])
+        await resp.send_headers(
+            status, [("content-type", "application/json"), ("content-length", str(len(body)))]
+        )
         await resp.send_data(body)
         await resp.end()
 
@@ -112,13 +120,26 @@ class ControlService:
         if node.tags or node.user_id is None:
             uid, name, created = TAGGED_USER_ID, "tagged-devices", None
         else:
-            u = self.tailnet.users.get(node.user_id) or await self.run_db(self.store.user, node.user_id)
+            u = self.tailnet.users.get(node.user_id) or await self.run_db(
+                self.store.user, node.user_id
+            )
             uid, name, created = u.id, u.name, u.created_at
-        return {"User": {"ID": uid, "DisplayName": name, "ProfilePicURL": "",
-                         "Created": format_time(created) if created else "0001-01-01T00:00:00Z"},
-                "Login": {"ID": uid, "Provider": "", "LoginName": name, "DisplayName": name,
-                          "ProfilePicURL": ""},
-                "MachineAuthorized": True}
+        return {
+            "User": {
+                "ID": uid,
+                "DisplayName": name,
+                "ProfilePicURL": "",
+                "Created": format_time(created) if created else "0001-01-01T00:00:00Z",
+            },
+            "Login": {
+                "ID": uid,
+                "Provider": "",
+                "LoginName": name,
+                "DisplayName": name,
+                "ProfilePicURL": "",
+            },
+            "MachineAuthorized": True,
+        }
 
     async def register(self, req: ControlRequest, resp: ControlResponse) -> None:
         rr = self._parse(req, tailcfg.RegisterRequest)
@@ -145,8 +166,15 @@ class ControlService:
         auth_key = rr.Auth.AuthKey if rr.Auth is not None else ""
         if auth_key:
             try:
-                done = await self.run_db(self._register_with_key, auth_key, machine, node_key,
-                                         hostinfo, rr.Ephemeral, node or by_machine)
+                done = await self.run_db(
+                    self._register_with_key,
+                    auth_key,
+                    machine,
+                    node_key,
+                    hostinfo,
+                    rr.Ephemeral,
+                    node or by_machine,
+                )
             except InvalidInput as e:
                 self.log.info("registration of %s refused: %s", machine, e)
                 await self._reply(resp, 200, {"Error": str(e)})
@@ -167,34 +195,54 @@ class ControlService:
             return
         # 5. Key rotation: OldNodeKey names this machine's node.
         old_key = str(rr.OldNodeKey)
-        if old_key != ZERO_NODE_KEY and by_machine is not None and by_machine.node_key == old_key \
-                and not node_is_expired(by_machine):
-            rotated = await self.run_db(lambda: self.store.update_node(by_machine.id, node_key=node_key))
+        if (
+            old_key != ZERO_NODE_KEY
+            and by_machine is not None
+            and by_machine.node_key == old_key
+            and not node_is_expired(by_machine)
+        ):
+            rotated = await self.run_db(
+                lambda: self.store.update_node(by_machine.id, node_key=node_key)
+            )
             await self._announce(rotated)
             self.log.info("node %d rotated its key", rotated.id)
             await self._reply(resp, 200, await self._success(rotated))
             return
         # 6. Interactive login.
         pending = self._new_pending(machine, node_key, hostinfo, rr.Ephemeral)
-        self.log.info("interactive login %s for %s: waiting for `homescale nodes register`",
-                      pending.id, hostinfo.get("Hostname", "?"))
+        self.log.info(
+            "interactive login %s for %s: waiting for `homescale nodes register`",
+            pending.id,
+            hostinfo.get("Hostname", "?"),
+        )
         await self._reply(resp, 200, {"AuthURL": self.auth_url(pending.id)})
 
     def auth_url(self, reg_id: str) -> str:
         return f"{self.config.server_url}/register/{reg_id}"
 
-    def _register_with_key(self, auth_key: str, machine: str, node_key: str,
-                           hostinfo: dict[str, Any], ephemeral: bool, existing: NodeRow | None
-                           ) -> NodeRow:
+    def _register_with_key(
+        self,
+        auth_key: str,
+        machine: str,
+        node_key: str,
+        hostinfo: dict[str, Any],
+        ephemeral: bool,
+        existing: NodeRow | None,
+    ) -> NodeRow:
         """(store thread) Validate the key and create or re-login the node."""
         if existing is not None and existing.node_key == node_key and not node_is_expired(existing):
             # A node restarting with its key still works even when its single-use key is spent.
             return existing
         key = self.admin.check_pre_auth_key(auth_key)
-        login = Login(node_key=node_key, hostinfo=hostinfo,
-                      user_id=key.user_id if not key.tags else None, tags=tuple(key.tags),
-                      ephemeral=key.ephemeral or ephemeral, auth_key_id=key.id,
-                      register_method="authkey")
+        login = Login(
+            node_key=node_key,
+            hostinfo=hostinfo,
+            user_id=key.user_id if not key.tags else None,
+            tags=tuple(key.tags),
+            ephemeral=key.ephemeral or ephemeral,
+            auth_key_id=key.id,
+            register_method="authkey",
+        )
         return log_in(self.store, self.config, machine, existing, login)
 
     async def _announce(self, node: NodeRow) -> None:
@@ -212,15 +260,21 @@ class ControlService:
         self.tailnet.refresh_node(node.id, row)
         self.log.info("node %d logged out", node.id)
 
-    def _new_pending(self, machine: str, node_key: str, hostinfo: dict[str, Any],
-                     ephemeral: bool) -> PendingRegistration:
+    def _new_pending(
+        self, machine: str, node_key: str, hostinfo: dict[str, Any], ephemeral: bool
+    ) -> PendingRegistration:
         self._expire_pending()
         for p in self.pending.values():
             if p.machine_key == machine and p.node_key == node_key and p.node is None:
                 return p  # the same client asking again keeps its URL
-        reg = PendingRegistration(id=secrets.token_urlsafe(18), machine_key=machine,
-                                  node_key=node_key, hostinfo=hostinfo, ephemeral=ephemeral,
-                                  created=utcnow())
+        reg = PendingRegistration(
+            id=secrets.token_urlsafe(18),
+            machine_key=machine,
+            node_key=node_key,
+            hostinfo=hostinfo,
+            ephemeral=ephemeral,
+            created=utcnow(),
+        )
         self.pending[reg.id] = reg
         return reg
 
@@ -245,8 +299,9 @@ class ControlService:
             await reg.done.wait()
         if reg.rejected:
             self.log.info("interactive login %s was rejected", reg.id)
-            await self._reply(resp, 200, {"Error": "login rejected by an administrator of this "
-                                                   "homescale server"})
+            await self._reply(
+                resp, 200, {"Error": "login rejected by an administrator of this homescale server"}
+            )
             return
         if reg.node is None:
             self.pending.pop(reg.id, None)
@@ -259,9 +314,11 @@ class ControlService:
         self._expire_pending()
         reg = self.pending.get(reg_id.strip().rsplit("/", 1)[-1])
         if reg is None:
-            raise NotFound(f"no pending registration {reg_id!r} (it may have expired after "
-                           f"{int(REGISTRATION_TTL.total_seconds() // 60)} minutes; restart the "
-                           f"client's login)")
+            raise NotFound(
+                f"no pending registration {reg_id!r} (it may have expired after "
+                f"{int(REGISTRATION_TTL.total_seconds() // 60)} minutes; restart the "
+                f"client's login)"
+            )
         return reg
 
     def reject_registration(self, reg_id: str) -> None:
@@ -280,8 +337,13 @@ class ControlService:
         def create() -> NodeRow:
             owner = self.admin.resolve_user(user)
             existing = self.store.node_by("machine_key", reg.machine_key)
-            login = Login(node_key=reg.node_key, hostinfo=reg.hostinfo, user_id=owner.id,
-                          ephemeral=reg.ephemeral, register_method="cli")
+            login = Login(
+                node_key=reg.node_key,
+                hostinfo=reg.hostinfo,
+                user_id=owner.id,
+                ephemeral=reg.ephemeral,
+                register_method="cli",
+            )
             return log_in(self.store, self.config, reg.machine_key, existing, login)
 
         node = await self.run_db(create)
@@ -289,7 +351,9 @@ class ControlService:
         reg.done.set()
         del self.pending[reg.id]
         await self._announce(node)
-        self.log.info("node %d (%s) registered interactively for %s", node.id, node.given_name, user)
+        self.log.info(
+            "node %d (%s) registered interactively for %s", node.id, node.given_name, user
+        )
         return await self.run_db(self.admin.node_json, node)
 
     # ------------------------------------------------------------ map
@@ -312,8 +376,11 @@ class ControlService:
             return
         await resp.send_headers(200, [("content-type", "application/json")])
         if not mr.Stream:
-            once = MapSessionState(node_id=node.id, domain=self.config.dns.base_domain,
-                                   disable_logtail=not self.config.logtail_enabled)
+            once = MapSessionState(
+                node_id=node.id,
+                domain=self.config.dns.base_domain,
+                disable_logtail=not self.config.logtail_enabled,
+            )
             msg = once.next_message(self.tailnet, utcnow())
             if msg is not None:
                 await resp.send_data(MapFrameEncoder().encode(msg))
@@ -356,17 +423,23 @@ class ControlService:
                 if self.tailnet.close_session(handle):
                     now = utcnow()
                     try:
-                        row = await self.run_db(lambda: self.store.update_node(node.id, last_seen=now))
+                        row = await self.run_db(
+                            lambda: self.store.update_node(node.id, last_seen=now)
+                        )
                         self.tailnet.set_online(node.id, False, now)
                         if row.ephemeral:
                             self.nursery.start_soon(self._reap_ephemeral, node.id)
                     except NotFound:
                         pass
-                self.log.info("node %d map stream closed%s", node.id,
-                              f" ({handle.closed_reason})" if handle.closed_reason else "")
+                self.log.info(
+                    "node %d map stream closed%s",
+                    node.id,
+                    f" ({handle.closed_reason})" if handle.closed_reason else "",
+                )
 
-    async def _stream_loop(self, handle: SessionHandle, encoder: MapFrameEncoder,
-                           resp: ControlResponse) -> None:
+    async def _stream_loop(
+        self, handle: SessionHandle, encoder: MapFrameEncoder, resp: ControlResponse
+    ) -> None:
         while True:
             handle.wake = trio.Event()  # before composing: a mark after it wakes us again
             msg = handle.state.next_message(self.tailnet, utcnow())
@@ -375,7 +448,9 @@ class ControlService:
                 self.stats["map_messages"] += 1
                 self.stats["map_bytes"] += len(frame)
                 if self.log.isEnabledFor(logging.DEBUG):
-                    self.log.debug("node %d <- %d bytes: %s", handle.node_id, len(msg), msg.decode())
+                    self.log.debug(
+                        "node %d <- %d bytes: %s", handle.node_id, len(msg), msg.decode()
+                    )
                 await resp.send_data(frame)
             with trio.move_on_after(KEEPALIVE_BASE + random.uniform(0, KEEPALIVE_JITTER)):
                 await handle.wake.wait()

@@ -359,7 +359,10 @@ class _H2Server:
                 if st.too_large:
                     self.log.info(
                         "ts2021 %s: %s %s body over %d bytes refused",
-                        self.peer, req.method, req.path, self.max_body,
+                        self.peer,
+                        req.method,
+                        req.path,
+                        self.max_body,
                     )
                     await resp.respond(413, b"request body too large\n")
                     return
@@ -371,12 +374,14 @@ class _H2Server:
                     pass
                 except Exception:
                     # One bad request must not take down the node's other streams.
-                    self.log.exception("ts2021 %s: handler for %s %s failed",
-                                       self.peer, req.method, req.path)
+                    self.log.exception(
+                        "ts2021 %s: handler for %s %s failed", self.peer, req.method, req.path
+                    )
                     await self._fail_stream(resp)
             if st.scope.cancelled_caught:
-                self.log.debug("ts2021 %s: %s %s cancelled by client reset",
-                               self.peer, req.method, req.path)
+                self.log.debug(
+                    "ts2021 %s: %s %s cancelled by client reset", self.peer, req.method, req.path
+                )
         finally:
             self.streams.pop(sid, None)
 
@@ -435,8 +440,11 @@ async def serve_ts2021(
     if _request_header(upgrade, "upgrade").lower() != UPGRADE_VALUE:
         # controlhttpserver: "missing next protocol" unless Upgrade names ours.
         await _refuse(
-            upgrade, 400, "Bad Request",
-            f"missing next protocol: expected 'Upgrade: {UPGRADE_VALUE}'\n", logger,
+            upgrade,
+            400,
+            "Bad Request",
+            f"missing next protocol: expected 'Upgrade: {UPGRADE_VALUE}'\n",
+            logger,
         )
         return
     init_b64 = _request_header(upgrade, HANDSHAKE_HEADER)
@@ -446,9 +454,12 @@ async def serve_ts2021(
         initiation = b""
     if not initiation:
         await _refuse(
-            upgrade, 400, "Bad Request",
+            upgrade,
+            400,
+            "Bad Request",
             "invalid tailscale handshake header: X-Tailscale-Handshake must hold the "
-            "base64 Noise initiation\n", logger,
+            "base64 Noise initiation\n",
+            logger,
         )
         return
 
@@ -478,7 +489,9 @@ async def serve_ts2021(
         out += transport.send(noise.encode_early_payload(challenge))
     logger.info(
         "ts2021 %s: noise handshake ok, machine %s, capver %d",
-        peer, accepted.machine_key.short(), accepted.version,
+        peer,
+        accepted.machine_key.short(),
+        accepted.version,
     )
     with trio.move_on_after(PREFACE_TIMEOUT) as cs:
         await upgrade.stream.send_all(out)
@@ -487,8 +500,13 @@ async def serve_ts2021(
         return
     ns = NoiseStream(upgrade.stream, transport, initial_ciphertext=upgrade.trailing)
     server = _H2Server(
-        ns, handler, machine_key=accepted.machine_key, version=accepted.version,
-        peer=peer, logger=logger, max_body=max_body,
+        ns,
+        handler,
+        machine_key=accepted.machine_key,
+        version=accepted.version,
+        peer=peer,
+        logger=logger,
+        max_body=max_body,
     )
     try:
         await server.run()
@@ -498,8 +516,9 @@ async def serve_ts2021(
         logger.info("ts2021 %s: connection ended: %s", peer, first.__cause__ or first)
 
 
-async def _refuse(upgrade: Upgrade, status: int, reason: str, body: str,
-                  logger: logging.Logger) -> None:
+async def _refuse(
+    upgrade: Upgrade, status: int, reason: str, body: str, logger: logging.Logger
+) -> None:
     logger.info("ts2021 %s: refused (%d): %s", upgrade.peer, status, body.strip())
     with trio.move_on_after(5):
         try:

@@ -21,8 +21,8 @@ import trio
 
 from derp.streams import PrefixedStream
 
-HEAD_TIMEOUT = 10.0       # a client must send a whole request head within this
-IDLE_TIMEOUT = 75.0       # keep-alive connections idle longer are closed
+HEAD_TIMEOUT = 10.0  # a client must send a whole request head within this
+IDLE_TIMEOUT = 75.0  # keep-alive connections idle longer are closed
 TLS_HANDSHAKE_TIMEOUT = 10.0
 MAX_BODY = 4 * 1024 * 1024  # policies are the largest bodies we accept
 MAX_HEAD = 64 * 1024
@@ -54,7 +54,9 @@ class Response:
         return cls(status, json.dumps(obj).encode(), [("Content-Type", "application/json")])
 
     @classmethod
-    def text(cls, text: str, status: int = 200, content_type: str = "text/plain; charset=utf-8") -> Response:
+    def text(
+        cls, text: str, status: int = 200, content_type: str = "text/plain; charset=utf-8"
+    ) -> Response:
         return cls(status, text.encode(), [("Content-Type", content_type)])
 
 
@@ -63,10 +65,10 @@ class Upgrade:
     """A connection handed over after its HTTP/1.1 request head (for /ts2021 and /derp)."""
 
     stream: trio.abc.Stream  # the raw connection (TLS already terminated if any)
-    request: h11.Request     # the parsed request head
-    head: bytes              # the raw bytes of the request head, as received
-    trailing: bytes          # bytes received after the head (already read off the stream)
-    peer: str                # "ip:port" of the client
+    request: h11.Request  # the parsed request head
+    head: bytes  # the raw bytes of the request head, as received
+    trailing: bytes  # bytes received after the head (already read off the stream)
+    peer: str  # "ip:port" of the client
 
 
 RouteHandler = Callable[[Request], Awaitable[Response]]
@@ -89,10 +91,17 @@ def _peer(stream: trio.abc.Stream) -> str:
 class HttpServer:
     """Serves one listener set; routes by exact path, upgrades by path, ASGI by prefix."""
 
-    def __init__(self, *, routes: dict[str, RouteHandler], upgrades: dict[str, UpgradeHandler],
-                 asgi_prefix: str = "", asgi_app: AsgiApp | None = None,
-                 ssl_context: ssl.SSLContext | None = None, tls_optional: bool = False,
-                 logger: logging.Logger) -> None:
+    def __init__(
+        self,
+        *,
+        routes: dict[str, RouteHandler],
+        upgrades: dict[str, UpgradeHandler],
+        asgi_prefix: str = "",
+        asgi_app: AsgiApp | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        tls_optional: bool = False,
+        logger: logging.Logger,
+    ) -> None:
         self.routes = routes
         self.upgrades = upgrades
         self.asgi_prefix = asgi_prefix
@@ -104,8 +113,12 @@ class HttpServer:
         self.tls_optional = tls_optional
         self.log = logger
 
-    async def serve(self, listeners: list[trio.SocketListener], *,
-                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         async with trio.open_nursery() as nursery:
             # serve_listeners logs and retries accept errors such as EMFILE instead of dying.
             await nursery.start(trio.serve_listeners, self.handle_connection, listeners)
@@ -168,7 +181,7 @@ class HttpServer:
             if upgrade is not None:
                 end = bytes(raw).find(b"\r\n\r\n")
                 head = bytes(raw[: end + 4]) if end >= 0 else bytes(raw)
-                trailing = bytes(raw[end + 4:]) if end >= 0 else b""
+                trailing = bytes(raw[end + 4 :]) if end >= 0 else b""
                 self.log.debug("%s %s upgrade from %s", event.method.decode(), req_path, peer)
                 await upgrade(Upgrade(stream, event, head, trailing, peer))
                 return
@@ -185,7 +198,9 @@ class HttpServer:
                 return
             request = self._make_request(event, body, peer)
             response = await self._dispatch(request)
-            self.log.debug("%s %s -> %d (%s)", request.method, request.target, response.status, peer)
+            self.log.debug(
+                "%s %s -> %d (%s)", request.method, request.target, response.status, peer
+            )
             await self._send(conn, stream, response, head_only=request.method == "HEAD")
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
@@ -195,8 +210,9 @@ class HttpServer:
                 return
             raw = bytearray(conn.trailing_data[0])
 
-    async def _next_event(self, conn: h11.Connection, stream: trio.abc.Stream,
-                          raw: bytearray) -> tuple[Any, bytearray]:
+    async def _next_event(
+        self, conn: h11.Connection, stream: trio.abc.Stream, raw: bytearray
+    ) -> tuple[Any, bytearray]:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
@@ -235,19 +251,38 @@ class HttpServer:
             key = name.decode("latin-1").lower()
             val = value.decode("latin-1")
             headers[key] = f"{headers[key]}, {val}" if key in headers else val
-        return Request(method=event.method.decode("latin-1"), target=target, path=parts.path,
-                       query=parse_qs(parts.query), headers=headers, body=body, peer=peer)
+        return Request(
+            method=event.method.decode("latin-1"),
+            target=target,
+            path=parts.path,
+            query=parse_qs(parts.query),
+            headers=headers,
+            body=body,
+            peer=peer,
+        )
 
     async def _dispatch(self, request: Request) -> Response:
         try:
-            if self.asgi_app is not None and self.asgi_prefix and (
-                    request.path == self.asgi_prefix or request.path.startswith(self.asgi_prefix + "/")):
+            if (
+                self.asgi_app is not None
+                and self.asgi_prefix
+                and (
+                    request.path == self.asgi_prefix
+                    or request.path.startswith(self.asgi_prefix + "/")
+                )
+            ):
                 return await call_asgi(self.asgi_app, request)
             handler = self.routes.get(request.path)
             if handler is None:
                 # Keys ending in "/" are prefixes (e.g. "/register/" for /register/<id>).
-                handler = next((h for p, h in self.routes.items()
-                                if p.endswith("/") and request.path.startswith(p)), None)
+                handler = next(
+                    (
+                        h
+                        for p, h in self.routes.items()
+                        if p.endswith("/") and request.path.startswith(p)
+                    ),
+                    None,
+                )
             if handler is None:
                 return Response.text("404 page not found\n", 404)
             return await handler(request)
@@ -255,24 +290,39 @@ class HttpServer:
             self.log.exception("handler for %s %s failed", request.method, request.path)
             return Response.text("internal error\n", 500)
 
-    async def _send(self, conn: h11.Connection, stream: trio.abc.Stream, response: Response,
-                    head_only: bool = False) -> None:
+    async def _send(
+        self,
+        conn: h11.Connection,
+        stream: trio.abc.Stream,
+        response: Response,
+        head_only: bool = False,
+    ) -> None:
         headers = [*response.headers, ("Content-Length", str(len(response.body)))]
-        data = conn.send(h11.Response(status_code=response.status, headers=headers,
-                                      reason=_reason(response.status)))
+        data = conn.send(
+            h11.Response(
+                status_code=response.status, headers=headers, reason=_reason(response.status)
+            )
+        )
         if not head_only and response.body:
             data += conn.send(h11.Data(data=response.body))
         data += conn.send(h11.EndOfMessage())
         await stream.send_all(data)
 
-    async def _send_error(self, conn: h11.Connection, stream: trio.abc.Stream, status: int,
-                          message: str) -> None:
+    async def _send_error(
+        self, conn: h11.Connection, stream: trio.abc.Stream, status: int, message: str
+    ) -> None:
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         try:
-            await self._send(conn, stream, Response(status, (message + "\n").encode(),
-                                                    [("Content-Type", "text/plain; charset=utf-8"),
-                                                     ("Connection", "close")]))
+            await self._send(
+                conn,
+                stream,
+                Response(
+                    status,
+                    (message + "\n").encode(),
+                    [("Content-Type", "text/plain; charset=utf-8"), ("Connection", "close")],
+                ),
+            )
         except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
@@ -283,6 +333,7 @@ class _TooLarge(Exception):
 
 def _reason(status: int) -> bytes:
     from http import HTTPStatus
+
     try:
         return HTTPStatus(status).phrase.encode()
     except ValueError:
@@ -293,11 +344,18 @@ async def call_asgi(app: AsgiApp, request: Request) -> Response:
     """Run one buffered HTTP request through an ASGI app (the admin API on the main listener)."""
     host, _, port = request.peer.rpartition(":")
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-        "method": request.method, "scheme": "http", "path": request.path,
-        "raw_path": request.path.encode(), "query_string": urlsplit(request.target).query.encode(),
-        "root_path": "", "headers": [(k.encode(), v.encode()) for k, v in request.headers.items()],
-        "client": (host.strip("[]"), int(port)) if port.isdigit() else None, "server": None,
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": request.method,
+        "scheme": "http",
+        "path": request.path,
+        "raw_path": request.path.encode(),
+        "query_string": urlsplit(request.target).query.encode(),
+        "root_path": "",
+        "headers": [(k.encode(), v.encode()) for k, v in request.headers.items()],
+        "client": (host.strip("[]"), int(port)) if port.isdigit() else None,
+        "server": None,
     }
     sent_body = False
 
@@ -317,8 +375,11 @@ async def call_asgi(app: AsgiApp, request: Request) -> Response:
         nonlocal status, headers
         if message["type"] == "http.response.start":
             status = message["status"]
-            headers = [(k.decode(), v.decode()) for k, v in message.get("headers", [])
-                       if k.lower() != b"content-length"]
+            headers = [
+                (k.decode(), v.decode())
+                for k, v in message.get("headers", [])
+                if k.lower() != b"content-length"
+            ]
         elif message["type"] == "http.response.body":
             body.extend(message.get("body", b""))
 

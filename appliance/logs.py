@@ -7,16 +7,27 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
-           "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR,
-           "fatal": logging.CRITICAL, "panic": logging.CRITICAL, "disabled": logging.CRITICAL + 10}
+_LEVELS = {
+    "trace": logging.DEBUG,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "fatal": logging.CRITICAL,
+    "panic": logging.CRITICAL,
+    "disabled": logging.CRITICAL + 10,
+}
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        obj = {"time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-               "level": record.levelname.lower(), "logger": record.name,
-               "message": record.getMessage()}
+        obj = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         if record.exc_info:
             obj["error"] = self.formatException(record.exc_info)
         return json.dumps(obj)
@@ -28,8 +39,11 @@ def setup_logging(level: str = "info", fmt: str = "text") -> logging.Logger:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-5s %(name)s: %(message)s",
-                                               "%Y-%m-%dT%H:%M:%S%z"))
+        handler.setFormatter(
+            logging.Formatter(
+                "%(asctime)s %(levelname)-5s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S%z"
+            )
+        )
     root = logging.getLogger("homescale")
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS.get(level, logging.INFO))

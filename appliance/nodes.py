@@ -37,7 +37,7 @@ class Login:
 
     node_key: str
     hostinfo: dict[str, Any] = field(default_factory=dict)
-    user_id: int | None = None       # None: owned by its tags
+    user_id: int | None = None  # None: owned by its tags
     tags: tuple[str, ...] = ()
     ephemeral: bool = False
     auth_key_id: int | None = None
@@ -60,11 +60,21 @@ def create_node(store: Store, config: Config, machine_key: str, login: Login) ->
     hostname = str(login.hostinfo.get("Hostname") or "")
     with store.transaction():
         row = store.create_node(
-            machine_key=machine_key, node_key=login.node_key, hostinfo=login.hostinfo,
-            hostname=hostname, given_name=unique_given_name(store, hostname or "node"),
-            ipv4=ipv4, ipv6=ipv6, user_id=login.user_id, tags=list(login.tags),
-            ephemeral=login.ephemeral, auth_key_id=login.auth_key_id,
-            register_method=login.register_method, expiry=key_expiry(config, now), created_at=now)
+            machine_key=machine_key,
+            node_key=login.node_key,
+            hostinfo=login.hostinfo,
+            hostname=hostname,
+            given_name=unique_given_name(store, hostname or "node"),
+            ipv4=ipv4,
+            ipv6=ipv6,
+            user_id=login.user_id,
+            tags=list(login.tags),
+            ephemeral=login.ephemeral,
+            auth_key_id=login.auth_key_id,
+            register_method=login.register_method,
+            expiry=key_expiry(config, now),
+            created_at=now,
+        )
         if login.auth_key_id is not None:
             store.update_pre_auth_key(login.auth_key_id, used=1)
     return row
@@ -74,17 +84,25 @@ def relogin_node(store: Store, config: Config, node: NodeRow, login: Login) -> N
     """A known machine logs in again (new key or new owner): keep its ID and addresses."""
     with store.transaction():
         row = store.update_node(
-            node.id, node_key=login.node_key, hostinfo=login.hostinfo or node.hostinfo,
-            hostname=str(login.hostinfo.get("Hostname") or node.hostname), user_id=login.user_id,
-            tags=list(login.tags), ephemeral=login.ephemeral, auth_key_id=login.auth_key_id,
-            register_method=login.register_method, expiry=key_expiry(config, utcnow()))
+            node.id,
+            node_key=login.node_key,
+            hostinfo=login.hostinfo or node.hostinfo,
+            hostname=str(login.hostinfo.get("Hostname") or node.hostname),
+            user_id=login.user_id,
+            tags=list(login.tags),
+            ephemeral=login.ephemeral,
+            auth_key_id=login.auth_key_id,
+            register_method=login.register_method,
+            expiry=key_expiry(config, utcnow()),
+        )
         if login.auth_key_id is not None:
             store.update_pre_auth_key(login.auth_key_id, used=1)
     return row
 
 
-def log_in(store: Store, config: Config, machine_key: str, existing: NodeRow | None,
-           login: Login) -> NodeRow:
+def log_in(
+    store: Store, config: Config, machine_key: str, existing: NodeRow | None, login: Login
+) -> NodeRow:
     """Create the node, or re-login the machine's existing one."""
     if existing is not None:
         return relogin_node(store, config, existing, login)

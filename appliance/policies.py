@@ -16,11 +16,13 @@ class PolicyInvalid(HomescaleError):
 def recovery_steps(config_path: Path | None) -> str:
     """How to repair an invalid stored policy with the server down (for its refusal)."""
     hs = f"homescale -c {config_path}" if config_path is not None else "homescale"
-    return (f"To recover:\n"
-            f"  1. dump the stored policy:   {hs} policy get > policy.hujson\n"
-            f"  2. fix it, then check it:    {hs} policy check --file policy.hujson\n"
-            f"  3. store it:                 {hs} policy set --file policy.hujson\n"
-            f"(these commands work with the server stopped: they open the database directly)")
+    return (
+        f"To recover:\n"
+        f"  1. dump the stored policy:   {hs} policy get > policy.hujson\n"
+        f"  2. fix it, then check it:    {hs} policy check --file policy.hujson\n"
+        f"  3. store it:                 {hs} policy set --file policy.hujson\n"
+        f"(these commands work with the server stopped: they open the database directly)"
+    )
 
 
 def check_policy_text(text: str, source: str = "<policy>", store: Store | None = None) -> None:

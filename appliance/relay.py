@@ -42,8 +42,9 @@ class EmbeddedRelay:
             key = load_or_create_server_key(config.derp.private_key_path)
         except (ValueError, OSError) as e:
             raise ConfigError(f"derp.server.private_key_path: {e}") from None
-        self.server = DerpServer(key, verify_client=self.verify if config.derp.verify_clients else None,
-                                 logger=log)
+        self.server = DerpServer(
+            key, verify_client=self.verify if config.derp.verify_clients else None, logger=log
+        )
 
     async def verify(self, node_key_raw: bytes) -> bool:
         """verify_clients: only registered, unexpired node keys may use the relay."""
@@ -61,11 +62,16 @@ class EmbeddedRelay:
         async def bootstrap_dns(req: Request) -> Response:
             return _response(endpoints.bootstrap_dns({}, req.arg("q") or None))
 
-        return {"/derp/probe": probe, "/derp/latency-check": probe,
-                "/generate_204": generate_204, "/bootstrap-dns": bootstrap_dns}
+        return {
+            "/derp/probe": probe,
+            "/derp/latency-check": probe,
+            "/generate_204": generate_204,
+            "/bootstrap-dns": bootstrap_dns,
+        }
 
-    async def serve_stun(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                         ) -> None:
+    async def serve_stun(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         addr = self.config.derp.stun_listen_addr
         if not addr:
             task_status.started()
@@ -117,9 +123,16 @@ def embedded(config: Config, cert_pin: str) -> dict[str, Any] | None:
         ipv6, ipv4 = ipv6 or host, ipv4 or "none"
     stun_port = stun_port_of(d.stun_listen_addr) if d.stun_listen_addr else -1
     try:
-        return embedded_region(server_url=_derp_url(config), region_id=d.region_id,
-                               region_code=d.region_code, region_name=d.region_name,
-                               ipv4=ipv4, ipv6=ipv6, stun_port=stun_port, cert_name=cert_pin)
+        return embedded_region(
+            server_url=_derp_url(config),
+            region_id=d.region_id,
+            region_code=d.region_code,
+            region_name=d.region_name,
+            ipv4=ipv4,
+            ipv6=ipv6,
+            stun_port=stun_port,
+            cert_name=cert_pin,
+        )
     except DerpConfigError as e:
         raise ConfigError(str(e)) from None
 
@@ -132,15 +145,26 @@ def _derp_url(config: Config) -> str:
 
 
 def map_builder(config: Config, cert_pin: str, log: logging.Logger) -> DerpMapBuilder:
-    return DerpMapBuilder(paths=[str(p) for p in config.derp.paths], urls=config.derp.urls,
-                          embedded=embedded(config, cert_pin), log=log)
+    return DerpMapBuilder(
+        paths=[str(p) for p in config.derp.paths],
+        urls=config.derp.urls,
+        embedded=embedded(config, cert_pin),
+        log=log,
+    )
 
 
-async def run_map_updates(builder: DerpMapBuilder, config: Config,
-                          on_change: Callable[[dict[str, Any]], Awaitable[None]], *,
-                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def run_map_updates(
+    builder: DerpMapBuilder,
+    config: Config,
+    on_change: Callable[[dict[str, Any]], Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     if not (config.derp.auto_update_enabled and config.derp.urls):
         task_status.started()
         return
-    await builder.run(on_change, update_frequency=config.derp.update_frequency.total_seconds(),
-                      task_status=task_status)
+    await builder.run(
+        on_change,
+        update_frequency=config.derp.update_frequency.total_seconds(),
+        task_status=task_status,
+    )

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from .errors import InvalidInput
 
-PREFIX_LEN = 12   # hex characters of the public part (headscale: 12)
-SECRET_LEN = 64   # hex characters of the secret part (headscale: 64)
+PREFIX_LEN = 12  # hex characters of the public part (headscale: 12)
+SECRET_LEN = 64  # hex characters of the secret part (headscale: 64)
 # scrypt cost: about 20 ms here; keys are checked rarely (registration, admin calls).
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
 
@@ -25,9 +25,9 @@ _KEY = re.compile(r"^hskey-(auth|api)-([0-9a-f]{12})-([0-9a-f]{64})$")
 
 @dataclass(frozen=True)
 class NewKey:
-    full: str     # shown once
-    prefix: str   # stored, shown in lists
-    hash: str     # stored
+    full: str  # shown once
+    prefix: str  # stored, shown in lists
+    hash: str  # stored
 
 
 def new_key(kind: str) -> NewKey:
@@ -58,8 +58,10 @@ def split_key(kind: str, key: str) -> tuple[str, str]:
     """`hskey-<kind>-<prefix>-<secret>` -> (prefix, secret); InvalidInput names the problem."""
     m = _KEY.match(key.strip())
     if not m or m.group(1) != kind:
-        raise InvalidInput(f"malformed {'pre-auth' if kind == 'auth' else 'API'} key: expected "
-                           f"hskey-{kind}-<12 hex>-<64 hex>")
+        raise InvalidInput(
+            f"malformed {'pre-auth' if kind == 'auth' else 'API'} key: expected "
+            f"hskey-{kind}-<12 hex>-<64 hex>"
+        )
     return m.group(2), m.group(3)
 
 

@@ -60,7 +60,9 @@ class Server:
         self.metrics = Metrics()
         self.admin = Admin(self.store, notify=self.on_change, online=self.is_online)
         self.routes: dict[str, RouteHandler] = {
-            "/health": self.health, "/key": self.key, "/version": self.version_route,
+            "/health": self.health,
+            "/key": self.key,
+            "/version": self.version_route,
         }
         self.upgrades: dict[str, UpgradeHandler] = {"/ts2021": self.ts2021}
         self.routes["/register/"] = self.register_page
@@ -70,12 +72,15 @@ class Server:
         # be dropped after its store write committed, so this queue is not bounded.
         self.changes_send, self.changes_recv = trio.open_memory_channel[Change](math.inf)
         self.policy_text: str | None = None
-        self.metrics.gauge("homescale_nodes", lambda: len(self.tailnet.nodes),
-                           "registered nodes")
-        self.metrics.gauge("homescale_nodes_online", lambda: len(self.tailnet.online),
-                           "nodes with an open map stream")
-        self.metrics.gauge(f'homescale_build_info{{version="{version()}",commit="{commit()}"}}',
-                           lambda: 1)
+        self.metrics.gauge("homescale_nodes", lambda: len(self.tailnet.nodes), "registered nodes")
+        self.metrics.gauge(
+            "homescale_nodes_online",
+            lambda: len(self.tailnet.online),
+            "nodes with an open map stream",
+        )
+        self.metrics.gauge(
+            f'homescale_build_info{{version="{version()}",commit="{commit()}"}}', lambda: 1
+        )
 
     async def run_db(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.db_limiter)
@@ -121,22 +126,26 @@ class Server:
         from .control_conn import serve_ts2021
 
         assert self.control is not None
-        await serve_ts2021(upgrade, self.noise_key, self.control.handle,
-                           logger=self.log.getChild("noise"))
+        await serve_ts2021(
+            upgrade, self.noise_key, self.control.handle, logger=self.log.getChild("noise")
+        )
 
     async def register_page(self, req: Request) -> Response:
         reg_id = req.path.rsplit("/", 1)[-1]
         pending = self.control.pending.get(reg_id) if self.control else None
         if pending is None:
-            return Response.text("unknown or expired registration; restart the login on the "
-                                 "client\n", 404)
+            return Response.text(
+                "unknown or expired registration; restart the login on the client\n", 404
+            )
         host = html.escape(str(pending.hostinfo.get("Hostname") or "this machine"))
         cmd = f"homescale nodes register --user USERNAME --key {html.escape(reg_id)}"
-        page = (f"<!doctype html><html><head><meta charset='utf-8'><title>homescale: register "
-                f"{host}</title></head><body><h1>Register {host}</h1><p>Ask an administrator of "
-                f"this homescale server to run:</p><pre>{cmd}</pre><p>(or <code>homescale auth "
-                f"register --user USERNAME --auth-id {html.escape(reg_id)}</code>). The client "
-                f"connects as soon as it is done.</p></body></html>")
+        page = (
+            f"<!doctype html><html><head><meta charset='utf-8'><title>homescale: register "
+            f"{host}</title></head><body><h1>Register {host}</h1><p>Ask an administrator of "
+            f"this homescale server to run:</p><pre>{cmd}</pre><p>(or <code>homescale auth "
+            f"register --user USERNAME --auth-id {html.escape(reg_id)}</code>). The client "
+            f"connects as soon as it is done.</p></body></html>"
+        )
         return Response.text(page, content_type="text/html; charset=utf-8")
 
     # -- policy
@@ -149,7 +158,9 @@ class Server:
         changed = text != self.policy_text
         self.policy_text = text
         if changed:
-            self.log.info("policy loaded from %s", source if text is not None else "nowhere (allow all)")
+            self.log.info(
+                "policy loaded from %s", source if text is not None else "nowhere (allow all)"
+            )
 
     async def reload_policy(self) -> None:
         try:
@@ -167,8 +178,9 @@ class Server:
             ok = await self.run_db(self.store.ping)
         except Exception:
             ok = False
-        return Response.json({"status": "pass" if ok else "fail", "databaseConnectivity": ok},
-                             200 if ok else 500)
+        return Response.json(
+            {"status": "pass" if ok else "fail", "databaseConnectivity": ok}, 200 if ok else 500
+        )
 
     async def key(self, req: Request) -> Response:
         v = req.arg("v")
@@ -179,8 +191,12 @@ class Server:
         # NoiseCapabilityVersion (tailcfg): clients older than this speak no Noise.
         if int(v) < 39:
             return Response.text("client too old: capability version 39 or newer required\n", 400)
-        return Response.json({"legacyPublicKey": "mkey:" + "0" * 64,
-                              "publicKey": str(self.noise_key.machine_public())})
+        return Response.json(
+            {
+                "legacyPublicKey": "mkey:" + "0" * 64,
+                "publicKey": str(self.noise_key.machine_public()),
+            }
+        )
 
     async def version_route(self, req: Request) -> Response:
         return Response.json({"version": version(), "commit": commit()})
@@ -212,8 +228,10 @@ def _prepare_socket(path: Path) -> None:
         return
     finally:
         s.close()
-    raise ServeError(f"{path}: another homescale server is already running (its admin socket "
-                     f"answers); stop it first")
+    raise ServeError(
+        f"{path}: another homescale server is already running (its admin socket "
+        f"answers); stop it first"
+    )
 
 
 def _ssl_context(config: Config) -> ssl.SSLContext | None:
@@ -223,14 +241,20 @@ def _ssl_context(config: Config) -> ssl.SSLContext | None:
     try:
         ctx.load_cert_chain(str(config.tls_cert_path), str(config.tls_key_path))
     except (OSError, ssl.SSLError) as e:
-        raise ServeError(f"tls_cert_path/tls_key_path: cannot load {config.tls_cert_path} and "
-                         f"{config.tls_key_path}: {e}") from None
+        raise ServeError(
+            f"tls_cert_path/tls_key_path: cannot load {config.tls_cert_path} and "
+            f"{config.tls_key_path}: {e}"
+        ) from None
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
 
 
-async def serve(config: Config, log: logging.Logger, *,
-                task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve(
+    config: Config,
+    log: logging.Logger,
+    *,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Run the server until cancelled or signalled."""
     from hypercorn.config import Config as HypercornConfig
     from hypercorn.trio import serve as hypercorn_serve
@@ -244,28 +268,34 @@ async def serve(config: Config, log: logging.Logger, *,
         try:
             await server.run_db(server.load_policy)
         except PolicyInvalid as e:
-            raise ServeError(f"the policy is invalid, refusing to start:\n  {e}\n"
-                             f"{recovery_steps(config.source)}") from None
+            raise ServeError(
+                f"the policy is invalid, refusing to start:\n  {e}\n{recovery_steps(config.source)}"
+            ) from None
         ssl_ctx = _ssl_context(config)
         plain_url = config.server_url.startswith("http://")
         if config.derp.server_enabled and plain_url and ssl_ctx is None:
-            raise ServeError("derp.server.enabled needs TLS: clients speak DERP only over TLS. Set "
-                             "tls_cert_path/tls_key_path (`homescale init` generates a local "
-                             "certificate), or use an https server_url behind a TLS proxy")
+            raise ServeError(
+                "derp.server.enabled needs TLS: clients speak DERP only over TLS. Set "
+                "tls_cert_path/tls_key_path (`homescale init` generates a local "
+                "certificate), or use an https server_url behind a TLS proxy"
+            )
         cert_pin = ""
         if ssl_ctx is not None and plain_url and config.tls_cert_path is not None:
             # No trusted name to check over plain http: clients pin our certificate instead.
             from .tlscerts import cert_name_pin
+
             cert_pin = cert_name_pin(config.tls_cert_path.read_bytes())
         relay = None
         if config.derp.server_enabled:
             from .relay import EmbeddedRelay
+
             relay = EmbeddedRelay(config, server.tailnet, log.getChild("derp"))
             server.upgrades["/derp"] = relay.server.handle_upgrade
             server.routes.update(relay.routes())
             for name, read in relay.metrics().items():
                 server.metrics.gauge(name, read)
         from .relay import map_builder, run_map_updates
+
         derp_maps = map_builder(config, cert_pin, log.getChild("derpmap"))
         try:
             await derp_maps.refresh()
@@ -274,23 +304,43 @@ async def serve(config: Config, log: logging.Logger, *,
         _prepare_socket(config.unix_socket)
         socket_ours = True
         main_listeners = await _tcp_listeners(config.listen_addr, "listen_addr")
-        metrics_listeners = (await _tcp_listeners(config.metrics_listen_addr, "metrics_listen_addr")
-                             if config.metrics_listen_addr else [])
+        metrics_listeners = (
+            await _tcp_listeners(config.metrics_listen_addr, "metrics_listen_addr")
+            if config.metrics_listen_addr
+            else []
+        )
 
         def policy_check(text: str) -> None:
             check_policy_text(text, "policy", server.store)  # runs in the store's thread
 
-        api_socket = AdminApi(server.admin, server.run_db, require_auth=False,
-                              policy_check=policy_check, policy_mode=config.policy_mode,
-                              logins=server)
-        api_remote = AdminApi(server.admin, server.run_db, require_auth=True,
-                              policy_check=policy_check, policy_mode=config.policy_mode,
-                              logins=server)
-        main = HttpServer(routes=server.routes, upgrades=server.upgrades, asgi_prefix="/api/v1",
-                          asgi_app=api_remote, ssl_context=ssl_ctx, tls_optional=plain_url,
-                          logger=log.getChild("http"))
-        metrics = HttpServer(routes={"/metrics": server.metrics_route}, upgrades={},
-                             logger=log.getChild("metrics"))
+        api_socket = AdminApi(
+            server.admin,
+            server.run_db,
+            require_auth=False,
+            policy_check=policy_check,
+            policy_mode=config.policy_mode,
+            logins=server,
+        )
+        api_remote = AdminApi(
+            server.admin,
+            server.run_db,
+            require_auth=True,
+            policy_check=policy_check,
+            policy_mode=config.policy_mode,
+            logins=server,
+        )
+        main = HttpServer(
+            routes=server.routes,
+            upgrades=server.upgrades,
+            asgi_prefix="/api/v1",
+            asgi_app=api_remote,
+            ssl_context=ssl_ctx,
+            tls_optional=plain_url,
+            logger=log.getChild("http"),
+        )
+        metrics = HttpServer(
+            routes={"/metrics": server.metrics_route}, upgrades={}, logger=log.getChild("metrics")
+        )
 
         hc = HypercornConfig()
         hc.bind = [f"unix:{config.unix_socket}"]
@@ -308,9 +358,14 @@ async def serve(config: Config, log: logging.Logger, *,
             server.tailnet.set_derp_map(new_map)
 
         async with trio.open_nursery() as nursery:
-            server.control = ControlService(store=server.store, admin=server.admin,
-                                           tailnet=server.tailnet, run_db=server.run_db,
-                                           log=log.getChild("control"), nursery=nursery)
+            server.control = ControlService(
+                store=server.store,
+                admin=server.admin,
+                tailnet=server.tailnet,
+                run_db=server.run_db,
+                log=log.getChild("control"),
+                nursery=nursery,
+            )
             nursery.start_soon(_watch_signals, server, nursery.cancel_scope, shutdown)
             nursery.start_soon(server.apply_changes)
             server.control.reap_offline_ephemeral()
@@ -323,13 +378,22 @@ async def serve(config: Config, log: logging.Logger, *,
             if metrics_listeners:
                 await nursery.start(metrics.serve, metrics_listeners)
             asgi_app: Any = api_socket  # an ASGI callable; hypercorn's stubs want its own types
-            await nursery.start(lambda task_status: hypercorn_serve(
-                asgi_app, hc, shutdown_trigger=shutdown.wait, task_status=task_status))
+            await nursery.start(
+                lambda task_status: hypercorn_serve(
+                    asgi_app, hc, shutdown_trigger=shutdown.wait, task_status=task_status
+                )
+            )
             os.chmod(config.unix_socket, config.unix_socket_permission)
             scheme = "http+tls" if ssl_ctx and plain_url else ("https" if ssl_ctx else "http")
-            log.info("homescale %s listening on %s://%s (server_url %s), admin socket %s%s",
-                     version(), scheme, config.listen_addr, config.server_url, config.unix_socket,
-                     f", metrics on {config.metrics_listen_addr}" if metrics_listeners else "")
+            log.info(
+                "homescale %s listening on %s://%s (server_url %s), admin socket %s%s",
+                version(),
+                scheme,
+                config.listen_addr,
+                config.server_url,
+                config.unix_socket,
+                f", metrics on {config.metrics_listen_addr}" if metrics_listeners else "",
+            )
             task_status.started(server)
     finally:
         if relay is not None:

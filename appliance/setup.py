@@ -20,23 +20,33 @@ def render_config(server_url: str) -> str:
     """The example config for a data directory: paths relative to the config's folder."""
     parts = urlsplit(server_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise HomescaleError(f"--server-url {server_url!r}: expected a URL like http://127.0.0.1:8080")
+        raise HomescaleError(
+            f"--server-url {server_url!r}: expected a URL like http://127.0.0.1:8080"
+        )
     port = parts.port or (443 if parts.scheme == "https" else 80)
     text = example_config()
     text = text.replace("/var/lib/homescale/", "")
     text = text.replace("/var/run/homescale/homescale.sock", "homescale.sock")
-    text = text.replace("server_url: http://127.0.0.1:8080", f"server_url: {server_url.rstrip('/')}")
+    text = text.replace(
+        "server_url: http://127.0.0.1:8080", f"server_url: {server_url.rstrip('/')}"
+    )
     loopback = parts.hostname in ("127.0.0.1", "localhost", "::1")
-    text = text.replace("listen_addr: 127.0.0.1:8080", f"listen_addr: 127.0.0.1:{port}"
-                        if loopback else f"listen_addr: 0.0.0.0:{port}")
+    text = text.replace(
+        "listen_addr: 127.0.0.1:8080",
+        f"listen_addr: 127.0.0.1:{port}" if loopback else f"listen_addr: 0.0.0.0:{port}",
+    )
     # The embedded DERP relay on, with the certificate `init` makes (pinned by clients
     # when server_url is plain http, so they need no CA installed).
-    text = text.replace("    # The embedded DERP relay (on listen_addr at /derp) and its STUN server.\n"
-                        "    enabled: false",
-                        "    # The embedded DERP relay (on listen_addr at /derp) and its STUN server.\n"
-                        "    enabled: true")
+    text = text.replace(
+        "    # The embedded DERP relay (on listen_addr at /derp) and its STUN server.\n"
+        "    enabled: false",
+        "    # The embedded DERP relay (on listen_addr at /derp) and its STUN server.\n"
+        "    enabled: true",
+    )
     if loopback:
-        text = text.replace('stun_listen_addr: "0.0.0.0:3478"', 'stun_listen_addr: "127.0.0.1:3478"')
+        text = text.replace(
+            'stun_listen_addr: "0.0.0.0:3478"', 'stun_listen_addr: "127.0.0.1:3478"'
+        )
     text = text.replace('tls_cert_path: ""', f"tls_cert_path: {TLS_DIR}/server.pem")
     text = text.replace('tls_key_path: ""', f"tls_key_path: {TLS_DIR}/server.key")
     return text
@@ -68,10 +78,14 @@ def init_data_dir(data_dir: Path, server_url: str) -> list[str]:
 
         host = urlsplit(server_url).hostname or "localhost"
         paths = generate_local_tls(tls, sorted({host, "localhost", "127.0.0.1"}))
-        done.append(f"{paths.cert}: generated (TLS for the embedded DERP relay; clients pin it "
-                    f"while server_url is plain http)")
-        done.append(f"{paths.ca_cert}: the local CA; for an https server_url, trust it on "
-                    f"clients (Debian: copy to /usr/local/share/ca-certificates/homescale.crt "
-                    f"and run update-ca-certificates)")
+        done.append(
+            f"{paths.cert}: generated (TLS for the embedded DERP relay; clients pin it "
+            f"while server_url is plain http)"
+        )
+        done.append(
+            f"{paths.ca_cert}: the local CA; for an https server_url, trust it on "
+            f"clients (Debian: copy to /usr/local/share/ca-certificates/homescale.crt "
+            f"and run update-ca-certificates)"
+        )
     done.append(f"start the server with: homescale -c {config} serve")
     return done

@@ -41,6 +41,7 @@ def from_iso(s: str | None) -> datetime | None:
 # ---------------------------------------------------------------- migrations
 # Append-only: never edit a shipped migration, add the next number.
 
+
 def _m001_initial(db: sqlite_utils.Database) -> None:
     db.execute("""
         CREATE TABLE users (
@@ -114,6 +115,7 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 # ---------------------------------------------------------------- rows
 
+
 @dataclass
 class UserRow:
     id: int
@@ -182,22 +184,42 @@ class PolicyRow:
 
 
 def _user(r: dict[str, Any]) -> UserRow:
-    return UserRow(id=r["id"], name=r["name"], display_name=r["display_name"], email=r["email"],
-                   profile_pic_url=r["profile_pic_url"], provider=r["provider"],
-                   provider_id=r["provider_id"], created_at=from_iso(r["created_at"]))
+    return UserRow(
+        id=r["id"],
+        name=r["name"],
+        display_name=r["display_name"],
+        email=r["email"],
+        profile_pic_url=r["profile_pic_url"],
+        provider=r["provider"],
+        provider_id=r["provider_id"],
+        created_at=from_iso(r["created_at"]),
+    )
 
 
 def _pak(r: dict[str, Any]) -> PreAuthKeyRow:
-    return PreAuthKeyRow(id=r["id"], prefix=r["prefix"], hash=r["hash"], user_id=r["user_id"],
-                         reusable=bool(r["reusable"]), ephemeral=bool(r["ephemeral"]),
-                         used=bool(r["used"]), tags=json.loads(r["tags"]),
-                         expiration=from_iso(r["expiration"]), created_at=from_iso(r["created_at"]))
+    return PreAuthKeyRow(
+        id=r["id"],
+        prefix=r["prefix"],
+        hash=r["hash"],
+        user_id=r["user_id"],
+        reusable=bool(r["reusable"]),
+        ephemeral=bool(r["ephemeral"]),
+        used=bool(r["used"]),
+        tags=json.loads(r["tags"]),
+        expiration=from_iso(r["expiration"]),
+        created_at=from_iso(r["created_at"]),
+    )
 
 
 def _apikey(r: dict[str, Any]) -> ApiKeyRow:
-    return ApiKeyRow(id=r["id"], prefix=r["prefix"], hash=r["hash"],
-                     expiration=from_iso(r["expiration"]), last_seen=from_iso(r["last_seen"]),
-                     created_at=from_iso(r["created_at"]))
+    return ApiKeyRow(
+        id=r["id"],
+        prefix=r["prefix"],
+        hash=r["hash"],
+        expiration=from_iso(r["expiration"]),
+        last_seen=from_iso(r["last_seen"]),
+        created_at=from_iso(r["created_at"]),
+    )
 
 
 _NODE_JSON = ("endpoints", "hostinfo", "tags", "approved_routes")
@@ -229,14 +251,16 @@ def _node_values(fields: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the store
 
+
 class Store:
     """The database file. Opening it applies pending migrations (after a backup copy)."""
 
     def __init__(self, path: Path, *, wal: bool = True) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None,
-                                     timeout=10)
+        self._conn = sqlite3.connect(
+            str(path), check_same_thread=False, isolation_level=None, timeout=10
+        )
         # execute_plugins=False: plugin discovery through entry points fails in the frozen app.
         self.db = sqlite_utils.Database(self._conn, execute_plugins=False)
         try:
@@ -268,7 +292,8 @@ class Store:
             raise MigrationError(
                 f"{self.path}: the database has schema version {current}, newer than this "
                 f"homescale understands ({SCHEMA_VERSION}); run the newer homescale, or restore "
-                f"a backup taken before the upgrade")
+                f"a backup taken before the upgrade"
+            )
         pending = [m for m in MIGRATIONS if m[0] > current]
         if not pending:
             return []
@@ -285,12 +310,15 @@ class Store:
                     fn(self.db)
                     self.db.execute(
                         "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-                        [version, name, to_iso(utcnow())])
+                        [version, name, to_iso(utcnow())],
+                    )
         except Exception as e:
             # Any failure (SQL or a bug in the migration's Python) rolled the transaction back.
-            raise MigrationError(f"{self.path}: migration to schema {pending[-1][0]} failed "
-                                 f"({type(e).__name__}: {e}); the database was left at version "
-                                 f"{current}") from e
+            raise MigrationError(
+                f"{self.path}: migration to schema {pending[-1][0]} failed "
+                f"({type(e).__name__}: {e}); the database was left at version "
+                f"{current}"
+            ) from e
         return [m[0] for m in pending]
 
     @contextmanager
@@ -316,7 +344,8 @@ class Store:
         try:
             cur = self.db.execute(
                 f"INSERT INTO {table} ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
-                list(values.values()))
+                list(values.values()),
+            )
         except sqlite3.IntegrityError as e:
             raise Conflict(f"{table}: {e}") from None
         return int(cur.lastrowid or 0)
@@ -326,7 +355,9 @@ class Store:
             return
         sets = ", ".join(f"{k} = ?" for k in values)
         try:
-            cur = self.db.execute(f"UPDATE {table} SET {sets} WHERE id = ?", [*values.values(), row_id])
+            cur = self.db.execute(
+                f"UPDATE {table} SET {sets} WHERE id = ?", [*values.values(), row_id]
+            )
         except sqlite3.IntegrityError as e:
             raise Conflict(f"{table}: {e}") from None
         if cur.rowcount == 0:
@@ -334,13 +365,21 @@ class Store:
 
     # -- users
 
-    def create_user(self, name: str, display_name: str = "", email: str = "",
-                    profile_pic_url: str = "") -> UserRow:
+    def create_user(
+        self, name: str, display_name: str = "", email: str = "", profile_pic_url: str = ""
+    ) -> UserRow:
         if self.user_by_name(name) is not None:
             raise Conflict(f"user {name!r} already exists")
-        uid = self._insert("users", {"name": name, "display_name": display_name, "email": email,
-                                     "profile_pic_url": profile_pic_url,
-                                     "created_at": to_iso(utcnow())})
+        uid = self._insert(
+            "users",
+            {
+                "name": name,
+                "display_name": display_name,
+                "email": email,
+                "profile_pic_url": profile_pic_url,
+                "created_at": to_iso(utcnow()),
+            },
+        )
         return self.user(uid)
 
     def user(self, user_id: int) -> UserRow:
@@ -367,19 +406,39 @@ class Store:
         self.user(user_id)
         n = self.db.execute("SELECT COUNT(*) FROM nodes WHERE user_id = ?", [user_id]).fetchone()[0]
         if n:
-            raise Conflict(f"user {self.user(user_id).name!r} still owns {n} node(s); delete or "
-                           f"move them first")
+            raise Conflict(
+                f"user {self.user(user_id).name!r} still owns {n} node(s); delete or "
+                f"move them first"
+            )
         self.db.execute("DELETE FROM users WHERE id = ?", [user_id])
 
     # -- pre-auth keys
 
-    def create_pre_auth_key(self, *, prefix: str, hash: str, user_id: int | None, reusable: bool,
-                            ephemeral: bool, tags: list[str], expiration: datetime | None
-                            ) -> PreAuthKeyRow:
-        kid = self._insert("pre_auth_keys", {
-            "prefix": prefix, "hash": hash, "user_id": user_id, "reusable": int(reusable),
-            "ephemeral": int(ephemeral), "used": 0, "tags": json.dumps(tags),
-            "expiration": to_iso(expiration), "created_at": to_iso(utcnow())})
+    def create_pre_auth_key(
+        self,
+        *,
+        prefix: str,
+        hash: str,
+        user_id: int | None,
+        reusable: bool,
+        ephemeral: bool,
+        tags: list[str],
+        expiration: datetime | None,
+    ) -> PreAuthKeyRow:
+        kid = self._insert(
+            "pre_auth_keys",
+            {
+                "prefix": prefix,
+                "hash": hash,
+                "user_id": user_id,
+                "reusable": int(reusable),
+                "ephemeral": int(ephemeral),
+                "used": 0,
+                "tags": json.dumps(tags),
+                "expiration": to_iso(expiration),
+                "created_at": to_iso(utcnow()),
+            },
+        )
         return self.pre_auth_key(kid)
 
     def pre_auth_key(self, key_id: int) -> PreAuthKeyRow:
@@ -395,8 +454,12 @@ class Store:
     def pre_auth_keys(self, user_id: int | None = None) -> list[PreAuthKeyRow]:
         if user_id is None:
             return [_pak(r) for r in self._rows("SELECT * FROM pre_auth_keys ORDER BY id")]
-        return [_pak(r) for r in self._rows(
-            "SELECT * FROM pre_auth_keys WHERE user_id = ? ORDER BY id", [user_id])]
+        return [
+            _pak(r)
+            for r in self._rows(
+                "SELECT * FROM pre_auth_keys WHERE user_id = ? ORDER BY id", [user_id]
+            )
+        ]
 
     def update_pre_auth_key(self, key_id: int, **values: Any) -> None:
         if "expiration" in values:
@@ -410,9 +473,15 @@ class Store:
     # -- API keys
 
     def create_api_key(self, *, prefix: str, hash: str, expiration: datetime | None) -> ApiKeyRow:
-        kid = self._insert("api_keys", {"prefix": prefix, "hash": hash,
-                                        "expiration": to_iso(expiration),
-                                        "created_at": to_iso(utcnow())})
+        kid = self._insert(
+            "api_keys",
+            {
+                "prefix": prefix,
+                "hash": hash,
+                "expiration": to_iso(expiration),
+                "created_at": to_iso(utcnow()),
+            },
+        )
         return self.api_key(kid)
 
     def api_key(self, key_id: int) -> ApiKeyRow:
@@ -462,8 +531,10 @@ class Store:
     def nodes(self, user_id: int | None = None) -> list[NodeRow]:
         if user_id is None:
             return [_node(r) for r in self._rows("SELECT * FROM nodes ORDER BY id")]
-        return [_node(r) for r in self._rows("SELECT * FROM nodes WHERE user_id = ? ORDER BY id",
-                                             [user_id])]
+        return [
+            _node(r)
+            for r in self._rows("SELECT * FROM nodes WHERE user_id = ? ORDER BY id", [user_id])
+        ]
 
     def update_node(self, node_id: int, **values: Any) -> NodeRow:
         values["updated_at"] = utcnow()

@@ -86,10 +86,16 @@ class Tailnet:
     def set_dns(self) -> None:
         d = self.config.dns
         prefixes = [str(p) for p in (self.config.prefix_v4, self.config.prefix_v6) if p]
-        cfg = dns_config(magic_dns=d.magic_dns, base_domain=d.base_domain,
-                         override_local_dns=d.override_local_dns, nameservers=d.nameservers_global,
-                         split=d.nameservers_split, search_domains=d.search_domains,
-                         extra_records=d.extra_records, prefixes=prefixes)
+        cfg = dns_config(
+            magic_dns=d.magic_dns,
+            base_domain=d.base_domain,
+            override_local_dns=d.override_local_dns,
+            nameservers=d.nameservers_global,
+            split=d.nameservers_split,
+            search_domains=d.search_domains,
+            extra_records=d.extra_records,
+            prefixes=prefixes,
+        )
         self.dns = (self.dns[0] + 1, json.dumps(cfg, separators=(",", ":")).encode())
         self._wake_all()
 
@@ -120,17 +126,26 @@ class Tailnet:
     def ssh_json(self, node_id: int) -> bytes | None:
         if node_id not in self._ssh:
             rules = self.compiled.ssh_for(node_id) if self.compiled else []
-            self._ssh[node_id] = (json.dumps({"rules": rules}, separators=(",", ":")).encode()
-                                  if rules else None)
+            self._ssh[node_id] = (
+                json.dumps({"rules": rules}, separators=(",", ":")).encode() if rules else None
+            )
         return self._ssh[node_id]
 
     def user_profile(self, user_id: int) -> dict[str, Any] | None:
         if user_id == TAGGED_USER_ID:
-            return {"ID": TAGGED_USER_ID, "LoginName": "tagged-devices", "DisplayName": "Tagged Devices"}
+            return {
+                "ID": TAGGED_USER_ID,
+                "LoginName": "tagged-devices",
+                "DisplayName": "Tagged Devices",
+            }
         u = self.users.get(user_id)
         if u is None:
             return None
-        profile = {"ID": u.id, "LoginName": u.email or u.name, "DisplayName": u.display_name or u.name}
+        profile = {
+            "ID": u.id,
+            "LoginName": u.email or u.name,
+            "DisplayName": u.display_name or u.name,
+        }
         if u.profile_pic_url:
             profile["ProfilePicURL"] = u.profile_pic_url
         return profile
@@ -159,9 +174,13 @@ class Tailnet:
                 cur = elected.get(r)
                 if cur is None or (nid in self.online and cur not in self.online):
                     elected[r] = nid
-        moved = {nid for r in elected.keys() | self.primaries.keys()
-                 if elected.get(r) != self.primaries.get(r)
-                 for nid in (elected.get(r), self.primaries.get(r)) if nid is not None}
+        moved = {
+            nid
+            for r in elected.keys() | self.primaries.keys()
+            if elected.get(r) != self.primaries.get(r)
+            for nid in (elected.get(r), self.primaries.get(r))
+            if nid is not None
+        }
         self.primaries = elected
         for nid in moved:
             row = self.nodes.get(nid)
@@ -175,12 +194,21 @@ class Tailnet:
         served = self._served(n)
         netinfo = n.hostinfo.get("NetInfo") or {}
         return PeerNode(
-            id=n.id, given_name=n.given_name,
+            id=n.id,
+            given_name=n.given_name,
             user_id=TAGGED_USER_ID if n.tags else (n.user_id or TAGGED_USER_ID),
-            node_key=n.node_key, machine_key=n.machine_key, disco_key=n.disco_key,
-            tags=tuple(n.tags), ipv4=n.ipv4, ipv6=n.ipv6, endpoints=tuple(n.endpoints),
-            hostinfo=n.hostinfo, home_derp=int(netinfo.get("PreferredDERP") or 0),
-            created=n.created_at, key_expiry=n.expiry, last_seen=n.last_seen,
+            node_key=n.node_key,
+            machine_key=n.machine_key,
+            disco_key=n.disco_key,
+            tags=tuple(n.tags),
+            ipv4=n.ipv4,
+            ipv6=n.ipv6,
+            endpoints=tuple(n.endpoints),
+            hostinfo=n.hostinfo,
+            home_derp=int(netinfo.get("PreferredDERP") or 0),
+            created=n.created_at,
+            key_expiry=n.expiry,
+            last_seen=n.last_seen,
             online=n.id in self.online,
             primary_routes=tuple(r for r in served if self.primaries.get(r) == n.id),
             exit_routes=tuple(r for r in served if r in EXIT_ROUTES),
@@ -208,9 +236,14 @@ class Tailnet:
             patches = {}
         for v in [v for v in patches if v <= version - PATCH_HISTORY]:
             del patches[v]
-        self.entries[n.id] = NodeEntry(id=n.id, user_id=new.user_id, version=version,
-                                       json=encode_node(new, self.config.dns.base_domain),
-                                       visible_to_peers=new.has_disco, patches=patches)
+        self.entries[n.id] = NodeEntry(
+            id=n.id,
+            user_id=new.user_id,
+            version=version,
+            json=encode_node(new, self.config.dns.base_domain),
+            visible_to_peers=new.has_disco,
+            patches=patches,
+        )
         return True
 
     # ------------------------------------------------------------ changes
@@ -302,8 +335,11 @@ class Tailnet:
         # autoApprovers: advertised routes the policy approves count as approved. They
         # change what others may reach, so compile once more when there are any.
         for n in self.nodes.values():
-            pending = [r for r in _advertised(n) if r not in n.approved_routes
-                       and compiled.can_auto_approve(n.id, r)]
+            pending = [
+                r
+                for r in _advertised(n)
+                if r not in n.approved_routes and compiled.can_auto_approve(n.id, r)
+            ]
             if pending:
                 self.auto_approved[n.id] = tuple(pending)
         if self.auto_approved:
@@ -344,8 +380,11 @@ class Tailnet:
         old = self.sessions.get(node_id)
         if old is not None:
             old.close("replaced by a new map stream")
-        state = MapSessionState(node_id=node_id, domain=self.config.dns.base_domain,
-                                disable_logtail=not self.config.logtail_enabled)
+        state = MapSessionState(
+            node_id=node_id,
+            domain=self.config.dns.base_domain,
+            disable_logtail=not self.config.logtail_enabled,
+        )
         handle = SessionHandle(node_id, state)
         self.sessions[node_id] = handle
         return handle
@@ -358,19 +397,25 @@ class Tailnet:
         return False
 
 
-
 def _advertised(n: NodeRow) -> list[str]:
     return [str(r) for r in (n.hostinfo.get("RoutableIPs") or [])]
 
 
-def policy_node(n: NodeRow, users: dict[int, UserRow], auto_approved: tuple[str, ...] = ()
-                ) -> PolicyNode:
+def policy_node(
+    n: NodeRow, users: dict[int, UserRow], auto_approved: tuple[str, ...] = ()
+) -> PolicyNode:
     """A node as the policy sees it: tagged nodes are owned by their tags, not a user."""
     owner = users.get(n.user_id) if n.user_id is not None and not n.tags else None
-    return PolicyNode(id=n.id, hostname=n.given_name, user=owner.name if owner else None,
-                      tags=tuple(n.tags), ipv4=n.ipv4, ipv6=n.ipv6,
-                      routable_ips=tuple(_advertised(n)),
-                      approved_routes=(*n.approved_routes, *auto_approved))
+    return PolicyNode(
+        id=n.id,
+        hostname=n.given_name,
+        user=owner.name if owner else None,
+        tags=tuple(n.tags),
+        ipv4=n.ipv4,
+        ipv6=n.ipv6,
+        routable_ips=tuple(_advertised(n)),
+        approved_routes=(*n.approved_routes, *auto_approved),
+    )
 
 
 def node_is_expired(row: NodeRow, now: datetime | None = None) -> bool:

@@ -8,6 +8,7 @@ from importlib import metadata
 def version() -> str:
     try:
         from . import _build  # type: ignore[attr-defined]  # written by packaging/build-binary.sh
+
         return str(_build.VERSION)
     except ImportError:
         pass
@@ -20,6 +21,7 @@ def version() -> str:
 def commit() -> str:
     try:
         from . import _build  # type: ignore[attr-defined]
+
         return str(_build.COMMIT)
     except ImportError:
         return "unknown"

@@ -30,8 +30,12 @@ def _usable(net: IPNet, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> 
     return not any(addr in r for r in RESERVED if r.version == addr.version)
 
 
-def allocate(net: IPNet, used: Collection[str], strategy: str = "sequential",
-             rng: random.Random | None = None) -> str:
+def allocate(
+    net: IPNet,
+    used: Collection[str],
+    strategy: str = "sequential",
+    rng: random.Random | None = None,
+) -> str:
     """A free address in `net` (as a string) not in `used`."""
     size = net.num_addresses
     if strategy == "random":

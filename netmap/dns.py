@@ -27,9 +27,17 @@ def reverse_zones(prefix: str) -> list[str]:
     return [".".join(reversed(hexstr)) + ".ip6.arpa."]
 
 
-def dns_config(*, magic_dns: bool, base_domain: str, override_local_dns: bool,
-               nameservers: list[str], split: dict[str, list[str]], search_domains: list[str],
-               extra_records: list[dict[str, str]], prefixes: list[str]) -> dict[str, Any] | None:
+def dns_config(
+    *,
+    magic_dns: bool,
+    base_domain: str,
+    override_local_dns: bool,
+    nameservers: list[str],
+    split: dict[str, list[str]],
+    search_domains: list[str],
+    extra_records: list[dict[str, str]],
+    prefixes: list[str],
+) -> dict[str, Any] | None:
     """The tailcfg.DNSConfig object; None when nothing is configured (headscale sends null)."""
     cfg: dict[str, Any] = {}
     resolvers = [_resolver(ns) for ns in nameservers]
@@ -53,6 +61,7 @@ def dns_config(*, magic_dns: bool, base_domain: str, override_local_dns: bool,
     if domains:
         cfg["Domains"] = domains
     if extra_records:
-        cfg["ExtraRecords"] = [{"Name": r["name"], "Type": r["type"], "Value": r["value"]}
-                               for r in extra_records]
+        cfg["ExtraRecords"] = [
+            {"Name": r["name"], "Type": r["type"], "Value": r["value"]} for r in extra_records
+        ]
     return cfg or None

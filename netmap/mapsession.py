@@ -31,7 +31,9 @@ class NodeEntry:
     version: int
     json: bytes
     visible_to_peers: bool  # has a disco key: magicsock skips peers without one
-    patches: dict[int, dict[str, Any]] = field(default_factory=dict)  # version -> patch from version-1
+    patches: dict[int, dict[str, Any]] = field(
+        default_factory=dict
+    )  # version -> patch from version-1
 
 
 class TailnetView(Protocol):
@@ -183,8 +185,11 @@ class MapSessionState:
         if not fields and self.started:
             return None
         if first:
-            fields += [("Domain", _j(self.domain)), ("CollectServices", b"false"),
-                       ("Debug", _j({"DisableLogTail": self.disable_logtail}))]
+            fields += [
+                ("Domain", _j(self.domain)),
+                ("CollectServices", b"false"),
+                ("Debug", _j({"DisableLogTail": self.disable_logtail})),
+            ]
             self.started = True
         fields.append(("ControlTime", _j(format_time(now))))
         return b"{" + b",".join(_j(k) + b":" + v for k, v in fields) + b"}"

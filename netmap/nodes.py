@@ -115,8 +115,16 @@ def encode_node(n: PeerNode, base_domain: str) -> bytes:
 # Fields a PeersChangedPatch can carry instead of the full node (tailcfg.PeerChange).
 def patch_between(old: PeerNode, new: PeerNode) -> dict[str, Any] | None:
     """A PeerChange turning `old` into `new`, or None when a full node must be sent."""
-    patchable = {"disco_key", "endpoints", "home_derp", "online", "last_seen", "key_expiry",
-                 "node_key", "hostinfo"}
+    patchable = {
+        "disco_key",
+        "endpoints",
+        "home_derp",
+        "online",
+        "last_seen",
+        "key_expiry",
+        "node_key",
+        "hostinfo",
+    }
     for f in PeerNode.__dataclass_fields__:
         if f not in patchable and getattr(old, f) != getattr(new, f):
             return None

@@ -27,8 +27,9 @@ ZLIB_DEP = "zlib1g (>= 1:1.2.0)"
 
 
 def needs(path: Path) -> tuple[set[str], set[tuple[int, ...]]]:
-    out = subprocess.run(["objdump", "-p", str(path)], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["objdump", "-p", str(path)], capture_output=True, text=True, check=True
+    ).stdout
     sonames = set(re.findall(r"NEEDED\s+(\S+)", out))
     versions = {tuple(int(x) for x in v.split(".")) for v in re.findall(r"GLIBC_([0-9.]+)", out)}
     return sonames, versions
@@ -55,8 +56,11 @@ def main(argv: list[str]) -> int:
             glibc |= versions
     outside = {s for s in (needed - bundled) | boot_needed if not GLIBC.match(s) and s != ZLIB}
     if outside:
-        print(f"elf-deps: {binary} needs libraries neither bundled nor in Depends: "
-              f"{', '.join(sorted(outside))}", file=sys.stderr)
+        print(
+            f"elf-deps: {binary} needs libraries neither bundled nor in Depends: "
+            f"{', '.join(sorted(outside))}",
+            file=sys.stderr,
+        )
         return 1
     deps = [f"libc6 (>= {'.'.join(map(str, max(glibc)))})"]
     if ZLIB in boot_needed or (ZLIB in needed and ZLIB not in bundled):

@@ -111,8 +111,16 @@ def format_time(t: datetime) -> str:
 
 
 def is_zero_time(t: datetime) -> bool:
-    return t.year == 1 and t.month == 1 and t.day == 1 and t.hour == 0 and t.minute == 0 \
-        and t.second == 0 and t.microsecond == 0 and not t.utcoffset()
+    return (
+        t.year == 1
+        and t.month == 1
+        and t.day == 1
+        and t.hour == 0
+        and t.minute == 0
+        and t.second == 0
+        and t.microsecond == 0
+        and not t.utcoffset()
+    )
 
 
 # --- codecs per type ------------------------------------------------------------

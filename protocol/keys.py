@@ -166,7 +166,9 @@ def read_private_key_file(path: str | os.PathLike[str]) -> PrivateKey:
     try:
         return PrivateKey.parse(text)
     except KeyParseError as e:
-        raise KeyParseError(f"{os.fspath(path)}: {e}; expected 'privkey:' + 64 hex digits") from None
+        raise KeyParseError(
+            f"{os.fspath(path)}: {e}; expected 'privkey:' + 64 hex digits"
+        ) from None
 
 
 def write_private_key_file(path: str | os.PathLike[str], key: PrivateKey) -> None:

@@ -182,8 +182,15 @@ class NoiseTransport:
     first error), as a tampered stream cannot be trusted again.
     """
 
-    def __init__(self, *, send_key: bytes, recv_key: bytes, version: int, peer: MachinePublic,
-                 handshake_hash: bytes) -> None:
+    def __init__(
+        self,
+        *,
+        send_key: bytes,
+        recv_key: bytes,
+        version: int,
+        peer: MachinePublic,
+        handshake_hash: bytes,
+    ) -> None:
         self._tx = _Direction(send_key)
         self._rx = _Direction(recv_key)
         self.version = version
@@ -391,7 +398,9 @@ class Initiator:
         enc_s = s.encrypt_and_hash(k, self.machine_private.public_raw())
         k = s.mix_dh(self.machine_private.raw, self.server_public.raw)
         tag = s.encrypt_and_hash(k, b"")
-        hdr = struct.pack(">HBH", self.version, MSG_INITIATION, INITIATION_LEN - INITIATION_HEADER_LEN)
+        hdr = struct.pack(
+            ">HBH", self.version, MSG_INITIATION, INITIATION_LEN - INITIATION_HEADER_LEN
+        )
         self.initiation = hdr + e_pub + enc_s + tag
         self._s = s
 
@@ -433,7 +442,10 @@ class Initiator:
         s.decrypt_and_hash(k, tag)
         c2s, s2c = s.split()
         t = NoiseTransport(
-            send_key=c2s, recv_key=s2c, version=self.version, peer=self.server_public,
+            send_key=c2s,
+            recv_key=s2c,
+            version=self.version,
+            peer=self.server_public,
             handshake_hash=s.h,
         )
         self.state = InitiatorState.DONE

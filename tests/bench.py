@@ -221,8 +221,9 @@ class _DerpPair(_Pair):
 
 
 class _BarePair(_Pair):
-    def __init__(self, a: trio.SSLStream[trio.SocketStream],
-                 b: trio.SSLStream[trio.SocketStream]) -> None:
+    def __init__(
+        self, a: trio.SSLStream[trio.SocketStream], b: trio.SSLStream[trio.SocketStream]
+    ) -> None:
         self.a = a  # sends
         self.b = b  # receives
         self.frames = FrameBuffer()

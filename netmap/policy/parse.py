@@ -134,7 +134,9 @@ def parse_alias(text: str) -> Alias:
         return Alias(AliasKind.AUTOGROUP, text)
     if text and ":" not in text:
         return Alias(AliasKind.HOST, text)
-    raise ValueError(f"{text!r} is not a valid alias (user@, group:, tag:, host, IP/CIDR, autogroup: or *)")
+    raise ValueError(
+        f"{text!r} is not a valid alias (user@, group:, tag:, host, IP/CIDR, autogroup: or *)"
+    )
 
 
 def split_destination(text: str) -> tuple[str, str]:
@@ -187,7 +189,9 @@ def parse_proto(text: str) -> tuple[int, ...]:
     if lowered == "*":
         raise ValueError('proto "*" is not known; omit proto for TCP/UDP/ICMP, or name one')
     if not lowered.isdigit() or (len(lowered) > 1 and lowered.startswith("0")) or lowered == "0":
-        raise ValueError(f"unknown protocol {text!r}: use a name (tcp, udp, icmp, ...) or a number 1-255")
+        raise ValueError(
+            f"unknown protocol {text!r}: use a name (tcp, udp, icmp, ...) or a number 1-255"
+        )
     number = int(lowered)
     if number > 255:
         raise ValueError(f"protocol number {number} is out of range (1-255)")
@@ -237,7 +241,9 @@ class _Reader:
             out[name] = (value, _path(path, name), kline)
         return out
 
-    def strings(self, value: Any, path: str, line: int | None, what: str) -> list[tuple[str, str, int | None]]:
+    def strings(
+        self, value: Any, path: str, line: int | None, what: str
+    ) -> list[tuple[str, str, int | None]]:
         if not isinstance(value, LocList):
             self.problem(path, line, f"{what} must be a list of strings")
             return []
@@ -277,7 +283,9 @@ def parse_policy(
     policy = _build(doc, r)
     if r.problems:
         first, *rest = r.problems
-        raise PolicyError(first.message, path=first.path, line=first.line, source=source, others=rest)
+        raise PolicyError(
+            first.message, path=first.path, line=first.line, source=source, others=rest
+        )
     assert policy is not None
     return policy
 
@@ -347,7 +355,9 @@ def _build(doc: Any, r: _Reader) -> Policy | None:
 
 
 class _Context:
-    def __init__(self, r: _Reader, groups: dict[str, tuple[str, ...]], hosts: dict, tags: set[str]) -> None:
+    def __init__(
+        self, r: _Reader, groups: dict[str, tuple[str, ...]], hosts: dict, tags: set[str]
+    ) -> None:
         self.r = r
         self.groups = groups
         self.hosts = hosts
@@ -395,9 +405,17 @@ def _groups(r: _Reader, value: Any, path: str, line: int | None) -> dict[str, tu
             if member.startswith("group:"):
                 # Tailscale refuses groups inside groups (so no recursion can
                 # exist); headscale too (ErrGroupMembersCannotBeRecursive).
-                r.problem(mpath, mline, f'group "{name}" contains group "{member}": groups cannot contain groups')
+                r.problem(
+                    mpath,
+                    mline,
+                    f'group "{name}" contains group "{member}": groups cannot contain groups',
+                )
             elif "@" not in member:
-                r.problem(mpath, mline, f"group member {member!r} must be a user (user@ or user@example.com)")
+                r.problem(
+                    mpath,
+                    mline,
+                    f"group member {member!r} must be a user (user@ or user@example.com)",
+                )
             else:
                 users.append(member)
         out[name] = tuple(users)
@@ -421,7 +439,9 @@ def _hosts(r: _Reader, value: Any, path: str, line: int | None) -> dict:
     return out
 
 
-def _tag_owners(ctx: _Context, value: Any, path: str, line: int | None) -> dict[str, tuple[Alias, ...]]:
+def _tag_owners(
+    ctx: _Context, value: Any, path: str, line: int | None
+) -> dict[str, tuple[Alias, ...]]:
     r = ctx.r
     if not isinstance(value, LocDict):
         r.problem(path, line, "tagOwners must be an object")
@@ -431,7 +451,11 @@ def _tag_owners(ctx: _Context, value: Any, path: str, line: int | None) -> dict[
         tpath, tline = _path(path, tag), value.lines[tag]
         rest = tag[len("tag:") :]
         if not tag.startswith("tag:") or not rest or not rest[0].isascii() or not rest[0].isalpha():
-            r.problem(tpath, tline, f"tag {tag!r} must be 'tag:' followed by a name starting with a letter")
+            r.problem(
+                tpath,
+                tline,
+                f"tag {tag!r} must be 'tag:' followed by a name starting with a letter",
+            )
             continue
         parsed = []
         for owner, opath, oline in r.strings(owners, tpath, tline, "tag owners"):
@@ -442,14 +466,18 @@ def _tag_owners(ctx: _Context, value: Any, path: str, line: int | None) -> dict[
             # tagOwners {tag:a: [tag:b], tag:b: [tag:a]} (ssh-tag-owner-cycle).
             if alias.kind not in (AliasKind.USER, AliasKind.GROUP, AliasKind.TAG):
                 if not alias.is_autogroup(AUTOGROUP_MEMBER):
-                    r.problem(opath, oline, f"{owner!r} cannot own a tag (use a user, group or tag)")
+                    r.problem(
+                        opath, oline, f"{owner!r} cannot own a tag (use a user, group or tag)"
+                    )
                     continue
             parsed.append(alias)
         out[tag] = tuple(parsed)
     return out
 
 
-def _aliases(ctx: _Context, entry: tuple[Any, str, int | None], what: str) -> list[tuple[Alias, str, int | None]]:
+def _aliases(
+    ctx: _Context, entry: tuple[Any, str, int | None], what: str
+) -> list[tuple[Alias, str, int | None]]:
     out = []
     for text, path, line in ctx.r.strings(*entry, what):
         alias = ctx.alias(text, path, line)
@@ -458,7 +486,9 @@ def _aliases(ctx: _Context, entry: tuple[Any, str, int | None], what: str) -> li
     return out
 
 
-def _check_src_autogroup(ctx: _Context, alias: Alias, path: str, line: int | None, allowed: tuple[str, ...]) -> bool:
+def _check_src_autogroup(
+    ctx: _Context, alias: Alias, path: str, line: int | None, allowed: tuple[str, ...]
+) -> bool:
     if alias.kind is not AliasKind.AUTOGROUP or alias.name in allowed:
         return True
     if alias.name == AUTOGROUP_SELF:
@@ -466,18 +496,34 @@ def _check_src_autogroup(ctx: _Context, alias: Alias, path: str, line: int | Non
     elif alias.name == AUTOGROUP_INTERNET:
         ctx.r.problem(path, line, '"autogroup:internet" is only valid as a destination')
     else:
-        ctx.r.problem(path, line, f'"{alias.name}" is not valid as a source here; use one of {", ".join(allowed)}')
+        ctx.r.problem(
+            path,
+            line,
+            f'"{alias.name}" is not valid as a source here; use one of {", ".join(allowed)}',
+        )
     return False
 
 
-def _check_dst_autogroup(ctx: _Context, alias: Alias, path: str, line: int | None, allowed: tuple[str, ...]) -> bool:
+def _check_dst_autogroup(
+    ctx: _Context, alias: Alias, path: str, line: int | None, allowed: tuple[str, ...]
+) -> bool:
     if alias.kind is not AliasKind.AUTOGROUP or alias.name in allowed:
         return True
-    ctx.r.problem(path, line, f'"{alias.name}" is not valid as a destination here; use one of {", ".join(allowed)}')
+    ctx.r.problem(
+        path,
+        line,
+        f'"{alias.name}" is not valid as a destination here; use one of {", ".join(allowed)}',
+    )
     return False
 
 
-def _self_sources_ok(ctx: _Context, srcs: list[tuple[Alias, str, int | None]], where: str, line: int | None, allow_wildcard: bool) -> None:
+def _self_sources_ok(
+    ctx: _Context,
+    srcs: list[tuple[Alias, str, int | None]],
+    where: str,
+    line: int | None,
+    allow_wildcard: bool,
+) -> None:
     """autogroup:self is per user: only user-like sources make sense.
 
     Tailscale refuses tags, autogroup:tagged, hosts and IPs as sources of an
@@ -504,14 +550,22 @@ def _acl(ctx: _Context, item: Any, where: str, line: int | None) -> ACL | None:
     for old, new in (("users", "src"), ("ports", "dst")):
         if old in f:
             if new in f:
-                r.problem(f[old][1], f[old][2], f"give either {new!r} or its legacy name {old!r}, not both")
+                r.problem(
+                    f[old][1],
+                    f[old][2],
+                    f"give either {new!r} or its legacy name {old!r}, not both",
+                )
             else:
                 f[new] = f.pop(old)
     ok = True
     action = r.string(*f.get("action", (None, _path(where, "action"), line)), "action")
     if action is not None and action != "accept":
         # Tailscale policies are deny-by-default; it has no "deny" action (acl-err06).
-        r.problem(_path(where, "action"), f["action"][2], f'action {action!r} is not supported; the only ACL action is "accept"')
+        r.problem(
+            _path(where, "action"),
+            f["action"][2],
+            f'action {action!r} is not supported; the only ACL action is "accept"',
+        )
         ok = False
     protos: tuple[int, ...] = ()
     proto_name = ""
@@ -529,7 +583,9 @@ def _acl(ctx: _Context, item: Any, where: str, line: int | None) -> ACL | None:
         ok &= _check_src_autogroup(ctx, src, path, pline, _ACL_SRC_AUTOGROUPS)
     dsts: list[Destination] = []
     has_self = False
-    for text, path, pline in r.strings(*f.get("dst", (LocList(), _path(where, "dst"), line)), "dst"):
+    for text, path, pline in r.strings(
+        *f.get("dst", (LocList(), _path(where, "dst"), line)), "dst"
+    ):
         try:
             name, port_text = split_destination(text)
             ports = parse_ports(port_text)
@@ -584,7 +640,11 @@ def _grant(ctx: _Context, item: Any, where: str, line: int | None) -> Grant | No
     dsts = _aliases(ctx, f.get("dst", (LocList(), _path(where, "dst"), line)), "dst")
     for alias, path, pline in dsts:
         ok &= _check_dst_autogroup(ctx, alias, path, pline, _ACL_DST_AUTOGROUPS)
-        if alias.kind is AliasKind.PREFIX and alias.network is not None and alias.network.prefixlen == 0:
+        if (
+            alias.kind is AliasKind.PREFIX
+            and alias.network is not None
+            and alias.network.prefixlen == 0
+        ):
             r.problem(path, pline, 'to allow all addresses use "*" or "autogroup:internet"')
             ok = False
     if "ip" not in f:
@@ -621,7 +681,13 @@ def _grant(ctx: _Context, item: Any, where: str, line: int | None) -> Grant | No
 
 def _ssh(ctx: _Context, item: Any, where: str, line: int | None) -> SSHRule | None:
     r = ctx.r
-    f = r.fields(item, where, line, ["action", "src", "dst", "users", "checkPeriod", "acceptEnv"], "an SSH rule")
+    f = r.fields(
+        item,
+        where,
+        line,
+        ["action", "src", "dst", "users", "checkPeriod", "acceptEnv"],
+        "an SSH rule",
+    )
     if f is None:
         return None
     ok = True
@@ -639,14 +705,24 @@ def _ssh(ctx: _Context, item: Any, where: str, line: int | None) -> SSHRule | No
     srcs = _aliases(ctx, f.get("src", (LocList(), _path(where, "src"), line)), "src")
     for src, path, pline in srcs:
         if src.kind not in (AliasKind.USER, AliasKind.GROUP, AliasKind.TAG, AliasKind.AUTOGROUP):
-            r.problem(path, pline, f'"{src.name}" is not valid as an SSH source; use users, groups, tags or autogroups')
+            r.problem(
+                path,
+                pline,
+                f'"{src.name}" is not valid as an SSH source; use users, groups, tags or autogroups',
+            )
             ok = False
         else:
             ok &= _check_src_autogroup(ctx, src, path, pline, _SSH_SRC_AUTOGROUPS)
     dsts: list[tuple[Alias, str, int | None]] = []
-    for text, path, pline in r.strings(*f.get("dst", (LocList(), _path(where, "dst"), line)), "dst"):
+    for text, path, pline in r.strings(
+        *f.get("dst", (LocList(), _path(where, "dst"), line)), "dst"
+    ):
         if text == "*":
-            r.problem(path, pline, '"*" is not valid as an SSH destination; use autogroup:member, autogroup:tagged, tags or users')
+            r.problem(
+                path,
+                pline,
+                '"*" is not valid as an SSH destination; use autogroup:member, autogroup:tagged, tags or users',
+            )
             ok = False
             continue
         alias = ctx.alias(text, path, pline)
@@ -655,10 +731,18 @@ def _ssh(ctx: _Context, item: Any, where: str, line: int | None) -> SSHRule | No
         elif alias.kind is AliasKind.HOST:
             # Hosts are fine in ACL dst but Tailscale refuses them for SSH
             # (ssh-hosts-as-dst-multi-host-prefix).
-            r.problem(path, pline, f'host "{alias.name}" is not valid as an SSH destination; use tags or users')
+            r.problem(
+                path,
+                pline,
+                f'host "{alias.name}" is not valid as an SSH destination; use tags or users',
+            )
             ok = False
         elif alias.kind not in (AliasKind.USER, AliasKind.TAG, AliasKind.AUTOGROUP):
-            r.problem(path, pline, f'"{alias.name}" is not valid as an SSH destination; use tags, users or autogroups')
+            r.problem(
+                path,
+                pline,
+                f'"{alias.name}" is not valid as an SSH destination; use tags, users or autogroups',
+            )
             ok = False
         elif _check_dst_autogroup(ctx, alias, path, pline, _SSH_DST_AUTOGROUPS):
             dsts.append((alias, path, pline))
@@ -669,7 +753,7 @@ def _ssh(ctx: _Context, item: Any, where: str, line: int | None) -> SSHRule | No
     users: list[str] = []
     upath = _path(where, "users")
     if "users" not in f:
-        r.problem(upath, line, "users must be specified (e.g. [\"root\"] or [\"autogroup:nonroot\"])")
+        r.problem(upath, line, 'users must be specified (e.g. ["root"] or ["autogroup:nonroot"])')
         ok = False
     else:
         entries = r.strings(*f["users"], "users")
@@ -679,12 +763,22 @@ def _ssh(ctx: _Context, item: Any, where: str, line: int | None) -> SSHRule | No
         for text, path, pline in entries:
             user = text.strip()
             if user in ("", "*"):
-                r.problem(path, pline, f"user {text!r} is not valid; name a login user, autogroup:nonroot or localpart:*@domain")
+                r.problem(
+                    path,
+                    pline,
+                    f"user {text!r} is not valid; name a login user, autogroup:nonroot or localpart:*@domain",
+                )
                 ok = False
                 continue
             domain = _localpart_domain(user)
-            if domain is not None and ctx.r.localpart_domains is not None and domain.lower() not in ctx.r.localpart_domains:
-                r.problem(path, pline, f"localpart domain {domain!r} is not one of the tailnet's domains")
+            if (
+                domain is not None
+                and ctx.r.localpart_domains is not None
+                and domain.lower() not in ctx.r.localpart_domains
+            ):
+                r.problem(
+                    path, pline, f"localpart domain {domain!r} is not one of the tailnet's domains"
+                )
                 ok = False
             users.append(user)
 
@@ -699,7 +793,9 @@ def _ssh(ctx: _Context, item: Any, where: str, line: int | None) -> SSHRule | No
             elif period != "always":
                 seconds = _go_duration_seconds(period)
                 if seconds is None:
-                    r.problem(path, pline, f"checkPeriod {period!r} is not a duration like 12h or 30m")
+                    r.problem(
+                        path, pline, f"checkPeriod {period!r} is not a duration like 12h or 30m"
+                    )
                     ok = False
                 elif seconds < 0 or seconds > _CHECK_PERIOD_MAX_S:
                     r.problem(path, pline, f"checkPeriod {period!r} must be between 0 and 168h")
@@ -746,22 +842,34 @@ def _ssh_combination(ctx: _Context, srcs: list, dsts: list) -> bool:
     that same user as the only source (use autogroup:self otherwise).
     """
     tagged = any(a.kind is AliasKind.TAG or a.is_autogroup(AUTOGROUP_TAGGED) for a, _, _ in srcs)
-    groupish = any(a.kind is AliasKind.GROUP or a.is_autogroup(AUTOGROUP_MEMBER) for a, _, _ in srcs)
+    groupish = any(
+        a.kind is AliasKind.GROUP or a.is_autogroup(AUTOGROUP_MEMBER) for a, _, _ in srcs
+    )
     users = {a.name for a, _, _ in srcs if a.kind is AliasKind.USER}
     ok = True
     for alias, path, line in dsts:
         if alias.kind is AliasKind.USER:
             if tagged:
-                ctx.r.problem(path, line, f'tagged sources cannot SSH to "{alias.name}"\'s devices; use tags as destinations')
+                ctx.r.problem(
+                    path,
+                    line,
+                    f'tagged sources cannot SSH to "{alias.name}"\'s devices; use tags as destinations',
+                )
                 ok = False
             elif groupish or users != {alias.name}:
-                ctx.r.problem(path, line, f'destination "{alias.name}" needs that same user as the only source; use autogroup:self')
+                ctx.r.problem(
+                    path,
+                    line,
+                    f'destination "{alias.name}" needs that same user as the only source; use autogroup:self',
+                )
                 ok = False
         elif alias.is_autogroup(AUTOGROUP_SELF) and tagged:
             ctx.r.problem(path, line, "autogroup:self needs user or group sources, not tags")
             ok = False
         elif alias.is_autogroup(AUTOGROUP_MEMBER) and tagged:
-            ctx.r.problem(path, line, "tagged sources cannot SSH to autogroup:member (user-owned devices)")
+            ctx.r.problem(
+                path, line, "tagged sources cannot SSH to autogroup:member (user-owned devices)"
+            )
             ok = False
     return ok
 
@@ -776,7 +884,9 @@ def _auto_approvers(ctx: _Context, value: Any, path: str, line: int | None) -> A
         out = []
         for alias, apath, aline in _aliases(ctx, entry, "approvers"):
             if alias.kind not in (AliasKind.USER, AliasKind.GROUP, AliasKind.TAG):
-                r.problem(apath, aline, f'"{alias.name}" cannot approve routes; use users, groups or tags')
+                r.problem(
+                    apath, aline, f'"{alias.name}" cannot approve routes; use users, groups or tags'
+                )
                 continue
             out.append(alias)
         return tuple(out)
@@ -810,7 +920,10 @@ def _test(ctx: _Context, item: Any, where: str, line: int | None) -> PolicyTest 
         alias = ctx.alias(src, f["src"][1], f["src"][2])
         if alias is None:
             ok = False
-        elif alias.kind is AliasKind.AUTOGROUP and alias.name not in (AUTOGROUP_MEMBER, AUTOGROUP_TAGGED):
+        elif alias.kind is AliasKind.AUTOGROUP and alias.name not in (
+            AUTOGROUP_MEMBER,
+            AUTOGROUP_TAGGED,
+        ):
             r.problem(f["src"][1], f["src"][2], f'"{alias.name}" is not valid as a test source')
             ok = False
     else:
@@ -847,11 +960,21 @@ def _test(ctx: _Context, item: Any, where: str, line: int | None) -> PolicyTest 
             if alias is None:
                 ok = False
                 continue
-            if alias.is_autogroup(AUTOGROUP_INTERNET) or alias.is_autogroup(AUTOGROUP_SELF) or alias.is_autogroup(AUTOGROUP_NONROOT):
+            if (
+                alias.is_autogroup(AUTOGROUP_INTERNET)
+                or alias.is_autogroup(AUTOGROUP_SELF)
+                or alias.is_autogroup(AUTOGROUP_NONROOT)
+            ):
                 r.problem(path, pline, f'"{alias.name}" is not valid as a test destination')
                 ok = False
                 continue
-            net = alias.network if alias.kind is AliasKind.PREFIX else ctx.hosts.get(alias.name) if alias.kind is AliasKind.HOST else None
+            net = (
+                alias.network
+                if alias.kind is AliasKind.PREFIX
+                else ctx.hosts.get(alias.name)
+                if alias.kind is AliasKind.HOST
+                else None
+            )
             if net is not None and net.num_addresses > 1:
                 r.problem(path, pline, f"{text!r}: a test destination is one host, not a range")
                 ok = False
@@ -862,4 +985,6 @@ def _test(ctx: _Context, item: Any, where: str, line: int | None) -> PolicyTest 
         ok = False
     if not ok or src is None:
         return None
-    return PolicyTest(src, proto_text, protos, tuple(lists["accept"]), tuple(lists["deny"]), where, line)
+    return PolicyTest(
+        src, proto_text, protos, tuple(lists["accept"]), tuple(lists["deny"]), where, line
+    )

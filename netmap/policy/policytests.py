@@ -43,7 +43,9 @@ class TestFailure:
         )
 
 
-def _allowed(compiled: CompiledPolicy, src: IPAddress, dst: IPAddress, port: int, protos: frozenset[int]) -> bool:
+def _allowed(
+    compiled: CompiledPolicy, src: IPAddress, dst: IPAddress, port: int, protos: frozenset[int]
+) -> bool:
     owner = next((n for n in compiled._nodes.values() if dst in n.addrs), None)
     rules = compiled.filter_for(owner.id) if owner is not None else _global_wire(compiled)
     for rule in rules:
@@ -77,7 +79,16 @@ def _sample(ips: IPSet) -> list[IPAddress]:
 def _run_one(test: PolicyTest, compiled: CompiledPolicy) -> list[TestFailure]:
     src_ips = compiled.resolve(parse_alias(test.src))
     if not src_ips:
-        return [TestFailure(test.where, test.line, test.src, "", "accept", f"source {test.src!r} has no addresses in this tailnet")]
+        return [
+            TestFailure(
+                test.where,
+                test.line,
+                test.src,
+                "",
+                "accept",
+                f"source {test.src!r} has no addresses in this tailnet",
+            )
+        ]
     protos = frozenset(test.protos) or _DEFAULT_PROTOS
     failures = []
     for expected, dsts in (("accept", test.accept), ("deny", test.deny)):
@@ -86,7 +97,16 @@ def _run_one(test: PolicyTest, compiled: CompiledPolicy) -> list[TestFailure]:
             port = int(port_text)
             dst_ips = compiled.resolve(parse_alias(host))
             if not dst_ips:
-                failures.append(TestFailure(test.where, test.line, test.src, dst, expected, f"destination {host!r} has no addresses"))
+                failures.append(
+                    TestFailure(
+                        test.where,
+                        test.line,
+                        test.src,
+                        dst,
+                        expected,
+                        f"destination {host!r} has no addresses",
+                    )
+                )
                 continue
             results = [
                 _allowed(compiled, s, d, port, protos)
@@ -96,9 +116,27 @@ def _run_one(test: PolicyTest, compiled: CompiledPolicy) -> list[TestFailure]:
             # accept: every source address reaches every destination
             # address; deny: none does (a partial allow fails both).
             if expected == "accept" and not all(results):
-                failures.append(TestFailure(test.where, test.line, test.src, dst, expected, "expected ALLOWED, got DENIED"))
+                failures.append(
+                    TestFailure(
+                        test.where,
+                        test.line,
+                        test.src,
+                        dst,
+                        expected,
+                        "expected ALLOWED, got DENIED",
+                    )
+                )
             elif expected == "deny" and any(results):
-                failures.append(TestFailure(test.where, test.line, test.src, dst, expected, "expected DENIED, got ALLOWED"))
+                failures.append(
+                    TestFailure(
+                        test.where,
+                        test.line,
+                        test.src,
+                        dst,
+                        expected,
+                        "expected DENIED, got ALLOWED",
+                    )
+                )
     return failures
 
 
@@ -139,5 +177,7 @@ def load_policy(
     failures = run_policy_tests(policy, compiled=compiled)
     if failures:
         first, *rest = (f.error(source) for f in failures)
-        raise PolicyError(first.message, path=first.path, line=first.line, source=source, others=rest)
+        raise PolicyError(
+            first.message, path=first.path, line=first.line, source=source, others=rest
+        )
     return compiled

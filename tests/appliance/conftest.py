@@ -27,7 +27,7 @@ from appliance.serve import Server, serve
 from appliance.store import Store
 
 LOG = logging.getLogger("homescale.test")
-START_TIMEOUT = 20.0   # generous: the machine is shared
+START_TIMEOUT = 20.0  # generous: the machine is shared
 CALL_TIMEOUT = 20.0
 
 

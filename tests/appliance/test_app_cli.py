@@ -25,13 +25,46 @@ from appliance.store import utcnow
 
 from .conftest import LOG, START_TIMEOUT, CliResult, Site, arun_cli
 
-USER_FIELDS = {"id", "name", "createdAt", "displayName", "email", "providerId", "provider",
-               "profilePicUrl"}
-PAK_FIELDS = {"id", "key", "user", "reusable", "ephemeral", "used", "expiration", "createdAt",
-              "aclTags"}
-NODE_FIELDS = {"id", "machineKey", "nodeKey", "discoKey", "ipAddresses", "name", "givenName", "user",
-               "online", "lastSeen", "expiry", "createdAt", "registerMethod", "tags",
-               "approvedRoutes", "availableRoutes", "subnetRoutes"}
+USER_FIELDS = {
+    "id",
+    "name",
+    "createdAt",
+    "displayName",
+    "email",
+    "providerId",
+    "provider",
+    "profilePicUrl",
+}
+PAK_FIELDS = {
+    "id",
+    "key",
+    "user",
+    "reusable",
+    "ephemeral",
+    "used",
+    "expiration",
+    "createdAt",
+    "aclTags",
+}
+NODE_FIELDS = {
+    "id",
+    "machineKey",
+    "nodeKey",
+    "discoKey",
+    "ipAddresses",
+    "name",
+    "givenName",
+    "user",
+    "online",
+    "lastSeen",
+    "expiry",
+    "createdAt",
+    "registerMethod",
+    "tags",
+    "approvedRoutes",
+    "availableRoutes",
+    "subnetRoutes",
+}
 APIKEY_FIELDS = {"id", "prefix", "expiration", "createdAt", "lastSeen"}
 
 # One JSON object as the CLI prints it; its values are whatever JSON holds.
@@ -104,12 +137,17 @@ class Hs:
         try:
             owner = s.user_by_name(user) if user else None
             fields: dict[str, object] = {
-                "machine_key": f"mkey:{n:064x}", "node_key": f"nodekey:{n:064x}",
-                "disco_key": f"discokey:{n:064x}", "given_name": f"node{n}",
-                "hostname": f"Host-{n}", "user_id": owner.id if owner else None,
-                "ipv4": f"100.64.0.{n}", "ipv6": f"fd7a:115c:a1e0::{n}",
+                "machine_key": f"mkey:{n:064x}",
+                "node_key": f"nodekey:{n:064x}",
+                "disco_key": f"discokey:{n:064x}",
+                "given_name": f"node{n}",
+                "hostname": f"Host-{n}",
+                "user_id": owner.id if owner else None,
+                "ipv4": f"100.64.0.{n}",
+                "ipv6": f"fd7a:115c:a1e0::{n}",
                 "hostinfo": {"RoutableIPs": ["10.0.0.0/24", "10.1.0.0/24"]},
-                "approved_routes": ["10.0.0.0/24"], "last_seen": utcnow(),
+                "approved_routes": ["10.0.0.0/24"],
+                "last_seen": utcnow(),
             }
             fields.update(values)
             return s.create_node(**fields).id
@@ -118,8 +156,9 @@ class Hs:
 
 
 @pytest.fixture(params=["server", "direct"])
-async def hs(request: pytest.FixtureRequest, site: Site,
-             capsys: pytest.CaptureFixture[str]) -> AsyncIterator[Hs]:
+async def hs(
+    request: pytest.FixtureRequest, site: Site, capsys: pytest.CaptureFixture[str]
+) -> AsyncIterator[Hs]:
     if request.param == "direct":
         yield Hs(site, capsys, "direct")
         return
@@ -137,9 +176,11 @@ def parse_time(s: str) -> datetime:
 
 # ---------------------------------------------------------------- users
 
+
 async def test_users(hs: Hs) -> None:
-    created = await hs.json_object("users", "create", "alice", "--email", "alice@example.com",
-                            "--display-name", "Alice A")
+    created = await hs.json_object(
+        "users", "create", "alice", "--email", "alice@example.com", "--display-name", "Alice A"
+    )
     assert set(created) == USER_FIELDS
     assert created["name"] == "alice"
     assert created["email"] == "alice@example.com"
@@ -148,7 +189,7 @@ async def test_users(hs: Hs) -> None:
     await hs.ok("users", "create", "bob")
 
     listed = await hs.json_list("users", "list")
-    assert isinstance(listed, list)   # the CLI prints lists bare
+    assert isinstance(listed, list)  # the CLI prints lists bare
     assert [u["name"] for u in listed] == ["alice", "bob"]
     table = (await hs.ok("users", "list")).out
     assert "alice" in table
@@ -157,8 +198,9 @@ async def test_users(hs: Hs) -> None:
 
     renamed = await hs.json_object("users", "rename", "--name", "bob", "--new-name", "carol")
     assert renamed["name"] == "carol"
-    renamed = await hs.json_object("users", "rename", "--identifier", created["id"],
-                                   "--new-name", "alicia")
+    renamed = await hs.json_object(
+        "users", "rename", "--identifier", created["id"], "--new-name", "alicia"
+    )
     assert renamed["name"] == "alicia"
 
     res = await hs.ok("users", "destroy", "--name", "carol", "--force")
@@ -186,10 +228,21 @@ async def test_users_errors_change_nothing(hs: Hs) -> None:
 
 # ---------------------------------------------------------------- pre-auth keys
 
+
 async def test_preauthkeys(hs: Hs) -> None:
     await hs.ok("users", "create", "alice")
-    key = await hs.json_object("preauthkeys", "create", "--user", "alice", "--reusable",
-                               "--ephemeral", "--expiration", "2h", "--tags", "tag:web,tag:db")
+    key = await hs.json_object(
+        "preauthkeys",
+        "create",
+        "--user",
+        "alice",
+        "--reusable",
+        "--ephemeral",
+        "--expiration",
+        "2h",
+        "--tags",
+        "tag:web,tag:db",
+    )
     assert set(key) == PAK_FIELDS
     assert re.fullmatch(r"hskey-auth-[0-9a-f]{12}-[0-9a-f]{64}", key["key"])
     assert key["user"]["name"] == "alice"
@@ -209,7 +262,7 @@ async def test_preauthkeys(hs: Hs) -> None:
     assert len(listed) == 2
     assert all(set(k) == PAK_FIELDS for k in listed)
     prefix = key["key"].split("-")[2]
-    assert listed[0]["key"] == f"hskey-auth-{prefix}-***"   # prefix shown, secret never
+    assert listed[0]["key"] == f"hskey-auth-{prefix}-***"  # prefix shown, secret never
     assert key["key"] not in json.dumps(listed)
     assert len(await hs.json_list("preauthkeys", "list", "--user", "alice")) == 2
 
@@ -241,11 +294,21 @@ async def test_tag_only_preauthkey(hs: Hs) -> None:
 async def test_preauthkeys_errors_change_nothing(hs: Hs) -> None:
     await hs.ok("users", "create", "alice")
     await hs.fails("preauthkeys", "create", "--user", "nobody", says="nobody")
-    await hs.fails("preauthkeys", "create", "--user", "alice", "--tags", "web", says="malformed tag")
-    await hs.fails("preauthkeys", "create", "--user", "alice", "--tags", "tag:ok,tag:not ok",
-                   says="malformed tag")
-    await hs.fails("preauthkeys", "create", "--user", "alice", "--expiration", "soon",
-                   says="--expiration")
+    await hs.fails(
+        "preauthkeys", "create", "--user", "alice", "--tags", "web", says="malformed tag"
+    )
+    await hs.fails(
+        "preauthkeys",
+        "create",
+        "--user",
+        "alice",
+        "--tags",
+        "tag:ok,tag:not ok",
+        says="malformed tag",
+    )
+    await hs.fails(
+        "preauthkeys", "create", "--user", "alice", "--expiration", "soon", says="--expiration"
+    )
     await hs.fails("preauthkeys", "create", says="needs a user")
     await hs.fails("preauthkeys", "expire", "--id", "99", says="no pre-auth key")
     await hs.fails("preauthkeys", "delete", "--id", "99", says="no pre-auth key")
@@ -254,6 +317,7 @@ async def test_preauthkeys_errors_change_nothing(hs: Hs) -> None:
 
 
 # ---------------------------------------------------------------- API keys
+
 
 async def test_apikeys(hs: Hs) -> None:
     key = (await hs.ok("apikeys", "create", "--expiration", "30d")).out.strip()
@@ -285,6 +349,7 @@ async def test_apikeys_errors(hs: Hs) -> None:
 
 
 # ---------------------------------------------------------------- nodes
+
 
 async def test_nodes(hs: Hs) -> None:
     await hs.ok("users", "create", "alice")
@@ -318,8 +383,9 @@ async def test_nodes(hs: Hs) -> None:
     renamed = await hs.json_object("nodes", "rename", "laptop", "--identifier", str(n1))
     assert renamed["givenName"] == "laptop"
 
-    tagged = await hs.json_object("nodes", "tag", "--identifier", str(n1),
-                                  "--tags", "tag:web,tag:db")
+    tagged = await hs.json_object(
+        "nodes", "tag", "--identifier", str(n1), "--tags", "tag:web,tag:db"
+    )
     assert tagged["tags"] == ["tag:db", "tag:web"]
     assert tagged["user"]["name"] == "tagged-devices"
 
@@ -336,7 +402,9 @@ async def test_nodes_errors_change_nothing(hs: Hs) -> None:
     hs.add_node(2)
     before = await hs.json("nodes", "list")
     await hs.fails("nodes", "tag", "--identifier", str(n1), "--tags", "web", says="malformed tag")
-    await hs.fails("nodes", "rename", "Not_A_Label", "--identifier", str(n1), says="invalid node name")
+    await hs.fails(
+        "nodes", "rename", "Not_A_Label", "--identifier", str(n1), says="invalid node name"
+    )
     await hs.fails("nodes", "rename", "node2", "--identifier", str(n1), says="already taken")
     await hs.fails("nodes", "expire", "--identifier", "99", says="no node with id 99")
     await hs.fails("nodes", "rename", "x", "--identifier", "99", says="no node with id 99")
@@ -348,6 +416,7 @@ async def test_nodes_errors_change_nothing(hs: Hs) -> None:
 
 # ---------------------------------------------------------------- output formats
 
+
 async def test_output_formats(hs: Hs) -> None:
     await hs.ok("users", "create", "alice")
     await hs.ok("users", "create", "bob")
@@ -355,13 +424,15 @@ async def test_output_formats(hs: Hs) -> None:
     line = (await hs.ok("-o", "json-line", "users", "list")).out
     assert line.count("\n") == 1
     assert json.loads(line) == as_json
-    as_yaml = YAML(typ="safe", pure=True).load(io.StringIO((await hs.ok("-o", "yaml", "users",
-                                                                       "list")).out))
+    as_yaml = YAML(typ="safe", pure=True).load(
+        io.StringIO((await hs.ok("-o", "yaml", "users", "list")).out)
+    )
     assert as_yaml == as_json
     await hs.fails("-o", "xml", "users", "list", says="unknown output format")
 
 
 # ---------------------------------------------------------------- policy, health
+
 
 async def test_policy(hs: Hs, tmp_path) -> None:
     good, bad = tmp_path / "good.hujson", tmp_path / "bad.hujson"
@@ -378,12 +449,14 @@ async def test_policy(hs: Hs, tmp_path) -> None:
     latin1 = tmp_path / "latin1.hujson"
     latin1.write_bytes(b'{"groups": {"group:caf\xe9": []}}')
     await hs.fails("policy", "set", "--file", str(latin1), says="not UTF-8", local=True)
-    await hs.fails("policy", "set", "--file", str(tmp_path / "missing.hujson"),
-                   says="cannot read", local=True)
+    await hs.fails(
+        "policy", "set", "--file", str(tmp_path / "missing.hujson"), says="cannot read", local=True
+    )
 
 
-async def test_policy_check_needs_no_server(site: Site, capsys: pytest.CaptureFixture[str],
-                                           tmp_path) -> None:
+async def test_policy_check_needs_no_server(
+    site: Site, capsys: pytest.CaptureFixture[str], tmp_path
+) -> None:
     good, bad = tmp_path / "good.hujson", tmp_path / "bad.hujson"
     good.write_text(POLICY)
     bad.write_text(BAD_POLICY)
@@ -405,7 +478,10 @@ async def test_version_and_generate(site: Site, capsys: pytest.CaptureFixture[st
     res = await arun_cli(capsys, site, "version")
     assert res.code == 0
     assert "commit" in res.out
-    assert set((await arun_cli(capsys, site, "-o", "json", "version")).json()) == {"version", "commit"}
+    assert set((await arun_cli(capsys, site, "-o", "json", "version")).json()) == {
+        "version",
+        "commit",
+    }
     keys = set()
     for _ in range(2):
         res = await arun_cli(capsys, site, "generate", "private-key")
@@ -417,11 +493,15 @@ async def test_version_and_generate(site: Site, capsys: pytest.CaptureFixture[st
 
 # ---------------------------------------------------------------- remote API (HOMESCALE_CLI_ADDRESS)
 
-async def test_remote_cli_with_api_key(site: Site, server: object, capsys: pytest.CaptureFixture[str],
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+
+async def test_remote_cli_with_api_key(
+    site: Site, server: object, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     good = (await arun_cli(capsys, site, "apikeys", "create")).out.strip()
     expired = (await arun_cli(capsys, site, "apikeys", "create")).out.strip()
-    assert (await arun_cli(capsys, site, "apikeys", "expire", "--prefix", expired.split("-")[2])).code == 0
+    assert (
+        await arun_cli(capsys, site, "apikeys", "expire", "--prefix", expired.split("-")[2])
+    ).code == 0
     monkeypatch.setenv("HOMESCALE_CLI_ADDRESS", site.url)
 
     monkeypatch.setenv("HOMESCALE_CLI_API_KEY", good)
@@ -441,17 +521,23 @@ async def test_remote_cli_with_api_key(site: Site, server: object, capsys: pytes
     assert "HOMESCALE_CLI_API_KEY" in res.err
 
     monkeypatch.delenv("HOMESCALE_CLI_ADDRESS")
-    names = [u["name"] for u in (await arun_cli(capsys, site, "-o", "json", "users", "list")).json()]
+    names = [
+        u["name"] for u in (await arun_cli(capsys, site, "-o", "json", "users", "list")).json()
+    ]
     assert names == ["alice"]
 
 
 # ---------------------------------------------------------------- the direct path's own duties
 
+
 @pytest.mark.parametrize("mode", ["server", "direct"])
-async def test_policy_set_refused_in_file_mode(site: Site, capsys: pytest.CaptureFixture[str],
-                                               tmp_path, mode: str) -> None:
+async def test_policy_set_refused_in_file_mode(
+    site: Site, capsys: pytest.CaptureFixture[str], tmp_path, mode: str
+) -> None:
     """In policy.mode: file a database policy would be ignored: both paths refuse to store one."""
-    site.config_path.write_text(site.config_path.read_text().replace("mode: database", "mode: file"))
+    site.config_path.write_text(
+        site.config_path.read_text().replace("mode: database", "mode: file")
+    )
     good = tmp_path / "good.hujson"
     good.write_text(POLICY)
     hs = Hs(site, capsys, mode)
@@ -464,14 +550,17 @@ async def test_policy_set_refused_in_file_mode(site: Site, capsys: pytest.Captur
         nursery.cancel_scope.cancel()
 
 
-async def test_direct_path_does_not_keep_the_database_open(site: Site,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+async def test_direct_path_does_not_keep_the_database_open(
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
     from .test_app_store import open_fds_on
 
     res = await arun_cli(capsys, site, "-v", "users", "create", "alice")
     assert res.code == 0
     assert VIA_DB in res.err
-    res = await arun_cli(capsys, site, "-v", "users", "rename", "--name", "alice", "--new-name", "bob")
+    res = await arun_cli(
+        capsys, site, "-v", "users", "rename", "--name", "alice", "--new-name", "bob"
+    )
     assert res.code == 0
     assert open_fds_on(site.db_path) == 0
 
@@ -482,11 +571,15 @@ def test_output_into_a_closed_pipe_is_not_a_traceback(site: Site) -> None:
 
     from .test_app_shutdown import HOMESCALE, REPO
 
-    proc = subprocess.Popen([*HOMESCALE, "-c", str(site.config_path), "-o", "json", "version"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=REPO)
+    proc = subprocess.Popen(
+        [*HOMESCALE, "-c", str(site.config_path), "-o", "json", "version"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
     assert proc.stdout is not None
-    proc.stdout.close()   # no reader left: the child's first write meets EPIPE
+    proc.stdout.close()  # no reader left: the child's first write meets EPIPE
     _, err = proc.communicate(timeout=CLI_PROCESS_TIMEOUT)
     assert b"Traceback" not in err, err.decode()
     assert proc.returncode == 141
@@ -500,8 +593,9 @@ async def test_names_reach_the_server_verbatim(hs: Hs, new_name: str) -> None:
     """A name goes into the URL path: it must arrive as typed, and be judged as typed."""
     await hs.ok("users", "create", "alice")
     n = hs.add_node(1)
-    await hs.fails("users", "rename", "--name", "alice", "--new-name", new_name,
-                   says="invalid character")
+    await hs.fails(
+        "users", "rename", "--name", "alice", "--new-name", new_name, says="invalid character"
+    )
     await hs.fails("nodes", "rename", new_name, "--identifier", str(n), says="invalid node name")
     assert [u["name"] for u in await hs.json_list("users", "list")] == ["alice"]
     assert [x["givenName"] for x in await hs.json_list("nodes", "list")] == ["node1"]

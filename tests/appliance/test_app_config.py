@@ -40,19 +40,27 @@ def load_error(path: Path, environ: dict[str, str] | None = None) -> str:
 
 # ---------------------------------------------------------------- malformed YAML
 
-@pytest.mark.parametrize(("text", "where", "problem"), [
-    # an unclosed flow sequence: the parser notices at the next key
-    (BASE + "log:\n  level: [info\nunix_socket: s.sock\n", ":12:", "expected ','"),
-    # a tab used for indentation
-    ("server_url: http://127.0.0.1:8080\nprefixes:\n  v4: 100.64.0.0/10\n\tv6: fd7a:115c:a1e0::/48\n",
-     ":4:1:", "'\\t'"),
-    # a second colon on one line
-    ("server_url: http://127.0.0.1:8080\nlisten_addr: a: b\n", ":2:15:", "mapping values"),
-    # a duplicate key
-    ("listen_addr: 127.0.0.1:1\nlisten_addr: 127.0.0.1:2\n", ":2:1:", "duplicate key"),
-])
-def test_malformed_yaml_names_file_line_and_column(tmp_path: Path, text: str, where: str,
-                                                   problem: str) -> None:
+
+@pytest.mark.parametrize(
+    ("text", "where", "problem"),
+    [
+        # an unclosed flow sequence: the parser notices at the next key
+        (BASE + "log:\n  level: [info\nunix_socket: s.sock\n", ":12:", "expected ','"),
+        # a tab used for indentation
+        (
+            "server_url: http://127.0.0.1:8080\nprefixes:\n  v4: 100.64.0.0/10\n\tv6: fd7a:115c:a1e0::/48\n",
+            ":4:1:",
+            "'\\t'",
+        ),
+        # a second colon on one line
+        ("server_url: http://127.0.0.1:8080\nlisten_addr: a: b\n", ":2:15:", "mapping values"),
+        # a duplicate key
+        ("listen_addr: 127.0.0.1:1\nlisten_addr: 127.0.0.1:2\n", ":2:1:", "duplicate key"),
+    ],
+)
+def test_malformed_yaml_names_file_line_and_column(
+    tmp_path: Path, text: str, where: str, problem: str
+) -> None:
     path = write(tmp_path, text)
     msg = load_error(path)
     assert msg.startswith(f"{path}{where}"), msg
@@ -62,7 +70,7 @@ def test_malformed_yaml_names_file_line_and_column(tmp_path: Path, text: str, wh
 
 def test_non_utf8_file_is_located(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
-    path.write_bytes(b"server_url: http://127.0.0.1:8080\nlisten_addr: \"ab\xff\"\n")
+    path.write_bytes(b'server_url: http://127.0.0.1:8080\nlisten_addr: "ab\xff"\n')
     msg = load_error(path)
     assert msg.startswith(f"{path}:2:17:"), msg
     assert "UTF-8" in msg
@@ -83,24 +91,49 @@ def test_missing_file_says_how_to_make_one(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- wrong types and values
 
-@pytest.mark.parametrize(("snippet", "key", "value", "expected"), [
-    ("prefixes:\n  v4: 100.64.0.0/33\n", "prefixes.v4", "100.64.0.0/33", "CIDR"),
-    ("prefixes:\n  v4: fd7a:115c:a1e0::/48\n", "prefixes.v4", "fd7a:115c:a1e0::/48", "IPv4 CIDR"),
-    ("prefixes:\n  v6: not-a-net\n", "prefixes.v6", "not-a-net", "CIDR"),
-    ("metrics_listen_addr: localhost\n", "metrics_listen_addr", "localhost", "host:port"),
-    ("metrics_listen_addr: 127.0.0.1:99999\n", "metrics_listen_addr", "127.0.0.1:99999", "host:port"),
-    ("node:\n  expiry: 30 minutes\n", "node.expiry", "30 minutes", "30m"),
-    ("node:\n  ephemeral:\n    inactivity_timeout: 5\n", "node.ephemeral.inactivity_timeout", "5", "30m"),
-    ("derp:\n  update_frequency: soon\n", "derp.update_frequency", "soon", "duration"),
-    ("derp:\n  server:\n    enabled: maybe\n", "derp.server.enabled", "maybe", "true or false"),
-    ("derp:\n  server:\n    region_id: nine\n", "derp.server.region_id", "nine", "integer"),
-    ("derp:\n  urls:\n    - ftp://example.com/map\n", "derp.urls", "ftp://example.com/map", "URL"),
-    ("log:\n  level: loud\n", "log.level", "loud", "one of"),
-    ("unix_socket_permission: rwx\n", "unix_socket_permission", "rwx", "octal"),
-    ("prefixes:\n  allocation: lottery\n", "prefixes.allocation", "lottery", "sequential"),
-])
-def test_bad_value_names_key_value_and_expectation(tmp_path: Path, snippet: str, key: str,
-                                                   value: str, expected: str) -> None:
+
+@pytest.mark.parametrize(
+    ("snippet", "key", "value", "expected"),
+    [
+        ("prefixes:\n  v4: 100.64.0.0/33\n", "prefixes.v4", "100.64.0.0/33", "CIDR"),
+        (
+            "prefixes:\n  v4: fd7a:115c:a1e0::/48\n",
+            "prefixes.v4",
+            "fd7a:115c:a1e0::/48",
+            "IPv4 CIDR",
+        ),
+        ("prefixes:\n  v6: not-a-net\n", "prefixes.v6", "not-a-net", "CIDR"),
+        ("metrics_listen_addr: localhost\n", "metrics_listen_addr", "localhost", "host:port"),
+        (
+            "metrics_listen_addr: 127.0.0.1:99999\n",
+            "metrics_listen_addr",
+            "127.0.0.1:99999",
+            "host:port",
+        ),
+        ("node:\n  expiry: 30 minutes\n", "node.expiry", "30 minutes", "30m"),
+        (
+            "node:\n  ephemeral:\n    inactivity_timeout: 5\n",
+            "node.ephemeral.inactivity_timeout",
+            "5",
+            "30m",
+        ),
+        ("derp:\n  update_frequency: soon\n", "derp.update_frequency", "soon", "duration"),
+        ("derp:\n  server:\n    enabled: maybe\n", "derp.server.enabled", "maybe", "true or false"),
+        ("derp:\n  server:\n    region_id: nine\n", "derp.server.region_id", "nine", "integer"),
+        (
+            "derp:\n  urls:\n    - ftp://example.com/map\n",
+            "derp.urls",
+            "ftp://example.com/map",
+            "URL",
+        ),
+        ("log:\n  level: loud\n", "log.level", "loud", "one of"),
+        ("unix_socket_permission: rwx\n", "unix_socket_permission", "rwx", "octal"),
+        ("prefixes:\n  allocation: lottery\n", "prefixes.allocation", "lottery", "sequential"),
+    ],
+)
+def test_bad_value_names_key_value_and_expectation(
+    tmp_path: Path, snippet: str, key: str, value: str, expected: str
+) -> None:
     path = write(tmp_path, BASE + snippet)
     msg = load_error(path)
     assert key in msg
@@ -133,8 +166,9 @@ def test_mapping_where_a_value_belongs(tmp_path: Path) -> None:
 
 
 def test_magic_dns_needs_a_base_domain(tmp_path: Path) -> None:
-    msg = load_error(write(tmp_path, BASE.replace("  base_domain: tailnet.internal\n",
-                                                  "  base_domain: \"\"\n")))
+    msg = load_error(
+        write(tmp_path, BASE.replace("  base_domain: tailnet.internal\n", '  base_domain: ""\n'))
+    )
     assert "dns.base_domain" in msg
 
 
@@ -147,11 +181,19 @@ def test_server_url_must_not_be_under_base_domain(tmp_path: Path, host: str) -> 
 
 # ---------------------------------------------------------------- removed and unknown keys
 
-@pytest.mark.parametrize(("snippet", "key", "hint"), [
-    ("randomize_client_port: true\n", "randomize_client_port", "randomizeClientPort"),
-    ("acl_policy_path: /etc/headscale/acl.hujson\n", "acl_policy_path", "policy.path"),
-    ("dns_config:\n  magic_dns: true\n  base_domain: x.example\n", "dns_config", "dns.magic_dns"),
-])
+
+@pytest.mark.parametrize(
+    ("snippet", "key", "hint"),
+    [
+        ("randomize_client_port: true\n", "randomize_client_port", "randomizeClientPort"),
+        ("acl_policy_path: /etc/headscale/acl.hujson\n", "acl_policy_path", "policy.path"),
+        (
+            "dns_config:\n  magic_dns: true\n  base_domain: x.example\n",
+            "dns_config",
+            "dns.magic_dns",
+        ),
+    ],
+)
 def test_removed_key_says_where_it_moved(tmp_path: Path, snippet: str, key: str, hint: str) -> None:
     path = write(tmp_path, BASE + snippet)
     msg = load_error(path)
@@ -180,9 +222,9 @@ def test_old_ephemeral_alias_still_works_with_a_warning(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- environment overrides
 
+
 def test_env_overrides_win_over_the_file(tmp_path: Path) -> None:
-    path = write(tmp_path, BASE + "derp:\n  server:\n    enabled: false\n"
-                 "dns2_unused: 1\n")
+    path = write(tmp_path, BASE + "derp:\n  server:\n    enabled: false\ndns2_unused: 1\n")
     env = {
         "HOMESCALE_LISTEN_ADDR": "127.0.0.1:18080",
         "HOMESCALE_DNS_BASE_DOMAIN": "ts.example.net",
@@ -203,8 +245,9 @@ def test_env_overrides_win_over_the_file(tmp_path: Path) -> None:
     assert plain.derp.server_enabled is False
 
 
-def test_env_override_reads_the_process_environment(tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_override_reads_the_process_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HOMESCALE_DNS_MAGIC_DNS", "false")
     config = load_config(write(tmp_path, BASE))
     assert config.dns.magic_dns is False
@@ -225,6 +268,7 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- search order
 
+
 def test_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     etc, home, cwd = (write(tmp_path, BASE, f"{n}.yaml") for n in ("etc", "home", "cwd"))
     monkeypatch.setattr(config_mod, "SEARCH_PATHS", (etc, home, cwd))
@@ -241,9 +285,9 @@ def test_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert find_config(None, {}) is None
 
 
-def test_cli_uses_homescale_config_then_dash_c(site: Site, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_uses_homescale_config_then_dash_c(
+    site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from appliance import cli
 
     other = write(tmp_path, BASE, "other.yaml")
@@ -257,8 +301,9 @@ def test_cli_uses_homescale_config_then_dash_c(site: Site, tmp_path: Path,
     assert str(site.config_path) in res.out
 
 
-def test_cli_without_any_config_says_how_to_get_one(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_without_any_config_says_how_to_get_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from appliance import cli
 
     monkeypatch.setattr(config_mod, "SEARCH_PATHS", (tmp_path / "a.yaml",))
@@ -406,7 +451,8 @@ def test_headscale_config_example_loads(tmp_path: Path) -> None:
     assert config.database_path == Path("/var/lib/headscale/db.sqlite")
     assert config.dns.nameservers_split == {"foo.bar.com": ["1.1.1.1"]}
     assert config.dns.extra_records == [
-        {"name": "grafana.myvpn.example.com", "type": "A", "value": "100.64.0.3"}]
+        {"name": "grafana.myvpn.example.com", "type": "A", "value": "100.64.0.3"}
+    ]
     assert config.derp.urls == ["https://controlplane.tailscale.com/derpmap/default"]
     assert config.ephemeral_inactivity_timeout == timedelta(minutes=30)
     assert config.node_expiry == timedelta(0)
@@ -421,6 +467,7 @@ def test_shipped_example_config_loads(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- configtest
 
+
 def test_configtest_exit_codes(site: Site, capsys: pytest.CaptureFixture[str]) -> None:
     ok = run_cli(capsys, site, "configtest")
     assert ok.code == 0
@@ -432,7 +479,9 @@ def test_configtest_exit_codes(site: Site, capsys: pytest.CaptureFixture[str]) -
     assert bad.out == ""
 
 
-def test_configtest_prints_warnings_and_passes(site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+def test_configtest_prints_warnings_and_passes(
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
     site.config_path.write_text(site.config_path.read_text() + "listen_adr: 1\n")
     res = run_cli(capsys, site, "configtest")
     assert res.code == 0

@@ -19,7 +19,9 @@ def init(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]
     return code, out, err
 
 
-def test_init_writes_config_and_private_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_init_writes_config_and_private_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     d = tmp_path / "data"
     code, out, _ = init(capsys, "--data-dir", str(d))
     assert code == 0
@@ -45,14 +47,18 @@ def test_init_never_overwrites(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert {"config.yaml", "noise_private.key"} <= set(before)
     code, out, _ = init(capsys, "--data-dir", str(d), "--server-url", "https://other.example.net")
     assert code == 0
-    assert {p.relative_to(d).as_posix(): p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+    assert {
+        p.relative_to(d).as_posix(): p.read_bytes() for p in d.rglob("*") if p.is_file()
+    } == before
     assert f"{config}: exists, left as it is" in out
     assert f"{key}: exists, left as it is" in out
     assert "written" not in out
     assert "generated" not in out
 
 
-def test_written_config_passes_configtest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_written_config_passes_configtest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     d = tmp_path / "data"
     assert init(capsys, "--data-dir", str(d), "--server-url", "https://hs.example.net")[0] == 0
     capsys.readouterr()
@@ -77,7 +83,7 @@ def test_init_refuses_a_bad_server_url(tmp_path: Path, capsys: pytest.CaptureFix
 def test_existing_headscale_key_is_kept(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     d = tmp_path / "data"
     d.mkdir()
-    headscale_key = "privkey:" + "ab" * 32 + "\n"   # headscale writes it with a newline
+    headscale_key = "privkey:" + "ab" * 32 + "\n"  # headscale writes it with a newline
     (d / "noise_private.key").write_text(headscale_key)
     assert init(capsys, "--data-dir", str(d))[0] == 0
     assert (d / "noise_private.key").read_text() == headscale_key

@@ -83,27 +83,35 @@ async def test_keep_alive_serves_several_requests(site: Site, server: Server) ->
 
 
 async def test_pipelined_requests(site: Site, server: Server) -> None:
-    out = await raw_exchange(site, b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n"
-                                   b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    out = await raw_exchange(
+        site,
+        b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
     assert out.count(b"HTTP/1.1 200 ") == 2
     assert b'"databaseConnectivity": true' in out
 
 
-@pytest.mark.parametrize("garbage", [
-    b"\x00\x01\x02 garbage \xff\r\n\r\n",
-    b"GET /health HTTP/1.1\r\n\r\n",  # HTTP/1.1 without Host
-    b"GET /health HTTP/1.1\r\nHost: x\r\nbad header line\r\n\r\n",
-    b"POST /api/v1/user HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
-])
-async def test_malformed_http_gets_400_and_server_keeps_serving(site: Site, server: Server,
-                                                                garbage: bytes) -> None:
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x00\x01\x02 garbage \xff\r\n\r\n",
+        b"GET /health HTTP/1.1\r\n\r\n",  # HTTP/1.1 without Host
+        b"GET /health HTTP/1.1\r\nHost: x\r\nbad header line\r\n\r\n",
+        b"POST /api/v1/user HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+    ],
+)
+async def test_malformed_http_gets_400_and_server_keeps_serving(
+    site: Site, server: Server, garbage: bytes
+) -> None:
     out = await raw_exchange(site, garbage)
     assert out.startswith(b"HTTP/1.1 400 "), out
     assert (await get(site, "/health")).status_code == 200
 
 
-async def test_head_that_stalls_is_dropped(site: Site, server: Server,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_head_that_stalls_is_dropped(
+    site: Site, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(httpserver, "HEAD_TIMEOUT", 0.5)
     with trio.fail_after(CALL_TIMEOUT):
         stream = await trio.open_tcp_stream("127.0.0.1", site.port)
@@ -114,22 +122,31 @@ async def test_head_that_stalls_is_dropped(site: Site, server: Server,
     assert (await get(site, "/health")).status_code == 200
 
 
-async def test_body_that_stalls_is_dropped(site: Site, server: Server,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_body_that_stalls_is_dropped(
+    site: Site, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(httpserver, "HEAD_TIMEOUT", 0.5)
     with trio.fail_after(CALL_TIMEOUT):
         stream = await trio.open_tcp_stream("127.0.0.1", site.port)
         async with stream:
-            await stream.send_all(b"POST /api/v1/user HTTP/1.1\r\nHost: x\r\n"
-                                  b"Content-Length: 100\r\n\r\n{\"na")
+            await stream.send_all(
+                b'POST /api/v1/user HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"na'
+            )
             assert await stream.receive_some(65536) == b""
 
 
-async def test_too_large_body_413(site: Site, server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_too_large_body_413(
+    site: Site, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(httpserver, "MAX_BODY", 1000)
     body = b"x" * 5000
-    out = await raw_exchange(site, b"POST /api/v1/user HTTP/1.1\r\nHost: x\r\nContent-Length: "
-                             + str(len(body)).encode() + b"\r\n\r\n" + body)
+    out = await raw_exchange(
+        site,
+        b"POST /api/v1/user HTTP/1.1\r\nHost: x\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body,
+    )
     assert out.startswith(b"HTTP/1.1 413 "), out
 
 
@@ -155,6 +172,8 @@ async def test_metrics_in_prometheus_text(site: Site, server: Server) -> None:
     # every sample line is `name{labels} value`
     for line in lines:
         if not line.startswith("#"):
-            assert re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})? -?[0-9.e+-]+|NaN", line), line
+            assert re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})? -?[0-9.e+-]+|NaN", line), (
+                line
+            )
     # metrics are not served on the main listener
     assert (await get(site, "/metrics")).status_code == 404

@@ -41,7 +41,7 @@ def test_keys_are_never_stored_in_clear(admin: Admin) -> None:
     raw += db_bytes(admin.store.path)
     for full in (pak, api):
         prefix, secret = full.rsplit("-", 2)[1:]
-        assert prefix.encode() in raw          # the public part is what lists show
+        assert prefix.encode() in raw  # the public part is what lists show
         assert secret.encode() not in raw
         assert full.encode() not in raw
         assert secret[:16].encode() not in raw

@@ -41,7 +41,9 @@ class ServeProcess:
         with trio.fail_after(START_TIMEOUT):
             while text not in self.log:
                 if self.proc.returncode is not None:
-                    raise AssertionError(f"server exited {self.proc.returncode}:\n{self.log.decode()}")
+                    raise AssertionError(
+                        f"server exited {self.proc.returncode}:\n{self.log.decode()}"
+                    )
                 await self.changed.wait()
 
     async def wait(self) -> int:
@@ -51,8 +53,12 @@ class ServeProcess:
 
 async def start_serve(nursery: trio.Nursery, site: Site) -> ServeProcess:
     proc = await trio.lowlevel.open_process(
-        [*HOMESCALE, "-c", str(site.config_path), "serve"], stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
+        [*HOMESCALE, "-c", str(site.config_path), "serve"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
     sp = ServeProcess(proc)
     nursery.start_soon(sp.collect)
     return sp
@@ -61,16 +67,19 @@ async def start_serve(nursery: trio.Nursery, site: Site) -> ServeProcess:
 def integrity(db: Path) -> tuple[str, int, list[str]]:
     conn = sqlite3.connect(db)
     try:
-        return (conn.execute("PRAGMA integrity_check").fetchone()[0],
-                conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0],
-                [r[0] for r in conn.execute("SELECT name FROM users ORDER BY id")])
+        return (
+            conn.execute("PRAGMA integrity_check").fetchone()[0],
+            conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0],
+            [r[0] for r in conn.execute("SELECT name FROM users ORDER BY id")],
+        )
     finally:
         conn.close()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-async def test_signal_stops_cleanly(site: Site, capsys: pytest.CaptureFixture[str],
-                                    signum: signal.Signals) -> None:
+async def test_signal_stops_cleanly(
+    site: Site, capsys: pytest.CaptureFixture[str], signum: signal.Signals
+) -> None:
     async with trio.open_nursery() as nursery:
         sp = await start_serve(nursery, site)
         try:
@@ -97,8 +106,9 @@ async def test_signal_stops_cleanly(site: Site, capsys: pytest.CaptureFixture[st
     assert [u["name"] for u in res.json()] == ["alice"]
 
 
-async def run_second_server(site: Site, capsys: pytest.CaptureFixture[str],
-                            check_first: bool) -> None:
+async def run_second_server(
+    site: Site, capsys: pytest.CaptureFixture[str], check_first: bool
+) -> None:
     async with trio.open_nursery() as nursery:
         first = await start_serve(nursery, site)
         second = None
@@ -125,11 +135,13 @@ async def run_second_server(site: Site, capsys: pytest.CaptureFixture[str],
                     await sp.proc.wait()
 
 
-async def test_second_server_on_the_same_socket_refuses(site: Site,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+async def test_second_server_on_the_same_socket_refuses(
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
     await run_second_server(site, capsys, check_first=False)
 
 
 async def test_refused_second_server_leaves_the_first_alone(
-        site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
     await run_second_server(site, capsys, check_first=True)

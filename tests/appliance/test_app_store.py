@@ -47,8 +47,14 @@ def seeded(db_path: Path) -> None:
     """A current-version database with a user and a node in it, closed."""
     s = Store(db_path)
     u = s.create_user("alice")
-    s.create_node(machine_key="mkey:" + "1" * 64, node_key="nodekey:" + "2" * 64,
-                  given_name="laptop", hostname="laptop", user_id=u.id, ipv4="100.64.0.1")
+    s.create_node(
+        machine_key="mkey:" + "1" * 64,
+        node_key="nodekey:" + "2" * 64,
+        given_name="laptop",
+        hostname="laptop",
+        user_id=u.id,
+        ipv4="100.64.0.1",
+    )
     s.close()
 
 
@@ -56,8 +62,14 @@ def test_fresh_database_has_the_current_schema(db_path: Path) -> None:
     s = Store(db_path)
     try:
         assert s.schema_version() == SCHEMA_VERSION
-        assert {"users", "nodes", "pre_auth_keys", "api_keys", "policies",
-                "schema_migrations"} <= set(s.db.table_names())
+        assert {
+            "users",
+            "nodes",
+            "pre_auth_keys",
+            "api_keys",
+            "policies",
+            "schema_migrations",
+        } <= set(s.db.table_names())
         assert s.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert s.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     finally:
@@ -81,11 +93,15 @@ def _add_note_column(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE users ADD COLUMN note TEXT NOT NULL DEFAULT 'migrated'")
 
 
-def test_upgrade_applies_the_new_migration_with_a_backup(db_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_upgrade_applies_the_new_migration_with_a_backup(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     seeded(db_path)
-    monkeypatch.setattr(store_mod, "MIGRATIONS",
-                        [*store_mod.MIGRATIONS, (SCHEMA_VERSION + 1, "user notes", _add_note_column)])
+    monkeypatch.setattr(
+        store_mod,
+        "MIGRATIONS",
+        [*store_mod.MIGRATIONS, (SCHEMA_VERSION + 1, "user notes", _add_note_column)],
+    )
     monkeypatch.setattr(store_mod, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
     s = Store(db_path)
     try:
@@ -105,8 +121,11 @@ def test_upgrade_applies_the_new_migration_with_a_backup(db_path: Path,
 def test_newer_database_is_refused_and_left_untouched(db_path: Path) -> None:
     seeded(db_path)
     conn = sqlite3.connect(db_path)
-    conn.execute("INSERT INTO schema_migrations (version, name, applied_at) "
-                 "VALUES (?, 'from the future', '2030-01-01T00:00:00Z')", [SCHEMA_VERSION + 5])
+    conn.execute(
+        "INSERT INTO schema_migrations (version, name, applied_at) "
+        "VALUES (?, 'from the future', '2030-01-01T00:00:00Z')",
+        [SCHEMA_VERSION + 5],
+    )
     conn.commit()
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
@@ -137,11 +156,13 @@ def _bad_python(db: sqlite_utils.Database) -> None:
 
 
 @pytest.mark.parametrize("migration", [_bad_sql, _bad_python])
-def test_failing_migration_keeps_data_and_version(db_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                  migration) -> None:
+def test_failing_migration_keeps_data_and_version(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch, migration
+) -> None:
     seeded(db_path)
-    monkeypatch.setattr(store_mod, "MIGRATIONS",
-                        [*store_mod.MIGRATIONS, (SCHEMA_VERSION + 1, "broken", migration)])
+    monkeypatch.setattr(
+        store_mod, "MIGRATIONS", [*store_mod.MIGRATIONS, (SCHEMA_VERSION + 1, "broken", migration)]
+    )
     monkeypatch.setattr(store_mod, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
     with pytest.raises(MigrationError) as info:
         Store(db_path)

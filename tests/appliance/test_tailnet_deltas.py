@@ -35,8 +35,18 @@ def three() -> Tailnet:
 def test_first_map_is_complete() -> None:
     tn = three()
     h, first = connect(tn, 1)
-    for key in ("Node", "Peers", "PacketFilter", "DERPMap", "DNSConfig", "UserProfiles",
-                "Domain", "CollectServices", "Debug", "ControlTime"):
+    for key in (
+        "Node",
+        "Peers",
+        "PacketFilter",
+        "DERPMap",
+        "DNSConfig",
+        "UserProfiles",
+        "Domain",
+        "CollectServices",
+        "Debug",
+        "ControlTime",
+    ):
         assert key in first, key
     assert first["Node"]["ID"] == 1
     assert first["Node"]["Name"] == f"node1.{BASE_DOMAIN}."
@@ -89,11 +99,14 @@ def test_changes_before_the_session_composes_coalesce() -> None:
     assert compose(tn, h1) is None
 
 
-@pytest.mark.parametrize(("field", "value", "check"), [
-    ("given_name", "renamed", lambda n: n["Name"] == f"renamed.{BASE_DOMAIN}."),
-    ("tags", ["tag:web"], lambda n: n["Tags"] == ["tag:web"] and n["User"] == TAGGED_USER_ID),
-    ("ipv4", "100.64.9.9", lambda n: "100.64.9.9/32" in n["Addresses"]),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "check"),
+    [
+        ("given_name", "renamed", lambda n: n["Name"] == f"renamed.{BASE_DOMAIN}."),
+        ("tags", ["tag:web"], lambda n: n["Tags"] == ["tag:web"] and n["User"] == TAGGED_USER_ID),
+        ("ipv4", "100.64.9.9", lambda n: "100.64.9.9/32" in n["Addresses"]),
+    ],
+)
 def test_non_patchable_change_sends_the_full_node(field: str, value: Any, check: Any) -> None:
     tn = three()
     h1, _ = connect(tn, 1)
@@ -116,8 +129,9 @@ def test_online_and_offline_are_patches() -> None:
     tn.set_online(2, False, LATER)
     msg = compose(tn, h1)
     assert msg is not None
-    assert msg["PeersChangedPatch"] == [{"NodeID": 2, "Online": False,
-                                         "LastSeen": "2024-05-01T12:30:00Z"}]
+    assert msg["PeersChangedPatch"] == [
+        {"NodeID": 2, "Online": False, "LastSeen": "2024-05-01T12:30:00Z"}
+    ]
 
 
 def test_nothing_changed_sends_nothing() -> None:
@@ -269,8 +283,6 @@ def test_first_map_when_alone_has_node_and_no_peers() -> None:
     assert not first.get("Peers")
 
 
-
-
 def test_dns_config_in_the_first_map() -> None:
     _, first = connect(three(), 1)
     dns = first["DNSConfig"]
@@ -282,9 +294,12 @@ def test_dns_config_in_the_first_map() -> None:
 
 
 def test_dns_without_override_uses_fallback_resolvers() -> None:
-    config = make_config(override_local_dns=False, nameservers_global=["9.9.9.9"],
-                         nameservers_split={"corp.example": ["10.0.0.53"]},
-                         extra_records=[{"name": "db.corp.example", "type": "A", "value": "100.64.0.9"}])
+    config = make_config(
+        override_local_dns=False,
+        nameservers_global=["9.9.9.9"],
+        nameservers_split={"corp.example": ["10.0.0.53"]},
+        extra_records=[{"name": "db.corp.example", "type": "A", "value": "100.64.0.9"}],
+    )
     tn = make_tailnet(USERS, [node(1), node(2)], config=config)
     _, first = connect(tn, 1)
     dns = first["DNSConfig"]
@@ -353,11 +368,14 @@ def test_auto_approved_route_makes_the_router_reachable() -> None:
 def two_routers_and_a_client() -> Tailnet:
     """Nodes 1 and 2 both serve 10.1.0.0/16 (approved); node 3 of another user uses it."""
     routes = {"RoutableIPs": ["10.1.0.0/16"]}
-    return make_tailnet(USERS, [node(1, hostinfo={**node(1).hostinfo, **routes},
-                                     approved_routes=["10.1.0.0/16"]),
-                                node(2, hostinfo={**node(2).hostinfo, **routes},
-                                     approved_routes=["10.1.0.0/16"]),
-                                node(3, user_id=2)])
+    return make_tailnet(
+        USERS,
+        [
+            node(1, hostinfo={**node(1).hostinfo, **routes}, approved_routes=["10.1.0.0/16"]),
+            node(2, hostinfo={**node(2).hostinfo, **routes}, approved_routes=["10.1.0.0/16"]),
+            node(3, user_id=2),
+        ],
+    )
 
 
 def test_a_subnet_served_by_two_routers_is_primary_on_one() -> None:

@@ -31,21 +31,25 @@ POLICY = """{
 # The same plus: carol's nodes may reach B on 443.
 POLICY_OPEN = POLICY.replace(
     '"dst": ["carol@:*"]}',
-    '"dst": ["carol@:*"]},\n    {"action": "accept", "src": ["carol@"], "dst": ["tag:web:443"]}')
+    '"dst": ["carol@:*"]},\n    {"action": "accept", "src": ["carol@"], "dst": ["tag:web:443"]}',
+)
 
 
 def setup() -> tuple[Tailnet, dict[int, SessionHandle]]:
-    tn = make_tailnet(USERS, [node(A), node(B, tags=["tag:web"]), node(C, user_id=2),
-                              node(D, user_id=2)], POLICY)
+    tn = make_tailnet(
+        USERS, [node(A), node(B, tags=["tag:web"]), node(C, user_id=2), node(D, user_id=2)], POLICY
+    )
     handles = {nid: connect(tn, nid)[0] for nid in (A, B, C, D)}
     return tn, handles
 
 
 def test_first_maps_follow_the_policy() -> None:
-    tn = make_tailnet(USERS, [node(A), node(B, tags=["tag:web"]), node(C, user_id=2),
-                              node(D, user_id=2)], POLICY)
-    peers = {nid: sorted(p["ID"] for p in connect(tn, nid)[1].get("Peers", []))
-             for nid in (A, B, C, D)}
+    tn = make_tailnet(
+        USERS, [node(A), node(B, tags=["tag:web"]), node(C, user_id=2), node(D, user_id=2)], POLICY
+    )
+    peers = {
+        nid: sorted(p["ID"] for p in connect(tn, nid)[1].get("Peers", [])) for nid in (A, B, C, D)
+    }
     assert peers == {A: [B], B: [A], C: [D], D: [C]}
 
 
@@ -129,8 +133,11 @@ def test_deleted_node_is_removed_only_where_it_was_seen() -> None:
 
 def test_ssh_policy_grant_and_revoke() -> None:
     tn, h = setup()
-    ssh = POLICY.replace('"acls"', '"ssh": [{"action": "accept", "src": ["alice@"], '
-                         '"dst": ["tag:web"], "users": ["root"]}],\n  "acls"')
+    ssh = POLICY.replace(
+        '"acls"',
+        '"ssh": [{"action": "accept", "src": ["alice@"], '
+        '"dst": ["tag:web"], "users": ["root"]}],\n  "acls"',
+    )
     tn.set_policy(ssh)
     msg_b = compose(tn, h[B])
     assert msg_b is not None

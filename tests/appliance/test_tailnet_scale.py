@@ -56,7 +56,9 @@ def test_endpoint_change_marks_only_the_nodes_that_see_it(monkeypatch: pytest.Mo
     for nid in woken - {changed}:
         msg = compose(tn, handles[nid])
         assert msg is not None
-        assert msg["PeersChangedPatch"] == [{"NodeID": changed, "Endpoints": ["198.51.100.45:41641"]}]
+        assert msg["PeersChangedPatch"] == [
+            {"NodeID": changed, "Endpoints": ["198.51.100.45:41641"]}
+        ]
 
 
 def test_online_change_marks_only_the_nodes_that_see_it() -> None:

@@ -48,10 +48,16 @@ def user(i: int, name: str, **kw: Any) -> UserRow:
 
 def node(i: int, user_id: int | None = 1, **kw: Any) -> NodeRow:
     values: dict[str, Any] = {
-        "id": i, "machine_key": f"mkey:{i:064x}", "node_key": f"nodekey:{i:064x}",
-        "given_name": f"node{i}", "hostname": f"node{i}", "disco_key": f"discokey:{i:064x}",
-        "endpoints": [f"192.0.2.{i % 250}:41641"], "user_id": user_id,
-        "ipv4": f"100.64.{i // 250}.{i % 250 + 1}", "ipv6": f"fd7a:115c:a1e0::{i:x}",
+        "id": i,
+        "machine_key": f"mkey:{i:064x}",
+        "node_key": f"nodekey:{i:064x}",
+        "given_name": f"node{i}",
+        "hostname": f"node{i}",
+        "disco_key": f"discokey:{i:064x}",
+        "endpoints": [f"192.0.2.{i % 250}:41641"],
+        "user_id": user_id,
+        "ipv4": f"100.64.{i // 250}.{i % 250 + 1}",
+        "ipv6": f"fd7a:115c:a1e0::{i:x}",
         "created_at": NOW,
         "hostinfo": {"Hostname": f"node{i}", "OS": "linux", "NetInfo": {"PreferredDERP": 999}},
     }
@@ -59,12 +65,26 @@ def node(i: int, user_id: int | None = 1, **kw: Any) -> NodeRow:
     return NodeRow(**values)
 
 
-def make_tailnet(users: list[UserRow], nodes: list[NodeRow], policy: str | None = None,
-                 config: Config | None = None) -> Tailnet:
+def make_tailnet(
+    users: list[UserRow],
+    nodes: list[NodeRow],
+    policy: str | None = None,
+    config: Config | None = None,
+) -> Tailnet:
     tn = Tailnet(config=config or base_config(), log=logging.getLogger("test.tailnet"))
     tn.load(users, nodes, policy)
-    tn.set_derp_map({"Regions": {"999": {"RegionID": 999, "RegionCode": "homescale",
-                                         "RegionName": "homescale", "Nodes": []}}})
+    tn.set_derp_map(
+        {
+            "Regions": {
+                "999": {
+                    "RegionID": 999,
+                    "RegionCode": "homescale",
+                    "RegionName": "homescale",
+                    "Nodes": [],
+                }
+            }
+        }
+    )
     return tn
 
 

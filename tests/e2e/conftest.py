@@ -57,13 +57,25 @@ class Tailnet:
     reusable_key: str
     clients: list[realclient.TsnetClient] = field(default_factory=list)
 
-    def client(self, name: str, *, auth_key: str | None = None, ephemeral: bool = False,
-               always_derp: bool = False, start: bool = True) -> realclient.TsnetClient:
+    def client(
+        self,
+        name: str,
+        *,
+        auth_key: str | None = None,
+        ephemeral: bool = False,
+        always_derp: bool = False,
+        start: bool = True,
+    ) -> realclient.TsnetClient:
         """A tsnet node in its own caddy process, stopped at the end of the session."""
         env = {"TS_DEBUG_ALWAYS_USE_DERP": "true"} if always_derp else {}
-        c = realclient.TsnetClient(self.dir, name, self.server.url,
-                                   auth_key=self.reusable_key if auth_key is None else auth_key,
-                                   ephemeral=ephemeral, extra_env=env)
+        c = realclient.TsnetClient(
+            self.dir,
+            name,
+            self.server.url,
+            auth_key=self.reusable_key if auth_key is None else auth_key,
+            ephemeral=ephemeral,
+            extra_env=env,
+        )
         self.clients.append(c)
         if start:
             c.start()
@@ -112,8 +124,9 @@ def node_by_name(nodes: list[dict[str, Any]], name: str) -> dict[str, Any] | Non
     return next((n for n in nodes if n.get("givenName") == name), None)
 
 
-def wait_nodes_sync(server: realclient.HomescaleServer, names: list[str], *, timeout: float,
-                    online: bool = True) -> list[dict[str, Any]]:
+def wait_nodes_sync(
+    server: realclient.HomescaleServer, names: list[str], *, timeout: float, online: bool = True
+) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     nodes: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
@@ -125,10 +138,12 @@ def wait_nodes_sync(server: realclient.HomescaleServer, names: list[str], *, tim
     pytest.fail(f"nodes {names} not online={online} within {timeout} s: {json.dumps(nodes)[:2000]}")
 
 
-async def wait_nodes(server: realclient.HomescaleServer, names: list[str], *, timeout: float,
-                     online: bool = True) -> list[dict[str, Any]]:
+async def wait_nodes(
+    server: realclient.HomescaleServer, names: list[str], *, timeout: float, online: bool = True
+) -> list[dict[str, Any]]:
     return await trio.to_thread.run_sync(
-        lambda: wait_nodes_sync(server, names, timeout=timeout, online=online))
+        lambda: wait_nodes_sync(server, names, timeout=timeout, online=online)
+    )
 
 
 def _pair(tn: Tailnet, a: str, b: str, *, always_derp: bool) -> Pair:
@@ -138,12 +153,19 @@ def _pair(tn: Tailnet, a: str, b: str, *, always_derp: bool) -> Pair:
     nodes = wait_nodes_sync(tn.server, [a, b], timeout=ONLINE_WITHIN + 15)
     online_after = time.monotonic() - t0
     for c in (ca, cb):
-        c.log.wait_for_sync(realclient.msg_has("Switching ipn state", "-> Running"),
-                            timeout=RUNNING_WITHIN, what=f"{c.name} Running")
+        c.log.wait_for_sync(
+            realclient.msg_has("Switching ipn state", "-> Running"),
+            timeout=RUNNING_WITHIN,
+            what=f"{c.name} Running",
+        )
     found = {n: node_by_name(nodes, n) for n in (a, b)}
-    return Pair(ca, cb, ids={n: str(f["id"]) for n, f in found.items() if f},
-                ipv4={n: f["ipAddresses"][0] for n, f in found.items() if f},
-                online_after=online_after)
+    return Pair(
+        ca,
+        cb,
+        ids={n: str(f["id"]) for n, f in found.items() if f},
+        ipv4={n: f["ipAddresses"][0] for n, f in found.items() if f},
+        online_after=online_after,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -152,8 +174,7 @@ def pair(tailnet: Tailnet) -> Pair:
     return _pair(tailnet, "nodea", "nodeb", always_derp=False)
 
 
-async def fetch_until(via: realclient.TsnetClient, target: str, *, timeout: float = 30.0
-                      ) -> bytes:
+async def fetch_until(via: realclient.TsnetClient, target: str, *, timeout: float = 30.0) -> bytes:
     """GET / from ``target`` through ``via``, retrying until a 200 (paths take a moment)."""
     last: object = None
     with trio.move_on_after(timeout):
@@ -166,8 +187,10 @@ async def fetch_until(via: realclient.TsnetClient, target: str, *, timeout: floa
             except (OSError, trio.TooSlowError) as e:
                 last = e
             await trio.sleep(0.5)
-    pytest.fail(f"no page from {target} through {via.name} within {timeout} s (last: {last!r}); "
-                f"{via.name} log:\n{via.log.tail(30)}")
+    pytest.fail(
+        f"no page from {target} through {via.name} within {timeout} s (last: {last!r}); "
+        f"{via.name} log:\n{via.log.tail(30)}"
+    )
 
 
 # --- our own ts2021 peer ------------------------------------------------------------
@@ -176,7 +199,9 @@ async def fetch_until(via: realclient.TsnetClient, target: str, *, timeout: floa
 async def server_public_key(server: realclient.HomescaleServer) -> MachinePublic:
     stream = await trio.open_tcp_stream("127.0.0.1", server.port)
     async with stream:
-        await stream.send_all(b"GET /key?v=130 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        await stream.send_all(
+            b"GET /key?v=130 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
         data = b""
         while chunk := await stream.receive_some(65536):
             data += chunk
@@ -203,10 +228,16 @@ class ControlPeer:
         return await self.client.request("POST", path, body)
 
     async def register(self, auth_key: str) -> dict[str, Any]:
-        status, body = await self.post("/machine/register", {
-            "Version": 130, "NodeKey": self.node_key, "OldNodeKey": "nodekey:" + "0" * 64,
-            "Auth": {"AuthKey": auth_key}, "Hostinfo": self.hostinfo(),
-        })
+        status, body = await self.post(
+            "/machine/register",
+            {
+                "Version": 130,
+                "NodeKey": self.node_key,
+                "OldNodeKey": "nodekey:" + "0" * 64,
+                "Auth": {"AuthKey": auth_key},
+                "Hostinfo": self.hostinfo(),
+            },
+        )
         assert status == 200, body
         out: dict[str, Any] = json.loads(body)
         return out
@@ -214,22 +245,34 @@ class ControlPeer:
     def hostinfo(self, **extra: Any) -> dict[str, Any]:
         return {"Hostname": self.hostname, "OS": "linux", "IPNVersion": "1.90.9-test", **extra}
 
-    def map_request(self, *, stream: bool, omit_peers: bool = False, **extra: Any) -> dict[str, Any]:
-        return {"Version": 130, "Compress": "zstd", "KeepAlive": True, "NodeKey": self.node_key,
-                "DiscoKey": str(self.disco.disco_public()), "Stream": stream,
-                "OmitPeers": omit_peers, "Hostinfo": self.hostinfo(), **extra}
+    def map_request(
+        self, *, stream: bool, omit_peers: bool = False, **extra: Any
+    ) -> dict[str, Any]:
+        return {
+            "Version": 130,
+            "Compress": "zstd",
+            "KeepAlive": True,
+            "NodeKey": self.node_key,
+            "DiscoKey": str(self.disco.disco_public()),
+            "Stream": stream,
+            "OmitPeers": omit_peers,
+            "Hostinfo": self.hostinfo(),
+            **extra,
+        }
 
     async def open_stream(self, **extra: Any) -> MapStream:
-        st = await self.client.open("POST", "/machine/map",
-                                    json.dumps(self.map_request(stream=True, **extra)).encode())
+        st = await self.client.open(
+            "POST", "/machine/map", json.dumps(self.map_request(stream=True, **extra)).encode()
+        )
         with trio.fail_after(10):
             await st.headers_ready.wait()
         assert st.status == 200, st.status
         return MapStream(self, st)
 
     async def lite_update(self, **extra: Any) -> None:
-        status, body = await self.post("/machine/map",
-                                       self.map_request(stream=False, omit_peers=True, **extra))
+        status, body = await self.post(
+            "/machine/map", self.map_request(stream=False, omit_peers=True, **extra)
+        )
         assert status == 200, body
 
 
@@ -239,8 +282,9 @@ class MapStream:
     st: ts2021client.ClientStream
     decoder: MapFrameDecoder = field(default_factory=MapFrameDecoder)
 
-    async def next(self, *, timeout: float = 10.0, skip_keepalive: bool = True
-                   ) -> tuple[int, dict[str, Any]]:
+    async def next(
+        self, *, timeout: float = 10.0, skip_keepalive: bool = True
+    ) -> tuple[int, dict[str, Any]]:
         """The next message as (JSON size in bytes, decoded object)."""
         with trio.fail_after(timeout):
             while True:
@@ -256,8 +300,13 @@ class MapStream:
                 self.decoder.receive_data(chunk)
 
 
-async def connect_peer(server: realclient.HomescaleServer, nursery: trio.Nursery, hostname: str,
-                       *, machine: PrivateKey | None = None) -> ControlPeer:
+async def connect_peer(
+    server: realclient.HomescaleServer,
+    nursery: trio.Nursery,
+    hostname: str,
+    *,
+    machine: PrivateKey | None = None,
+) -> ControlPeer:
     """A ts2021 connection to the real server (plain TCP, as the Go client's http:// dial)."""
     key = await server_public_key(server)
     raw = await trio.open_tcp_stream("127.0.0.1", server.port)

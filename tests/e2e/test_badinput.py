@@ -24,12 +24,15 @@ STABLE = ("id", "machineKey", "nodeKey", "discoKey", "givenName", "ipAddresses",
 
 def stored(nodes: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     """What a node's record holds, without what merely moves (online, last seen)."""
-    return sorted((*(json.dumps(n.get(k), sort_keys=True) for k in STABLE),
-                   (n.get("user") or {}).get("name")) for n in nodes)
+    return sorted(
+        (*(json.dumps(n.get(k), sort_keys=True) for k in STABLE), (n.get("user") or {}).get("name"))
+        for n in nodes
+    )
 
 
-async def raw_exchange(server: realclient.HomescaleServer, data: bytes, *, timeout: float = 10
-                       ) -> bytes:
+async def raw_exchange(
+    server: realclient.HomescaleServer, data: bytes, *, timeout: float = 10
+) -> bytes:
     """Send ``data`` on a fresh connection; everything the server answers until it closes."""
     out = b""
     with trio.fail_after(timeout):
@@ -45,13 +48,17 @@ async def raw_exchange(server: realclient.HomescaleServer, data: bytes, *, timeo
 
 
 def upgrade_request(handshake_b64: str) -> bytes:
-    return ("POST /ts2021 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: tailscale-control-protocol\r\n"
-            f"Connection: upgrade\r\nContent-Length: 0\r\nX-Tailscale-Handshake: {handshake_b64}"
-            "\r\n\r\n").encode()
+    return (
+        "POST /ts2021 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: tailscale-control-protocol\r\n"
+        f"Connection: upgrade\r\nContent-Length: 0\r\nX-Tailscale-Handshake: {handshake_b64}"
+        "\r\n\r\n"
+    ).encode()
 
 
 async def health_ok(server: realclient.HomescaleServer) -> bool:
-    reply = await raw_exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    reply = await raw_exchange(
+        server, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
     return reply.startswith(b"HTTP/1.1 200")
 
 
@@ -86,8 +93,12 @@ async def test_bad_input_is_refused_and_changes_nothing(tailnet: Tailnet, pair: 
                     pass  # the server must hang up
             except trio.BrokenResourceError:
                 pass
-    await server.log.wait_for(msg_has("ts2021", "exceeds 4096"), since=since, timeout=5,
-                              what="the oversized record refused")
+    await server.log.wait_for(
+        msg_has("ts2021", "exceeds 4096"),
+        since=since,
+        timeout=5,
+        what="the oversized record refused",
+    )
 
     async with trio.open_nursery() as nursery:
         intruder = await connect_peer(server, nursery, "intruder", machine=PrivateKey.generate())
@@ -99,19 +110,28 @@ async def test_bad_input_is_refused_and_changes_nothing(tailnet: Tailnet, pair: 
             status, body = await intruder.post("/machine/map", req)
             assert status == 403, (status, body)
             assert b"another machine" in body
-            await server.log.wait_for(msg_has("/machine/map", "refused", "another machine"),
-                                      since=since, timeout=5)
-            status, body = await intruder.post("/machine/register", {
-                "Version": 130, "NodeKey": victim["nodeKey"], "Auth": {"AuthKey": tailnet.reusable_key},
-                "Hostinfo": intruder.hostinfo()})
+            await server.log.wait_for(
+                msg_has("/machine/map", "refused", "another machine"), since=since, timeout=5
+            )
+            status, body = await intruder.post(
+                "/machine/register",
+                {
+                    "Version": 130,
+                    "NodeKey": victim["nodeKey"],
+                    "Auth": {"AuthKey": tailnet.reusable_key},
+                    "Hostinfo": intruder.hostinfo(),
+                },
+            )
             assert status == 403, (status, body)
 
             # 5. Malformed JSON and JSON of the wrong shape, on both endpoints.
             since = server.log.mark()
-            for path, body_in in [("/machine/register", b"{not json"),
-                                  ("/machine/map", b"\xff\xfe garbage"),
-                                  ("/machine/register", b"[1, 2, 3]"),
-                                  ("/machine/map", b'{"NodeKey": "nodekey:zz", "Version": "x"}')]:
+            for path, body_in in [
+                ("/machine/register", b"{not json"),
+                ("/machine/map", b"\xff\xfe garbage"),
+                ("/machine/register", b"[1, 2, 3]"),
+                ("/machine/map", b'{"NodeKey": "nodekey:zz", "Version": "x"}'),
+            ]:
                 status, body = await intruder.post(path, body_in)
                 assert status == 400, (path, body_in, status, body)
                 assert b"malformed" in body

@@ -23,8 +23,9 @@ pytestmark = [pytest.mark.realclient]
 SMALL = 600
 
 
-async def next_about(stream: MapStream, node_id: int, *, timeout: float = 10.0
-                     ) -> tuple[int, dict[str, Any]]:
+async def next_about(
+    stream: MapStream, node_id: int, *, timeout: float = 10.0
+) -> tuple[int, dict[str, Any]]:
     """The next message that mentions ``node_id`` (others' changes may interleave);
     every message on the way must be a delta too."""
     with trio.fail_after(timeout):
@@ -60,8 +61,11 @@ async def test_endpoint_and_hostinfo_changes_are_small_deltas(tailnet: Tailnet, 
 
         # 1. Endpoints + home DERP change: a PeersChangedPatch for that node only.
         since = server.log.mark()
-        await mover.lite_update(Endpoints=["192.0.2.11:41641"], EndpointTypes=[2],
-                                Hostinfo=mover.hostinfo(NetInfo={"PreferredDERP": 999}))
+        await mover.lite_update(
+            Endpoints=["192.0.2.11:41641"],
+            EndpointTypes=[2],
+            Hostinfo=mover.hostinfo(NetInfo={"PreferredDERP": 999}),
+        )
         size, msg = await next_about(stream, mover_id)
         assert size < SMALL, f"{size} bytes (first map {first_size}): {msg}"
         assert size * 3 < first_size
@@ -74,19 +78,26 @@ async def test_endpoint_and_hostinfo_changes_are_small_deltas(tailnet: Tailnet, 
         # The real client's stream got the same small patch (server debug log).
         a_id = pair.ids["nodea"]
         line = await server.log.wait_for(
-            lambda ln: f"node {a_id} <- " in str(ln.get("msg", ""))
-            and '"PeersChangedPatch"' in str(ln.get("msg", ""))
-            and f'"NodeID":{mover_id}' in str(ln.get("msg", "")),
-            since=since, timeout=10, what="the patch sent to nodea")
+            lambda ln: (
+                f"node {a_id} <- " in str(ln.get("msg", ""))
+                and '"PeersChangedPatch"' in str(ln.get("msg", ""))
+                and f'"NodeID":{mover_id}' in str(ln.get("msg", ""))
+            ),
+            since=since,
+            timeout=10,
+            what="the patch sent to nodea",
+        )
         sent = json.loads(str(line["msg"]).split(" bytes: ", 1)[1])
         assert "Peers" not in sent
         assert "Node" not in sent
         assert [p["NodeID"] for p in sent["PeersChangedPatch"]] == [mover_id]
 
         # 2. A Hostinfo change that no patch field carries: PeersChanged with that node only.
-        await mover.lite_update(Endpoints=["192.0.2.11:41641"], EndpointTypes=[2],
-                                Hostinfo=mover.hostinfo(NetInfo={"PreferredDERP": 999},
-                                                        OSVersion="delta-test-2"))
+        await mover.lite_update(
+            Endpoints=["192.0.2.11:41641"],
+            EndpointTypes=[2],
+            Hostinfo=mover.hostinfo(NetInfo={"PreferredDERP": 999}, OSVersion="delta-test-2"),
+        )
         size, msg = await next_about(stream, mover_id)
         assert set(msg) <= {"PeersChangedPatch", "PeersChanged", "ControlTime"}, msg
         changed = msg.get("PeersChanged") or []

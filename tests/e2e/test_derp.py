@@ -42,8 +42,9 @@ def derp_pair(tailnet: Tailnet) -> Iterator[Pair]:
         p.b.stop()
 
 
-async def derp_connect(server: realclient.HomescaleServer, private: bytes, **kw: object
-                       ) -> DerpClient:
+async def derp_connect(
+    server: realclient.HomescaleServer, private: bytes, **kw: object
+) -> DerpClient:
     """A DERP client over TLS to the main listener (the certificate is self-signed; the
     real clients pin it, this test does not need to)."""
     ctx = ssl.create_default_context()
@@ -57,7 +58,8 @@ def disco_ping(sender_disco: PrivateKey, receiver_disco: bytes, sender_node: byt
     """A disco Ping (disco.go: type 1, version 0, TxID[12], NodeKey[32]), sealed."""
     payload = bytes([DISCO_PING, 0]) + os.urandom(12) + sender_node
     sealed = Box(NaclPrivateKey(sender_disco.raw), PublicKey(receiver_disco)).encrypt(
-        payload, os.urandom(24))  # nonce || box
+        payload, os.urandom(24)
+    )  # nonce || box
     return DISCO_MAGIC + sender_disco.disco_public().raw + bytes(sealed)
 
 
@@ -68,10 +70,14 @@ async def test_fetch_through_derp_relay(tailnet: Tailnet, derp_pair: Pair) -> No
     assert body == b"hello from derpa"
     after = await trio.to_thread.run_sync(server.metrics)
     # The WireGuard packets of that exchange went through our relay.
-    relayed = (after["homescale_derp_packets_sent_total"]
-               - before["homescale_derp_packets_sent_total"])
+    relayed = (
+        after["homescale_derp_packets_sent_total"] - before["homescale_derp_packets_sent_total"]
+    )
     assert relayed > 0, (before, after)
-    assert after["homescale_derp_packets_received_total"] > before["homescale_derp_packets_received_total"]
+    assert (
+        after["homescale_derp_packets_received_total"]
+        > before["homescale_derp_packets_received_total"]
+    )
     assert after["homescale_derp_current_connections"] >= 2
     for c in (derp_pair.a, derp_pair.b):
         # No direct path was possible, and the clients use our region (999) as home.
@@ -81,8 +87,11 @@ async def test_fetch_through_derp_relay(tailnet: Tailnet, derp_pair: Pair) -> No
 
 async def test_stun_answers_clients(tailnet: Tailnet, pair: Pair) -> None:
     # nodea may use UDP: its netcheck asks our STUN server for its address.
-    line = await pair.a.wait_for_log(msg_has("netcheck", "report: udp=true"), timeout=20,
-                                     what="a netcheck report with working UDP")
+    line = await pair.a.wait_for_log(
+        msg_has("netcheck", "report: udp=true"),
+        timeout=20,
+        what="a netcheck report with working UDP",
+    )
     assert "derp=999" in str(line["msg"])
     stats = await trio.to_thread.run_sync(tailnet.server.metrics)
     assert stats["homescale_stun_requests_total"] > 0
@@ -107,7 +116,9 @@ async def test_verify_clients_refuses_unknown_keys(tailnet: Tailnet) -> None:
     assert "verify_clients" in health[0].problem
     after = (await trio.to_thread.run_sync(server.metrics))["homescale_derp_refused_total"]
     assert after == before + 1
-    await server.log.wait_for(msg_has("derp:", "refused", stranger.node_public().raw.hex()[:16]), timeout=5)
+    await server.log.wait_for(
+        msg_has("derp:", "refused", stranger.node_public().raw.hex()[:16]), timeout=5
+    )
 
     # A registered node key is let in.
     async with trio.open_nursery() as nursery:
@@ -136,8 +147,9 @@ async def test_killed_node_is_reported_gone(tailnet: Tailnet, derp_pair: Pair) -
         with trio.fail_after(15):
             await watcher.register(tailnet.reusable_key)
             # Our disco key and home region reach derpa through the map stream.
-            await watcher.lite_update(Endpoints=[],
-                                      Hostinfo=watcher.hostinfo(NetInfo={"PreferredDERP": 999}))
+            await watcher.lite_update(
+                Endpoints=[], Hostinfo=watcher.hostinfo(NetInfo={"PreferredDERP": 999})
+            )
             dc = await derp_connect(server, watcher.node.raw)
         node_pub = watcher.node.node_public().raw
         with trio.fail_after(30):

@@ -42,9 +42,10 @@ from tests import realclient
 from tests.e2e.conftest import ControlPeer, MapStream, connect_peer, fetch_until, wait_nodes
 
 # Decided at collection (a pytest.skip inside the trio test run loses its reason).
-pytestmark = [pytest.mark.realclient,
-              pytest.mark.skipif(realclient.skip_reason() is not None,
-                                 reason=realclient.skip_reason() or "")]
+pytestmark = [
+    pytest.mark.realclient,
+    pytest.mark.skipif(realclient.skip_reason() is not None, reason=realclient.skip_reason() or ""),
+]
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "policy_e2e"
 GROUP_A_ONLY = FIXTURES / "group_a_only.hujson"
@@ -74,7 +75,9 @@ POLL_AND_SOME = 1.5
 # --- helpers ---------------------------------------------------------------------------
 
 
-def configure_policy(server: realclient.HomescaleServer, mode: str, path: Path | None = None) -> None:
+def configure_policy(
+    server: realclient.HomescaleServer, mode: str, path: Path | None = None
+) -> None:
     """Set policy.mode (and policy.path) in the config ``homescale init`` wrote."""
     text = server.config.read_text()
     old = '  mode: file\n  path: ""'
@@ -90,7 +93,9 @@ def write_atomically(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def sent_messages(server: realclient.HomescaleServer, node_id: str, since: int) -> list[dict[str, Any]]:
+def sent_messages(
+    server: realclient.HomescaleServer, node_id: str, since: int
+) -> list[dict[str, Any]]:
     """The map messages the server sent node ``node_id`` after log line ``since``."""
     # Plain-text lines: "<time> DEBUG homescale.control: node N <- B bytes: {json}".
     needle = f": node {node_id} <- "
@@ -104,6 +109,7 @@ def sent_messages(server: realclient.HomescaleServer, node_id: str, since: int) 
 
 def filter_allows(rules: list[dict[str, Any]], src: str, dst: str, port: int) -> bool:
     """Whether a PacketFilter lets ``src`` reach ``dst:port`` (prefixes may be merged)."""
+
     def within(addr: str, entries: list[str]) -> bool:
         ip = ipaddress.ip_address(addr)
         for e in entries:  # "*", a prefix, an address, or a range "first-last" (tailcfg)
@@ -116,11 +122,15 @@ def filter_allows(rules: list[dict[str, Any]], src: str, dst: str, port: int) ->
             elif ip in ipaddress.ip_network(e, strict=False):
                 return True
         return False
+
     return any(
-        within(src, rule["SrcIPs"]) and any(
+        within(src, rule["SrcIPs"])
+        and any(
             within(dst, [d["IP"]]) and d["Ports"]["First"] <= port <= d["Ports"]["Last"]
-            for d in rule["DstPorts"])
-        for rule in rules)
+            for d in rule["DstPorts"]
+        )
+        for rule in rules
+    )
 
 
 def peer_ids(msg: dict[str, Any], key: str) -> set[int]:
@@ -185,8 +195,11 @@ async def scenario(d: Path, mode: str) -> AsyncIterator[Scenario]:
             sc.ids[n["givenName"]] = str(n["id"])
             sc.ipv4[n["givenName"]] = n["ipAddresses"][0]
         for c in sc.clients.values():
-            await c.wait_for_log(realclient.msg_has("Switching ipn state", "-> Running"),
-                                 timeout=RUNNING_WITHIN, what=f"{c.name} Running")
+            await c.wait_for_log(
+                realclient.msg_has("Switching ipn state", "-> Running"),
+                timeout=RUNNING_WITHIN,
+                what=f"{c.name} Running",
+            )
         yield sc
     finally:
         for c in sc.clients.values():
@@ -197,7 +210,9 @@ async def scenario(d: Path, mode: str) -> AsyncIterator[Scenario]:
         server.stop()
 
 
-async def open_carol(sc: Scenario, nursery: trio.Nursery) -> tuple[ControlPeer, MapStream, dict[str, Any]]:
+async def open_carol(
+    sc: Scenario, nursery: trio.Nursery
+) -> tuple[ControlPeer, MapStream, dict[str, Any]]:
     """carol's node, registered over real ts2021; its first map."""
     carol = await connect_peer(sc.server, nursery, "carolpc")
     with trio.fail_after(20):
@@ -221,8 +236,9 @@ async def check_before_change(sc: Scenario, carol_first: dict[str, Any], since: 
     first = next((m for m in bob_msgs if "DERPMap" in m), None)
     assert first is not None, f"no first map sent to bobpc: {bob_msgs}"
     assert first.get("PacketFilter") == [], first.get("PacketFilter")
-    assert all(web_id not in peer_ids(m, "Peers") | peer_ids(m, "PeersChanged") for m in bob_msgs), \
-        f"bobpc was sent web as a peer: {bob_msgs}"
+    assert all(
+        web_id not in peer_ids(m, "Peers") | peer_ids(m, "PeersChanged") for m in bob_msgs
+    ), f"bobpc was sent web as a peer: {bob_msgs}"
     # And what bob's client holds: no peer at all (alice's: one, web).
     await wait_client_view(sc.clients["bobpc"], peers=0, why=f"bob denied ({how})")
     await wait_client_view(sc.clients["alicepc"], peers=1, why="alice allowed")
@@ -275,9 +291,16 @@ def netmap_diff_signs(client: realclient.TsnetClient, since: int) -> dict[str, s
     return signs
 
 
-async def wait_client_view(client: realclient.TsnetClient, *, peers: int, why: str,
-                           added: frozenset[str] = frozenset(), removed: frozenset[str] = frozenset(),
-                           since: int = 0, timeout: float = 5.0) -> None:
+async def wait_client_view(
+    client: realclient.TsnetClient,
+    *,
+    peers: int,
+    why: str,
+    added: frozenset[str] = frozenset(),
+    removed: frozenset[str] = frozenset(),
+    since: int = 0,
+    timeout: float = 5.0,
+) -> None:
     """The client itself holds ``peers`` peers, and since log line ``since`` its
     netmap gained the peers with the ``added`` addresses and lost the ``removed`` ones.
 
@@ -288,17 +311,23 @@ async def wait_client_view(client: realclient.TsnetClient, *, peers: int, why: s
         while True:
             wg = wireguard_peers(client)
             signs = netmap_diff_signs(client, since)
-            if (wg == peers and all(signs.get(a) == "+" for a in added)
-                    and all(signs.get(r) == "-" for r in removed)):
+            if (
+                wg == peers
+                and all(signs.get(a) == "+" for a in added)
+                and all(signs.get(r) == "-" for r in removed)
+            ):
                 return
             await trio.sleep(0.2)
-    pytest.fail(f"{client.name} ({why}): WireGuard peers {wg} (expected {peers}); netmap diffs "
-                f"{signs} (expected added {set(added)}, removed {set(removed)}); "
-                f"log {client.log.path}")
+    pytest.fail(
+        f"{client.name} ({why}): WireGuard peers {wg} (expected {peers}); netmap diffs "
+        f"{signs} (expected added {set(added)}, removed {set(removed)}); "
+        f"log {client.log.path}"
+    )
 
 
-async def change_lets_bob_in(sc: Scenario, carol_stream: MapStream, since: int,
-                             change: Callable[[], Any]) -> None:
+async def change_lets_bob_in(
+    sc: Scenario, carol_stream: MapStream, since: int, change: Callable[[], Any]
+) -> None:
     """Apply ``change``; bob's node fetches within seconds, only bob's and web's nodes
     were sent anything, carol's stream stays silent."""
     web_id, bob_id = int(sc.ids["web"]), int(sc.ids["bobpc"])
@@ -322,10 +351,20 @@ async def change_lets_bob_in(sc: Scenario, carol_stream: MapStream, since: int,
     assert filter_allows(filters[-1], sc.ipv4["alicepc"], sc.ipv4["web"], 80), filters[-1]
     assert not filter_allows(filters[-1], sc.ipv4["bobpc"], sc.ipv4["web"], 81), filters[-1]
     # The clients' own view: bob's gained web, web's gained bob.
-    await wait_client_view(sc.clients["bobpc"], peers=1, why="bob let in",
-                           added=frozenset({sc.ipv4["web"]}), since=marks["bobpc"])
-    await wait_client_view(sc.clients["web"], peers=2, why="serves alice and bob",
-                           added=frozenset({sc.ipv4["bobpc"]}), since=marks["web"])
+    await wait_client_view(
+        sc.clients["bobpc"],
+        peers=1,
+        why="bob let in",
+        added=frozenset({sc.ipv4["web"]}),
+        since=marks["bobpc"],
+    )
+    await wait_client_view(
+        sc.clients["web"],
+        peers=2,
+        why="serves alice and bob",
+        added=frozenset({sc.ipv4["bobpc"]}),
+        since=marks["web"],
+    )
 
     # Unaffected: alice's access and peers did not change, carol's neither.
     with trio.move_on_after(QUIET_WINDOW):
@@ -333,21 +372,34 @@ async def change_lets_bob_in(sc: Scenario, carol_stream: MapStream, since: int,
         pytest.fail(f"carol's node, unaffected, was sent {size} bytes: {msg}")
     alice_msgs = sent_messages(sc.server, sc.ids["alicepc"], since)
     assert alice_msgs == [], f"alicepc, unaffected, was sent: {alice_msgs}"
-    assert netmap_diff_signs(sc.clients["alicepc"], marks["alicepc"]) == {}, "alicepc's netmap changed"
+    assert netmap_diff_signs(sc.clients["alicepc"], marks["alicepc"]) == {}, (
+        "alicepc's netmap changed"
+    )
 
 
-async def change_shuts_bob_out(sc: Scenario, carol_stream: MapStream, since: int,
-                               change: Callable[[], Any]) -> None:
+async def change_shuts_bob_out(
+    sc: Scenario, carol_stream: MapStream, since: int, change: Callable[[], Any]
+) -> None:
     """Apply ``change`` (back to group_a_only): bob's node loses web within seconds and
     its fetch fails again; only bob's and web's nodes were sent anything."""
     web_id, bob_id = int(sc.ids["web"]), int(sc.ids["bobpc"])
     marks = {name: c.log.mark() for name, c in sc.clients.items()}
     await change()
-    await wait_client_view(sc.clients["bobpc"], peers=0, why="bob shut out again",
-                           removed=frozenset({sc.ipv4["web"]}), since=marks["bobpc"],
-                           timeout=CHANGE_WITHIN)
-    await wait_client_view(sc.clients["web"], peers=1, why="serves alice only",
-                           removed=frozenset({sc.ipv4["bobpc"]}), since=marks["web"])
+    await wait_client_view(
+        sc.clients["bobpc"],
+        peers=0,
+        why="bob shut out again",
+        removed=frozenset({sc.ipv4["web"]}),
+        since=marks["bobpc"],
+        timeout=CHANGE_WITHIN,
+    )
+    await wait_client_view(
+        sc.clients["web"],
+        peers=1,
+        why="serves alice only",
+        removed=frozenset({sc.ipv4["bobpc"]}),
+        since=marks["web"],
+    )
     await fetch_denied(sc.clients["bobpc"], sc.web)
 
     bob_msgs = sent_messages(sc.server, sc.ids["bobpc"], since)
@@ -364,7 +416,9 @@ async def change_shuts_bob_out(sc: Scenario, carol_stream: MapStream, since: int
         pytest.fail(f"carol's node, unaffected, was sent {size} bytes: {msg}")
     alice_msgs = sent_messages(sc.server, sc.ids["alicepc"], since)
     assert alice_msgs == [], f"alicepc, unaffected, was sent: {alice_msgs}"
-    assert netmap_diff_signs(sc.clients["alicepc"], marks["alicepc"]) == {}, "alicepc's netmap changed"
+    assert netmap_diff_signs(sc.clients["alicepc"], marks["alicepc"]) == {}, (
+        "alicepc's netmap changed"
+    )
     body = await fetch_until(sc.clients["alicepc"], sc.web, timeout=10)
     assert body.startswith(b"hello from web")
 
@@ -382,8 +436,12 @@ async def test_file_policy_denies_then_admits_after_edit(tmp_path: Path) -> None
         # stays, and no node is sent anything.
         mark = sc.server.log.mark()
         write_atomically(policy_file, UNDEFINED_GROUP.read_text())
-        await sc.server.log.wait_for(realclient.msg_has("policy reload refused", "acls[1].src[0]", "line 7"),
-                                     since=mark, timeout=CHANGE_WITHIN, what="the refused reload")
+        await sc.server.log.wait_for(
+            realclient.msg_has("policy reload refused", "acls[1].src[0]", "line 7"),
+            since=mark,
+            timeout=CHANGE_WITHIN,
+            what="the refused reload",
+        )
         await trio.sleep(0.5)  # what a (wrong) recompile would have sent comes at once
         for name in sc.ids:
             assert sent_messages(sc.server, sc.ids[name], mark) == [], f"{name} was sent a map"
@@ -411,15 +469,23 @@ async def test_file_policy_denies_then_admits_after_edit(tmp_path: Path) -> None
                 f.write(text)
             os.utime(policy_file, ns=(before.st_atime_ns, before.st_mtime_ns))
             after = policy_file.stat()
-            assert (after.st_size, after.st_ino, after.st_mtime_ns) == \
-                (before.st_size, before.st_ino, before.st_mtime_ns)
+            assert (after.st_size, after.st_ino, after.st_mtime_ns) == (
+                before.st_size,
+                before.st_ino,
+                before.st_mtime_ns,
+            )
             await trio.sleep(POLL_AND_SOME)
-            assert not sc.server.log.find(realclient.msg_has("policy loaded"), mark), \
+            assert not sc.server.log.find(realclient.msg_has("policy loaded"), mark), (
                 "the watcher reloaded a file whose stamp did not change"
+            )
             assert sc.server.proc is not None
             sc.server.proc.send_signal(signal.SIGHUP)
-            await sc.server.log.wait_for(realclient.msg_has("SIGHUP: reloading the policy"),
-                                         since=mark, timeout=5, what="the SIGHUP reload")
+            await sc.server.log.wait_for(
+                realclient.msg_has("SIGHUP: reloading the policy"),
+                since=mark,
+                timeout=5,
+                what="the SIGHUP reload",
+            )
 
         await change_shuts_bob_out(sc, carol_stream, mark, revert_and_sighup)
         nursery.cancel_scope.cancel()
@@ -441,8 +507,6 @@ async def test_database_policy_denies_then_admits_after_set(tmp_path: Path) -> N
         nursery.cancel_scope.cancel()
 
 
-
-
 # --- CLI and server --------------------------------------------------------------------
 
 # What each invalid policy's error must name: the JSON path, the problem, the line.
@@ -452,7 +516,9 @@ INVALID = [
 ]
 
 
-def assert_located(r: subprocess.CompletedProcess[str], needles: tuple[str, ...], what: str) -> None:
+def assert_located(
+    r: subprocess.CompletedProcess[str], needles: tuple[str, ...], what: str
+) -> None:
     out = r.stderr + r.stdout
     assert r.returncode != 0, f"{what} succeeded: {out}"
     for n in needles:
@@ -492,17 +558,35 @@ async def test_policy_check_set_refused_start_and_recovery(tmp_path: Path) -> No
     conn = sqlite3.connect(database)
     try:
         with conn:
-            conn.execute("INSERT INTO policies (data, created_at) VALUES (?, ?)",
-                         (UNDEFINED_GROUP.read_text(), "2026-01-01T00:00:00Z"))
+            conn.execute(
+                "INSERT INTO policies (data, created_at) VALUES (?, ?)",
+                (UNDEFINED_GROUP.read_text(), "2026-01-01T00:00:00Z"),
+            )
     finally:
         conn.close()
-    r = await trio.to_thread.run_sync(lambda: subprocess.run(
-        [str(realclient.HOMESCALE), "-c", str(server.config), "serve"], capture_output=True,
-        text=True, timeout=30, stdin=subprocess.DEVNULL, cwd=server.dir))
+    r = await trio.to_thread.run_sync(
+        lambda: subprocess.run(
+            [str(realclient.HOMESCALE), "-c", str(server.config), "serve"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+            cwd=server.dir,
+        )
+    )
     hs = f"homescale -c {server.config}"  # the steps name the config this server runs with
-    assert_located(r, (*INVALID[0][1], "refusing to start", f"{hs} policy get",
-                       f"{hs} policy check --file", f"{hs} policy set --file",
-                       "server stopped"), "serve with an invalid stored policy")
+    assert_located(
+        r,
+        (
+            *INVALID[0][1],
+            "refusing to start",
+            f"{hs} policy get",
+            f"{hs} policy check --file",
+            f"{hs} policy set --file",
+            "server stopped",
+        ),
+        "serve with an invalid stored policy",
+    )
 
     # The recovery steps, with the server down (the CLI opens the database itself).
     dump = tmp_path / "policy.hujson"
@@ -521,7 +605,9 @@ async def test_policy_check_set_refused_start_and_recovery(tmp_path: Path) -> No
     since = server.log.mark()
     try:
         await trio.to_thread.run_sync(server.start)
-        assert server.log.find(realclient.msg_has("policy loaded from database"), since), server.log.tail()
+        assert server.log.find(realclient.msg_has("policy loaded from database"), since), (
+            server.log.tail()
+        )
         got = await server.acli("policy", "get")
         assert got.stdout.strip() == dump.read_text().strip()
     finally:

@@ -64,8 +64,9 @@ async def test_single_use_key(tailnet: Tailnet) -> None:
     await wait_nodes(tailnet.server, ["single1"], timeout=ONLINE_WITHIN)
     # A second node with the spent key is refused, and the client says why.
     second = tailnet.client("single2", auth_key=key)
-    await second.wait_for_log(msg_has("error: authkey already used"), timeout=20,
-                              what="the refusal in the client's log")
+    await second.wait_for_log(
+        msg_has("error: authkey already used"), timeout=20, what="the refusal in the client's log"
+    )
     assert node_by_name(await tailnet.server.anodes(), "single2") is None
     second.stop()
     # The first node restarts with its stored node key: it keeps working.
@@ -78,8 +79,11 @@ async def test_single_use_key(tailnet: Tailnet) -> None:
     nodes = await wait_nodes(tailnet.server, ["single1"], timeout=ONLINE_WITHIN)
     after = node_by_name(nodes, "single1")
     assert after is not None
-    assert (after["id"], after["nodeKey"], after["ipAddresses"]) == \
-        (before["id"], before["nodeKey"], before["ipAddresses"])
+    assert (after["id"], after["nodeKey"], after["ipAddresses"]) == (
+        before["id"],
+        before["nodeKey"],
+        before["ipAddresses"],
+    )
     assert first.log.find(msg_has("error: authkey already used"), since) is None
     first.stop()
 
@@ -115,13 +119,19 @@ async def test_ephemeral_nodes_deleted_after_inactivity(tailnet: Tailnet, pair: 
     assert time.monotonic() - t0 >= 2.0, "deleted before the inactivity timeout"
     await server.log.wait_for(msg_has(f"ephemeral node {n1['id']} deleted after"), timeout=5)
     # A clean shutdown of an ephemeral tsnet node is a logout: deleted at once.
-    await server.log.wait_for(msg_has(f"ephemeral node {n2['id']} logged out and was deleted"),
-                              timeout=5)
+    await server.log.wait_for(
+        msg_has(f"ephemeral node {n2['id']} logged out and was deleted"), timeout=5
+    )
     # The deletion reached the peers: eph1 left nodea's netmap.
     await pair.a.wait_for_log(
-        lambda line: "netmap diff" in str(line.get("msg", ""))
-        and f"- {short_key(n1['nodeKey'])}" in str(line.get("msg", "")),
-        since=since_a, timeout=15, what="eph1 removed from nodea's netmap")
+        lambda line: (
+            "netmap diff" in str(line.get("msg", ""))
+            and f"- {short_key(n1['nodeKey'])}" in str(line.get("msg", ""))
+        ),
+        since=since_a,
+        timeout=15,
+        what="eph1 removed from nodea's netmap",
+    )
 
 
 async def test_tagged_key_node_owned_by_tags(tailnet: Tailnet) -> None:
@@ -141,7 +151,7 @@ async def test_interactive_login_via_cli(tailnet: Tailnet) -> None:
     c = tailnet.client("interactive1", auth_key="")
     line = await c.wait_for_log(msg_has("/register/"), timeout=20, what="the AuthURL")
     msg = str(line["msg"])
-    url = msg[msg.index(tailnet.server.url):].split()[0]
+    url = msg[msg.index(tailnet.server.url) :].split()[0]
     reg_id = url.rsplit("/", 1)[-1]
     assert url == f"{tailnet.server.url}/register/{reg_id}"
 
@@ -164,16 +174,21 @@ async def test_interactive_login_rejected_via_cli(tailnet: Tailnet) -> None:
     c = tailnet.client("interactive2", auth_key="")
     line = await c.wait_for_log(msg_has("/register/"), timeout=20, what="the AuthURL")
     msg = str(line["msg"])
-    reg_id = msg[msg.index(tailnet.server.url):].split()[0].rsplit("/", 1)[-1]
+    reg_id = msg[msg.index(tailnet.server.url) :].split()[0].rsplit("/", 1)[-1]
     since = c.log.mark()
     await tailnet.server.acli("auth", "reject", "--auth-id", reg_id)
     # The waiting client hears why (the register response's Error), and no node appears.
-    await c.wait_for_log(msg_has("rejected by an administrator"), since=since, timeout=20,
-                         what="the client reporting the rejection")
+    await c.wait_for_log(
+        msg_has("rejected by an administrator"),
+        since=since,
+        timeout=20,
+        what="the client reporting the rejection",
+    )
     assert node_by_name(await tailnet.server.anodes(), "interactive2") is None
     # A rejected id is gone: completing it now is a clear error, not a registration.
-    r = await tailnet.server.acli("nodes", "register", "--user", "alice", "--key", reg_id,
-                                  check=False)
+    r = await tailnet.server.acli(
+        "nodes", "register", "--user", "alice", "--key", reg_id, check=False
+    )
     assert r.returncode != 0
     assert "no pending registration" in r.stderr
     c.stop()
@@ -200,20 +215,30 @@ async def test_rename_expire_delete_reach_clients(tailnet: Tailnet, pair: Pair) 
     since = pair.a.log.mark()
     since2 = c2.log.mark()
     await server.acli("nodes", "delete", "-i", str(v2["id"]), "--force")
-    await c2.wait_for_log(msg_has("-> NeedsLogin"), since=since2, timeout=15,
-                          what="victim2 NeedsLogin after its deletion")
+    await c2.wait_for_log(
+        msg_has("-> NeedsLogin"),
+        since=since2,
+        timeout=15,
+        what="victim2 NeedsLogin after its deletion",
+    )
     await pair.a.wait_for_log(
-        lambda line: "netmap diff" in str(line.get("msg", ""))
-        and f"- {short_key(v2['nodeKey'])}" in str(line.get("msg", "")),
-        since=since, timeout=15, what="victim2 removed from nodea's netmap")
+        lambda line: (
+            "netmap diff" in str(line.get("msg", ""))
+            and f"- {short_key(v2['nodeKey'])}" in str(line.get("msg", ""))
+        ),
+        since=since,
+        timeout=15,
+        what="victim2 removed from nodea's netmap",
+    )
     assert node_by_name(await server.anodes(), "victim2") is None
     c2.stop()
 
     # Expire: victim1 is told its key expired and needs to log in again.
     since = c1.log.mark()
     await server.acli("nodes", "expire", "-i", str(v1["id"]))
-    await c1.wait_for_log(msg_has("-> NeedsLogin"), since=since, timeout=15,
-                          what="victim1 NeedsLogin")
+    await c1.wait_for_log(
+        msg_has("-> NeedsLogin"), since=since, timeout=15, what="victim1 NeedsLogin"
+    )
     c1.stop()
 
 
@@ -234,8 +259,9 @@ async def test_server_restart_clients_reconnect(tmp_path_factory: pytest.TempPat
         since = server.log.mark()
         await trio.to_thread.run_sync(server.start)
         after = await wait_nodes(server, ["rsa", "rsb"], timeout=30)
-        assert sorted((n["id"], n["nodeKey"], n["givenName"]) for n in after) == \
-            sorted((n["id"], n["nodeKey"], n["givenName"]) for n in before)
+        assert sorted((n["id"], n["nodeKey"], n["givenName"]) for n in after) == sorted(
+            (n["id"], n["nodeKey"], n["givenName"]) for n in before
+        )
         # They came back on their stored node keys: no registration after the restart.
         assert server.log.find(msg_has("registered"), since) is None
         assert server.log.find(msg_has("map stream opened"), since) is not None

@@ -38,14 +38,22 @@ def test_sequential_skips_the_magicdns_address() -> None:
     assert "100.100.100.100" not in got
     assert "100.100.100.96" not in got  # the network address
     assert "100.100.100.103" not in got  # the broadcast address
-    assert got == ["100.100.100.97", "100.100.100.98", "100.100.100.99",
-                   "100.100.100.101", "100.100.100.102"]
+    assert got == [
+        "100.100.100.97",
+        "100.100.100.98",
+        "100.100.100.99",
+        "100.100.100.101",
+        "100.100.100.102",
+    ]
 
 
 def test_sequential_skips_the_chromeos_range() -> None:
     net = ipaddress.IPv4Network("100.115.0.0/16")
-    below = {str(a) for a in ipaddress.IPv4Network("100.115.0.0/17")
-             if a < ipaddress.IPv4Address("100.115.92.0")}
+    below = {
+        str(a)
+        for a in ipaddress.IPv4Network("100.115.0.0/17")
+        if a < ipaddress.IPv4Address("100.115.92.0")
+    }
     below.discard("100.115.0.0")
     assert allocate(net, below) == "100.115.94.0"  # 100.115.92.0/23 is ChromeOS's
 
@@ -69,8 +77,13 @@ def test_random_stays_inside_the_prefix_and_skips_reserved() -> None:
     rng = random.Random(42)
     net = ipaddress.IPv4Network("100.100.100.96/29")
     got = fill(net, 5, strategy="random", rng=rng)
-    assert set(got) == {"100.100.100.97", "100.100.100.98", "100.100.100.99",
-                        "100.100.100.101", "100.100.100.102"}
+    assert set(got) == {
+        "100.100.100.97",
+        "100.100.100.98",
+        "100.100.100.99",
+        "100.100.100.101",
+        "100.100.100.102",
+    }
     big = fill(V4, 200, strategy="random", rng=rng)
     assert len(set(big)) == 200
     for a in big:

@@ -12,8 +12,13 @@ PREFIXES = ["100.64.0.0/10", "fd7a:115c:a1e0::/48"]
 
 def cfg(**kw: Any) -> dict[str, Any] | None:
     args: dict[str, Any] = {
-        "magic_dns": True, "base_domain": "tail.example", "override_local_dns": True,
-        "nameservers": [], "split": {}, "search_domains": [], "extra_records": [],
+        "magic_dns": True,
+        "base_domain": "tail.example",
+        "override_local_dns": True,
+        "nameservers": [],
+        "split": {},
+        "search_domains": [],
+        "extra_records": [],
         "prefixes": PREFIXES,
     }
     args.update(kw)
@@ -62,22 +67,29 @@ def test_base_domain_not_repeated_in_search_domains() -> None:
 def test_without_override_local_dns_resolvers_are_fallbacks() -> None:
     out = cfg(override_local_dns=False, nameservers=["9.9.9.9", "https://dns.example/dns-query"])
     assert out is not None
-    assert out["FallbackResolvers"] == [{"Addr": "9.9.9.9"}, {"Addr": "https://dns.example/dns-query"}]
+    assert out["FallbackResolvers"] == [
+        {"Addr": "9.9.9.9"},
+        {"Addr": "https://dns.example/dns-query"},
+    ]
     assert "Resolvers" not in out
 
 
 def test_split_dns_routes() -> None:
     out = cfg(magic_dns=False, split={"corp.example": ["10.0.0.53"], "lab.example.": ["10.1.0.53"]})
     assert out is not None
-    assert out["Routes"] == {"corp.example.": [{"Addr": "10.0.0.53"}],
-                             "lab.example.": [{"Addr": "10.1.0.53"}]}
+    assert out["Routes"] == {
+        "corp.example.": [{"Addr": "10.0.0.53"}],
+        "lab.example.": [{"Addr": "10.1.0.53"}],
+    }
     assert "Proxied" not in out
 
 
 def test_extra_records() -> None:
     out = cfg(extra_records=[{"name": "grafana.tail.example", "type": "A", "value": "100.64.0.9"}])
     assert out is not None
-    assert out["ExtraRecords"] == [{"Name": "grafana.tail.example", "Type": "A", "Value": "100.64.0.9"}]
+    assert out["ExtraRecords"] == [
+        {"Name": "grafana.tail.example", "Type": "A", "Value": "100.64.0.9"}
+    ]
 
 
 def test_nothing_configured_is_null() -> None:

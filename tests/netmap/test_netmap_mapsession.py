@@ -18,10 +18,17 @@ ALLOW_ALL = b'[{"SrcIPs":["*"],"DstPorts":[{"IP":"*","Ports":{"First":0,"Last":6
 
 def peer(i: int, user: int = 1, **kw: Any) -> PeerNode:
     base: dict[str, Any] = {
-        "id": i, "given_name": f"n{i}", "user_id": user, "node_key": f"nodekey:{i:064x}",
-        "machine_key": f"mkey:{i:064x}", "disco_key": f"discokey:{i:064x}",
-        "ipv4": f"100.64.0.{i}", "ipv6": f"fd7a:115c:a1e0::{i}",
-        "endpoints": (f"192.0.2.{i}:41641",), "home_derp": 999, "online": True,
+        "id": i,
+        "given_name": f"n{i}",
+        "user_id": user,
+        "node_key": f"nodekey:{i:064x}",
+        "machine_key": f"mkey:{i:064x}",
+        "disco_key": f"discokey:{i:064x}",
+        "ipv4": f"100.64.0.{i}",
+        "ipv6": f"fd7a:115c:a1e0::{i}",
+        "endpoints": (f"192.0.2.{i}:41641",),
+        "home_derp": 999,
+        "online": True,
     }
     base.update(kw)
     return PeerNode(**base)
@@ -51,9 +58,14 @@ class View:
             patches[version] = patch
         patches = {v: p for v, p in patches.items() if v > version - PATCH_HISTORY}
         self.peers[n.id] = n
-        self.entries[n.id] = NodeEntry(id=n.id, user_id=n.user_id, version=version,
-                                       json=encode_node(n, "tail.example"),
-                                       visible_to_peers=n.has_disco, patches=patches)
+        self.entries[n.id] = NodeEntry(
+            id=n.id,
+            user_id=n.user_id,
+            version=version,
+            json=encode_node(n, "tail.example"),
+            visible_to_peers=n.has_disco,
+            patches=patches,
+        )
 
     def entry(self, node_id: int) -> NodeEntry | None:
         return self.entries.get(node_id)
@@ -97,8 +109,18 @@ def send(view: View, s: MapSessionState) -> dict[str, Any] | None:
 
 def test_first_map_is_complete_and_go_compatible() -> None:
     view, s, first = setup()
-    for key in ("Node", "Peers", "PacketFilter", "DERPMap", "DNSConfig", "UserProfiles",
-                "Domain", "CollectServices", "Debug", "ControlTime"):
+    for key in (
+        "Node",
+        "Peers",
+        "PacketFilter",
+        "DERPMap",
+        "DNSConfig",
+        "UserProfiles",
+        "Domain",
+        "CollectServices",
+        "Debug",
+        "ControlTime",
+    ):
         assert key in first, key
     for key in ("PeersChanged", "PeersRemoved", "PeersChangedPatch"):
         assert key not in first
@@ -141,8 +163,14 @@ def test_several_changes_coalesce_into_one_merged_patch() -> None:
     s.mark_peer(2)
     msg = send(view, s)
     assert msg is not None
-    assert msg["PeersChangedPatch"] == [{"NodeID": 2, "Endpoints": ["198.51.100.2:2"],
-                                         "Online": False, "LastSeen": "2024-05-01T12:00:00Z"}]
+    assert msg["PeersChangedPatch"] == [
+        {
+            "NodeID": 2,
+            "Endpoints": ["198.51.100.2:2"],
+            "Online": False,
+            "LastSeen": "2024-05-01T12:00:00Z",
+        }
+    ]
     assert send(view, s) is None
 
 
@@ -239,7 +267,9 @@ def test_derp_and_dns_changes_are_resent() -> None:
 
 def test_revoked_ssh_policy_is_replaced_not_left_in_place() -> None:
     view, s, _ = setup()
-    rules = b'{"rules":[{"principals":[{"any":true}],"sshUsers":{"*":"="},"action":{"accept":true}}]}'
+    rules = (
+        b'{"rules":[{"principals":[{"any":true}],"sshUsers":{"*":"="},"action":{"accept":true}}]}'
+    )
     view.ssh[1] = rules
     s.mark_all()
     msg = send(view, s)
@@ -255,7 +285,10 @@ def test_revoked_ssh_policy_is_replaced_not_left_in_place() -> None:
 
 def test_netinfo_only_change_sends_nothing_to_peers() -> None:
     view, s, _ = setup()
-    hostinfo = {**view.peers[2].hostinfo, "NetInfo": {"PreferredDERP": 999, "DERPLatency": {"999-v4": 0.01}}}
+    hostinfo = {
+        **view.peers[2].hostinfo,
+        "NetInfo": {"PreferredDERP": 999, "DERPLatency": {"999-v4": 0.01}},
+    }
     view.put(dataclasses.replace(view.peers[2], hostinfo=hostinfo))
     s.mark_peer(2)
     assert send(view, s) is None

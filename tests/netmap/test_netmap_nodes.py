@@ -16,13 +16,20 @@ T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 T1 = datetime(2024, 5, 1, 13, 30, 0, tzinfo=UTC)
 
 BASE = PeerNode(
-    id=7, given_name="laptop", user_id=3,
-    node_key="nodekey:" + "11" * 32, machine_key="mkey:" + "22" * 32,
+    id=7,
+    given_name="laptop",
+    user_id=3,
+    node_key="nodekey:" + "11" * 32,
+    machine_key="mkey:" + "22" * 32,
     disco_key="discokey:" + "33" * 32,
-    ipv4="100.64.0.7", ipv6="fd7a:115c:a1e0::7",
+    ipv4="100.64.0.7",
+    ipv6="fd7a:115c:a1e0::7",
     endpoints=("192.0.2.1:41641",),
     hostinfo={"Hostname": "laptop", "OS": "linux", "NetInfo": {"PreferredDERP": 999}},
-    home_derp=999, created=T0, online=True, capver=106,
+    home_derp=999,
+    created=T0,
+    online=True,
+    capver=106,
 )
 
 
@@ -59,7 +66,9 @@ def test_peer_node_json_shape() -> None:
 
 
 def test_served_routes_are_in_allowed_ips_and_primary_routes() -> None:
-    n = dataclasses.replace(BASE, primary_routes=("10.1.0.0/16",), exit_routes=("0.0.0.0/0", "::/0"))
+    n = dataclasses.replace(
+        BASE, primary_routes=("10.1.0.0/16",), exit_routes=("0.0.0.0/0", "::/0")
+    )
     out = node_json(n, "tail.example")
     assert out["AllowedIPs"] == [*out["Addresses"], "10.1.0.0/16", "0.0.0.0/0", "::/0"]
     # Exit routes are not "primary" subnet routes; the client reads them from AllowedIPs.
@@ -67,8 +76,13 @@ def test_served_routes_are_in_allowed_ips_and_primary_routes() -> None:
 
 
 def test_minimal_node_still_has_hostinfo_object_and_no_empty_keys() -> None:
-    n = PeerNode(id=1, given_name="bare", user_id=1, node_key="nodekey:" + "aa" * 32,
-                 machine_key="mkey:" + "bb" * 32)
+    n = PeerNode(
+        id=1,
+        given_name="bare",
+        user_id=1,
+        node_key="nodekey:" + "aa" * 32,
+        machine_key="mkey:" + "bb" * 32,
+    )
     out = node_json(n, "")
     assert out["Name"] == "bare."
     assert out["Hostinfo"] == {}  # an object, never absent or null
@@ -105,17 +119,23 @@ def test_endpoint_change_is_an_endpoints_patch() -> None:
 
 
 def test_disco_key_and_node_key_and_expiry_are_patchable() -> None:
-    new = dataclasses.replace(BASE, disco_key="discokey:" + "44" * 32,
-                              node_key="nodekey:" + "55" * 32, key_expiry=T1)
+    new = dataclasses.replace(
+        BASE, disco_key="discokey:" + "44" * 32, node_key="nodekey:" + "55" * 32, key_expiry=T1
+    )
     patch = patch_between(BASE, new)
-    assert patch == {"NodeID": 7, "DiscoKey": new.disco_key, "Key": new.node_key,
-                     "KeyExpiry": "2024-05-01T13:30:00Z"}
+    assert patch == {
+        "NodeID": 7,
+        "DiscoKey": new.disco_key,
+        "Key": new.node_key,
+        "KeyExpiry": "2024-05-01T13:30:00Z",
+    }
     tailcfg.PeerChange.from_json(patch)
 
 
 def test_home_derp_change_is_a_derp_region_patch() -> None:
-    new = dataclasses.replace(BASE, home_derp=900,
-                              hostinfo={**BASE.hostinfo, "NetInfo": {"PreferredDERP": 900}})
+    new = dataclasses.replace(
+        BASE, home_derp=900, hostinfo={**BASE.hostinfo, "NetInfo": {"PreferredDERP": 900}}
+    )
     assert patch_between(BASE, new) == {"NodeID": 7, "DERPRegion": 900}
 
 
@@ -126,20 +146,28 @@ def test_clearing_the_home_region_needs_the_full_node() -> None:
 
 def test_online_and_offline_patches() -> None:
     offline = dataclasses.replace(BASE, online=False, last_seen=T1)
-    assert patch_between(BASE, offline) == {"NodeID": 7, "Online": False,
-                                            "LastSeen": "2024-05-01T13:30:00Z"}
+    assert patch_between(BASE, offline) == {
+        "NodeID": 7,
+        "Online": False,
+        "LastSeen": "2024-05-01T13:30:00Z",
+    }
     assert patch_between(offline, dataclasses.replace(offline, online=True)) == {
-        "NodeID": 7, "Online": True}
+        "NodeID": 7,
+        "Online": True,
+    }
 
 
-@pytest.mark.parametrize("change", [
-    {"given_name": "renamed"},
-    {"tags": ("tag:web",)},
-    {"ipv4": "100.64.0.8"},
-    {"ipv6": None},
-    {"user_id": 4},
-    {"primary_routes": ("10.0.0.0/8",)},
-    {"hostinfo": {**BASE.hostinfo, "OS": "windows"}},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"given_name": "renamed"},
+        {"tags": ("tag:web",)},
+        {"ipv4": "100.64.0.8"},
+        {"ipv6": None},
+        {"user_id": 4},
+        {"primary_routes": ("10.0.0.0/8",)},
+        {"hostinfo": {**BASE.hostinfo, "OS": "windows"}},
+    ],
+)
 def test_non_patchable_changes_need_the_full_node(change: dict[str, Any]) -> None:
     assert patch_between(BASE, dataclasses.replace(BASE, **change)) is None

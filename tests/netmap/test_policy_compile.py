@@ -60,7 +60,9 @@ def test_no_policy_allows_all() -> None:
 
 
 def test_group_to_tag_port() -> None:
-    c = compiled('"acls": [{"action": "accept", "src": ["group:web-users"], "dst": ["tag:web:80"]}]')
+    c = compiled(
+        '"acls": [{"action": "accept", "src": ["group:web-users"], "dst": ["tag:web:80"]}]'
+    )
     rules = c.filter_for(SERVER.id)
     assert len(rules) == 1
     # Adjacent addresses may be sent as a range ("100.64.0.1-100.64.0.2"),
@@ -95,7 +97,10 @@ def test_protocols_and_port_lists() -> None:
     )
     (rule,) = c.filter_for(SERVER.id)
     assert rule["IPProto"] == [17]
-    assert {(d["Ports"]["First"], d["Ports"]["Last"]) for d in rule["DstPorts"]} == {(53, 53), (5000, 5010)}
+    assert {(d["Ports"]["First"], d["Ports"]["Last"]) for d in rule["DstPorts"]} == {
+        (53, 53),
+        (5000, 5010),
+    }
 
 
 def test_wildcard_source_includes_approved_subnets() -> None:
@@ -113,14 +118,20 @@ def test_subnet_destination_reaches_router_and_makes_it_a_peer() -> None:
 
 
 def test_unapproved_route_does_not_count() -> None:
-    router = PolicyNode(5, "router", None, ("tag:router",), "100.64.0.5", None, ("10.1.0.0/16",), ())
-    c = compiled('"acls": [{"action": "accept", "src": ["bob@"], "dst": ["db:5432"]}]', [*NODES[:4], router])
+    router = PolicyNode(
+        5, "router", None, ("tag:router",), "100.64.0.5", None, ("10.1.0.0/16",), ()
+    )
+    c = compiled(
+        '"acls": [{"action": "accept", "src": ["bob@"], "dst": ["db:5432"]}]', [*NODES[:4], router]
+    )
     assert c.filter_for(router.id) == []
     assert c.visible_peers(BOB.id) == frozenset()
 
 
 def test_autogroup_self_is_per_user() -> None:
-    c = compiled('"acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]}]')
+    c = compiled(
+        '"acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]}]'
+    )
     (rule,) = c.filter_for(ALICE1.id)
     assert IPSet.of(rule["SrcIPs"]) == ALICES
     assert dst_ips([rule]) == {"100.64.0.1", "fd7a:115c:a1e0::1"}
@@ -142,7 +153,14 @@ def test_empty_acls_denies_everything_but_missing_acls_allows() -> None:
 
 def test_internet_destination_only_on_exit_nodes() -> None:
     exit_node = PolicyNode(
-        6, "exit", None, ("tag:router",), "100.64.0.6", None, ("0.0.0.0/0", "::/0"), ("0.0.0.0/0", "::/0")
+        6,
+        "exit",
+        None,
+        ("tag:router",),
+        "100.64.0.6",
+        None,
+        ("0.0.0.0/0", "::/0"),
+        ("0.0.0.0/0", "::/0"),
     )
     c = compiled(
         '"acls": [{"action": "accept", "src": ["bob@"], "dst": ["autogroup:internet:*"]}]',
@@ -156,7 +174,9 @@ def test_internet_destination_only_on_exit_nodes() -> None:
 def test_ssh_rules() -> None:
     c = compile_policy(
         parse_policy(
-            "{" + BASE + '"ssh": [{"action": "check", "src": ["group:web-users"], "dst": ["tag:web"],'
+            "{"
+            + BASE
+            + '"ssh": [{"action": "check", "src": ["group:web-users"], "dst": ["tag:web"],'
             ' "users": ["root", "autogroup:nonroot"]},'
             ' {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self"], "users": ["ubuntu"]}]}'
         ),
@@ -182,7 +202,9 @@ def test_ssh_rules() -> None:
 
 
 def test_auto_approvers() -> None:
-    c = compiled('"autoApprovers": {"routes": {"10.0.0.0/8": ["tag:router"]}, "exitNode": ["bob@"]}')
+    c = compiled(
+        '"autoApprovers": {"routes": {"10.0.0.0/8": ["tag:router"]}, "exitNode": ["bob@"]}'
+    )
     assert c.can_auto_approve(ROUTER.id, "10.1.0.0/16")
     assert not c.can_auto_approve(ROUTER.id, "192.168.0.0/24")
     assert not c.can_auto_approve(SERVER.id, "10.1.0.0/16")
@@ -191,7 +213,9 @@ def test_auto_approvers() -> None:
 
 
 TESTED = (
-    "{" + BASE + """
+    "{"
+    + BASE
+    + """
   "acls": [{"action": "accept", "src": ["group:web-users"], "dst": ["tag:web:80"]}],
   "tests": [
     {"src": "alice@example.com", "accept": ["tag:web:80"], "deny": ["tag:web:22"]},

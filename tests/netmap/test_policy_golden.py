@@ -155,7 +155,10 @@ def check_scenario(path: Path) -> list[str]:
             n,
             approved_routes=tuple(
                 dict.fromkeys(
-                    [*n.approved_routes, *(r for r in n.routable_ips if first.can_auto_approve(n.id, r))]
+                    [
+                        *n.approved_routes,
+                        *(r for r in n.routable_ips if first.can_auto_approve(n.id, r)),
+                    ]
                 )
             ),
         )
@@ -167,7 +170,11 @@ def check_scenario(path: Path) -> list[str]:
     for name, capture in sorted(data["captures"].items()):
         node = by_name[name]
         want_peers = sorted(p["Name"].split(".")[0] for p in capture["netmap"].get("Peers") or [])
-        got_peers = sorted(by_name_id.hostname for by_name_id in nodes if by_name_id.id in compiled.visible_peers(node.id))
+        got_peers = sorted(
+            by_name_id.hostname
+            for by_name_id in nodes
+            if by_name_id.id in compiled.visible_peers(node.id)
+        )
         if want_peers != got_peers:
             problems.append(f"{name}: peers {got_peers} != {want_peers}")
         want = normalise_filter(capture.get("packet_filter_rules"))
@@ -192,7 +199,9 @@ SHARED_SCENARIOS = scenario_files(SHARED)
 FIXTURE_SCENARIOS = scenario_files(FIXTURES)
 
 
-@pytest.mark.skipif(not SHARED_SCENARIOS, reason="../shared/golden (CI only) is not present in this clone")
+@pytest.mark.skipif(
+    not SHARED_SCENARIOS, reason="../shared/golden (CI only) is not present in this clone"
+)
 def test_golden_summary(capsys: pytest.CaptureFixture[str]) -> None:
     """Print N/M and require every supported scenario to match."""
     results = {p.stem: check_scenario(p) for p in SHARED_SCENARIOS}
@@ -203,7 +212,9 @@ def test_golden_summary(capsys: pytest.CaptureFixture[str]) -> None:
     assert not failing, "\n".join(f"{k}: {v[0]}" for k, v in sorted(failing.items()))
 
 
-@pytest.mark.skipif(not SHARED_SCENARIOS, reason="../shared/golden (CI only) is not present in this clone")
+@pytest.mark.skipif(
+    not SHARED_SCENARIOS, reason="../shared/golden (CI only) is not present in this clone"
+)
 @pytest.mark.parametrize("path", SHARED_SCENARIOS, ids=_ids(SHARED_SCENARIOS))
 def test_golden_scenario(path: Path) -> None:
     if path.stem in UNSUPPORTED:

@@ -29,7 +29,11 @@ def test_comments_and_trailing_commas_change_nothing(value: object) -> None:
     text = json.dumps(value, indent=1)
     # A comment before every line and a trailing comma before every closer.
     noisy = "\n".join(f"/* c */ {line} // trailing" for line in text.split("\n"))
-    noisy = noisy.replace("\n]", ",\n]").replace("\n}", ",\n}") if isinstance(value, list | dict) and value else noisy
+    noisy = (
+        noisy.replace("\n]", ",\n]").replace("\n}", ",\n}")
+        if isinstance(value, list | dict) and value
+        else noisy
+    )
     assert parse_hujson(noisy) == value
 
 
@@ -56,8 +60,9 @@ def test_strings_and_prefixes_describe_the_same_set(items: list) -> None:
 
 
 @given(st.lists(networks, max_size=4), st.lists(networks, max_size=4), addresses)
-def test_difference_and_union(a_items: list, b_items: list,
-                              probe: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+def test_difference_and_union(
+    a_items: list, b_items: list, probe: ipaddress.IPv4Address | ipaddress.IPv6Address
+) -> None:
     a, b = IPSet.of(a_items), IPSet.of(b_items)
     assert (a - b).contains(probe) == (a.contains(probe) and not b.contains(probe))
     assert (a | b).contains(probe) == (a.contains(probe) or b.contains(probe))

@@ -52,8 +52,10 @@ def test_undefined_group_located() -> None:
 
 
 def test_source_name_prefixes_message() -> None:
-    err = refuse('{"acls": [{"action": "accept", "src": ["tag:x"], "dst": ["*:*"]}]}', source="policy.hujson")
-    assert str(err).startswith("policy.hujson: acls[0].src[0]: tag \"tag:x\" is not defined")
+    err = refuse(
+        '{"acls": [{"action": "accept", "src": ["tag:x"], "dst": ["*:*"]}]}', source="policy.hujson"
+    )
+    assert str(err).startswith('policy.hujson: acls[0].src[0]: tag "tag:x" is not defined')
 
 
 @pytest.mark.parametrize(
@@ -82,10 +84,17 @@ def test_bad_destinations(dst: str, fragment: str) -> None:
 
 @pytest.mark.parametrize(
     ("proto", "fragment"),
-    [("bogus", "unknown protocol"), ("300", "out of range"), ("*", 'proto "*"'), ("06", "unknown protocol")],
+    [
+        ("bogus", "unknown protocol"),
+        ("300", "out of range"),
+        ("*", 'proto "*"'),
+        ("06", "unknown protocol"),
+    ],
 )
 def test_bad_protocols(proto: str, fragment: str) -> None:
-    err = refuse('{"acls": [{"action": "accept", "proto": "' + proto + '", "src": ["*"], "dst": ["*:*"]}]}')
+    err = refuse(
+        '{"acls": [{"action": "accept", "proto": "' + proto + '", "src": ["*"], "dst": ["*:*"]}]}'
+    )
     assert err.path == "acls[0].proto"
     assert fragment in err.message
 
@@ -94,7 +103,9 @@ def test_ports_only_with_port_protocols() -> None:
     err = refuse('{"acls": [{"action": "accept", "proto": "icmp", "src": ["*"], "dst": ["*:22"]}]}')
     assert "has no ports" in err.message
     # icmp with "*" is fine, and numbers name the same protocol.
-    policy = parse_policy('{"acls": [{"action": "accept", "proto": "1", "src": ["*"], "dst": ["*:*"]}]}')
+    policy = parse_policy(
+        '{"acls": [{"action": "accept", "proto": "1", "src": ["*"], "dst": ["*:*"]}]}'
+    )
     assert policy.acls is not None
     assert policy.acls[0].protos == (1,)
 
@@ -183,23 +194,79 @@ def test_self_destination_accepts_users_groups_member_and_wildcard() -> None:
 @pytest.mark.parametrize(
     ("rule", "path", "fragment"),
     [
-        ('{"action": "ACCEPT", "src": ["alice@"], "dst": ["tag:s"], "users": ["root"]}', "ssh[0].action", "not valid"),
-        ('{"action": "", "src": ["alice@"], "dst": ["tag:s"], "users": ["root"]}', "ssh[0].action", "accept"),
-        ('{"action": "accept", "src": ["alice@"], "dst": ["tag:s"], "users": []}', "ssh[0].users", "empty"),
-        ('{"action": "accept", "src": ["alice@"], "dst": ["tag:s"], "users": ["root", "*"]}', "ssh[0].users[1]", "not valid"),
-        ('{"action": "accept", "src": ["alice@"], "dst": ["*"], "users": ["root"]}', "ssh[0].dst[0]", "not valid as an SSH destination"),
-        ('{"action": "accept", "src": ["alice@"], "dst": ["net"], "users": ["root"]}', "ssh[0].dst[0]", "not valid as an SSH destination"),
-        ('{"action": "check", "checkPeriod": "200h", "src": ["alice@"], "dst": ["tag:s"], "users": ["root"]}', "ssh[0].checkPeriod", "168h"),
-        ('{"action": "check", "checkPeriod": "abc", "src": ["alice@"], "dst": ["tag:s"], "users": ["root"]}', "ssh[0].checkPeriod", "duration"),
-        ('{"action": "accept", "checkPeriod": "1h", "src": ["alice@"], "dst": ["tag:s"], "users": ["root"]}', "ssh[0].checkPeriod", "only valid"),
-        ('{"action": "accept", "acceptEnv": [""], "src": ["alice@"], "dst": ["tag:s"], "users": ["root"]}', "ssh[0].acceptEnv[0]", "empty"),
-        ('{"action": "accept", "src": ["tag:s"], "dst": ["alice@"], "users": ["root"]}', "ssh[0].dst[0]", "tagged sources"),
-        ('{"action": "accept", "src": ["autogroup:member"], "dst": ["alice@"], "users": ["root"]}', "ssh[0].dst[0]", "autogroup:self"),
-        ('{"action": "accept", "src": ["tag:s"], "dst": ["autogroup:self"], "users": ["root"]}', "ssh[0].dst[0]", "not tags"),
+        (
+            '{"action": "ACCEPT", "src": ["alice@"], "dst": ["tag:s"], "users": ["root"]}',
+            "ssh[0].action",
+            "not valid",
+        ),
+        (
+            '{"action": "", "src": ["alice@"], "dst": ["tag:s"], "users": ["root"]}',
+            "ssh[0].action",
+            "accept",
+        ),
+        (
+            '{"action": "accept", "src": ["alice@"], "dst": ["tag:s"], "users": []}',
+            "ssh[0].users",
+            "empty",
+        ),
+        (
+            '{"action": "accept", "src": ["alice@"], "dst": ["tag:s"], "users": ["root", "*"]}',
+            "ssh[0].users[1]",
+            "not valid",
+        ),
+        (
+            '{"action": "accept", "src": ["alice@"], "dst": ["*"], "users": ["root"]}',
+            "ssh[0].dst[0]",
+            "not valid as an SSH destination",
+        ),
+        (
+            '{"action": "accept", "src": ["alice@"], "dst": ["net"], "users": ["root"]}',
+            "ssh[0].dst[0]",
+            "not valid as an SSH destination",
+        ),
+        (
+            '{"action": "check", "checkPeriod": "200h", "src": ["alice@"], "dst": ["tag:s"], "users": ["root"]}',
+            "ssh[0].checkPeriod",
+            "168h",
+        ),
+        (
+            '{"action": "check", "checkPeriod": "abc", "src": ["alice@"], "dst": ["tag:s"], "users": ["root"]}',
+            "ssh[0].checkPeriod",
+            "duration",
+        ),
+        (
+            '{"action": "accept", "checkPeriod": "1h", "src": ["alice@"], "dst": ["tag:s"], "users": ["root"]}',
+            "ssh[0].checkPeriod",
+            "only valid",
+        ),
+        (
+            '{"action": "accept", "acceptEnv": [""], "src": ["alice@"], "dst": ["tag:s"], "users": ["root"]}',
+            "ssh[0].acceptEnv[0]",
+            "empty",
+        ),
+        (
+            '{"action": "accept", "src": ["tag:s"], "dst": ["alice@"], "users": ["root"]}',
+            "ssh[0].dst[0]",
+            "tagged sources",
+        ),
+        (
+            '{"action": "accept", "src": ["autogroup:member"], "dst": ["alice@"], "users": ["root"]}',
+            "ssh[0].dst[0]",
+            "autogroup:self",
+        ),
+        (
+            '{"action": "accept", "src": ["tag:s"], "dst": ["autogroup:self"], "users": ["root"]}',
+            "ssh[0].dst[0]",
+            "not tags",
+        ),
     ],
 )
 def test_ssh_rule_errors(rule: str, path: str, fragment: str) -> None:
-    text = '{"tagOwners": {"tag:s": ["alice@"]}, "hosts": {"net": "10.0.0.0/8"}, "ssh": [' + rule + "]}"
+    text = (
+        '{"tagOwners": {"tag:s": ["alice@"]}, "hosts": {"net": "10.0.0.0/8"}, "ssh": ['
+        + rule
+        + "]}"
+    )
     err = refuse(text)
     assert err.path == path
     assert fragment in err.message
@@ -213,7 +280,9 @@ def test_ssh_localpart_domain_checked_when_configured() -> None:
 
 
 def test_every_problem_reported() -> None:
-    err = refuse('{"acls": [{"action": "accept", "src": ["group:x", "tag:y"], "dst": ["nohost:1"]}]}')
+    err = refuse(
+        '{"acls": [{"action": "accept", "src": ["group:x", "tag:y"], "dst": ["nohost:1"]}]}'
+    )
     paths = [err.path] + [e.path for e in err.others]
     assert paths == ["acls[0].src[0]", "acls[0].src[1]", "acls[0].dst[0]"]
     assert "and 2 more problem(s)" in str(err)
@@ -227,15 +296,23 @@ def test_auto_approvers_validated() -> None:
 
 
 def test_legacy_users_ports_names() -> None:
-    policy = parse_policy('{"acls": [{"action": "accept", "users": ["alice@"], "ports": ["*:22"]}]}')
+    policy = parse_policy(
+        '{"acls": [{"action": "accept", "users": ["alice@"], "ports": ["*:22"]}]}'
+    )
     assert policy.acls is not None
     assert policy.acls[0].src[0].name == "alice@"
 
 
 def test_grants_subset() -> None:
-    policy = parse_policy('{"grants": [{"src": ["*"], "dst": ["*"], "ip": ["tcp:22", "443", "*"]}]}')
+    policy = parse_policy(
+        '{"grants": [{"src": ["*"], "dst": ["*"], "ip": ["tcp:22", "443", "*"]}]}'
+    )
     assert policy.grants is not None
-    assert [(r.protos, r.ports[0].first) for r in policy.grants[0].ip] == [((6,), 22), ((), 443), ((), 0)]
+    assert [(r.protos, r.ports[0].first) for r in policy.grants[0].ip] == [
+        ((6,), 22),
+        ((), 443),
+        ((), 0),
+    ]
     err = refuse('{"grants": [{"src": ["*"], "dst": ["*"], "app": {"example.com/cap": [{}]}}]}')
     assert "not supported" in err.message
     err = refuse('{"grants": [{"src": ["*"], "dst": ["autogroup:self"], "ip": ["*"]}]}')

@@ -22,8 +22,15 @@ TESTROOT_MARKER = ".homescale-testroot-complete"
 
 def run_script(*cmd: str | Path, timeout: float = 600, env: dict[str, str] | None = None) -> str:
     """Run a packaging script; on failure show its output in the test report."""
-    proc = subprocess.run([str(c) for c in cmd], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, check=False, env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        [str(c) for c in cmd],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
     if proc.returncode != 0:
         pytest.fail(f"{cmd[0]} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout
@@ -80,6 +87,8 @@ def testroot() -> Path:
     if os.geteuid() != 0:
         pytest.skip("not root: installing a .deb into a chroot needs root")
     if not (root / TESTROOT_MARKER).exists():
-        pytest.skip(f"no Debian test root at {root}: run packaging/prepare-testroot.sh "
-                    "(needs root, debootstrap and the network; `make test` runs it)")
+        pytest.skip(
+            f"no Debian test root at {root}: run packaging/prepare-testroot.sh "
+            "(needs root, debootstrap and the network; `make test` runs it)"
+        )
     return root

@@ -61,27 +61,49 @@ class DebianRoot:
         subprocess.run(["mount", *args, str(where)], check=True, timeout=30)
         self.mounts.append(where)
 
-    def run(self, *cmd: str, user: str | None = None, env: dict[str, str] | None = None,
-            check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(self.argv(cmd, user=user, env=env), capture_output=True,
-                              text=True, timeout=timeout, check=False)
+    def run(
+        self,
+        *cmd: str,
+        user: str | None = None,
+        env: dict[str, str] | None = None,
+        check: bool = True,
+        timeout: float = 120,
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            self.argv(cmd, user=user, env=env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         if check and proc.returncode != 0:
-            pytest.fail(f"in chroot: {shlex.join(cmd)} -> {proc.returncode}\n"
-                        f"{proc.stdout}\n{proc.stderr}")
+            pytest.fail(
+                f"in chroot: {shlex.join(cmd)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+            )
         return proc
 
-    def argv(self, cmd: Sequence[str], *, user: str | None = None,
-             env: dict[str, str] | None = None, cwd: str = "/") -> list[str]:
+    def argv(
+        self,
+        cmd: Sequence[str],
+        *,
+        user: str | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str = "/",
+    ) -> list[str]:
         # A clean environment: nothing of the host's (venv, PYTHONPATH, TMPDIR)
         # leaks into what the package sees.
-        full_env = {"PATH": PATH, "LANG": "C.UTF-8", "HOME": "/root",
-                    "DEBIAN_FRONTEND": "noninteractive", **(env or {})}
+        full_env = {
+            "PATH": PATH,
+            "LANG": "C.UTF-8",
+            "HOME": "/root",
+            "DEBIAN_FRONTEND": "noninteractive",
+            **(env or {}),
+        }
         prefix = ["chroot", str(self.path)]
         if user is not None:
             prefix += ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups"]
             full_env["HOME"] = "/nonexistent"
-        return [*prefix, "env", "-i", "-C", cwd, *(f"{k}={v}" for k, v in full_env.items()),
-                *cmd]
+        return [*prefix, "env", "-i", "-C", cwd, *(f"{k}={v}" for k, v in full_env.items()), *cmd]
 
     def apt(self, *args: str) -> subprocess.CompletedProcess[str]:
         # Use-Pty=0: there is no /dev/pts in the chroot; apt would complain.
@@ -113,8 +135,9 @@ class DebianRoot:
         return None
 
     def package_status(self) -> str:
-        proc = self.run("dpkg-query", "-W", "-f", "${db:Status-Abbrev}${Version}", "homescale",
-                        check=False)
+        proc = self.run(
+            "dpkg-query", "-W", "-f", "${db:Status-Abbrev}${Version}", "homescale", check=False
+        )
         return proc.stdout.strip() if proc.returncode == 0 else "not-installed"
 
     def close(self) -> None:
@@ -146,9 +169,19 @@ def debroot(testroot: Path, tmp_path: Path) -> Iterator[DebianRoot]:
         upper.mkdir()
         work.mkdir()
         overlay = subprocess.run(
-            ["mount", "-t", "overlay", "overlay", "-o",
-             f"lowerdir={testroot},upperdir={upper},workdir={work}", str(merged)],
-            capture_output=True, check=False, timeout=30)
+            [
+                "mount",
+                "-t",
+                "overlay",
+                "overlay",
+                "-o",
+                f"lowerdir={testroot},upperdir={upper},workdir={work}",
+                str(merged),
+            ],
+            capture_output=True,
+            check=False,
+            timeout=30,
+        )
         if overlay.returncode == 0:
             root.mounts.append(merged)
         else:
@@ -162,13 +195,25 @@ def debroot(testroot: Path, tmp_path: Path) -> Iterator[DebianRoot]:
 @pytest.fixture(scope="session")
 def upgrade_deb(deb_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same build under a newer version: what an upgrade installs."""
-    version = subprocess.run(["dpkg-deb", "-f", str(deb_file), "Version"], capture_output=True,
-                             text=True, check=True).stdout.strip()
+    version = subprocess.run(
+        ["dpkg-deb", "-f", str(deb_file), "Version"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     out = tmp_path_factory.mktemp("upgrade")
-    env = {**os.environ, "DEB_VERSION": f"{version}+test1", "DEB_OUTDIR": str(out),
-           "DEB_USE_BUILT_BINARY": "1"}
-    proc = subprocess.run([str(REPO / "packaging" / "build-deb.sh")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
+    env = {
+        **os.environ,
+        "DEB_VERSION": f"{version}+test1",
+        "DEB_OUTDIR": str(out),
+        "DEB_USE_BUILT_BINARY": "1",
+    }
+    proc = subprocess.run(
+        [str(REPO / "packaging" / "build-deb.sh")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (deb,) = out.glob("homescale_*.deb")
     return deb
@@ -201,21 +246,30 @@ def load_yaml(path: Path) -> dict[str, object]:
 
 # ---------------------------------------------------------------- the package file
 
+
 def test_package_contents_and_metadata(deb_file: Path) -> None:
-    listing = subprocess.run(["dpkg-deb", "-c", str(deb_file)], capture_output=True, text=True,
-                             check=True).stdout
-    files = {line.split()[-1].removeprefix(".") for line in listing.splitlines()
-             if not line.startswith("d")}
+    listing = subprocess.run(
+        ["dpkg-deb", "-c", str(deb_file)], capture_output=True, text=True, check=True
+    ).stdout
+    files = {
+        line.split()[-1].removeprefix(".")
+        for line in listing.splitlines()
+        if not line.startswith("d")
+    }
     assert files >= PACKAGED_FILES
     # root-owned whoever built it (--root-owner-group).
     assert all(" root/root " in line for line in listing.splitlines()), listing
-    info = subprocess.run(["dpkg-deb", "-I", str(deb_file)], capture_output=True, text=True,
-                          check=True).stdout
+    info = subprocess.run(
+        ["dpkg-deb", "-I", str(deb_file)], capture_output=True, text=True, check=True
+    ).stdout
     for member in ("postinst", "prerm", "postrm", "conffiles", "md5sums"):
         assert re.search(rf"\s{member}\s", info), f"no DEBIAN/{member}:\n{info}"
-    fields = {k: subprocess.run(["dpkg-deb", "-f", str(deb_file), k], capture_output=True,
-                                text=True, check=True).stdout.strip()
-              for k in ("Package", "Architecture", "Depends", "Version")}
+    fields = {
+        k: subprocess.run(
+            ["dpkg-deb", "-f", str(deb_file), k], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for k in ("Package", "Architecture", "Depends", "Version")
+    }
     assert fields["Package"] == "homescale"
     assert fields["Architecture"] == "amd64"
     assert deb_file.name == f"homescale_{fields['Version']}_amd64.deb"
@@ -237,8 +291,13 @@ def test_packaged_config_uses_package_paths(deb_file: Path, tmp_path: Path) -> N
 def test_lintian_reports_no_errors(deb_file: Path) -> None:
     if shutil.which("lintian") is None:
         pytest.skip("lintian missing (apt-get install lintian; `make sysdeps` does)")
-    proc = subprocess.run(["lintian", "--no-tag-display-limit", str(deb_file)],
-                          capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        ["lintian", "--no-tag-display-limit", str(deb_file)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     tags = [line for line in proc.stdout.splitlines() if re.match(r"^[EWIXOP]: ", line)]
     errors = [t for t in tags if t.startswith("E: ")]
     assert not errors, proc.stdout
@@ -248,8 +307,8 @@ def test_lintian_reports_no_errors(deb_file: Path) -> None:
 
 # ---------------------------------------------------------------- installed
 
-def test_install_creates_user_state_and_enables_unit(debroot: DebianRoot,
-                                                      deb_file: Path) -> None:
+
+def test_install_creates_user_state_and_enables_unit(debroot: DebianRoot, deb_file: Path) -> None:
     out = debroot.install(deb_file)
     # Nothing had to come from a mirror: the package's Depends are in minbase.
     assert "Need to get 0 B" in out.stdout or "Get:1 /tmp/" in out.stdout, out.stdout
@@ -288,8 +347,9 @@ def test_install_creates_user_state_and_enables_unit(debroot: DebianRoot,
     assert "server_url" in out.stdout
 
 
-def test_installed_binary_runs_and_config_passes_configtest(debroot: DebianRoot,
-                                                            deb_file: Path) -> None:
+def test_installed_binary_runs_and_config_passes_configtest(
+    debroot: DebianRoot, deb_file: Path
+) -> None:
     debroot.install(deb_file)
     helptext = debroot.run("homescale", "--help").stdout
     assert "serve" in helptext
@@ -302,7 +362,8 @@ def test_installed_binary_runs_and_config_passes_configtest(debroot: DebianRoot,
 
 
 def test_serve_runs_as_unit_describes_and_answers_health(
-        debroot: DebianRoot, deb_file: Path, unit_service: dict[str, list[str]]) -> None:
+    debroot: DebianRoot, deb_file: Path, unit_service: dict[str, list[str]]
+) -> None:
     debroot.install(deb_file)
     user = unit_service["User"][0]
     uid = int(debroot.passwd(user)[2])  # type: ignore[index]
@@ -327,10 +388,16 @@ def test_serve_runs_as_unit_describes_and_answers_health(
     assert not stale.exists()
 
     port, metrics_port = free_port(), free_port()
-    env |= {"HOMESCALE_LISTEN_ADDR": f"127.0.0.1:{port}",
-            "HOMESCALE_METRICS_LISTEN_ADDR": f"127.0.0.1:{metrics_port}"}
-    cmd = debroot.argv(shlex.split(unit_service["ExecStart"][0]), user=user, env=env,
-                       cwd=unit_service["WorkingDirectory"][0])
+    env |= {
+        "HOMESCALE_LISTEN_ADDR": f"127.0.0.1:{port}",
+        "HOMESCALE_METRICS_LISTEN_ADDR": f"127.0.0.1:{metrics_port}",
+    }
+    cmd = debroot.argv(
+        shlex.split(unit_service["ExecStart"][0]),
+        user=user,
+        env=env,
+        cwd=unit_service["WorkingDirectory"][0],
+    )
     log_path = debroot.path.parent / "serve.log"
     with log_path.open("w") as log:
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -371,8 +438,7 @@ def test_serve_runs_as_unit_describes_and_answers_health(
     # set TMPDIR when /tmp is noexec).
     admin_env = {"TMPDIR": "/root"}
     debroot.run("homescale", "users", "create", "alice", env=admin_env)
-    key = debroot.run("homescale", "preauthkeys", "create", "--user", "alice",
-                      env=admin_env).stdout
+    key = debroot.run("homescale", "preauthkeys", "create", "--user", "alice", env=admin_env).stdout
     assert key.strip(), "preauthkeys create printed no key"
     # Through the server, not by opening the database as root: nothing in the
     # state directory became root's (the service could not write it anymore).
@@ -387,14 +453,16 @@ def test_serve_runs_as_unit_describes_and_answers_health(
     assert not [p for p in debroot.file(env["TMPDIR"]).iterdir() if p.name.startswith("_MEI")]
 
 
-def test_upgrade_keeps_config_database_and_admin_choices(debroot: DebianRoot, deb_file: Path,
-                                                         upgrade_deb: Path) -> None:
+def test_upgrade_keeps_config_database_and_admin_choices(
+    debroot: DebianRoot, deb_file: Path, upgrade_deb: Path
+) -> None:
     debroot.install(deb_file)
     uid = debroot.passwd("homescale")[2]  # type: ignore[index]
     # The admin edits server_url and the server has written its database.
     cfg_path = debroot.file("/etc/homescale/config.yaml")
-    edited = re.sub(r"(?m)^server_url: .*$", "server_url: https://hs.example.com",
-                    cfg_path.read_text())
+    edited = re.sub(
+        r"(?m)^server_url: .*$", "server_url: https://hs.example.com", cfg_path.read_text()
+    )
     assert edited != cfg_path.read_text()
     cfg_path.write_text(edited)
     db_path = debroot.file(load_yaml(cfg_path)["database"]["sqlite"]["path"])  # type: ignore[index]
@@ -405,8 +473,9 @@ def test_upgrade_keeps_config_database_and_admin_choices(debroot: DebianRoot, de
     wants.unlink()
 
     out = debroot.install(upgrade_deb)
-    new_version = subprocess.run(["dpkg-deb", "-f", str(upgrade_deb), "Version"],
-                                 capture_output=True, text=True, check=True).stdout.strip()
+    new_version = subprocess.run(
+        ["dpkg-deb", "-f", str(upgrade_deb), "Version"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert debroot.package_status() == f"ii {new_version}"
     # dpkg took the upgrade path ("Unpacking homescale (new) over (old)").
     assert re.search(r"Unpacking homescale \(.*\) over \(", out.stdout), out.stdout
@@ -435,9 +504,13 @@ def test_remove_keeps_state_and_purge_removes_it(debroot: DebianRoot, deb_file: 
     debroot.apt("purge", "homescale")
     status = debroot.package_status()
     assert status == "not-installed" or status.startswith("un"), status
-    for gone in ("/etc/homescale", "/var/lib/homescale", "/var/cache/homescale",
-                 f"/etc/systemd/system/multi-user.target.wants/{UNIT_NAME}",
-                 f"/etc/systemd/system/{UNIT_NAME}"):
+    for gone in (
+        "/etc/homescale",
+        "/var/lib/homescale",
+        "/var/cache/homescale",
+        f"/etc/systemd/system/multi-user.target.wants/{UNIT_NAME}",
+        f"/etc/systemd/system/{UNIT_NAME}",
+    ):
         assert not os.path.lexists(debroot.file(gone)), gone
     # The user stays (Debian practice: files it owns may remain elsewhere), so
     # a later install reuses the same uid.
@@ -449,8 +522,9 @@ def test_remove_keeps_state_and_purge_removes_it(debroot: DebianRoot, deb_file: 
     debroot.run("homescale", "configtest")
 
 
-def test_scripts_drive_systemd_when_it_runs(debroot: DebianRoot, deb_file: Path,
-                                            upgrade_deb: Path) -> None:
+def test_scripts_drive_systemd_when_it_runs(
+    debroot: DebianRoot, deb_file: Path, upgrade_deb: Path
+) -> None:
     # A chroot has no systemd: pretend it runs (/run/systemd/system is what
     # the scripts test) and record what they ask of it through a recording
     # systemctl (minbase has none; the real deb-systemd-invoke calls it).

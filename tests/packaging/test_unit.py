@@ -11,8 +11,10 @@ import pytest
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "homescale.service"
 
-needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
-                                   reason="systemd-analyze missing (apt-get install systemd)")
+needs_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze missing (apt-get install systemd)",
+)
 
 
 def _unit_with_stub_binary(tmp_path: Path) -> Path:
@@ -32,8 +34,13 @@ def _unit_with_stub_binary(tmp_path: Path) -> Path:
 @needs_analyze
 def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
     unit = _unit_with_stub_binary(tmp_path)
-    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
-                          text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     out = proc.stdout + proc.stderr
     # verify only warns (exit 0) on a misspelt key or a bad value: read the text.
     assert "Unknown key" not in out, out
@@ -46,8 +53,13 @@ def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
 @needs_analyze
 def test_hardening_exposure_is_low(tmp_path: Path) -> None:
     unit = _unit_with_stub_binary(tmp_path)
-    proc = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)],
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", proc.stdout + proc.stderr)
     assert m, proc.stdout + proc.stderr
     # headscale's unit scores about 1.5 ("OK"); 10 is an unhardened service.
@@ -70,7 +82,9 @@ def test_unit_runs_the_packaged_binary_as_its_user(unit_service: dict[str, list[
     # The database and the admin socket live where the packaged config puts them.
     assert unit_service["StateDirectory"] == ["homescale"]
     assert unit_service["RuntimeDirectory"] == ["homescale"]
-    assert set(unit_service["ReadWritePaths"][0].split()) >= {"/var/lib/homescale",
-                                                               "/var/run/homescale"}
+    assert set(unit_service["ReadWritePaths"][0].split()) >= {
+        "/var/lib/homescale",
+        "/var/run/homescale",
+    }
     assert unit_service["ProtectSystem"] == ["strict"]
     assert unit_service["PrivateTmp"] == ["true"]

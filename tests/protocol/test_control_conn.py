@@ -74,8 +74,11 @@ async def served(handler: Recorder, server_key: PrivateKey) -> AsyncIterator[tri
     client_raw, server_raw = memory_stream_pair()
     http = HttpServer(
         routes={},
-        upgrades={"/ts2021": partial(serve_ts2021, server_private_key=server_key,
-                                     handler=handler, logger=LOG)},
+        upgrades={
+            "/ts2021": partial(
+                serve_ts2021, server_private_key=server_key, handler=handler, logger=LOG
+            )
+        },
         logger=LOG,
     )
     async with trio.open_nursery() as nursery:
@@ -85,12 +88,14 @@ async def served(handler: Recorder, server_key: PrivateKey) -> AsyncIterator[tri
 
 
 @asynccontextmanager
-async def client_for(handler: Recorder, *, window: int = 65535, version: int = 130,
-                     machine: PrivateKey | None = None):
+async def client_for(
+    handler: Recorder, *, window: int = 65535, version: int = 130, machine: PrivateKey | None = None
+):
     key = PrivateKey.generate()
     async with served(handler, key) as raw, trio.open_nursery() as nursery:
-        c = await ts2021client.connect(raw, key.machine_public(), window=window,
-                                       version=version, machine=machine)
+        c = await ts2021client.connect(
+            raw, key.machine_public(), window=window, version=version, machine=machine
+        )
         await nursery.start(c.run)
         yield c
         nursery.cancel_scope.cancel()
@@ -103,8 +108,9 @@ async def test_handshake_early_payload_and_request_identity() -> None:
         async with client_for(rec, machine=machine, version=130) as c:
             assert c.early is not None
             assert c.early.node_key_challenge is not None
-            status, body = await c.request("POST", "/echo", b'{"Version":130}',
-                                           [("ts-lb", "nodekey:" + "0" * 64)])
+            status, body = await c.request(
+                "POST", "/echo", b'{"Version":130}', [("ts-lb", "nodekey:" + "0" * 64)]
+            )
     assert (status, body) == (200, b'{"Version":130}')
     req = rec.requests[0]
     assert req.method == "POST"
@@ -285,8 +291,11 @@ async def test_upgrade_header_is_case_insensitive() -> None:
     rec = Recorder()
     with trio.fail_after(10):
         async with served(rec, key) as raw:
-            hdrs = [("Upgrade", "Tailscale-Control-Protocol"), ("Connection", "upgrade"),
-                    ("X-Tailscale-Handshake", base64.b64encode(ini.initiation).decode())]
+            hdrs = [
+                ("Upgrade", "Tailscale-Control-Protocol"),
+                ("Connection", "upgrade"),
+                ("X-Tailscale-Handshake", base64.b64encode(ini.initiation).decode()),
+            ]
             head = "POST /ts2021 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
             head += "".join(f"{k}: {v}\r\n" for k, v in hdrs) + "\r\n"
             await raw.send_all(head.encode())

@@ -148,7 +148,12 @@ def test_peer_change_only_sends_set_fields() -> None:
 def test_register_response_shape() -> None:
     out = RegisterResponse(MachineAuthorized=True).to_json()
     assert set(out) == {
-        "User", "Login", "NodeKeyExpired", "MachineAuthorized", "AuthURL", "NodeKeySignature",
+        "User",
+        "Login",
+        "NodeKeyExpired",
+        "MachineAuthorized",
+        "AuthURL",
+        "NodeKeySignature",
         "Error",
     }
     assert out["User"]["Created"] == "0001-01-01T00:00:00Z"
@@ -163,8 +168,6 @@ def test_bytes_are_base64() -> None:
         RegisterRequest.from_json({"NodeKeySignature": "!!"})
 
 
-
-
 def test_over_tls_public_key_response() -> None:
     from protocol.keys import MachinePublic
 
@@ -175,16 +178,23 @@ def test_over_tls_public_key_response() -> None:
 
 def test_user_profile_omits_empty_picture() -> None:
     assert UserProfile(ID=1, LoginName="a", DisplayName="A").to_json() == {
-        "ID": 1, "LoginName": "a", "DisplayName": "A",
+        "ID": 1,
+        "LoginName": "a",
+        "DisplayName": "A",
     }
 
 
 def test_map_request_from_real_client_shape() -> None:
     raw = {
-        "Version": 130, "Compress": "zstd", "KeepAlive": True, "NodeKey": NK,
-        "DiscoKey": "discokey:" + "cd" * 32, "Stream": True,
+        "Version": 130,
+        "Compress": "zstd",
+        "KeepAlive": True,
+        "NodeKey": NK,
+        "DiscoKey": "discokey:" + "cd" * 32,
+        "Stream": True,
         "Hostinfo": {"Hostname": "nodea", "NetInfo": {"PreferredDERP": 900, "WorkingUDP": True}},
-        "Endpoints": ["127.0.0.1:41641"], "EndpointTypes": [1],
+        "Endpoints": ["127.0.0.1:41641"],
+        "EndpointTypes": [1],
         "HardwareAttestationKey": None,
     }
     mr = MapRequest.from_json(raw)

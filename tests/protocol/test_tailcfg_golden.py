@@ -120,7 +120,11 @@ def _same(golden: Any, ours: Any, path: str) -> list[str]:
     if isinstance(golden, list):
         if not isinstance(ours, list) or len(ours) != len(golden):
             return [f"{path}: list differs"]
-        return [d for i, (g, o) in enumerate(zip(golden, ours, strict=True)) for d in _same(g, o, f"{path}[{i}]")]
+        return [
+            d
+            for i, (g, o) in enumerate(zip(golden, ours, strict=True))
+            for d in _same(g, o, f"{path}[{i}]")
+        ]
     if isinstance(golden, str) and re.match(r"\d{4}-\d\d-\d\dT", golden):
         # Go keeps nanoseconds; we keep microseconds.
         g, o = parse_time(golden), parse_time(ours)

@@ -50,8 +50,9 @@ def _text(header: str | bytes) -> str:
 
 
 class TS2021Client:
-    def __init__(self, stream: NoiseStream, early: noise.EarlyPayload | None,
-                 leftover: bytes, window: int) -> None:
+    def __init__(
+        self, stream: NoiseStream, early: noise.EarlyPayload | None, leftover: bytes, window: int
+    ) -> None:
         self.stream = stream
         self.early = early
         self._leftover = leftover
@@ -133,20 +134,32 @@ class TS2021Client:
         elif isinstance(ev, h2.events.ConnectionTerminated):
             self.terminated.set()
 
-    async def open(self, method: str, path: str, body: bytes = b"",
-                   headers: list[tuple[str, str]] | None = None) -> ClientStream:
+    async def open(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        headers: list[tuple[str, str]] | None = None,
+    ) -> ClientStream:
         sid = self.h2.get_next_available_stream_id()
         send, recv = trio.open_memory_channel[bytes](math.inf)
         st = ClientStream(sid, send=send, recv=recv)
         self.streams[sid] = st
-        hdrs = [(":method", method), (":scheme", "http"), (":authority", "127.0.0.1"),
-                (":path", path), ("content-length", str(len(body))), *(headers or [])]
+        hdrs = [
+            (":method", method),
+            (":scheme", "http"),
+            (":authority", "127.0.0.1"),
+            (":path", path),
+            ("content-length", str(len(body))),
+            *(headers or []),
+        ]
         self.h2.send_headers(sid, hdrs, end_stream=not body)
         await self._flush()
         view = memoryview(body)
         while view:
-            n = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size,
-                    len(view))
+            n = min(
+                self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size, len(view)
+            )
             if n <= 0:
                 await self._window.wait()
                 continue
@@ -173,8 +186,13 @@ class TS2021Client:
             out += chunk
         return bytes(out)
 
-    async def request(self, method: str, path: str, body: bytes = b"",
-                      headers: list[tuple[str, str]] | None = None) -> tuple[int, bytes]:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        headers: list[tuple[str, str]] | None = None,
+    ) -> tuple[int, bytes]:
         st = await self.open(method, path, body, headers)
         await st.headers_ready.wait()
         data = await self.read_all(st)
@@ -197,11 +215,17 @@ async def upgrade(
     """Do the HTTP upgrade and the Noise handshake; returns the plaintext stream."""
     ini = noise.Initiator(machine or PrivateKey.generate(), server_public, version)
     conn = h11.Connection(h11.CLIENT)
-    req = h11.Request(method=method, target="/ts2021", headers=[
-        ("Host", "127.0.0.1"), ("Upgrade", "tailscale-control-protocol"),
-        ("Connection", "upgrade"), ("Content-Length", "0"),
-        ("X-Tailscale-Handshake", base64.b64encode(ini.initiation).decode()),
-    ])
+    req = h11.Request(
+        method=method,
+        target="/ts2021",
+        headers=[
+            ("Host", "127.0.0.1"),
+            ("Upgrade", "tailscale-control-protocol"),
+            ("Connection", "upgrade"),
+            ("Content-Length", "0"),
+            ("X-Tailscale-Handshake", base64.b64encode(ini.initiation).decode()),
+        ],
+    )
     await raw.send_all(conn.send(req) + conn.send(h11.EndOfMessage()))
     while True:
         ev = conn.next_event()
@@ -245,9 +269,16 @@ async def upgrade(
         plain += chunk
 
 
-async def connect(raw: trio.abc.Stream, server_public: MachinePublic, *,
-                  machine: PrivateKey | None = None, version: int = 130,
-                  method: str = "POST", window: int = 65535) -> TS2021Client:
-    ns, early, leftover, _ = await upgrade(raw, server_public, machine=machine,
-                                           version=version, method=method)
+async def connect(
+    raw: trio.abc.Stream,
+    server_public: MachinePublic,
+    *,
+    machine: PrivateKey | None = None,
+    version: int = 130,
+    method: str = "POST",
+    window: int = 65535,
+) -> TS2021Client:
+    ns, early, leftover, _ = await upgrade(
+        raw, server_public, machine=machine, version=version, method=method
+    )
     return TS2021Client(ns, early, leftover, window)

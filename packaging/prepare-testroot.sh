@@ -7,9 +7,12 @@
 # The root lives outside the repo (it is ~200 MB and root-owned) and is reused
 # between runs. Delete the directory to rebuild it.
 #
-# Not root, or no debootstrap: say why and exit 0 -- the test then skips with
-# the same reason, so `make test` still runs everything else.
+# Not root, no debootstrap, or debootstrap failed: an error under
+# HOMESCALE_REQUIRE_ALL=1 (tier chroot-install, see tests/tiers.py); otherwise
+# say why and exit 0 -- the test then skips with the reason, so `make test`
+# still runs everything else.
 set -euo pipefail
+. "$(dirname "$0")/../tests/tiers.sh"
 
 # Keep this default in step with tests/packaging/conftest.py (TESTROOT_DEFAULT).
 root=${HOMESCALE_TESTROOT:-/var/cache/homescale-test/bookworm-root}
@@ -25,11 +28,11 @@ if [ -f "$marker" ]; then
   exit 0
 fi
 if [ "$(id -u)" != 0 ]; then
-  echo "prepare-testroot: not root; the .deb install test will skip (debootstrap and chroot need root)"
+  tier_unavailable chroot-install "not root (debootstrap and chroot need root)"
   exit 0
 fi
 if ! command -v debootstrap >/dev/null 2>&1; then
-  echo "prepare-testroot: debootstrap missing (apt-get install debootstrap); the .deb install test will skip"
+  tier_unavailable chroot-install "debootstrap missing (apt-get install debootstrap)"
   exit 0
 fi
 
@@ -41,9 +44,9 @@ mkdir -p "$(dirname "$root")"
 # nothing is added here: an undeclared dependency would then show up as a
 # failed install in the test instead of hiding in a fatter root.
 if ! debootstrap --variant=minbase "$suite" "$tmp" "$mirror" >"$tmp.log" 2>&1; then
-  echo "prepare-testroot: debootstrap failed (no network?); see $tmp.log; the .deb install test will skip"
   # Do not leave a root that later runs might mistake for a usable one.
   rm -rf "$tmp"
+  tier_unavailable chroot-install "debootstrap $suite from $mirror failed (no network?); see $tmp.log"
   exit 0
 fi
 rm -f "$tmp.log"

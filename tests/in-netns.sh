@@ -4,8 +4,17 @@
 # never dial; the default route leads to 10.203.0.2, where nothing answers).
 # Nothing inside can reach any address off this machine. Tests that start real
 # clients require HOMESCALE_TEST_NETNS=1, which only this script sets.
+#
+# No namespace (not root, or unshare refused): an error under
+# HOMESCALE_REQUIRE_ALL=1 (tier realclient); otherwise the command runs without
+# one and the real-client tests skip with the reason.
 set -euo pipefail
-if [ "$(id -u)" = 0 ] && unshare -n true 2>/dev/null; then
+. "$(dirname "$0")/tiers.sh"
+if [ "$(id -u)" != 0 ]; then
+  why="not root (unshare -n needs root)"
+elif ! err=$(unshare -n true 2>&1); then
+  why="unshare -n failed: ${err:-no message}"
+else
   exec unshare -n bash -c '
     set -e
     ip link set lo up
@@ -16,5 +25,5 @@ if [ "$(id -u)" = 0 ] && unshare -n true 2>/dev/null; then
     export HOMESCALE_TEST_NETNS=1
     exec "$@"' bash "$@"
 fi
-echo "in-netns: cannot create a network namespace (needs root); real-client tests will skip" >&2
+tier_unavailable realclient "cannot create a network namespace: $why"
 exec "$@"

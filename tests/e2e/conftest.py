@@ -36,7 +36,8 @@ RUNNING_WITHIN = 40.0
 
 @pytest.fixture
 def realclient_ready() -> None:
-    """Skips (with the reason) unless real clients can run hermetically here."""
+    """The realclient tier: skips locally (with the reason), fails in CI, unless real
+    clients can run hermetically here."""
     realclient.require_realclient()
 
 

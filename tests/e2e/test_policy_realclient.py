@@ -16,7 +16,8 @@ own log (caddy ``debug``: how many peers tsnet configured WireGuard with, and th
 peers its netmap diffs added or removed), and for carol the decoded map stream. The server's debug log ("node N <- B bytes: {json}") shows what each real
 node was sent.
 
-Everything skips unless inside a private network namespace (tests/in-netns.sh).
+The scenario tests need real clients (the realclient tier, tests/tiers.py); the
+CLI/server test runs everywhere.
 """
 
 from __future__ import annotations
@@ -41,11 +42,10 @@ from appliance.config import load_config
 from tests import realclient
 from tests.e2e.conftest import ControlPeer, MapStream, connect_peer, fetch_until, wait_nodes
 
-# Decided at collection (a pytest.skip inside the trio test run loses its reason).
-pytestmark = [
-    pytest.mark.realclient,
-    pytest.mark.skipif(realclient.skip_reason() is not None, reason=realclient.skip_reason() or ""),
-]
+# The two scenario tests start real clients: the realclient tier, decided at
+# collection (a pytest.skip inside the trio test run loses its reason). The CLI
+# and server test at the end starts none and runs everywhere.
+needs_clients = realclient.tier_mark()
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "policy_e2e"
 GROUP_A_ONLY = FIXTURES / "group_a_only.hujson"
@@ -426,6 +426,8 @@ async def change_shuts_bob_out(
 # --- the tests -------------------------------------------------------------------------
 
 
+@pytest.mark.realclient
+@needs_clients
 async def test_file_policy_denies_then_admits_after_edit(tmp_path: Path) -> None:
     policy_file = tmp_path / "policy.hujson"
     async with scenario(tmp_path, "file") as sc, trio.open_nursery() as nursery:
@@ -491,6 +493,8 @@ async def test_file_policy_denies_then_admits_after_edit(tmp_path: Path) -> None
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.realclient
+@needs_clients
 async def test_database_policy_denies_then_admits_after_set(tmp_path: Path) -> None:
     async with scenario(tmp_path, "database") as sc, trio.open_nursery() as nursery:
         _, carol_stream, carol_first = await open_carol(sc, nursery)

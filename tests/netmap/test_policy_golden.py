@@ -35,6 +35,7 @@ from netmap.policy import (
     parse_policy,
 )
 from netmap.policy.ipset import IPSet
+from tests import tiers
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "golden" / "tailscale-saas"
@@ -199,8 +200,8 @@ SHARED_SCENARIOS = scenario_files(SHARED)
 FIXTURE_SCENARIOS = scenario_files(FIXTURES)
 
 
-@pytest.mark.skipif(
-    not SHARED_SCENARIOS, reason="../shared/golden (CI only) is not present in this clone"
+@tiers.mark(
+    "shared", bool(SHARED_SCENARIOS), f"{SHARED} (CI only) is not present next to this clone"
 )
 def test_golden_summary(capsys: pytest.CaptureFixture[str]) -> None:
     """Print N/M and require every supported scenario to match."""
@@ -212,8 +213,8 @@ def test_golden_summary(capsys: pytest.CaptureFixture[str]) -> None:
     assert not failing, "\n".join(f"{k}: {v[0]}" for k, v in sorted(failing.items()))
 
 
-@pytest.mark.skipif(
-    not SHARED_SCENARIOS, reason="../shared/golden (CI only) is not present in this clone"
+@tiers.mark(
+    "shared", bool(SHARED_SCENARIOS), f"{SHARED} (CI only) is not present next to this clone"
 )
 @pytest.mark.parametrize("path", SHARED_SCENARIOS, ids=_ids(SHARED_SCENARIOS))
 def test_golden_scenario(path: Path) -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import tiers
+
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "homescale.service"
 # Keep in step with packaging/prepare-testroot.sh.
@@ -55,18 +57,22 @@ def _service_section(path: Path) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="session")
 def frozen_binary() -> Path:
-    if not (REPO / ".venv" / "bin" / "pyinstaller").exists():
-        pytest.skip("no .venv/bin/pyinstaller: run `make` (pip install -e '.[build]')")
-    if not (REPO / "appliance" / "cli.py").exists():
-        pytest.skip("appliance/cli.py does not exist yet: nothing to freeze")
+    tiers.require_tier(
+        "packaging",
+        (REPO / ".venv" / "bin" / "pyinstaller").exists(),
+        "no .venv/bin/pyinstaller: run `make` (pip install -e '.[build]')",
+    )
     run_script(REPO / "packaging" / "build-binary.sh")
     return REPO / "dist" / "homescale"
 
 
 @pytest.fixture(scope="session")
 def deb_file(frozen_binary: Path) -> Path:
-    if shutil.which("dpkg-deb") is None:
-        pytest.skip("dpkg-deb missing (apt-get install dpkg-dev)")
+    tiers.require_tier(
+        "packaging",
+        shutil.which("dpkg-deb") is not None,
+        "dpkg-deb missing (apt-get install dpkg-dev; packaging/sysdeps.sh does)",
+    )
     # Package the binary this run built and tested (others may commit to the
     # tree meanwhile; that would rebuild it mid-run).
     out = run_script(REPO / "packaging" / "build-deb.sh", env={"DEB_USE_BUILT_BINARY": "1"})
@@ -84,11 +90,13 @@ def unit_service() -> dict[str, list[str]]:
 def testroot() -> Path:
     """The cached clean bookworm root made by packaging/prepare-testroot.sh."""
     root = Path(os.environ.get("HOMESCALE_TESTROOT", TESTROOT_DEFAULT))
-    if os.geteuid() != 0:
-        pytest.skip("not root: installing a .deb into a chroot needs root")
-    if not (root / TESTROOT_MARKER).exists():
-        pytest.skip(
-            f"no Debian test root at {root}: run packaging/prepare-testroot.sh "
-            "(needs root, debootstrap and the network; `make test` runs it)"
-        )
+    tiers.require_tier(
+        "chroot-install", os.geteuid() == 0, "not root: installing a .deb into a chroot needs root"
+    )
+    tiers.require_tier(
+        "chroot-install",
+        (root / TESTROOT_MARKER).exists(),
+        f"no Debian test root at {root}: run packaging/prepare-testroot.sh "
+        "(needs root, debootstrap and the network; `make test` runs it)",
+    )
     return root

@@ -30,6 +30,8 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
+from tests import tiers
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -289,8 +291,11 @@ def test_packaged_config_uses_package_paths(deb_file: Path, tmp_path: Path) -> N
 
 
 def test_lintian_reports_no_errors(deb_file: Path) -> None:
-    if shutil.which("lintian") is None:
-        pytest.skip("lintian missing (apt-get install lintian; `make sysdeps` does)")
+    tiers.require_tier(
+        "packaging",
+        shutil.which("lintian") is not None,
+        "lintian missing (apt-get install lintian; `make sysdeps` does)",
+    )
     proc = subprocess.run(
         ["lintian", "--no-tag-display-limit", str(deb_file)],
         capture_output=True,

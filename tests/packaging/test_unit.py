@@ -7,13 +7,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+from tests import tiers
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "homescale.service"
 
-needs_analyze = pytest.mark.skipif(
-    shutil.which("systemd-analyze") is None,
-    reason="systemd-analyze missing (apt-get install systemd)",
+needs_analyze = tiers.mark(
+    "packaging",
+    shutil.which("systemd-analyze") is not None,
+    "systemd-analyze missing (apt-get install systemd; `make sysdeps` does)",
 )
 
 

@@ -26,12 +26,14 @@ from protocol.tailcfg import (
     SSHPolicy,
     UserProfile,
 )
+from tests import tiers
 
 GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "tailscale-saas"
 
-pytestmark = pytest.mark.skipif(
-    not GOLDEN.is_dir(),
-    reason=f"golden netmaps not present at {GOLDEN} (CI has ../shared; a plain clone does not)",
+pytestmark = tiers.mark(
+    "shared",
+    GOLDEN.is_dir(),
+    f"golden netmaps not present at {GOLDEN} (CI has ../shared; a plain clone does not)",
 )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 from netmap.mapsession import MapSessionState, keepalive_message
-from protocol import tailcfg
+from protocol import safejson, tailcfg
 from protocol.gojson import WireError, format_time, is_zero_time
 from protocol.mapframe import MapFrameEncoder
 
@@ -108,8 +108,8 @@ class ControlService:
         if len(req.body) > MAX_BODY:
             raise _Refusal(413, "request body too large")
         try:
-            return cls.from_json(json.loads(req.body))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return cls.from_json(safejson.loads(req.body))
+        except safejson.JSONInputError as e:
             raise _Refusal(400, f"malformed JSON: {e}") from None
         except (WireError, ValueError, TypeError) as e:
             raise _Refusal(400, f"malformed {cls.__name__}: {e}") from None

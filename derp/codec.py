@@ -25,6 +25,7 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 
 from derp.errors import LocalDerpError, RemoteDerpError
+from protocol import safejson
 
 # "DERP🔑": every ServerKey frame starts with it (derp.go Magic).
 MAGIC = "DERP🔑".encode()
@@ -402,8 +403,8 @@ def _open_json(box: Box, sealed: bytes, what: str) -> dict[str, Any]:
     except CryptoError as e:
         raise RemoteDerpError(f"{what}: cannot open the sealed box ({e})") from None
     try:
-        obj = json.loads(plain)
-    except ValueError as e:
+        obj = safejson.loads(plain)
+    except safejson.JSONInputError as e:
         raise RemoteDerpError(f"{what}: bad JSON ({e})") from None
     if not isinstance(obj, dict):
         raise RemoteDerpError(f"{what}: JSON is not an object")

@@ -13,7 +13,6 @@ keys case-insensitively and always write the canonical spelling.
 
 from __future__ import annotations
 
-import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -28,6 +27,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from derp.errors import DerpConfigError
+from protocol import safejson
 
 DERPMap = dict[str, Any]
 Region = dict[str, Any]
@@ -249,7 +249,7 @@ def load_derp_map_file(
         raise DerpConfigError(f"derp.paths: cannot read {p}: {e.strerror or e}") from None
     try:
         if p.suffix.lower() == ".json":
-            doc = json.loads(text)
+            doc = safejson.loads(text, max_bytes=_MAX_MAP_BYTES)
         else:
             doc = YAML(typ="safe").load(text)  # JSON is YAML too
     except (ValueError, YAMLError) as e:
@@ -261,7 +261,7 @@ def parse_derp_map_json(
     body: bytes, source: str, *, log: logging.Logger | None = None
 ) -> dict[int, Region | None]:
     try:
-        doc = json.loads(body)
+        doc = safejson.loads(body, max_bytes=_MAX_MAP_BYTES)
     except ValueError as e:
         raise DerpConfigError(f"derp.urls: {source} did not return JSON: {e}") from None
     return normalize_regions(doc, source, log=log)

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, ClassVar, Self
 
+from protocol import safejson
 from protocol.keys import KeyParseError, _Key32
 
 # Go's zero time.Time, which marshals as "0001-01-01T00:00:00Z".
@@ -419,8 +420,8 @@ class Wire:
         """Decode a parsed JSON object (dict) as Go would; bytes/str are parsed first."""
         if isinstance(obj, bytes | str):
             try:
-                obj = json.loads(obj)
-            except ValueError as e:
+                obj = safejson.loads(obj)
+            except safejson.JSONInputError as e:
                 raise RemoteWireError(f"{cls.__name__}: invalid JSON: {e}") from None
         return cls._decode(obj, cls.__name__)
 

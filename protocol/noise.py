@@ -29,6 +29,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from protocol import safejson
 from protocol.keys import ChallengePublic, KeyParseError, MachinePublic, PrivateKey
 
 PROTOCOL_NAME = b"Noise_IK_25519_ChaChaPoly_BLAKE2s"
@@ -489,7 +490,7 @@ def parse_early_payload(plaintext: bytes) -> tuple[EarlyPayload | None, int] | N
     if len(plaintext) < end:
         return None
     try:
-        obj = json.loads(plaintext[EARLY_PAYLOAD_HEADER_LEN:end])
+        obj = safejson.loads(plaintext[EARLY_PAYLOAD_HEADER_LEN:end])
         chal = obj.get("nodeKeyChallenge") if isinstance(obj, dict) else None
         key = ChallengePublic.parse(chal) if chal is not None else None
     except (ValueError, KeyParseError) as e:

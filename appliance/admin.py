@@ -280,6 +280,8 @@ class Admin:
         row = self.store.pre_auth_key_by_prefix(prefix)
         if row is None or not secrets.verify_secret(secret, row.hash):
             raise InvalidInput("authkey not found")
+        if secrets.needs_rehash(row.hash):
+            self.store.update_pre_auth_key(row.id, hash=secrets.hash_secret(secret))
         if row.expiration is not None and row.expiration <= utcnow():
             raise InvalidInput("authkey expired")
         if row.used and not row.reusable:
@@ -321,6 +323,8 @@ class Admin:
             return False
         if row.expiration is not None and row.expiration <= utcnow():
             return False
+        if secrets.needs_rehash(row.hash):
+            self.store.update_api_key(row.id, hash=secrets.hash_secret(secret))
         self.store.update_api_key(row.id, last_seen=utcnow())
         return True
 

@@ -826,6 +826,80 @@ def _read(file: str) -> str:
         raise CliError(f"{file}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
 
 
+# -- migrate
+
+migrate = App(name="migrate", help="Move another control server's state into homescale.")
+app.command(migrate)
+
+
+@migrate.command(name="headscale")
+def migrate_headscale(
+    *,
+    db: Annotated[str, Parameter(name=["--db"], help="headscale's db.sqlite")] = "",
+    headscale_config: Annotated[
+        str,
+        Parameter(
+            name=["--headscale-config"],
+            help="headscale's config.yaml (`--config` after `migrate headscale` means this)",
+        ),
+    ] = "",
+    noise_key: Annotated[
+        str, Parameter(name=["--noise-key"], help="headscale's noise_private.key")
+    ] = "",
+    derp_key: Annotated[
+        str, Parameter(name=["--derp-key"], help="headscale's derp_server_private.key")
+    ] = "",
+    dry_run: Annotated[bool, Parameter(name=["--dry-run"], negative="")] = False,
+) -> None:
+    """Import a stopped headscale (users, nodes, keys, policy, Noise key): devices keep
+    working without logging in again. The headscale database is only read."""
+    from .migrate_headscale import import_headscale, source_from_headscale_config
+
+    config = _config()
+    if _socket_answers(config.unix_socket):
+        raise CliError(
+            f"homescale is running ({config.unix_socket} answers): stop it first "
+            f"(systemctl stop homescale), import, then start it"
+        )
+    if not dry_run:
+        _refuse_foreign_state(config)
+    source = source_from_headscale_config(
+        Path(headscale_config) if headscale_config else None,
+        db=Path(db) if db else None,
+        noise_key=Path(noise_key) if noise_key else None,
+        derp_key=Path(derp_key) if derp_key else None,
+    )
+    report = import_headscale(source, config, dry_run=dry_run)
+    emit(
+        {
+            "dryRun": report.dry_run,
+            "counts": report.counts,
+            "notCarriedOver": report.not_carried,
+            "notes": report.notes,
+        },
+        message="\n".join(report.lines()),
+    )
+
+
+def _migrate_args(argv: Sequence[str]) -> list[str]:
+    """After `migrate headscale`, `--config`/`-c` name headscale's config (the issue's
+    `homescale migrate headscale --db F --config F`); homescale's own goes before the
+    command."""
+    out = list(argv)
+    for i in range(len(out) - 1):
+        if out[i] == "migrate" and out[i + 1] == "headscale":
+            tail = [
+                "--headscale-config"
+                if t in ("--config", "-c")
+                else "--headscale-config=" + t.split("=", 1)[1]
+                if t.startswith("--config=")
+                else t
+                for t in out[i + 2 :]
+            ]
+            return out[: i + 2] + tail
+    return out
+
+
 # ---------------------------------------------------------------- entry point
 
 
@@ -848,7 +922,7 @@ def run(argv: Sequence[str]) -> int:
     global OPTS
     OPTS = Options()
     try:
-        app.meta(list(argv), result_action="return_value")
+        app.meta(_migrate_args(argv), result_action="return_value")
     except HomescaleError as e:
         print(f"Error: {e}", file=sys.stderr)
         return e.exit_code

@@ -20,6 +20,10 @@ SECRET_LEN = 64  # hex characters of the secret part (headscale: 64)
 # scrypt cost: about 20 ms here; keys are checked rarely (registration, admin calls).
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
 
+# Hashes imported from headscale (`homescale migrate headscale`): bcrypt, as headscale
+# stores them; verified as they are and replaced by an scrypt hash on first use.
+BCRYPT_SCHEME = "bcrypt"
+
 _KEY = re.compile(r"^hskey-(auth|api)-([0-9a-f]{12})-([0-9a-f]{64})$")
 
 
@@ -44,6 +48,13 @@ def hash_secret(secret: str) -> str:
 
 
 def verify_secret(secret: str, stored: str) -> bool:
+    if stored.startswith(BCRYPT_SCHEME + "$"):
+        import bcrypt
+
+        try:
+            return bcrypt.checkpw(secret.encode(), stored.split("$", 1)[1].encode())
+        except ValueError:  # not a bcrypt hash after all
+            return False
     try:
         scheme, salt_b64, digest_b64 = stored.split("$")
     except ValueError:
@@ -52,6 +63,11 @@ def verify_secret(secret: str, stored: str) -> bool:
         return False
     digest = hashlib.scrypt(secret.encode(), salt=base64.b64decode(salt_b64), **_SCRYPT)
     return hmac.compare_digest(digest, base64.b64decode(digest_b64))
+
+
+def needs_rehash(stored: str) -> bool:
+    """True for an imported (bcrypt) hash: after a successful check, store `hash_secret`'s."""
+    return stored.startswith(BCRYPT_SCHEME + "$")
 
 
 def split_key(kind: str, key: str) -> tuple[str, str]:

@@ -33,11 +33,17 @@ run: $(STAMP)
 	@test -f $(DATA)/config.yaml || $(BIN)/homescale init --data-dir $(DATA) --server-url $(SERVER_URL)
 	$(BIN)/homescale -c $(DATA)/config.yaml serve
 
-test: $(STAMP) sysdeps
+# Format, lint and type checks: seconds, no set-up; `make test` runs them first. The venv
+# is built when missing, never rebuilt just for a lint run (pyproject.toml newer than it).
+LINTED := appliance protocol netmap derp tests packaging
+lint: $(if $(wildcard $(STAMP)),,$(STAMP))
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/mypy appliance protocol netmap derp tests
+
+test: lint $(STAMP) sysdeps
 	PIP=$(BIN)/pip tests/fetch-realclient.sh
 	packaging/prepare-testroot.sh
-	$(BIN)/ruff check appliance protocol netmap derp tests packaging
-	$(BIN)/mypy appliance protocol netmap derp tests
 	tests/in-netns.sh $(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)

@@ -12,13 +12,14 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import parse_qs, quote, unquote
 
 from .admin import Admin
 from .errors import HomescaleError, InvalidInput, StoreError
+from .storethread import RunDb
 
-RunDb = Callable[..., Awaitable[Any]]  # run_db(fn, *args) -> fn(*args) in the store's thread
+R = TypeVar("R")
 
 
 @dataclass
@@ -193,7 +194,7 @@ class AdminApi:
                 return str(body[n])
         raise InvalidInput(f"request body needs {' or '.join(repr(n) for n in names)}")
 
-    async def db(self, fn: Callable[[], Any]) -> Any:
+    async def db(self, fn: Callable[[], R]) -> R:
         return await self.run_db(fn)
 
     async def done(self, fn: Callable[[], None]) -> dict[str, Any]:

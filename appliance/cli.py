@@ -140,18 +140,16 @@ class DirectTransport(Transport):
         from .api import AdminApi
         from .policies import check_policy_text
         from .store import Store
+        from .storethread import run_inline
 
         self.store = Store(config.database_path, wal=config.write_ahead_log)
-
-        async def run_db(fn: Any, *args: Any) -> Any:
-            return fn(*args)
 
         # The server's rules, including policy.mode: in file mode a stored policy would be
         # ignored, so `policy set` is refused here as the running server refuses it.
         store = self.store
         self.api = AdminApi(
             Admin(store),
-            run_db,
+            run_inline,
             require_auth=False,
             policy_check=lambda text: check_policy_text(text, "policy", store),
             policy_mode=config.policy_mode,

@@ -12,7 +12,6 @@ import json
 import logging
 import random
 import secrets
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -29,6 +28,7 @@ from .control_conn import ControlRequest, ControlResponse
 from .errors import HomescaleError, InvalidInput, NotFound
 from .nodes import Login, log_in
 from .store import NodeRow, Store, utcnow
+from .storethread import RunDb
 from .tailnet import TAGGED_USER_ID, SessionHandle, Tailnet, node_is_expired
 
 REGISTRATION_TTL = timedelta(minutes=15)  # pending interactive logins expire
@@ -64,7 +64,7 @@ class ControlService:
         store: Store,
         admin: Admin,
         tailnet: Tailnet,
-        run_db: Callable[..., Awaitable[Any]],
+        run_db: RunDb,
         log: logging.Logger,
         nursery: trio.Nursery,
     ) -> None:
@@ -120,9 +120,9 @@ class ControlService:
         if node.tags or node.user_id is None:
             uid, name, created = TAGGED_USER_ID, "tagged-devices", None
         else:
-            u = self.tailnet.users.get(node.user_id) or await self.run_db(
-                self.store.user, node.user_id
-            )
+            u = self.tailnet.users.get(node.user_id)
+            if u is None:
+                u = await self.run_db(self.store.user, node.user_id)
             uid, name, created = u.id, u.name, u.created_at
         return {
             "User": {
@@ -189,7 +189,8 @@ class ControlService:
                 await self._reply(resp, 200, {"NodeKeyExpired": True})
                 return
             if hostinfo and hostinfo != node.hostinfo:
-                node = await self.run_db(lambda: self.store.update_node(node.id, hostinfo=hostinfo))
+                nid = node.id
+                node = await self.run_db(lambda: self.store.update_node(nid, hostinfo=hostinfo))
                 await self._announce(node)
             await self._reply(resp, 200, await self._success(node))
             return

@@ -18,7 +18,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, TypeVarTuple
 
 import trio
 
@@ -35,6 +35,9 @@ from .policies import PolicyInvalid, check_policy_text, read_policy, recovery_st
 from .store import Store
 from .tailnet import Tailnet
 from .version import commit, version
+
+R = TypeVar("R")
+Ts = TypeVarTuple("Ts")
 
 
 class ServeError(HomescaleError):
@@ -82,7 +85,8 @@ class Server:
             f'homescale_build_info{{version="{version()}",commit="{commit()}"}}', lambda: 1
         )
 
-    async def run_db(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def run_db(self, fn: Callable[[*Ts], R], /, *args: *Ts) -> R:
+        """`fn(*args)` in the store's worker thread, one call at a time (a `RunDb`)."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self.db_limiter)
 
     def is_online(self, node_id: int) -> bool:

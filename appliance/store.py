@@ -333,7 +333,7 @@ class Store:
         self._conn.execute("COMMIT")
 
     def ping(self) -> bool:
-        return self.db.execute("SELECT 1").fetchone()[0] == 1
+        return bool(self.db.execute("SELECT 1").fetchone()[0] == 1)
 
     def _rows(self, sql: str, params: list[Any] | tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         cur = self.db.execute(sql, params)

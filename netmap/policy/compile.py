@@ -92,7 +92,7 @@ class _Rule:
     protos: tuple[int, ...]
     dsts: list[_DstEntry]
 
-    def key(self) -> tuple:
+    def key(self) -> tuple[tuple[str, ...], tuple[int, ...]]:
         return (tuple(self.src_ips), self.protos)
 
     def wire(self, dsts: Iterable[_DstEntry] | None = None) -> FilterRule:
@@ -129,7 +129,7 @@ class _Matcher:
 
 def _merge_rules(rules: Iterable[_Rule]) -> list[_Rule]:
     """Rules with equal SrcIPs and IPProto become one (headscale mergeFilterRules)."""
-    out: dict[tuple, _Rule] = {}
+    out: dict[tuple[tuple[str, ...], tuple[int, ...]], _Rule] = {}
     for rule in rules:
         key = rule.key()
         if key in out:

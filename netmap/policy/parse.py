@@ -356,7 +356,7 @@ def _build(doc: Any, r: _Reader) -> Policy | None:
 
 class _Context:
     def __init__(
-        self, r: _Reader, groups: dict[str, tuple[str, ...]], hosts: dict, tags: set[str]
+        self, r: _Reader, groups: dict[str, tuple[str, ...]], hosts: dict[str, Any], tags: set[str]
     ) -> None:
         self.r = r
         self.groups = groups
@@ -382,7 +382,9 @@ class _Context:
         return alias
 
 
-def _list(ctx: _Context, entry: tuple[Any, str, int | None], what: str, each: Callable) -> list:
+def _list(
+    ctx: _Context, entry: tuple[Any, str, int | None], what: str, each: Callable[..., Any]
+) -> list[Any]:
     value, path, line = entry
     if not isinstance(value, LocList):
         ctx.r.problem(path, line, f"{what} must be a list")
@@ -422,7 +424,7 @@ def _groups(r: _Reader, value: Any, path: str, line: int | None) -> dict[str, tu
     return out
 
 
-def _hosts(r: _Reader, value: Any, path: str, line: int | None) -> dict:
+def _hosts(r: _Reader, value: Any, path: str, line: int | None) -> dict[str, Any]:
     if not isinstance(value, LocDict):
         r.problem(path, line, "hosts must be an object")
         return {}
@@ -835,7 +837,7 @@ def _localpart_domain(user: str) -> str | None:
     return domain
 
 
-def _ssh_combination(ctx: _Context, srcs: list, dsts: list) -> bool:
+def _ssh_combination(ctx: _Context, srcs: list[Any], dsts: list[Any]) -> bool:
     """Tailscale's SSH security model (headscale validateSSHSrcDstCombination).
 
     Tagged sources cannot reach user-owned devices; a user destination needs

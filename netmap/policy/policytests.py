@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from .compile import CompiledPolicy, compile_policy
+from .compile import CompiledPolicy, FilterRule, compile_policy
 from .errors import PolicyError
 from .ipset import IPAddress, IPSet
 from .model import Policy, PolicyNode, PolicyTest, PolicyUser
@@ -59,7 +59,7 @@ def _allowed(
     return False
 
 
-def _global_wire(compiled: CompiledPolicy) -> list[dict]:
+def _global_wire(compiled: CompiledPolicy) -> list[FilterRule]:
     """Rules for a destination that is no node (a host or subnet address)."""
     if compiled.allow_all:
         from .compile import ALLOW_ALL

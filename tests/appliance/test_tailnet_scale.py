@@ -8,7 +8,9 @@ import pytest
 
 import appliance.tailnet as tailnet_mod
 from netmap.nodes import PeerNode
+from netmap.nodes import encode_node as real_encode
 from netmap.policy import CompiledPolicy
+from netmap.policy import compile_policy as real_compile
 from tests.appliance.test_tailnet_support import change, compose, connect, make_tailnet, node, user
 
 USERS = 10
@@ -31,7 +33,6 @@ def test_endpoint_change_marks_only_the_nodes_that_see_it(monkeypatch: pytest.Mo
 
     encodes: list[int] = []
     compiles: list[int] = []
-    real_encode, real_compile = tailnet_mod.encode_node, tailnet_mod.compile_policy
 
     def encode_node(n: PeerNode, domain: str) -> bytes:
         encodes.append(n.id)

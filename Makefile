@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DATA ?= data
 SERVER_URL ?= http://127.0.0.1:8080
 
-.PHONY: run test bench lint sysdeps binary deb clean
+.PHONY: run test bench fuzz lint sysdeps binary deb clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { echo "python venv failed: on Debian run 'apt-get install python3-venv'"; exit 1; }
@@ -45,6 +45,12 @@ test: lint $(STAMP) sysdeps
 	PIP=$(BIN)/pip tests/fetch-realclient.sh
 	packaging/prepare-testroot.sh
 	tests/in-netns.sh $(BIN)/python -m pytest -q tests
+
+# Long fuzzing: every target in tests/fuzz for FUZZ_MINUTES minutes each (default 5,
+# capped at 120 by tests/fuzz/harness.py); failures land in tests/fuzz/corpus/<target>/.
+FUZZ_MINUTES ?= 5
+fuzz: $(STAMP)
+	HOMESCALE_FUZZ_MINUTES=$(FUZZ_MINUTES) nice $(BIN)/python -m pytest -q -s tests/fuzz -k 'fuzz_'
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench

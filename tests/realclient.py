@@ -490,7 +490,7 @@ class HomescaleServer:
         since = self.log.mark()
         with self.log.path.open("ab") as out:
             self.proc = subprocess.Popen(
-                [str(HOMESCALE), "-c", str(self.config), "serve"],
+                self.serve_argv(),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -504,6 +504,10 @@ class HomescaleServer:
                 break
             time.sleep(LOG_POLL)
         pytest.fail(f"homescale serve did not start; log:\n{self.log.tail()}")
+
+    def serve_argv(self) -> list[str]:
+        """The server's command line (the KAT recorder wraps it to capture bytes)."""
+        return [str(HOMESCALE), "-c", str(self.config), "serve"]
 
     def stop(self, grace: float = 10.0) -> None:
         if self.proc is not None:

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DATA ?= data
 SERVER_URL ?= http://127.0.0.1:8080
 
-.PHONY: run test bench fuzz lint sysdeps binary deb clean
+.PHONY: run test bench bench-scale fuzz lint sysdeps binary deb clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { echo "python venv failed: on Debian run 'apt-get install python3-venv'"; exit 1; }
@@ -54,6 +54,12 @@ fuzz: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench
+
+# A real server under N simulated nodes over the real wire (tests/loadgen); one
+# line of figures per phase. Loopback only; every phase bounded.
+N ?= 200
+bench-scale: $(STAMP)
+	$(BIN)/python -m tests.loadgen -n $(N)
 
 binary: $(STAMP)
 	packaging/build-binary.sh

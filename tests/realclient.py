@@ -446,7 +446,12 @@ class HomescaleServer:
     """
 
     def __init__(
-        self, directory: Path, *, ephemeral_timeout: str = "30m", verify_clients: bool = True
+        self,
+        directory: Path,
+        *,
+        ephemeral_timeout: str = "30m",
+        verify_clients: bool = True,
+        log_level: str = "debug",
     ) -> None:
         self.dir = directory
         self.data = directory / "data"
@@ -476,7 +481,7 @@ class HomescaleServer:
             ),
             ("inactivity_timeout: 30m", f"inactivity_timeout: {ephemeral_timeout}"),
             ("verify_clients: true", f"verify_clients: {'true' if verify_clients else 'false'}"),
-            ("level: info", "level: debug"),
+            ("level: info", f"level: {log_level}"),
         ]:
             assert old in text, f"homescale init config lacks {old!r}"
             text = text.replace(old, new)

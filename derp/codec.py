@@ -41,6 +41,8 @@ MAX_PACKET_SIZE = 64 << 10
 MAX_FRAME_SIZE = 1 << 20
 # derpserver.go recvClientKey: "we don't trust the client at all yet".
 MAX_CLIENT_INFO_LEN = 256 << 10
+# Mesh keys are 32 bytes (key.DERPMesh); headscale's are the same. Room for odd ones.
+MAX_MESH_KEY_LEN = 64
 # derpserver.go handleFramePing: 8 bytes, some room for extension, not more.
 PING_LEN = 8
 MAX_PING_LEN = 1000
@@ -411,12 +413,47 @@ def _open_json(box: Box, sealed: bytes, what: str) -> dict[str, Any]:
     return obj
 
 
+# Go's int on the 64-bit platforms the clients run on.
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
 def _as_int(v: Any, what: str) -> int:
+    """A Go ``int`` field: null is 0; anything else Go's decoder refuses, we refuse."""
     if v is None:
         return 0
     if isinstance(v, bool) or not isinstance(v, int):
-        raise RemoteDerpError(f"{what} must be an integer, got {v!r}")
+        raise RemoteDerpError(f"{what} must be an integer, got {_short(v)}")
+    if not _INT64_MIN <= v <= _INT64_MAX:
+        raise RemoteDerpError(f"{what} {_short(v)} is out of Go's int range")
     return v
+
+
+def _as_bool(v: Any, what: str) -> bool:
+    """A Go ``bool`` field: null is false; a non-bool fails Go's whole decode."""
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise RemoteDerpError(f"{what} must be true or false, got {_short(v)}")
+    return v
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _box(priv: PrivateKey, peer_key: bytes, what: str) -> Box:
+    """The NaCl box with a peer's key, refusing keys libsodium cannot use.
+
+    The all-zero key (and the other small-order points) make
+    ``crypto_box_beforenm`` fail with a bare RuntimeError; no real node has one.
+    """
+    if peer_key == bytes(KEY_LEN):
+        raise RemoteDerpError(f"{what} carries the all-zero key")
+    try:
+        return Box(priv, PublicKey(peer_key))
+    except (RuntimeError, CryptoError, ValueError, TypeError) as e:
+        raise RemoteDerpError(f"{what} key {peer_key.hex()[:16]}... is unusable: {e}") from None
 
 
 # ---------------------------------------------------------------- connections
@@ -484,6 +521,11 @@ class DerpServerConnection:
             return False
         return hmac.compare_digest(self._mesh_key, info.mesh_key)
 
+    @property
+    def buffered(self) -> int:
+        """Bytes of a frame not yet complete (the relay times out a stalled one)."""
+        return len(self._frames)
+
     def _expect(self, *states: ServerState) -> None:
         if self.state not in states:
             raise LocalDerpError(f"not allowed in state {self.state.value}")
@@ -532,21 +574,26 @@ class DerpServerConnection:
             raise RemoteDerpError(f"expected ClientInfo frame, got type 0x{ftype:02x}")
         _need(payload, KEY_LEN + NONCE_LEN, "ClientInfo")
         key = payload[:KEY_LEN]
-        box = Box(self._priv, PublicKey(key))
+        box = _box(self._priv, key, "ClientInfo")
         obj = _open_json(box, payload[KEY_LEN:], "ClientInfo")
         mesh_hex = _json_get(obj, "meshKey")
         mesh_key = None
-        if mesh_hex:
+        if mesh_hex is not None and mesh_hex != "":
+            # derp.go ClientInfo.MeshKey (key.DERPMesh): 64 hex digits when set.
+            if not isinstance(mesh_hex, str) or len(mesh_hex) > 2 * MAX_MESH_KEY_LEN:
+                raise RemoteDerpError(
+                    f"ClientInfo meshKey must be a hex string, got {_short(mesh_hex)}"
+                )
             try:
-                mesh_key = bytes.fromhex(str(mesh_hex))
+                mesh_key = bytes.fromhex(mesh_hex)
             except ValueError:
                 raise RemoteDerpError("ClientInfo meshKey is not hex") from None
         info = ClientInfo(
             key=key,
             version=_as_int(_json_get(obj, "version"), "ClientInfo version"),
-            can_ack_pings=bool(_json_get(obj, "CanAckPings")),
+            can_ack_pings=_as_bool(_json_get(obj, "CanAckPings"), "ClientInfo CanAckPings"),
             mesh_key=mesh_key,
-            is_prober=bool(_json_get(obj, "IsProber")),
+            is_prober=_as_bool(_json_get(obj, "IsProber"), "ClientInfo IsProber"),
         )
         self._box = box
         self.client_info = info
@@ -692,7 +739,7 @@ class DerpClientConnection:
         msg["CanAckPings"] = can_ack_pings
         if is_prober:
             msg["IsProber"] = True
-        box = Box(self._priv, PublicKey(self.server_key))
+        box = _box(self._priv, self.server_key, "ServerKey")
         sealed = bytes(box.encrypt(json.dumps(msg, separators=(",", ":")).encode()))
         self._sent_info = True
         return encode_frame(FrameType.CLIENT_INFO, self.public_key + sealed)
@@ -737,7 +784,7 @@ class DerpClientConnection:
         if not self._sent_info:
             raise RemoteDerpError("ServerInfo arrived before ClientInfo was sent")
         assert self.server_key is not None
-        obj = _open_json(Box(self._priv, PublicKey(self.server_key)), payload, "ServerInfo")
+        obj = _open_json(_box(self._priv, self.server_key, "ServerKey"), payload, "ServerInfo")
         info = ServerInfo(
             version=_as_int(_json_get(obj, "version"), "ServerInfo version"),
             token_bucket_bytes_per_second=_as_int(

@@ -24,5 +24,9 @@ class ClientRefused(RemoteDerpError):
     """A client was refused admission (``verify_clients`` said no)."""
 
 
+class FrameStalled(RemoteDerpError):
+    """A DERP or WebSocket frame started and then stopped arriving (a timeout)."""
+
+
 class DerpConfigError(DerpError):
     """A DERP map source (file, URL, config value) is unusable; the message names it."""

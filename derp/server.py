@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import math
 import os
 import random
 import secrets
@@ -47,7 +48,7 @@ from derp.codec import (
     SendPacket,
     WatchConns,
 )
-from derp.errors import DerpConfigError, DerpError, RemoteDerpError
+from derp.errors import DerpConfigError, DerpError, FrameStalled, RemoteDerpError
 from derp.streams import PrefixedStream
 
 # derpserver.go defaultPerClientSendQueueDepth is 32 packets, but there the
@@ -63,6 +64,12 @@ DEFAULT_WRITE_TIMEOUT = 2.0
 HANDSHAKE_TIMEOUT = 10.0
 # derpserver.go verifyClient uses 5 s for its admission-controller call.
 VERIFY_TIMEOUT = 5.0
+# A frame (DERP or WebSocket) that has started must keep coming: a header and then
+# silence would otherwise hold the connection and its buffer forever. The clock
+# restarts at every completed frame, so a busy client is never cut; an idle one
+# (no partial frame) may stay silent as long as it likes, as with the Go server.
+# 64 KiB at a crawling 4 KiB/s still fits.
+DEFAULT_FRAME_TIMEOUT = 15.0
 # How long a refusal (Health frame) or a 426 may take to write before we hang up.
 GOODBYE_TIMEOUT = 2.0
 # "TS💬": disco messages; the Go server answers only these with PeerGone(NotHere)
@@ -108,6 +115,10 @@ class DerpStats:
     sent_pong: int = 0
     write_timeouts: int = 0
     websocket_accepts: int = 0
+    # Connections ended by their client's fault (one log line each) or by a bug here.
+    protocol_errors: int = 0
+    frame_timeouts: int = 0
+    internal_errors: int = 0
     stun_requests: int = 0
     stun_answered: int = 0
 
@@ -195,6 +206,7 @@ class DerpServer:
         write_timeout: float = DEFAULT_WRITE_TIMEOUT,
         keep_alive: float = KEEP_ALIVE_SECONDS,
         rng: random.Random | None = None,
+        frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
     ) -> None:
         self._private_key = bytes(private_key)
         self.public_key = bytes(PrivateKey(self._private_key).public_key)
@@ -204,6 +216,7 @@ class DerpServer:
         self._depth = send_queue_depth
         self._write_timeout = write_timeout
         self._keep_alive = keep_alive
+        self._frame_timeout = frame_timeout
         self._rng = rng or random.Random()
         self._clients: dict[bytes, _Client] = {}
         self._all: set[_Client] = set()
@@ -250,7 +263,11 @@ class DerpServer:
         """DERP over WebSocket (subprotocol ``derp``, binary messages, no compression)."""
         from trio_websocket import ConnectionClosed, wrap_server_stream
 
-        replay = PrefixedStream(upgrade.stream, upgrade.head + upgrade.trailing)
+        replay = WebSocketFrameDeadline(
+            PrefixedStream(upgrade.stream, upgrade.head + upgrade.trailing),
+            upgrade.head,
+            self._frame_timeout,
+        )
         async with trio.open_nursery() as nursery:
             with trio.move_on_after(HANDSHAKE_TIMEOUT) as hs:
                 request = await wrap_server_stream(nursery, replay, max_message_size=1 << 21)
@@ -266,6 +283,11 @@ class DerpServer:
             self.stats.websocket_accepts += 1
             try:
                 await self._serve(WebSocketByteStream(ws, ConnectionClosed), b"", upgrade.peer, b"")
+                if replay.timed_out:
+                    self.stats.frame_timeouts += 1
+                    self._log.info(
+                        "derp: %s: websocket frame stalled: %s", upgrade.peer, replay.timed_out
+                    )
             finally:
                 with trio.move_on_after(GOODBYE_TIMEOUT) as cs:
                     cs.shield = True
@@ -313,10 +335,21 @@ class DerpServer:
                         nursery.cancel_scope.cancel()
             finally:
                 self._unregister(client)
+        except FrameStalled as e:
+            self.stats.frame_timeouts += 1
+            self._log.info("derp: %s: %s", peer, e)
         except RemoteDerpError as e:
+            self.stats.protocol_errors += 1
             self._log.info("derp: %s: protocol error: %s", peer, e)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             self._log.debug("derp: %s: connection lost: %s", peer, e)
+        except Exception as e:
+            # The boundary of one DERP client: whatever it sent, a failure here
+            # ends this connection only. A traceback, since it is a bug of ours.
+            self.stats.internal_errors += 1
+            self._log.error(
+                "derp: %s: internal error, connection closed: %r", peer, e, exc_info=True
+            )
 
     async def _handshake(
         self,
@@ -378,7 +411,11 @@ class DerpServer:
         # they do not surface as an ExceptionGroup.
         try:
             await self._read_loop(client)
+        except FrameStalled as e:
+            self.stats.frame_timeouts += 1
+            self._log.info("derp: %s: %s", client.peer, e)
         except RemoteDerpError as e:
+            self.stats.protocol_errors += 1
             self._log.info("derp: %s: protocol error: %s", client.peer, e)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             self._log.debug("derp: %s: connection lost: %s", client.peer, e)
@@ -387,6 +424,7 @@ class DerpServer:
         conn, stream, stats = client.conn, client.stream, self.stats
         clients = self._clients
         events = conn.receive_data(b"")
+        stalled_at = trio.current_time() + self._frame_timeout
         while True:
             for ev in events:
                 t = type(ev)
@@ -409,10 +447,18 @@ class DerpServer:
                 elif t is ClosePeer:
                     self._close_peer(client, ev.key)  # type: ignore[attr-defined]
                 # Pong and unknown frames: nothing to do (as the Go server).
-            data = bytes(await stream.receive_some(_READ_SIZE))
-            if not data:
-                return
-            events = conn.receive_data(data)
+            if events or not conn.buffered:
+                stalled_at = trio.current_time() + self._frame_timeout
+            with trio.move_on_at(stalled_at if conn.buffered else math.inf):
+                data = bytes(await stream.receive_some(_READ_SIZE))
+                if not data:
+                    return
+                events = conn.receive_data(data)
+                continue
+            raise FrameStalled(
+                f"a {conn.buffered}-byte partial DERP frame got no more bytes "
+                f"for {self._frame_timeout:g} s; closing"
+            )
 
     def _route(
         self, sender: _Client, src: bytes, dst: bytes, data: bytes, clients: dict[bytes, _Client]
@@ -664,6 +710,108 @@ class WebSocketByteStream(trio.abc.Stream):
 
     async def aclose(self) -> None:
         await self._ws.aclose()
+
+
+class WebSocketFrameTracker:
+    """Follows the client's WebSocket frame boundaries (RFC 6455 5.2) in the raw bytes.
+
+    trio-websocket waits for a whole message with no deadline; this tells the
+    stream below it whether a frame (or a fragmented message) is in progress,
+    so a frame header followed by silence can be timed out. ``skip`` is the
+    HTTP request head that precedes the frames on the same stream.
+    """
+
+    __slots__ = ("_header", "_in_message", "_payload_left", "_skip", "frames")
+
+    def __init__(self, skip: int = 0) -> None:
+        self._skip = skip
+        self._header = bytearray()
+        self._payload_left = 0
+        self._in_message = False  # a data frame without FIN was seen
+        self.frames = 0  # frames completed so far
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._skip or self._header or self._payload_left or self._in_message)
+
+    def feed(self, data: bytes) -> None:
+        i, n = 0, len(data)
+        while i < n:
+            if self._skip:
+                take = min(self._skip, n - i)
+                self._skip -= take
+                i += take
+            elif self._payload_left:
+                take = min(self._payload_left, n - i)
+                self._payload_left -= take
+                i += take
+                if not self._payload_left:
+                    self.frames += 1
+            else:
+                self._header.append(data[i])
+                i += 1
+                self._parse_header()
+
+    def _parse_header(self) -> None:
+        h = self._header
+        if len(h) < 2:
+            return
+        size = h[1] & 0x7F
+        need = 2 + (2 if size == 126 else 8 if size == 127 else 0) + (4 if h[1] & 0x80 else 0)
+        if len(h) < need:
+            return
+        if size == 126:
+            size = int.from_bytes(h[2:4], "big")
+        elif size == 127:
+            size = int.from_bytes(h[2:10], "big")
+        fin, opcode = h[0] & 0x80, h[0] & 0x0F
+        if opcode < 0x8:  # data or continuation frame; control frames may interleave
+            self._in_message = not fin
+        self._header.clear()
+        self._payload_left = size
+        if not size:
+            self.frames += 1
+
+
+class WebSocketFrameDeadline(trio.abc.Stream):
+    """The stream under trio-websocket: while a frame is in progress, bytes must keep
+    coming (``timeout`` from the last completed frame), else the stream breaks."""
+
+    def __init__(self, inner: trio.abc.Stream, head: bytes, timeout: float) -> None:
+        self.inner = inner
+        self._tracker = WebSocketFrameTracker(skip=len(head))
+        self._timeout = timeout
+        self._frames_seen = 0
+        self._deadline = math.inf
+        self.timed_out = ""
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        t = self._tracker
+        if not t.busy:
+            self._deadline = math.inf  # idle between messages: no limit, as for DERP
+        elif t.frames != self._frames_seen or self._deadline == math.inf:
+            self._frames_seen = t.frames  # progress: the clock restarts
+            self._deadline = trio.current_time() + self._timeout
+        deadline = self._deadline
+        with trio.move_on_at(deadline):
+            data = bytes(await self.inner.receive_some(max_bytes))
+            t.feed(data)
+            return data
+        self.timed_out = f"a WebSocket frame got no more bytes for {self._timeout:g} s; closing"
+        raise trio.BrokenResourceError(self.timed_out)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        if isinstance(self.inner, trio.abc.HalfCloseableStream):
+            await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 # ---------------------------------------------------------------- key file

@@ -1,7 +1,12 @@
 """Pre-auth and API keys: headscale's `hskey-<kind>-<prefix>-<secret>` shape, stored hashed.
 
-Only the public prefix and a scrypt hash of the secret are stored; the full key is
-shown once, at creation.
+Only the public prefix and a SHA-256 digest of the secret are stored; the full key
+is shown once, at creation. The secret is 256 random bits, so a fast hash is as safe
+as a slow one: a slow KDF (scrypt, bcrypt) only helps against guessing low-entropy
+passwords, and nobody can enumerate 2^256 candidates. SHA-256 needs no server secret
+(nothing to lose or rotate) and costs about a microsecond, so a burst of registrations
+never queues behind key checks. Older scrypt and imported bcrypt hashes still verify
+and are replaced by the SHA-256 form on their first successful use.
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ from .errors import InvalidInput
 
 PREFIX_LEN = 12  # hex characters of the public part (headscale: 12)
 SECRET_LEN = 64  # hex characters of the secret part (headscale: 64)
-# scrypt cost: about 20 ms here; keys are checked rarely (registration, admin calls).
+SHA256_SCHEME = "sha256"
+# Earlier homescale versions stored scrypt hashes (about 60 ms a check); still accepted.
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
 
 # Hashes imported from headscale (`homescale migrate headscale`): bcrypt, as headscale
-# stores them; verified as they are and replaced by an scrypt hash on first use.
+# stores them; verified as they are and replaced by a SHA-256 hash on first use.
 BCRYPT_SCHEME = "bcrypt"
 
 _KEY = re.compile(r"^hskey-(auth|api)-([0-9a-f]{12})-([0-9a-f]{64})$")
@@ -42,12 +48,12 @@ def new_key(kind: str) -> NewKey:
 
 
 def hash_secret(secret: str) -> str:
-    salt = _random.token_bytes(16)
-    digest = hashlib.scrypt(secret.encode(), salt=salt, **_SCRYPT)
-    return "scrypt$" + base64.b64encode(salt).decode() + "$" + base64.b64encode(digest).decode()
+    return f"{SHA256_SCHEME}${hashlib.sha256(secret.encode()).hexdigest()}"
 
 
 def verify_secret(secret: str, stored: str) -> bool:
+    if stored.startswith(SHA256_SCHEME + "$"):
+        return hmac.compare_digest(hash_secret(secret), stored)
     if stored.startswith(BCRYPT_SCHEME + "$"):
         import bcrypt
 
@@ -66,8 +72,9 @@ def verify_secret(secret: str, stored: str) -> bool:
 
 
 def needs_rehash(stored: str) -> bool:
-    """True for an imported (bcrypt) hash: after a successful check, store `hash_secret`'s."""
-    return stored.startswith(BCRYPT_SCHEME + "$")
+    """True for a slow (scrypt, imported bcrypt) hash: after a successful check, store
+    `hash_secret`'s."""
+    return not stored.startswith(SHA256_SCHEME + "$")
 
 
 def split_key(kind: str, key: str) -> tuple[str, str]:

@@ -1,7 +1,9 @@
-"""Pre-auth and API keys: headscale's key shapes, stored only as prefix + scrypt hash."""
+"""Pre-auth and API keys: headscale's key shapes, stored only as prefix + SHA-256 of the secret."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 from collections.abc import Iterator
 from datetime import timedelta
@@ -47,7 +49,37 @@ def test_keys_are_never_stored_in_clear(admin: Admin) -> None:
         assert secret[:16].encode() not in raw
     rows: list[PreAuthKeyRow | ApiKeyRow] = [*admin.store.pre_auth_keys(), *admin.store.api_keys()]
     for row in rows:
-        assert row.hash.startswith("scrypt$")
+        assert row.hash.startswith("sha256$")
+
+
+def _scrypt_stored(secret: str) -> str:
+    """The hash form earlier homescale versions stored (scrypt n=2^14, r=8, p=1)."""
+    salt = b"0123456789abcdef"
+    digest = hashlib.scrypt(secret.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
+    return f"scrypt${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def test_keys_stored_by_earlier_versions_work_and_are_rehashed_on_use(admin: Admin) -> None:
+    pak = admin.create_pre_auth_key(user="alice", reusable=True)["key"]
+    api = admin.create_api_key(None)
+    pak_row = admin.store.pre_auth_keys()[0]
+    api_row = admin.store.api_keys()[0]
+    admin.store.update_pre_auth_key(pak_row.id, hash=_scrypt_stored(pak.rsplit("-", 1)[1]))
+    admin.store.update_api_key(api_row.id, hash=_scrypt_stored(api.rsplit("-", 1)[1]))
+
+    # A wrong secret for the same prefix is refused and leaves the old hash alone.
+    with pytest.raises(InvalidInput, match=r"^authkey not found$"):
+        admin.check_pre_auth_key(pak[:-64] + "0" * 64)
+    assert not admin.check_api_key(api[:-64] + "0" * 64)
+    assert admin.store.pre_auth_keys()[0].hash.startswith("scrypt$")
+
+    assert admin.check_pre_auth_key(pak).id == pak_row.id
+    assert admin.check_api_key(api)
+    assert admin.store.pre_auth_keys()[0].hash.startswith("sha256$")
+    assert admin.store.api_keys()[0].hash.startswith("sha256$")
+    # ... and keep working in the new form.
+    assert admin.check_pre_auth_key(pak).id == pak_row.id
+    assert admin.check_api_key(api)
 
 
 def test_prefix_visible_in_lists_secret_not(admin: Admin) -> None:

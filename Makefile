@@ -43,6 +43,7 @@ lint: $(if $(wildcard $(STAMP)),,$(STAMP))
 
 test: lint $(STAMP) sysdeps
 	PIP=$(BIN)/pip tests/fetch-realclient.sh
+	tests/idp/setup.sh
 	packaging/prepare-testroot.sh
 	tests/in-netns.sh $(BIN)/python -m pytest -q tests
 

@@ -166,6 +166,21 @@ def _records(v: Any) -> list[dict[str, str]]:
     return out
 
 
+def _str_map(v: Any) -> dict[str, str]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ValueError("expected a map of name -> value")
+    return {str(k): _str(x) for k, x in v.items()}
+
+
+def _pkce_method(v: Any) -> str:
+    s = _str(v)
+    if s not in ("S256", "plain"):
+        raise ValueError("expected S256 or plain")
+    return s
+
+
 def _octal_mode(v: Any) -> int:
     s = _str(v).lower().removeprefix("0o")
     try:
@@ -231,9 +246,23 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "node.expiry": (_duration, "0"),
     "node.ephemeral.inactivity_timeout": (_duration, "120s"),
     "disable_check_updates": (_bool, False),
+    "oidc.only_start_if_oidc_is_available": (_bool, True),
+    "oidc.issuer": (_str, ""),
+    "oidc.client_id": (_str, ""),
+    "oidc.client_secret": (_str, ""),
+    "oidc.client_secret_path": (_str, ""),
+    "oidc.scope": (_str_list, ["openid", "profile", "email"]),
+    "oidc.extra_params": (_str_map, {}),
+    "oidc.allowed_domains": (_str_list, []),
+    "oidc.allowed_users": (_str_list, []),
+    "oidc.allowed_groups": (_str_list, []),
+    "oidc.email_verified_required": (_bool, True),
+    "oidc.pkce.enabled": (_bool, False),
+    "oidc.pkce.method": (_pkce_method, "S256"),
+    "oidc.use_expiry_from_token": (_bool, False),
 }
 
-# Keys headscale accepts for features homescale does not have (OIDC, ACME, gRPC,
+# Keys headscale accepts for features homescale does not have (ACME, gRPC,
 # Postgres, ...). Accepted so a headscale config loads; they change nothing here.
 IGNORED_PREFIXES = (
     "trusted_proxies",
@@ -242,7 +271,6 @@ IGNORED_PREFIXES = (
     "acme_url",
     "acme_email",
     "tls_letsencrypt_",
-    "oidc",
     "database.gorm",
     "database.debug",
     "database.postgres",
@@ -318,6 +346,25 @@ class DNSSettings:
 
 
 @dataclass(frozen=True)
+class OIDCSettings:
+    """headscale's `oidc` block; present only when `oidc.issuer` is set."""
+
+    issuer: str
+    client_id: str
+    client_secret: str
+    scope: list[str]
+    extra_params: dict[str, str]
+    allowed_domains: list[str]
+    allowed_users: list[str]
+    allowed_groups: list[str]
+    email_verified_required: bool
+    pkce_enabled: bool
+    pkce_method: str
+    use_expiry_from_token: bool
+    only_start_if_available: bool
+
+
+@dataclass(frozen=True)
 class Config:
     """The settings homescale runs with; built only by `load_config`/`config_from_values`."""
 
@@ -346,6 +393,7 @@ class Config:
     ephemeral_inactivity_timeout: timedelta
     disable_check_updates: bool
     warnings: list[str] = field(default_factory=list)
+    oidc: OIDCSettings | None = None  # None: no identity provider, logins by the CLI only
 
 
 # ---------------------------------------------------------------- loading
@@ -586,6 +634,62 @@ def config_from_values(
         ephemeral_inactivity_timeout=values["node.ephemeral.inactivity_timeout"],
         disable_check_updates=values["disable_check_updates"],
         warnings=warnings,
+        oidc=_oidc_settings(values, resolve),
+    )
+
+
+def _oidc_settings(values: dict[str, Any], resolve: Callable[[str], Path]) -> OIDCSettings | None:
+    """The checks headscale makes when `oidc.issuer` is set (types/config.go validateOIDCConfig)."""
+    issuer = values["oidc.issuer"]
+    if not issuer:
+        return None
+    try:
+        _url(issuer)  # kept as written: the provider's discovery must name it exactly
+    except ValueError:
+        raise ConfigError(
+            f"oidc.issuer: expected an http:// or https:// URL like "
+            f"https://sso.example.com/application/o/homescale/, got {issuer!r}"
+        ) from None
+    if not values["oidc.client_id"]:
+        raise ConfigError("oidc.client_id: required when oidc.issuer is set")
+    secret, secret_path = values["oidc.client_secret"], values["oidc.client_secret_path"]
+    if secret and secret_path:
+        raise ConfigError(
+            "oidc.client_secret and oidc.client_secret_path: set one of them, not both"
+        )
+    if secret_path:
+        path = resolve(os.path.expandvars(secret_path))
+        try:
+            secret = path.read_text().strip()
+        except OSError as e:
+            raise ConfigError(
+                f"oidc.client_secret_path: cannot read {path}: {e.strerror}"
+            ) from None
+        if not secret:
+            raise ConfigError(f"oidc.client_secret_path: {path} is empty")
+    if not secret:
+        raise ConfigError(
+            "oidc.client_secret or oidc.client_secret_path: required when oidc.issuer is set"
+        )
+    if "openid" not in values["oidc.scope"]:
+        raise ConfigError(
+            f"oidc.scope: must contain openid (an OpenID Connect login), got "
+            f"{values['oidc.scope']!r}"
+        )
+    return OIDCSettings(
+        issuer=values["oidc.issuer"],
+        client_id=values["oidc.client_id"],
+        client_secret=secret,
+        scope=values["oidc.scope"],
+        extra_params=values["oidc.extra_params"],
+        allowed_domains=values["oidc.allowed_domains"],
+        allowed_users=values["oidc.allowed_users"],
+        allowed_groups=values["oidc.allowed_groups"],
+        email_verified_required=values["oidc.email_verified_required"],
+        pkce_enabled=values["oidc.pkce.enabled"],
+        pkce_method=values["oidc.pkce.method"],
+        use_expiry_from_token=values["oidc.use_expiry_from_token"],
+        only_start_if_available=values["oidc.only_start_if_oidc_is_available"],
     )
 
 

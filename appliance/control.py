@@ -329,8 +329,17 @@ class ControlService:
         reg.done.set()
         del self.pending[reg.id]
 
-    async def complete_registration(self, user: str, reg_id: str) -> dict[str, Any]:
-        """`homescale nodes register --user U --key ID`: create the node, release the client."""
+    def pending_hostname(self, reg_id: str) -> str | None:
+        """The hostname of a pending login (for the sign-in pages), None if unknown/expired."""
+        self._expire_pending()
+        reg = self.pending.get(reg_id)
+        return None if reg is None else str(reg.hostinfo.get("Hostname") or "this machine")
+
+    async def complete_registration(
+        self, user: str, reg_id: str, *, expiry: datetime | None = None, method: str = "cli"
+    ) -> dict[str, Any]:
+        """`homescale nodes register --user U --key ID` (or an OIDC sign-in): create the
+        node, release the client."""
         reg = self._pending(reg_id)
         if not user:
             raise InvalidInput("--user is required")
@@ -343,7 +352,8 @@ class ControlService:
                 hostinfo=reg.hostinfo,
                 user_id=owner.id,
                 ephemeral=reg.ephemeral,
-                register_method="cli",
+                register_method=method,
+                expiry=expiry,
             )
             return log_in(self.store, self.config, reg.machine_key, existing, login)
 

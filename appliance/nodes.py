@@ -41,7 +41,10 @@ class Login:
     tags: tuple[str, ...] = ()
     ephemeral: bool = False
     auth_key_id: int | None = None
-    register_method: str = "authkey"  # authkey | cli
+    register_method: str = "authkey"  # authkey | cli | oidc
+    expiry: datetime | None = (
+        None  # None: node.expiry from now (oidc.use_expiry_from_token sets it)
+    )
 
 
 def key_expiry(config: Config, now: datetime) -> datetime | None:
@@ -72,7 +75,7 @@ def create_node(store: Store, config: Config, machine_key: str, login: Login) ->
             ephemeral=login.ephemeral,
             auth_key_id=login.auth_key_id,
             register_method=login.register_method,
-            expiry=key_expiry(config, now),
+            expiry=login.expiry or key_expiry(config, now),
             created_at=now,
         )
         if login.auth_key_id is not None:
@@ -93,7 +96,7 @@ def relogin_node(store: Store, config: Config, node: NodeRow, login: Login) -> N
             ephemeral=login.ephemeral,
             auth_key_id=login.auth_key_id,
             register_method=login.register_method,
-            expiry=key_expiry(config, utcnow()),
+            expiry=login.expiry or key_expiry(config, utcnow()),
         )
         if login.auth_key_id is not None:
             store.update_pre_auth_key(login.auth_key_id, used=1)

@@ -17,8 +17,9 @@ import signal
 import socket
 import ssl
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar, TypeVarTuple
+from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple
 
 import trio
 
@@ -26,7 +27,7 @@ from derp.errors import DerpError
 
 from .admin import Admin, Change
 from .api import AdminApi
-from .config import Config, split_hostport
+from .config import Config, OIDCSettings, split_hostport
 from .control import ControlService
 from .errors import HomescaleError
 from .httpserver import HttpServer, Request, Response, RouteHandler, Upgrade, UpgradeHandler
@@ -35,6 +36,9 @@ from .policies import PolicyInvalid, check_policy_text, read_policy, recovery_st
 from .store import Store
 from .tailnet import Tailnet
 from .version import commit, version
+
+if TYPE_CHECKING:
+    from .oidc import OIDCLogin
 
 R = TypeVar("R")
 Ts = TypeVarTuple("Ts")
@@ -71,6 +75,7 @@ class Server:
         self.routes["/register/"] = self.register_page
         self.tailnet = Tailnet(config=config, log=log.getChild("tailnet"))
         self.control: ControlService | None = None
+        self.oidc: OIDCLogin | None = None  # set by `serve` when oidc.issuer is configured
         # Admin changes arrive at human/API rate and are applied at once; a change must never
         # be dropped after its store write committed, so this queue is not bounded.
         self.changes_send, self.changes_recv = trio.open_memory_channel[Change](math.inf)
@@ -117,10 +122,20 @@ class Server:
             except HomescaleError as e:
                 self.log.warning("could not apply %s: %s", change, e)
 
-    # Interactive logins (appliance.api.InteractiveLogins) wait in the control service.
-    async def complete_registration(self, user: str, reg_id: str) -> dict[str, Any]:
+    # Interactive logins (appliance.api.InteractiveLogins, appliance.oidc.PendingLogins)
+    # wait in the control service.
+    async def complete_registration(
+        self, user: str, reg_id: str, *, expiry: datetime | None = None, method: str = "cli"
+    ) -> dict[str, Any]:
         assert self.control is not None
-        return await self.control.complete_registration(user, reg_id)
+        return await self.control.complete_registration(user, reg_id, expiry=expiry, method=method)
+
+    def pending_hostname(self, reg_id: str) -> str | None:
+        return self.control.pending_hostname(reg_id) if self.control else None
+
+    async def users_changed(self) -> None:
+        """A user was created or changed outside the admin API (an OIDC login)."""
+        self.tailnet.refresh_users(await self.run_db(self.store.users))
 
     def reject_registration(self, reg_id: str) -> None:
         assert self.control is not None
@@ -136,6 +151,8 @@ class Server:
 
     async def register_page(self, req: Request) -> Response:
         reg_id = req.path.rsplit("/", 1)[-1]
+        if self.oidc is not None:  # with OIDC, the AuthURL leads to the identity provider
+            return await self.oidc.register_page(req, reg_id)
         pending = self.control.pending.get(reg_id) if self.control else None
         if pending is None:
             return Response.text(
@@ -300,6 +317,8 @@ async def serve(
                 server.metrics.gauge(name, read)
         from .relay import map_builder, run_map_updates
 
+        if config.oidc is not None:
+            await _start_oidc(server, config.oidc, log)
         derp_maps = map_builder(config, cert_pin, log.getChild("derpmap"))
         try:
             await derp_maps.refresh()
@@ -409,6 +428,31 @@ async def serve(
         except OSError:
             pass
         log.info("stopped")
+
+
+async def _start_oidc(server: Server, settings: OIDCSettings, log: logging.Logger) -> None:
+    """Discover the provider; unreachable stops the start only if the config says so."""
+    from .oidc import CALLBACK_PATH, OIDCError, OIDCLogin
+
+    server.oidc = OIDCLogin(
+        settings,
+        server_url=server.config.server_url,
+        logins=server,
+        store=server.store,
+        run_db=server.run_db,
+        users_changed=server.users_changed,
+        log=log.getChild("oidc"),
+    )
+    server.routes[CALLBACK_PATH] = server.oidc.callback
+    try:
+        await server.oidc.start()
+    except OIDCError as e:
+        if settings.only_start_if_available:
+            raise ServeError(
+                f"oidc: {e}\n(set oidc.only_start_if_oidc_is_available: false to start "
+                f"without the provider; logins then retry it)"
+            ) from None
+        log.warning("oidc: %s; starting anyway, each login retries the provider", e)
 
 
 POLICY_POLL_INTERVAL = 1.0  # seconds between looks at the policy file (cheap: one stat)

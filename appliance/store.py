@@ -392,6 +392,20 @@ class Store:
         rows = self._rows("SELECT * FROM users WHERE name = ?", [name])
         return _user(rows[0]) if rows else None
 
+    def user_by_provider_id(self, provider_id: str) -> UserRow | None:
+        """The user an identity provider's subject (iss/sub) belongs to."""
+        rows = self._rows("SELECT * FROM users WHERE provider_id = ?", [provider_id])
+        return _user(rows[0]) if rows else None
+
+    def update_user(self, user_id: int, **values: Any) -> UserRow:
+        """Set columns of a user (name, display_name, email, profile_pic_url, provider...)."""
+        if "name" in values:
+            other = self.user_by_name(values["name"])
+            if other is not None and other.id != user_id:
+                raise Conflict(f"user {values['name']!r} already exists")
+        self._update("users", user_id, values)
+        return self.user(user_id)
+
     def users(self) -> list[UserRow]:
         return [_user(r) for r in self._rows("SELECT * FROM users ORDER BY id")]
 

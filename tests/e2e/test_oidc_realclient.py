@@ -1,0 +1,265 @@
+"""Issue 13: `tailscale up`-style login through a real OpenID provider.
+
+The provider is npm's oidc-provider (tests/idp) on loopback with PKCE required;
+the machine is a real tsnet 1.90.9 client started without an auth key, whose
+printed AuthURL the test follows through the provider's login and consent pages
+(an HTTP client playing the browser). Refusals and replays use our own ts2021
+peer to get an AuthURL (cheaper than a tsnet process; the server cannot tell).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import httpx
+import pytest
+import trio
+
+from tests import oidcprovider, realclient
+from tests.e2e.conftest import (
+    ONLINE_WITHIN,
+    RUNNING_WITHIN,
+    ControlPeer,
+    connect_peer,
+    node_by_name,
+    wait_nodes,
+)
+from tests.realclient import msg_has
+
+pytestmark = [pytest.mark.realclient]
+
+ACCOUNTS: dict[str, dict[str, Any]] = {
+    "alice": {
+        "sub": "alice-subject-1",
+        "email": "alice@example.com",
+        "email_verified": True,
+        "name": "Alice Liddell",
+        "preferred_username": "alice",
+        "picture": "http://127.0.0.1/alice.png",
+        "groups": ["tailnet", "engineering"],
+    },
+    "mallory": {
+        "sub": "mallory-subject-1",
+        "email": "mallory@example.com",
+        "email_verified": True,
+        "preferred_username": "mallory",
+        "groups": ["sales"],
+    },
+    "eve": {
+        "sub": "eve-subject-1",
+        "email": "eve@evil.example",
+        "email_verified": True,
+        "preferred_username": "eve",
+        "groups": ["tailnet"],
+    },
+    "bob": {
+        "sub": "bob-subject-1",
+        "email": "bob@example.com",
+        "email_verified": False,
+        "preferred_username": "bob",
+        "groups": ["tailnet"],
+    },
+}
+
+
+@dataclass
+class OidcNet:
+    server: realclient.HomescaleServer
+    idp: oidcprovider.TestIdP
+    dir: Path
+
+
+@pytest.fixture(scope="module")
+def oidcnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcNet]:
+    realclient.require_realclient()
+    oidcprovider.require_idp()
+    d = tmp_path_factory.mktemp("oidc")
+    server = realclient.HomescaleServer(d)
+    idp = oidcprovider.TestIdP(
+        d / "idp", server.url + "/oidc/callback", copy.deepcopy(ACCOUNTS), pkce_required=True
+    )
+    idp.start()
+    try:
+        secret = server.data / "oidc_client_secret"
+        secret.write_text(oidcprovider.CLIENT_SECRET + "\n")
+        with server.config.open("a") as f:
+            f.write(
+                "\noidc:\n"
+                f"  issuer: {idp.issuer}\n"
+                f"  client_id: {oidcprovider.CLIENT_ID}\n"
+                "  client_secret_path: oidc_client_secret\n"
+                "  scope: [openid, profile, email, groups]\n"
+                "  allowed_domains: [example.com]\n"
+                "  allowed_groups: [tailnet]\n"
+                "  pkce:\n    enabled: true\n    method: S256\n"
+            )
+        server.start()
+        try:
+            yield OidcNet(server, idp, d)
+        finally:
+            server.stop()
+    finally:
+        idp.stop()
+
+
+async def auth_url_of(peer: ControlPeer) -> str:
+    """Register without a key, as `tailscale up` does: the answer is the AuthURL."""
+    status, body = await peer.post(
+        "/machine/register",
+        {
+            "Version": 130,
+            "NodeKey": peer.node_key,
+            "OldNodeKey": "nodekey:" + "0" * 64,
+            "Hostinfo": peer.hostinfo(),
+        },
+    )
+    assert status == 200, body
+    url = json.loads(body)["AuthURL"]
+    assert isinstance(url, str)
+    return url
+
+
+async def sign_in(net: OidcNet, url: str, login: str, **kw: Any) -> oidcprovider.SignIn:
+    return await trio.to_thread.run_sync(
+        lambda: oidcprovider.sign_in(url, login, idp=net.idp, **kw)
+    )
+
+
+async def test_tsnet_client_logs_in_through_the_provider(oidcnet: OidcNet) -> None:
+    server = oidcnet.server
+    c = realclient.TsnetClient(oidcnet.dir, "oidc1", server.url, auth_key="")
+    c.start()
+    try:
+        line = await c.wait_for_log(msg_has("/register/"), timeout=30, what="the AuthURL")
+        msg = str(line["msg"])
+        url = msg[msg.index(server.url) :].split()[0]
+        assert node_by_name(await server.anodes(), "oidc1") is None
+
+        result = await sign_in(oidcnet, url, "alice")
+        # The AuthURL led the browser straight to the provider's authorization endpoint.
+        assert urlsplit(result.urls[1]).path == "/auth", result.urls
+        assert result.urls[1].startswith(oidcnet.idp.issuer)
+        q = parse_qs(urlsplit(result.urls[1]).query)
+        assert q["redirect_uri"] == [server.url + "/oidc/callback"]
+        assert q["code_challenge_method"] == ["S256"]
+        assert result.final.status_code == 200, result.text
+        assert "Signed in as Alice Liddell (alice)" in result.text
+        assert "oidc1" in result.text
+
+        nodes = await wait_nodes(server, ["oidc1"], timeout=ONLINE_WITHIN)
+        node = node_by_name(nodes, "oidc1")
+        assert node is not None
+        assert node["user"]["name"] == "alice"
+        assert node["registerMethod"] == "REGISTER_METHOD_OIDC"
+        users = json.loads((await server.acli("users", "list", "-o", "json")).stdout)
+        alice = next(u for u in users if u["name"] == "alice")
+        assert alice["provider"] == "oidc"
+        assert alice["providerId"] == f"{oidcnet.idp.issuer}/alice-subject-1"
+        assert alice["email"] == "alice@example.com"
+        assert alice["displayName"] == "Alice Liddell"
+        assert alice["profilePicUrl"] == "http://127.0.0.1/alice.png"
+        await c.wait_for_log(msg_has("Switching ipn state", "-> Running"), timeout=RUNNING_WITHIN)
+    finally:
+        c.stop()
+
+
+@pytest.mark.parametrize(
+    ("login", "says"),
+    [
+        ("mallory", "not in any of the groups allowed to sign in (tailnet)"),
+        ("eve", "domain of your email address (evil.example) is not one of the domains"),
+        ("bob", "not verified at the identity provider (claim email_verified is not true)"),
+    ],
+)
+async def test_refused_login_says_why_and_registers_nothing(
+    oidcnet: OidcNet, login: str, says: str
+) -> None:
+    async with trio.open_nursery() as nursery:
+        peer = await connect_peer(oidcnet.server, nursery, f"refused-{login}")
+        url = await auth_url_of(peer)
+        result = await sign_in(oidcnet, url, login)
+        assert result.final.status_code == 403, result.text
+        assert "Sign-in refused" in result.text
+        assert says in result.text
+        nodes = await oidcnet.server.anodes()
+        assert node_by_name(nodes, f"refused-{login}") is None
+        users = json.loads((await oidcnet.server.acli("users", "list", "-o", "json")).stdout)
+        assert login not in [u["name"] for u in users]
+        nursery.cancel_scope.cancel()
+
+
+async def test_tampered_state_and_replayed_callback_are_refused(oidcnet: OidcNet) -> None:
+    async with trio.open_nursery() as nursery:
+        peer = await connect_peer(oidcnet.server, nursery, "replayed")
+        url = await auth_url_of(peer)
+        with httpx.Client(timeout=15) as browser:
+            to_callback = await sign_in(
+                oidcnet, url, "alice", client=browser, stop_at_callback=True
+            )
+            location = to_callback.final.headers["location"]
+            parts = urlsplit(location)
+            params = {k: v[0] for k, v in parse_qs(parts.query).items()}
+
+            def get(query: dict[str, str]) -> httpx.Response:
+                return browser.get(
+                    f"{oidcnet.server.url}/oidc/callback?{urlencode(query)}",
+                    follow_redirects=False,
+                )
+
+            # Same cookie name, different state: not this browser's sign-in.
+            tampered = dict(params, state=params["state"][:8] + "x" * 24)
+            r = await trio.to_thread.run_sync(get, tampered)
+            assert r.status_code == 403, r.text
+            assert "state does not match" in r.text
+            # Another browser (no state cookie) cannot use the code either.
+            r = await trio.to_thread.run_sync(
+                lambda: httpx.get(location, timeout=15, follow_redirects=False)
+            )
+            assert r.status_code == 400, r.text
+            assert "no sign-in state cookie" in r.text
+            assert node_by_name(await oidcnet.server.anodes(), "replayed") is None
+            # The genuine callback registers the machine ...
+            r = await trio.to_thread.run_sync(get, params)
+            assert r.status_code == 200, r.text
+            # ... and replaying it is refused (the state is spent).
+            r = await trio.to_thread.run_sync(get, params)
+            assert r.status_code == 410, r.text
+            assert "already used" in r.text
+        nodes = await oidcnet.server.anodes()
+        assert [n["givenName"] for n in nodes].count("replayed") == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_profile_refreshed_at_next_login_reaches_peers(oidcnet: OidcNet) -> None:
+    async with trio.open_nursery() as nursery:
+        first = await connect_peer(oidcnet.server, nursery, "profile1")
+        r = await sign_in(oidcnet, await auth_url_of(first), "alice")
+        assert r.final.status_code == 200, r.text
+        stream = await first.open_stream()
+        _, full = await stream.next()
+        me = next(p for p in full["UserProfiles"] if p["LoginName"] == "alice@example.com")
+        uid = me["ID"]
+        # The user is renamed at the provider; a second machine signs in as them.
+        claims = dict(oidcnet.idp.accounts["alice"], name="Alice Pleasance", picture="")
+        oidcnet.idp.set_account("alice", claims)
+        second = await connect_peer(oidcnet.server, nursery, "profile2")
+        r = await sign_in(oidcnet, await auth_url_of(second), "alice")
+        assert r.final.status_code == 200, r.text
+        assert "Signed in as Alice Pleasance (alice)" in r.text
+        # The first machine hears the new profile as a delta.
+        with trio.fail_after(15):
+            while True:
+                _, msg = await stream.next()
+                profiles = {p["ID"]: p for p in msg.get("UserProfiles") or []}
+                if uid in profiles and profiles[uid]["DisplayName"] == "Alice Pleasance":
+                    assert "ProfilePicURL" not in profiles[uid]
+                    break
+        users = json.loads((await oidcnet.server.acli("users", "list", "-o", "json")).stdout)
+        assert [u["name"] for u in users].count("alice") == 1  # matched by subject, not new
+        nursery.cancel_scope.cancel()

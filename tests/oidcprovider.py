@@ -1,0 +1,179 @@
+"""A real OpenID provider for tests: npm's oidc-provider, run by node on loopback.
+
+`TestIdP` starts tests/idp/provider.mjs with the test's client and accounts (a
+JSON file the provider re-reads at each login, so a test can change a user's
+groups between logins); `sign_in` plays the browser through its login and
+consent pages with an HTTP client, following every redirect, and returns the
+page homescale shows at the end. Tier idp (tests/tiers.py): missing node or an
+uninstalled tests/idp/node_modules skip the tests with the reason (CI fails).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+import pytest
+
+from tests import tiers
+
+IDP_DIR = Path(__file__).resolve().parent / "idp"
+PROVIDER = IDP_DIR / "provider.mjs"
+CLIENT_ID = "homescale-test"
+CLIENT_SECRET = "test-client-secret-1234567890"
+MAX_HOPS = 20
+
+
+def require_idp() -> None:
+    """Skip (or fail in CI) unless node and the installed oidc-provider are here."""
+    node = shutil.which("node")
+    tiers.require_tier("idp", node is not None, "node missing (apt-get install nodejs npm)")
+    tiers.require_tier(
+        "idp",
+        (IDP_DIR / "node_modules" / "oidc-provider").is_dir(),
+        "oidc-provider not installed: run tests/idp/setup.sh (make test does)",
+    )
+
+
+@dataclass
+class TestIdP:
+    """A running provider; ``issuer`` is its http://127.0.0.1:PORT URL."""
+
+    __test__ = False  # not a test class, despite the name
+
+    directory: Path
+    redirect_uri: str
+    accounts: dict[str, dict[str, Any]]
+    pkce_required: bool = True
+    issuer: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.directory / "idp.log"
+        self.config_path = self.directory / "idp.json"
+
+    def write_config(self) -> None:
+        self.config_path.write_text(
+            json.dumps(
+                {
+                    "port": 0,
+                    "clients": [
+                        {
+                            "client_id": CLIENT_ID,
+                            "client_secret": CLIENT_SECRET,
+                            "redirect_uris": [self.redirect_uri],
+                        }
+                    ],
+                    "accounts": self.accounts,
+                    "pkce_required": self.pkce_required,
+                }
+            )
+        )
+
+    def set_account(self, login: str, claims: dict[str, Any]) -> None:
+        """Change (or add) an account; the provider reads it at the next login."""
+        self.accounts[login] = claims
+        self.write_config()
+
+    def start(self, timeout: float = 20.0) -> None:
+        self.write_config()
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                ["node", str(PROVIDER), str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=IDP_DIR,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(r"idp listening on (http://\S+)", self.log_path.read_text())
+            if m:
+                self.issuer = m.group(1)
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        pytest.fail(f"the test OpenID provider did not start; log:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class SignIn:
+    """How a browser's sign-in ended: the last page and every URL it went through."""
+
+    final: httpx.Response
+    urls: list[str]
+
+    @property
+    def text(self) -> str:
+        return self.final.text
+
+
+def _form_action(page: str, base: str) -> str:
+    m = re.search(r'<form[^>]*action="([^"]+)"', page)
+    assert m, f"no form on the provider's page:\n{page[:2000]}"
+    return urljoin(base, m.group(1).replace("&amp;", "&"))
+
+
+def sign_in(
+    auth_url: str,
+    login: str,
+    *,
+    idp: TestIdP,
+    client: httpx.Client | None = None,
+    stop_at_callback: bool = False,
+) -> SignIn:
+    """Open ``auth_url`` and sign in at the provider as ``login`` (any password).
+
+    With ``stop_at_callback`` the redirect back to homescale is not followed: the
+    result's ``final`` is the provider's redirect, whose Location a test can replay
+    or tamper with.
+    """
+    own = client is None
+    c = client or httpx.Client(timeout=15)
+    urls: list[str] = []
+    try:
+        r = c.get(auth_url)
+        for _ in range(MAX_HOPS):
+            urls.append(str(r.url))
+            if r.is_redirect:
+                nxt = urljoin(str(r.url), r.headers["location"])
+                if stop_at_callback and urlsplit(nxt).path == "/oidc/callback":
+                    return SignIn(r, urls)
+                r = c.get(nxt)
+                continue
+            at_idp = str(r.url).startswith(idp.issuer)
+            if at_idp and "/interaction/" in str(r.url) and r.status_code == 200:
+                action = _form_action(r.text, str(r.url))
+                if 'name="login"' in r.text:
+                    # devInteractions take what is typed as the account id: the subject.
+                    sub = idp.accounts.get(login, {}).get("sub", login)
+                    form = {"prompt": "login", "login": sub, "password": "any"}
+                else:
+                    form = {"prompt": "consent"}
+                r = c.post(action, data=form)
+                continue
+            return SignIn(r, urls)
+        pytest.fail(f"sign-in did not finish within {MAX_HOPS} hops: {urls}")
+    finally:
+        if own:
+            c.close()

@@ -407,6 +407,10 @@ def configtest() -> None:
     config = _config()
     for w in config.warnings:
         print(f"warning: {w}", file=sys.stderr)
+    if config.oidc is not None:
+        from .oidc import provider_report
+
+        print(provider_report(config.oidc), file=sys.stderr)
     emit({"config": str(config.source), "ok": True}, message=f"{config.source}: configuration OK")
 
 

@@ -150,6 +150,22 @@ async def discover(issuer: str) -> ProviderMetadata:
         raise OIDCError(str(e)) from None
 
 
+def provider_report(settings: OIDCSettings) -> str:
+    """One line for `configtest`: does the provider's discovery answer? (never raises)"""
+    import trio
+
+    try:
+        meta = trio.run(discover, settings.issuer)
+    except OIDCError as e:
+        what = (
+            "the server will refuse to start"
+            if settings.only_start_if_available
+            else "the server starts anyway (only_start_if_oidc_is_available: false)"
+        )
+        return f"warning: oidc: {e}; while it stays so, {what}"
+    return f"oidc: provider {settings.issuer} answers; sign-in at {meta.authorization_endpoint}"
+
+
 # ---------------------------------------------------------------- claims
 
 

@@ -37,7 +37,7 @@ from appliance.serve import ServeError, serve
 from appliance.store import Store
 from appliance.storethread import run_inline
 
-from .conftest import LOG, Site, free_port
+from .conftest import LOG, Site, free_port, run_cli
 from .test_app_config import BASE, write
 
 ISSUER = "http://127.0.0.1:9/idp"
@@ -344,3 +344,13 @@ async def test_unreachable_provider_tolerated_when_allowed(
         assert srv.oidc.provider is None
         assert "starting anyway" in caplog.text
         nursery.cancel_scope.cancel()
+
+
+def test_configtest_reports_an_unreachable_provider(
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _with_unreachable_issuer(site, True)
+    r = run_cli(capsys, site, "configtest")
+    assert r.code == 0  # the file is fine; the provider being down is reported
+    assert "oidc: oidc.issuer: cannot reach the provider" in r.err
+    assert "the server will refuse to start" in r.err

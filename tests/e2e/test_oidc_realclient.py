@@ -263,3 +263,9 @@ async def test_profile_refreshed_at_next_login_reaches_peers(oidcnet: OidcNet) -
         users = json.loads((await oidcnet.server.acli("users", "list", "-o", "json")).stdout)
         assert [u["name"] for u in users].count("alice") == 1  # matched by subject, not new
         nursery.cancel_scope.cancel()
+
+
+async def test_configtest_reports_the_provider_answering(oidcnet: OidcNet) -> None:
+    r = await oidcnet.server.acli("configtest")
+    assert f"oidc: provider {oidcnet.idp.issuer} answers" in r.stderr
+    assert f"sign-in at {oidcnet.idp.issuer}/auth" in r.stderr

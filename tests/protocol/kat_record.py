@@ -80,6 +80,7 @@ class _Capture:
 def serve(capture_dir: Path, argv: list[str]) -> int:
     """``homescale ARGV`` with captures of every ts2021 and DERP connection."""
     from appliance import cli
+    from derp import codec
     from derp import server as derp_server
     from protocol import noise
     from protocol.keys import PrivateKey
@@ -114,7 +115,7 @@ def serve(capture_dir: Path, argv: list[str]) -> int:
 
     noise.respond = recording_respond  # control_conn calls noise.respond
 
-    class RecordingDerpConnection(derp_server.DerpServerConnection):
+    class RecordingDerpConnection(codec.DerpServerConnection):
         def __init__(self, private_key: bytes, *, mesh_key: bytes | None = None) -> None:
             super().__init__(private_key, mesh_key=mesh_key)
             self._cap = _Capture(capture_dir, "derp", {"server_derp_private": private_key.hex()})
@@ -123,7 +124,9 @@ def serve(capture_dir: Path, argv: list[str]) -> int:
             self._cap.add(data)
             return super().receive_data(data)
 
-    derp_server.DerpServerConnection = RecordingDerpConnection  # type: ignore[misc]
+    # derp/server.py builds one per connection by this name.
+    assert vars(derp_server)["DerpServerConnection"] is codec.DerpServerConnection
+    vars(derp_server)["DerpServerConnection"] = RecordingDerpConnection
     return cli.run(argv)
 
 

@@ -23,7 +23,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from cyclopts import App, Parameter
 
-from .config import Config, find_config, load_config
+from .config import Config, env_lookup, find_config, load_config
 from .durations import parse_duration
 from .errors import HomescaleError
 from .version import commit, version
@@ -193,17 +193,29 @@ def _socket_answers(path: Path) -> bool:
 
 
 def transport() -> Transport:
-    address = os.environ.get("HOMESCALE_CLI_ADDRESS")
+    path = find_config(OPTS.config, os.environ)
+    config = load_config(path) if path is not None else None
+    if config is not None:
+        cli = config.cli  # the `cli:` section, with HOMESCALE_CLI_* / HEADSCALE_CLI_* over it
+        address, api_key, insecure = cli.address, cli.api_key, cli.insecure
+        timeout = cli.timeout.total_seconds() or CLI_TIMEOUT
+    else:  # no config file: the environment alone can name a remote server
+
+        def env(key: str) -> str:
+            found = env_lookup(os.environ, key)
+            return found[1] if found else ""
+
+        address, api_key = env("cli.address"), env("cli.api_key")
+        insecure, timeout = env("cli.insecure").lower() in ("1", "true"), CLI_TIMEOUT
     if address:
-        api_key = os.environ.get("HOMESCALE_CLI_API_KEY", "")
         if not api_key:
             raise HomescaleError(
-                "HOMESCALE_CLI_ADDRESS is set but HOMESCALE_CLI_API_KEY is not "
-                "(create one with `homescale apikeys create` on the server)"
+                "cli.address (HOMESCALE_CLI_ADDRESS) is set but cli.api_key "
+                "(HOMESCALE_CLI_API_KEY) is not (create one with `homescale apikeys create` "
+                "on the server)"
             )
         url = address if "://" in address else f"https://{address}"
         parts = urlsplit(url)
-        insecure = os.environ.get("HOMESCALE_CLI_INSECURE", "").lower() in ("1", "true")
 
         def factory() -> http.client.HTTPConnection:
             if parts.scheme == "https":
@@ -212,15 +224,16 @@ def transport() -> Transport:
                     ctx.check_hostname = False
                     ctx.verify_mode = ssl.CERT_NONE
                 return http.client.HTTPSConnection(
-                    parts.hostname or "", parts.port or 443, timeout=CLI_TIMEOUT, context=ctx
+                    parts.hostname or "", parts.port or 443, timeout=timeout, context=ctx
                 )
             return http.client.HTTPConnection(
-                parts.hostname or "", parts.port or 80, timeout=CLI_TIMEOUT
+                parts.hostname or "", parts.port or 80, timeout=timeout
             )
 
         _say(f"using the remote API at {url}")
         return HttpTransport(factory, {"Authorization": f"Bearer {api_key}"})
-    config = _config()
+    if config is None:
+        config = _config()  # says that no config file was found
     if _socket_answers(config.unix_socket):
         _say(f"using the running server's admin socket {config.unix_socket}")
         return HttpTransport(lambda: _UnixHTTPConnection(str(config.unix_socket)), {})
@@ -411,6 +424,10 @@ def configtest() -> None:
         from .oidc import provider_report
 
         print(provider_report(config.oidc), file=sys.stderr)
+    if config.refusals:
+        raise HomescaleError(
+            f"{config.source}: the server would refuse to start:\n  " + "\n  ".join(config.refusals)
+        )
     emit({"config": str(config.source), "ok": True}, message=f"{config.source}: configuration OK")
 
 

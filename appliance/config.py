@@ -1,9 +1,11 @@
 """Configuration: headscale's `config-example.yaml` keys, typed, with located errors.
 
-A headscale config file works unchanged: every key headscale knows is accepted
-(keys for features homescale does not have are ignored with a note), keys headscale
-removed are refused with where they moved, and unknown keys are warnings naming the
-key and its line. Every key can be overridden by `HOMESCALE_<KEY>` (dots as `_`).
+A headscale config file works unchanged: every key headscale knows is either
+implemented or named in a warning that says what the user does not get (and, where
+ignoring it would be unsafe, the server refuses to start); keys headscale removed
+are refused with where they moved, and unknown keys are warnings naming the key and
+its line. Every key can be overridden by `HOMESCALE_<KEY>` (dots as `_`), or by
+headscale's `HEADSCALE_<KEY>` (homescale's name wins when both are set).
 Relative paths are resolved against the config file's directory.
 """
 
@@ -260,32 +262,105 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "oidc.pkce.enabled": (_bool, False),
     "oidc.pkce.method": (_pkce_method, "S256"),
     "oidc.use_expiry_from_token": (_bool, False),
+    # headscale's `cli:` section: where the CLI sends commands when not on the server.
+    "cli.address": (_str, ""),
+    "cli.api_key": (_str, ""),
+    "cli.timeout": (_duration, "5s"),
+    "cli.insecure": (_bool, False),
+    # false: no STUN listener (homescale's other spelling: stun_listen_addr: "").
+    "derp.server.stun.enabled": (_bool, True),
 }
 
-# Keys headscale accepts for features homescale does not have (ACME, gRPC,
-# Postgres, ...). Accepted so a headscale config loads; they change nothing here.
-IGNORED_PREFIXES = (
-    "trusted_proxies",
-    "grpc_listen_addr",
-    "grpc_allow_insecure",
-    "acme_url",
-    "acme_email",
-    "tls_letsencrypt_",
-    "database.gorm",
-    "database.debug",
-    "database.postgres",
-    "database.sqlite.wal_autocheckpoint",
-    "taildrop",
-    "auto_update",
-    "node.routes",
-    "cli",
-    "tuning",
-    "preauth_keys",
-    "derp.server.stun",
-    "dns.extra_records_path",
-    "policy.v1",
-    "ephemeral_node_inactivity_timeout",
-)
+
+@dataclass(frozen=True)
+class Unsupported:
+    """A headscale key for a feature homescale does not have."""
+
+    loss: str  # what the user does not get, said in the warning
+    # True when the value asks for nothing homescale does not do (headscale's "off").
+    inert: Callable[[Any, Callable[[str], Any]], bool] = lambda v, get: False
+    unsafe: bool = False  # ignoring it would do what the user did not ask for: refuse to serve
+
+
+def _off(*values: Any) -> Callable[[Any, Callable[[str], Any]], bool]:
+    return lambda v, get: v in values or str(v).lower() in {str(x).lower() for x in values}
+
+
+def _always(v: Any, get: Callable[[str], Any]) -> bool:
+    return True
+
+
+# The rest of the ACME keys: refused with tls_letsencrypt_hostname while it is set,
+# unread while it is not (in headscale too): one message, on the main key.
+_ACME = Unsupported("see tls_letsencrypt_hostname", inert=_always)
+_GRPC = "no gRPC API: use the REST API under /api/v1 (homescale's CLI does: cli.address)"
+_GORM = "a setting of headscale's Go ORM (gorm); homescale has no such layer"
+
+# Keys headscale reads (hscontrol/types/config.go) that homescale does not implement.
+# An entry ending in "." covers its whole section. A key whose value asks for nothing
+# (its `inert` test) passes quietly; any other gets a warning naming the key, its file
+# and line, and what is lost -- or, if `unsafe`, keeps the server from starting.
+UNSUPPORTED: dict[str, Unsupported] = {
+    "trusted_proxies": Unsupported(
+        "X-Forwarded-For is not read: logs show the proxy's address", inert=_off([], None, "")
+    ),
+    "grpc_listen_addr": Unsupported(_GRPC, inert=_off("", None)),
+    "grpc_allow_insecure": Unsupported(_GRPC, inert=_off(False, None)),
+    "tls_letsencrypt_hostname": Unsupported(
+        "Let's Encrypt is not built in (yet): the server would run without the certificate "
+        "you asked for. Remove the key and set tls_cert_path/tls_key_path (or put a "
+        "TLS-terminating proxy in front)",
+        inert=_off("", None),
+        unsafe=True,
+    ),
+    "tls_letsencrypt_cache_dir": _ACME,
+    "tls_letsencrypt_challenge_type": _ACME,
+    "tls_letsencrypt_listen": _ACME,
+    "acme_url": _ACME,
+    "acme_email": _ACME,
+    "database.debug": Unsupported("SQL statements are not logged", inert=_off(False, None)),
+    "database.gorm.prepare_stmt": Unsupported(_GORM, inert=_off(True, None)),
+    "database.gorm.parameterized_queries": Unsupported(_GORM, inert=_off(True, None)),
+    "database.gorm.skip_err_record_not_found": Unsupported(_GORM, inert=_off(True, None)),
+    "database.gorm.slow_threshold": Unsupported(
+        "slow queries are not logged", inert=_off(1000, None)
+    ),
+    # Read by headscale only with database.type: postgres, which homescale refuses.
+    "database.postgres.": Unsupported("no PostgreSQL", inert=_always),
+    "database.sqlite.wal_autocheckpoint": Unsupported(
+        "homescale runs with SQLite's default (1000 pages)", inert=_off(1000, None)
+    ),
+    "taildrop.enabled": Unsupported(
+        "Taildrop (sending files between devices) is not offered to clients",
+        inert=_off(False, None),
+    ),
+    "auto_update.enabled": Unsupported(
+        "clients are not offered automatic updates", inert=_off(False, None)
+    ),
+    "node.routes.ha.probe_interval": Unsupported(
+        "subnet routers are not probed: a primary router fails over when it goes offline, "
+        "not when it stops answering"
+    ),
+    "node.routes.ha.probe_timeout": Unsupported("subnet routers are not probed"),
+    "dns.extra_records_path": Unsupported(
+        "the records in that file are not served: list them under dns.extra_records",
+        inert=_off("", None),
+    ),
+    "preauth_keys.revoked_retention": Unsupported(
+        "expired pre-auth keys are kept until deleted (homescale preauthkeys delete)"
+    ),
+    "tuning.": Unsupported("tunes headscale's internals; homescale has no such knob"),
+    "policy.v1": Unsupported("headscale's v1 policy format is gone; homescale reads v2"),
+}
+
+
+def unsupported(key: str) -> Unsupported | None:
+    """The entry for `key`: its own, else its section's."""
+    if key in UNSUPPORTED:
+        return UNSUPPORTED[key]
+    sections = [p for p in UNSUPPORTED if p.endswith(".") and key.startswith(p)]
+    return UNSUPPORTED[max(sections, key=len)] if sections else None
+
 
 # Keys headscale removed, with where they went (hscontrol/types/config.go).
 REMOVED = {
@@ -365,6 +440,16 @@ class OIDCSettings:
 
 
 @dataclass(frozen=True)
+class CliSettings:
+    """headscale's `cli:` section: the server the CLI talks to when not on its machine."""
+
+    address: str
+    api_key: str
+    timeout: timedelta
+    insecure: bool
+
+
+@dataclass(frozen=True)
 class Config:
     """The settings homescale runs with; built only by `load_config`/`config_from_values`."""
 
@@ -392,23 +477,38 @@ class Config:
     node_expiry: timedelta  # 0: node keys never expire
     ephemeral_inactivity_timeout: timedelta
     disable_check_updates: bool
+    cli: CliSettings
     warnings: list[str] = field(default_factory=list)
     oidc: OIDCSettings | None = None  # None: no identity provider, logins by the CLI only
+    # Keys that must not be ignored (see UNSUPPORTED): `serve` refuses to start.
+    refusals: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- loading
 
 
-def env_name(key: str) -> str:
-    return "HOMESCALE_" + key.replace(".", "_").upper()
+def env_name(key: str, product: str = "HOMESCALE") -> str:
+    return f"{product}_" + key.replace(".", "_").upper()
+
+
+def env_lookup(environ: Mapping[str, str], key: str) -> tuple[str, str] | None:
+    """(variable, value) overriding `key`: HOMESCALE_<KEY>, else headscale's HEADSCALE_<KEY>
+    (container setups written for headscale keep working)."""
+    for product in ("HOMESCALE", "HEADSCALE"):
+        name = env_name(key, product)
+        if name in environ:
+            return name, environ[name]
+    return None
 
 
 def find_config(explicit: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path | None:
-    """The config path: `-c`, then $HOMESCALE_CONFIG, then the search paths; None if none exist."""
+    """The config path: `-c`, then $HOMESCALE_CONFIG (or $HEADSCALE_CONFIG), then the
+    search paths; None if none exist."""
     if explicit:
         return Path(explicit)
-    if environ.get("HOMESCALE_CONFIG"):
-        return Path(environ["HOMESCALE_CONFIG"])
+    for name in ("HOMESCALE_CONFIG", "HEADSCALE_CONFIG"):
+        if environ.get(name):
+            return Path(environ[name])
     for p in SEARCH_PATHS:
         p = p.expanduser()
         if p.is_file():
@@ -446,13 +546,6 @@ def _plain(v: Any) -> Any:
     if isinstance(v, CommentedSeq):
         return [_plain(x) for x in v]
     return v
-
-
-def _is_ignored(key: str) -> bool:
-    return any(
-        key == p or key.startswith(p + ".") or (p.endswith("_") and key.startswith(p))
-        for p in IGNORED_PREFIXES
-    )
 
 
 def read_yaml(path: Path) -> Any:
@@ -509,9 +602,9 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     for key, (parse, default) in SCHEMA.items():
         raw_value, line = flat.get(key, (default, None))
         origin = f"{where}:{line}" if line else where
-        env = env_name(key)
-        if env in environ:
-            raw_value, origin = environ[env], f"environment variable {env}"
+        env = env_lookup(environ, key)
+        if env is not None:
+            raw_value, origin = env[1], f"environment variable {env[0]}"
         if raw_value is _Section:
             raise ConfigError(f"{origin}: {key}: expected a value, got a mapping")
         try:
@@ -536,14 +629,55 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
             f"use node.ephemeral.inactivity_timeout"
         )
 
+    if not values["derp.server.stun.enabled"]:
+        values["derp.server.stun_listen_addr"] = ""
+    refusals = _check_unsupported(flat, where, environ, warnings)
     for key, (v, line) in flat.items():
-        if key in SCHEMA or v is _Section or _is_ignored(key):
+        if key in SCHEMA or v is _Section or unsupported(key) or key in _ALIASES:
             continue
         loc = f"{where}:{line}" if line else where
         warnings.append(f"{loc}: unknown configuration key {key!r} (ignored)")
 
     base = path.parent.resolve() if path is not None else Path.cwd()
-    return config_from_values(values, source=path, base=base, warnings=warnings)
+    config = config_from_values(values, source=path, base=base, warnings=warnings)
+    config.refusals.extend(refusals)
+    return config
+
+
+# Old spellings read in place of their new key (load_config).
+_ALIASES = ("ephemeral_node_inactivity_timeout",)
+
+
+def _check_unsupported(
+    flat: dict[str, tuple[Any, int | None]],
+    where: str,
+    environ: Mapping[str, str],
+    warnings: list[str],
+) -> list[str]:
+    """Warn about each headscale key set to something homescale does not do; return the
+    messages for those that must keep the server from starting."""
+    given: dict[str, tuple[Any, str]] = {}
+    for key, (v, line) in flat.items():
+        if v is not _Section and key not in SCHEMA and unsupported(key):
+            given[key] = (v, f"{where}:{line}" if line else where)
+    for key in UNSUPPORTED:
+        env = None if key.endswith(".") or key in SCHEMA else env_lookup(environ, key)
+        if env is not None:
+            given[key] = (env[1], f"environment variable {env[0]}")
+
+    def get(key: str) -> Any:
+        return given.get(key, (None, ""))[0]
+
+    refusals = []
+    for key, (v, origin) in given.items():
+        entry = unsupported(key)
+        if entry is None or entry.inert(v, get):
+            continue
+        if entry.unsafe:
+            refusals.append(f"{origin}: {key} is not supported by homescale: {entry.loss}")
+        else:
+            warnings.append(f"{origin}: {key} is not supported by homescale: {entry.loss}")
+    return refusals
 
 
 def config_from_values(
@@ -633,6 +767,12 @@ def config_from_values(
         node_expiry=values["node.expiry"],
         ephemeral_inactivity_timeout=values["node.ephemeral.inactivity_timeout"],
         disable_check_updates=values["disable_check_updates"],
+        cli=CliSettings(
+            address=values["cli.address"],
+            api_key=values["cli.api_key"],
+            timeout=values["cli.timeout"],
+            insecure=values["cli.insecure"],
+        ),
         warnings=warnings,
         oidc=_oidc_settings(values, resolve),
     )

@@ -282,6 +282,8 @@ async def serve(
 
     for w in config.warnings:
         log.warning("%s", w)
+    if config.refusals:  # keys whose silent absence would be unsafe (config.UNSUPPORTED)
+        raise ServeError("refusing to start:\n  " + "\n  ".join(config.refusals))
     server = Server(config, log)
     relay = None
     socket_ours = False  # never remove a socket another running server owns

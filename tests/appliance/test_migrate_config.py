@@ -1,0 +1,151 @@
+"""A headscale config as a drop-in: no key silently ignored, HEADSCALE_* honoured.
+
+headscale's own config-example.yaml (tests/fixtures/headscale) must load with a
+warning for exactly the keys homescale does not implement; keys whose silent
+absence would be unsafe keep the server from starting; headscale's environment
+names work as aliases of homescale's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from appliance.config import load_config
+from appliance.serve import ServeError, serve
+
+from .conftest import LOG, Site, run_cli
+
+HEADSCALE_EXAMPLE = Path(__file__).parent.parent / "fixtures" / "headscale" / "config-example.yaml"
+
+
+def warned_keys(messages: list[str]) -> list[str]:
+    """`FILE:LINE: KEY is not supported ...` -> KEY."""
+    return [m.split(": ", 1)[1].split()[0] for m in messages]
+
+
+def test_configtest_names_exactly_the_unsupported_keys_of_headscales_example(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = Site(tmp_path, 0, 0)
+    (tmp_path / "config.yaml").write_text(HEADSCALE_EXAMPLE.read_text())
+    r = run_cli(capsys, site, "configtest")
+    assert r.code == 0, r.err
+    lines = r.err.splitlines()
+    assert lines == [
+        f"warning: {tmp_path / 'config.yaml'}:172: node.routes.ha.probe_interval is not "
+        "supported by homescale: subnet routers are not probed: a primary router fails "
+        "over when it goes offline, not when it stops answering",
+        f"warning: {tmp_path / 'config.yaml'}:176: node.routes.ha.probe_timeout is not "
+        "supported by homescale: subnet routers are not probed",
+        f"warning: {tmp_path / 'config.yaml'}:452: taildrop.enabled is not supported by "
+        "homescale: Taildrop (sending files between devices) is not offered to clients",
+    ]
+
+
+def test_keys_set_to_headscales_off_pass_quietly(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "dns:\n  base_domain: ts.example\n"
+        "taildrop:\n  enabled: false\nauto_update:\n  enabled: false\n"
+        "acme_email: ''\ntls_letsencrypt_hostname: ''\ntrusted_proxies: []\n"
+        "database:\n  gorm:\n    slow_threshold: 1000\n  sqlite:\n    wal_autocheckpoint: 1000\n"
+    )
+    config = load_config(path, {})
+    assert config.warnings == []
+    assert config.refusals == []
+
+
+async def test_letsencrypt_without_acme_refuses_to_serve(site: Site, tmp_path: Path) -> None:
+    """Plain HTTP where the user asked for a Let's Encrypt certificate is refused."""
+    text = site.config_path.read_text() + "tls_letsencrypt_hostname: hs.example.com\n"
+    site.config_path.write_text(text)
+    config = load_config(site.config_path, {})
+    line = text.splitlines().index("tls_letsencrypt_hostname: hs.example.com") + 1
+    assert config.refusals == [
+        f"{site.config_path}:{line}: tls_letsencrypt_hostname is not supported by homescale: "
+        "Let's Encrypt is not built in (yet): the server would run without the certificate "
+        "you asked for. Remove the key and set tls_cert_path/tls_key_path (or put a "
+        "TLS-terminating proxy in front)"
+    ]
+
+    with pytest.raises(ServeError, match=r"refusing to start:\n  .*tls_letsencrypt_hostname"):
+        with trio.fail_after(10):
+            await serve(config, LOG)
+    assert not site.socket.exists()  # nothing was started
+
+
+def test_configtest_fails_on_an_unsafe_key_from_the_environment(
+    site: Site, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HEADSCALE_TLS_LETSENCRYPT_HOSTNAME", "hs.example.com")
+    r = run_cli(capsys, site, "configtest")
+    assert r.code == 2
+    assert "the server would refuse to start" in r.err
+    assert (
+        "environment variable HEADSCALE_TLS_LETSENCRYPT_HOSTNAME: tls_letsencrypt_hostname "
+        "is not supported" in r.err
+    )
+
+
+def test_headscale_environment_names_are_aliases(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("dns:\n  base_domain: ts.example\n")
+    config = load_config(
+        path,
+        {
+            "HEADSCALE_LISTEN_ADDR": "127.0.0.1:9999",
+            "HEADSCALE_LOG_LEVEL": "debug",
+            "HOMESCALE_LOG_LEVEL": "warn",  # homescale's own name wins
+            "HEADSCALE_DNS_BASE_DOMAIN": "other.example",
+            "HEADSCALE_DERP_SERVER_STUN_ENABLED": "false",
+        },
+    )
+    assert config.listen_addr == "127.0.0.1:9999"
+    assert config.log_level == "warn"
+    assert config.dns.base_domain == "other.example"
+    assert config.derp.stun_listen_addr == ""  # headscale's stun.enabled: false
+
+
+def test_headscale_config_env_finds_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance import cli
+
+    path = tmp_path / "config.yaml"
+    path.write_text("dns:\n  base_domain: ts.example\n")
+    monkeypatch.setenv("HEADSCALE_CONFIG", str(path))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert cli.run(["configtest"]) == 0
+    assert f"{path}: configuration OK" in capsys.readouterr().out
+
+
+async def test_cli_section_sends_commands_to_the_configured_server(
+    site: Site, server: object, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """headscale's `cli:` section (address, api_key) is where the CLI sends commands."""
+    r = await trio.to_thread.run_sync(lambda: run_cli(capsys, site, "apikeys", "create"))
+    assert r.code == 0, r.err
+    api_key = r.out.strip().splitlines()[-1]
+    remote = tmp_path / "remote.yaml"
+    remote.write_text(
+        f"dns:\n  base_domain: ts.example\nunix_socket: {tmp_path}/none.sock\n"
+        f"cli:\n  address: http://127.0.0.1:{site.port}\n  api_key: {api_key}\n  timeout: 5s\n"
+    )
+    other = Site(tmp_path, site.port, 0)
+    (tmp_path / "config.yaml").write_text(remote.read_text())
+    r = await trio.to_thread.run_sync(
+        lambda: run_cli(capsys, other, "-v", "users", "create", "from-afar")
+    )
+    assert r.code == 0, r.err
+    assert f"using the remote API at http://127.0.0.1:{site.port}" in r.err
+    store = site.store()
+    assert store.user_by_name("from-afar") is not None
+    store.close()
+
+    (tmp_path / "config.yaml").write_text(remote.read_text().replace(api_key, "hskey-api-x"))
+    r = await trio.to_thread.run_sync(lambda: run_cli(capsys, other, "users", "list"))
+    assert r.code != 0

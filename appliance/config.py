@@ -61,6 +61,13 @@ def _int(v: Any) -> int:
         raise ValueError("expected an integer") from None
 
 
+def _count(v: Any) -> int:
+    n = _int(v)
+    if n < 0:
+        raise ValueError("expected 0 (no limit) or a positive number")
+    return n
+
+
 def _hostport(v: Any) -> str:
     s = _str(v)
     host, sep, port = s.rpartition(":")
@@ -269,6 +276,9 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "cli.insecure": (_bool, False),
     # false: no STUN listener (homescale's other spelling: stun_listen_addr: "").
     "derp.server.stun.enabled": (_bool, True),
+    # homescale's own (headscale has no such key): per-IP caps on open connections.
+    "limits.max_connections_per_ip": (_count, 256),
+    "limits.max_derp_connections_per_ip": (_count, 64),
 }
 
 
@@ -478,6 +488,8 @@ class Config:
     ephemeral_inactivity_timeout: timedelta
     disable_check_updates: bool
     cli: CliSettings
+    max_connections_per_ip: int = 256  # 0: no limit
+    max_derp_connections_per_ip: int = 64
     warnings: list[str] = field(default_factory=list)
     oidc: OIDCSettings | None = None  # None: no identity provider, logins by the CLI only
     # Keys that must not be ignored (see UNSUPPORTED): `serve` refuses to start.
@@ -773,6 +785,8 @@ def config_from_values(
             timeout=values["cli.timeout"],
             insecure=values["cli.insecure"],
         ),
+        max_connections_per_ip=values["limits.max_connections_per_ip"],
+        max_derp_connections_per_ip=values["limits.max_derp_connections_per_ip"],
         warnings=warnings,
         oidc=_oidc_settings(values, resolve),
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ import h2.exceptions
 import h2.settings
 import trio
 
+from appliance.boundary import Boundary
 from appliance.httpserver import Upgrade
 from appliance.noise_stream import NoiseStream
 from protocol import noise
@@ -49,6 +51,66 @@ MAX_CONCURRENT_STREAMS = 250
 # 65,535 default so request uploads never wait for a WINDOW_UPDATE round trip.
 RECEIVE_WINDOW = 1 << 20
 _READ_SIZE = 65536
+# Once an HTTP/2 frame has begun, its rest must follow within this. h2 itself
+# checks a frame's length only once the whole frame is in, so a header that
+# announces 16 MiB and then silence would otherwise hold the connection (and
+# make us buffer whatever trickles in) forever.
+PARTIAL_FRAME_TIMEOUT = 15.0
+# A request (HEADERS without END_STREAM yet) must be complete within this.
+REQUEST_TIMEOUT = 30.0
+# Request bodies buffered at once on one connection, over all its streams:
+# 250 streams each holding up to max_body would be 1 GiB.
+MAX_BUFFERED_BODIES = 2 * DEFAULT_MAX_BODY
+# The client must read what we queued (ACKs, responses) within this before we
+# read more from it: a peer that floods PINGs and never reads is dropped.
+WRITE_BACKLOG_TIMEOUT = 30.0
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class FrameTracker:
+    """Where the incoming byte stream is relative to HTTP/2 frame boundaries.
+
+    Sans-IO: fed the same bytes as h2, it checks each frame header's length
+    against our SETTINGS_MAX_FRAME_SIZE as soon as the 9 header bytes are in (h2
+    checks only once the whole body arrived) and says whether a frame is half
+    received, for the partial-frame timeout.
+    """
+
+    def __init__(self, max_frame_size: int) -> None:
+        self.max_frame_size = max_frame_size
+        self._preface_left = len(_PREFACE)
+        self._header = bytearray()
+        self._body_left = 0
+
+    @property
+    def partial(self) -> bool:
+        return bool(self._header) or self._body_left > 0 or 0 < self._preface_left < len(_PREFACE)
+
+    def feed(self, data: bytes) -> None:
+        """Advance over `data`; h2.exceptions.FrameTooLargeError for an oversized frame."""
+        view = memoryview(data)
+        while view:
+            if self._preface_left:
+                n = min(self._preface_left, len(view))
+                self._preface_left -= n
+                view = view[n:]
+            elif self._body_left:
+                n = min(self._body_left, len(view))
+                self._body_left -= n
+                view = view[n:]
+            else:
+                n = min(9 - len(self._header), len(view))
+                self._header += view[:n]
+                view = view[n:]
+                if len(self._header) == 9:
+                    length = int.from_bytes(self._header[:3], "big")
+                    self._header.clear()
+                    if length > self.max_frame_size:
+                        raise h2.exceptions.FrameTooLargeError(
+                            f"frame of {length} bytes announced, over our "
+                            f"SETTINGS_MAX_FRAME_SIZE of {self.max_frame_size}"
+                        )
+                    self._body_left = length
 
 
 class ControlConnError(Exception):
@@ -96,6 +158,8 @@ class _StreamState:
     too_large: bool = False
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     reset: bool = False
+    complete: bool = False  # END_STREAM seen: the request is whole
+    started: float = field(default_factory=trio.current_time)
 
 
 class ControlResponse:
@@ -164,6 +228,7 @@ class _H2Server:
         peer: str,
         logger: logging.Logger,
         max_body: int,
+        boundary: Boundary | None = None,
     ) -> None:
         self.stream = stream
         self.handler = handler
@@ -172,8 +237,11 @@ class _H2Server:
         self.peer = peer
         self.log = logger
         self.max_body = max_body
+        self.boundary = boundary or Boundary(logger)
         cfg = h2.config.H2Configuration(client_side=False, header_encoding=None)
         self.h2 = h2.connection.H2Connection(config=cfg)
+        self.frames = FrameTracker(self.h2.max_inbound_frame_size)
+        self.buffered = 0  # body bytes held by incomplete requests
         self.streams: dict[int, _StreamState] = {}
         self._wake_writer = trio.Event()
         self._window_changed = trio.Event()
@@ -263,6 +331,7 @@ class _H2Server:
         )
         # Connection-level window is only raised by WINDOW_UPDATE, not SETTINGS.
         self.h2.increment_flow_control_window(RECEIVE_WINDOW)
+        preface_deadline = trio.current_time() + initial_settings_timeout
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -270,22 +339,33 @@ class _H2Server:
                 self._kick()
                 first = True
                 while True:
-                    if first:
-                        with trio.move_on_after(initial_settings_timeout) as cs:
-                            data = await self.stream.receive_some(_READ_SIZE)
+                    if self._written_seq < self._queued_seq:
+                        with trio.move_on_after(WRITE_BACKLOG_TIMEOUT) as cs:
+                            await self.flush()
                         if cs.cancelled_caught:
-                            self.log.info("ts2021 %s: no HTTP/2 preface in time", self.peer)
-                            break
-                        first = False
-                    else:
+                            raise trio.TooSlowError(
+                                f"the client read none of our output for "
+                                f"{WRITE_BACKLOG_TIMEOUT:g} s"
+                            )
+                    deadline, why = self._read_deadline(first, preface_deadline)
+                    with trio.move_on_at(deadline) as cs:
                         data = await self.stream.receive_some(_READ_SIZE)
+                    if cs.cancelled_caught:
+                        if why == "stream":
+                            self._reset_stalled_streams()
+                            self._kick()
+                            continue
+                        raise trio.TooSlowError(why)
+                    first = False
                     if not data:
                         self.log.debug("ts2021 %s: connection closed by client", self.peer)
                         break
                     try:
+                        self.frames.feed(data)
                         events = self.h2.receive_data(data)
                     except h2.exceptions.ProtocolError as e:
                         self.log.info("ts2021 %s: HTTP/2 protocol error: %s", self.peer, e)
+                        self._goaway(e)
                         self._kick()  # h2 queued a GOAWAY; try to send it
                         with trio.move_on_after(1):
                             await self.flush()
@@ -298,6 +378,50 @@ class _H2Server:
             self._dead = self._dead or StreamClosedError("connection ended")
             self._signal_window()
             self._written.set()
+
+    def _read_deadline(self, first: bool, preface_deadline: float) -> tuple[float, str]:
+        """When the next read must have brought something, and what it is waiting for."""
+        if first:
+            return preface_deadline, "no HTTP/2 preface in time"
+        if self.frames.partial:
+            return (
+                trio.current_time() + PARTIAL_FRAME_TIMEOUT,
+                f"partial HTTP/2 frame: the rest did not come within {PARTIAL_FRAME_TIMEOUT:g} s",
+            )
+        waiting = [st.started for st in self.streams.values() if not st.complete and not st.reset]
+        if waiting:
+            return min(waiting) + REQUEST_TIMEOUT, "stream"
+        return math.inf, ""
+
+    def _reset_stalled_streams(self) -> None:
+        now = trio.current_time()
+        for st in list(self.streams.values()):
+            if not st.complete and not st.reset and now - st.started >= REQUEST_TIMEOUT:
+                self.log.info(
+                    "ts2021 %s: stream %d: request not complete within %g s, reset",
+                    self.peer,
+                    st.stream_id,
+                    REQUEST_TIMEOUT,
+                )
+                self._drop_stream(st, h2.errors.ErrorCodes.CANCEL)
+
+    def _drop_stream(self, st: _StreamState, code: h2.errors.ErrorCodes) -> None:
+        st.reset = True
+        self.buffered -= len(st.body)
+        st.body = bytearray()
+        self.streams.pop(st.stream_id, None)
+        try:
+            self.h2.reset_stream(st.stream_id, code)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+
+    def _goaway(self, e: h2.exceptions.ProtocolError) -> None:
+        """h2 sends GOAWAY itself for errors it detects; ours (FrameTracker) need one too."""
+        if isinstance(e, h2.exceptions.FrameTooLargeError):
+            try:
+                self.h2.close_connection(h2.errors.ErrorCodes.FRAME_SIZE_ERROR)
+            except h2.exceptions.ProtocolError:
+                pass
 
     def _handle_events(self, events: list[h2.events.Event], nursery: trio.Nursery) -> bool:
         for ev in events:
@@ -315,20 +439,36 @@ class _H2Server:
                     except h2.exceptions.StreamClosedError:
                         pass
                 st = self.streams.get(sid)
-                if st is not None and ev.data:
+                if st is not None and ev.data and not st.complete:
                     if len(st.body) + len(ev.data) > self.max_body:
                         st.too_large = True
-                        st.body.clear()
+                        self.buffered -= len(st.body)
+                        st.body = bytearray()
+                    elif self.buffered + len(ev.data) > MAX_BUFFERED_BODIES:
+                        self.log.info(
+                            "ts2021 %s: stream %d refused: %d bytes of request bodies "
+                            "already buffered on this connection",
+                            self.peer,
+                            sid,
+                            self.buffered,
+                        )
+                        self._drop_stream(st, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
                     elif not st.too_large:
                         st.body += ev.data
+                        self.buffered += len(ev.data)
             elif isinstance(ev, h2.events.StreamEnded):
                 # The request is complete (END_STREAM on HEADERS, DATA or trailers).
                 st = self.streams.get(ev.stream_id)
-                if st is not None:
+                if st is not None and not st.complete:
+                    st.complete = True
+                    self.buffered -= len(st.body)
                     nursery.start_soon(self._run_stream, st)
             elif isinstance(ev, h2.events.StreamReset):
                 st = self.streams.get(ev.stream_id)
                 if st is not None:
+                    if not st.complete:
+                        self.buffered -= len(st.body)
+                        st.body = bytearray()
                     st.reset = True
                     st.scope.cancel()
                 self._signal_window()
@@ -372,11 +512,9 @@ class _H2Server:
                         await resp.end()
                 except StreamClosedError:
                     pass
-                except Exception:
+                except Exception as e:
                     # One bad request must not take down the node's other streams.
-                    self.log.exception(
-                        "ts2021 %s: handler for %s %s failed", self.peer, req.method, req.path
-                    )
+                    self.boundary.record("ts2021-request", f"{self.peer} {req.path}", e)
                     await self._fail_stream(resp)
             if st.scope.cancelled_caught:
                 self.log.debug(
@@ -430,6 +568,7 @@ async def serve_ts2021(
     logger: logging.Logger,
     max_body: int = DEFAULT_MAX_BODY,
     send_early_payload: bool = True,
+    boundary: Boundary | None = None,
 ) -> None:
     """Upgrade handler for ``/ts2021``: handshake, then serve HTTP/2 until the node leaves."""
     peer = upgrade.peer
@@ -507,6 +646,7 @@ async def serve_ts2021(
         peer=peer,
         logger=logger,
         max_body=max_body,
+        boundary=boundary,
     )
     try:
         await server.run()

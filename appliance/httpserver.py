@@ -21,11 +21,18 @@ import trio
 
 from derp.streams import PrefixedStream
 
+from .boundary import Boundary
+
 HEAD_TIMEOUT = 10.0  # a client must send a whole request head within this
+# ... and a whole body within this (4 MiB at ~140 KB/s; real bodies are a few KiB).
+BODY_TIMEOUT = 30.0
 IDLE_TIMEOUT = 75.0  # keep-alive connections idle longer are closed
 TLS_HANDSHAKE_TIMEOUT = 10.0
+SEND_TIMEOUT = 30.0  # a client that does not read its response within this is dropped
 MAX_BODY = 4 * 1024 * 1024  # policies are the largest bodies we accept
 MAX_HEAD = 64 * 1024
+# One log line per refusing IP per this many seconds: a flood must not flood the log too.
+CAP_LOG_INTERVAL = 60.0
 
 
 @dataclass
@@ -76,7 +83,8 @@ UpgradeHandler = Callable[[Upgrade], Awaitable[None]]
 AsgiApp = Callable[..., Awaitable[None]]
 
 
-def _peer(stream: trio.abc.Stream) -> str:
+def _peer(stream: trio.abc.Stream) -> tuple[str, str]:
+    """(IP, "ip:port") of the client; ("local", "local") for a non-IP stream."""
     inner = getattr(stream, "transport_stream", stream)
     sock = getattr(inner, "socket", None)
     try:
@@ -84,8 +92,51 @@ def _peer(stream: trio.abc.Stream) -> str:
     except OSError:
         addr = None
     if isinstance(addr, tuple):
-        return f"{addr[0]}:{addr[1]}" if ":" not in addr[0] else f"[{addr[0]}]:{addr[1]}"
-    return "local"
+        ip = str(addr[0])
+        return ip, (f"{ip}:{addr[1]}" if ":" not in ip else f"[{ip}]:{addr[1]}")
+    return "local", "local"
+
+
+class PerIpCap:
+    """Counts open connections per client IP and refuses those over a limit (0: no limit).
+
+    Bounds what one address can hold (file descriptors, buffers) so it cannot starve
+    everyone else; the limit is per IP because a NAT may put many honest clients behind one.
+    """
+
+    def __init__(self, limit: int, what: str, log: logging.Logger) -> None:
+        self.limit = limit
+        self.what = what
+        self.log = log
+        self.open: dict[str, int] = {}
+        self._logged: dict[str, float] = {}
+        self.refused = 0
+
+    def acquire(self, ip: str) -> bool:
+        n = self.open.get(ip, 0)
+        if self.limit and n >= self.limit:
+            self.refused += 1
+            now = trio.current_time()
+            if now - self._logged.get(ip, -CAP_LOG_INTERVAL) >= CAP_LOG_INTERVAL:
+                self._logged[ip] = now
+                self.log.warning(
+                    "%s from %s refused: %d already open (limit %d, limits.max_connections_per_ip)",
+                    self.what,
+                    ip,
+                    n,
+                    self.limit,
+                )
+            return False
+        self.open[ip] = n + 1
+        return True
+
+    def release(self, ip: str) -> None:
+        n = self.open.get(ip, 0) - 1
+        if n > 0:
+            self.open[ip] = n
+        else:
+            self.open.pop(ip, None)
+            self._logged.pop(ip, None)
 
 
 class HttpServer:
@@ -101,6 +152,9 @@ class HttpServer:
         ssl_context: ssl.SSLContext | None = None,
         tls_optional: bool = False,
         logger: logging.Logger,
+        boundary: Boundary | None = None,
+        max_connections_per_ip: int = 0,
+        upgrade_caps: dict[str, int] | None = None,
     ) -> None:
         self.routes = routes
         self.upgrades = upgrades
@@ -112,6 +166,13 @@ class HttpServer:
         # is happy with plain HTTP, but clients insist on TLS for DERP.
         self.tls_optional = tls_optional
         self.log = logger
+        self.boundary = boundary or Boundary(logger)
+        self.conn_cap = PerIpCap(max_connections_per_ip, "connection", logger)
+        # Upgrades that hold a connection for long (DERP) get a tighter cap of their own.
+        self.upgrade_caps = {
+            path: PerIpCap(limit, f"{path} connection", logger)
+            for path, limit in (upgrade_caps or {}).items()
+        }
 
     async def serve(
         self,
@@ -125,39 +186,44 @@ class HttpServer:
             task_status.started()
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
-        peer = _peer(stream)
+        """One client connection, inside the boundary: nothing it sends can end the server."""
+        ip, peer = _peer(stream)
+        if not self.conn_cap.acquire(ip):
+            await _close(stream)
+            return
         try:
-            inner: trio.abc.Stream = stream
-            use_tls = self.ssl_context is not None
-            if use_tls and self.tls_optional:
-                with trio.move_on_after(HEAD_TIMEOUT) as scope:
-                    first = await stream.receive_some(65536)
-                if scope.cancelled_caught or not first:
-                    return
-                inner = PrefixedStream(stream, bytes(first))
-                use_tls = first[0] == 0x16
-            if use_tls:
-                assert self.ssl_context is not None
-                tls = trio.SSLStream(inner, self.ssl_context, server_side=True)
-                with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT) as scope:
-                    await tls.do_handshake()
-                if scope.cancelled_caught:
-                    self.log.debug("tls handshake timeout from %s", peer)
-                    return
-                inner = tls
-            stream = inner
-            await self._serve_http(stream, peer)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as e:
-            self.log.debug("connection from %s ended: %s", peer, e)
+            with self.boundary.guard("http", peer) as unit:
+                await self._serve_connection(stream, peer, unit)
         finally:
-            with trio.move_on_after(1) as cs:
-                cs.shield = True
-                try:
-                    await stream.aclose()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
-                    pass
+            self.conn_cap.release(ip)
+            await _close(stream)
 
-    async def _serve_http(self, stream: trio.abc.Stream, peer: str) -> None:
+    async def _serve_connection(self, stream: trio.abc.Stream, peer: str, unit: Any) -> None:
+        inner: trio.abc.Stream = stream
+        use_tls = self.ssl_context is not None
+        if use_tls and self.tls_optional:
+            with trio.move_on_after(HEAD_TIMEOUT) as scope:
+                first = await stream.receive_some(65536)
+            if scope.cancelled_caught or not first:
+                return
+            inner = PrefixedStream(stream, bytes(first))
+            use_tls = first[0] == 0x16
+        if use_tls:
+            assert self.ssl_context is not None
+            tls = trio.SSLStream(inner, self.ssl_context, server_side=True)
+            with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT) as scope:
+                await tls.do_handshake()
+            if scope.cancelled_caught:
+                self.log.debug("tls handshake timeout from %s", peer)
+                return
+            inner = tls
+        try:
+            await self._serve_http(inner, peer, unit)
+        finally:
+            if inner is not stream:
+                await _close(inner)
+
+    async def _serve_http(self, stream: trio.abc.Stream, peer: str, unit: Any) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         raw = bytearray()  # bytes of the current request head, for upgrades
         first = True
@@ -167,14 +233,30 @@ class HttpServer:
                 with trio.fail_after(timeout):
                     event, raw = await self._next_event(conn, stream, raw)
             except trio.TooSlowError:
+                if first or raw:  # an idle keep-alive connection just ends, silently
+                    self.boundary.record(
+                        unit.kind,
+                        peer,
+                        trio.TooSlowError(f"no whole request head in {timeout:g} s"),
+                    )
                 return
             except h11.RemoteProtocolError as e:
-                await self._send_error(conn, stream, 400, f"malformed request: {e}")
+                await self._refuse(conn, stream, unit, peer, e)
                 return
             first = False
             if isinstance(event, h11.ConnectionClosed) or event is None:
                 return
             if not isinstance(event, h11.Request):
+                return
+            if event.method == b"CONNECT":
+                # h11 would take any 2xx answer as a tunnel opening; we are no proxy.
+                await self._refuse(
+                    conn,
+                    stream,
+                    unit,
+                    peer,
+                    h11.RemoteProtocolError("CONNECT is not supported", error_status_hint=405),
+                )
                 return
             req_path = urlsplit(event.target.decode("latin-1")).path
             upgrade = self.upgrades.get(req_path)
@@ -183,25 +265,58 @@ class HttpServer:
                 head = bytes(raw[: end + 4]) if end >= 0 else bytes(raw)
                 trailing = bytes(raw[end + 4 :]) if end >= 0 else b""
                 self.log.debug("%s %s upgrade from %s", event.method.decode(), req_path, peer)
-                await upgrade(Upgrade(stream, event, head, trailing, peer))
+                unit.kind = req_path.strip("/") or "upgrade"
+                cap = self.upgrade_caps.get(req_path)
+                ip = peer.rpartition(":")[0].strip("[]")
+                if cap is not None and not cap.acquire(ip):
+                    await self._send_error(conn, stream, 429, f"too many {req_path} connections")
+                    return
+                try:
+                    await upgrade(Upgrade(stream, event, head, trailing, peer))
+                finally:
+                    if cap is not None:
+                        cap.release(ip)
+                return
+            length = _content_length(event)
+            if length is not None and length > MAX_BODY:
+                await self._refuse(
+                    conn,
+                    stream,
+                    unit,
+                    peer,
+                    h11.RemoteProtocolError(
+                        f"Content-Length {length} over the {MAX_BODY}-byte limit",
+                        error_status_hint=413,
+                    ),
+                )
                 return
             try:
-                with trio.fail_after(HEAD_TIMEOUT):
+                with trio.fail_after(BODY_TIMEOUT):
                     body = await self._read_body(conn, stream)
             except trio.TooSlowError:
+                self.boundary.record(
+                    unit.kind, peer, trio.TooSlowError(f"no whole body in {BODY_TIMEOUT:g} s")
+                )
                 return
             except h11.RemoteProtocolError as e:
-                await self._send_error(conn, stream, 400, f"malformed request: {e}")
+                await self._refuse(conn, stream, unit, peer, e)
                 return
             except _TooLarge:
-                await self._send_error(conn, stream, 413, "request body too large")
+                await self._refuse(
+                    conn,
+                    stream,
+                    unit,
+                    peer,
+                    h11.RemoteProtocolError("request body too large", error_status_hint=413),
+                )
                 return
             request = self._make_request(event, body, peer)
             response = await self._dispatch(request)
             self.log.debug(
                 "%s %s -> %d (%s)", request.method, request.target, response.status, peer
             )
-            await self._send(conn, stream, response, head_only=request.method == "HEAD")
+            with trio.fail_after(SEND_TIMEOUT):
+                await self._send(conn, stream, response, head_only=request.method == "HEAD")
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             try:
@@ -218,7 +333,7 @@ class HttpServer:
             if event is h11.NEED_DATA:
                 data = await stream.receive_some(65536)
                 raw += data
-                if len(raw) > MAX_HEAD * 2:
+                if len(raw) > MAX_HEAD:
                     raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
                 conn.receive_data(bytes(data))
                 continue
@@ -286,8 +401,11 @@ class HttpServer:
             if handler is None:
                 return Response.text("404 page not found\n", 404)
             return await handler(request)
-        except Exception:
-            self.log.exception("handler for %s %s failed", request.method, request.path)
+        except Exception as e:
+            # The request ends, the connection and the server carry on.
+            cause = self.boundary.record("request", f"{request.peer} {request.method}", e)
+            if cause == "peer":
+                return Response.text(f"bad request: {e}\n", 400)
             return Response.text("internal error\n", 500)
 
     async def _send(
@@ -307,6 +425,20 @@ class HttpServer:
             data += conn.send(h11.Data(data=response.body))
         data += conn.send(h11.EndOfMessage())
         await stream.send_all(data)
+
+    async def _refuse(
+        self,
+        conn: h11.Connection,
+        stream: trio.abc.Stream,
+        unit: Any,
+        peer: str,
+        e: h11.RemoteProtocolError,
+    ) -> None:
+        """Answer a request we will not serve with its 4xx, log it once, close."""
+        self.boundary.record(unit.kind, peer, e)
+        status = e.error_status_hint if 400 <= e.error_status_hint < 600 else 400
+        with trio.move_on_after(SEND_TIMEOUT):
+            await self._send_error(conn, stream, status, f"bad request: {e}")
 
     async def _send_error(
         self, conn: h11.Connection, stream: trio.abc.Stream, status: int, message: str
@@ -329,6 +461,22 @@ class HttpServer:
 
 class _TooLarge(Exception):
     pass
+
+
+def _content_length(event: h11.Request) -> int | None:
+    for name, value in event.headers:
+        if name.lower() == b"content-length":
+            return int(value)  # h11 checked it is digits only
+    return None
+
+
+async def _close(stream: trio.abc.Stream) -> None:
+    with trio.move_on_after(1) as cs:
+        cs.shield = True
+        try:
+            await stream.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
+            pass
 
 
 def _reason(status: int) -> bytes:

@@ -18,6 +18,10 @@ from protocol.noise import NoiseError, NoiseTransport
 # What one receive_some reads from the inner stream: one maximal record plus
 # its successor's header, so a busy stream usually decrypts a record per read.
 _READ_SIZE = 65536
+# Once a record has begun, its rest (at most 4 KiB) must follow within this: a
+# peer that sends a record header and then nothing holds no connection for long.
+# An idle stream between records waits as long as its user wants.
+PARTIAL_RECORD_TIMEOUT = 15.0
 
 
 class NoiseStream(trio.abc.Stream):
@@ -95,12 +99,21 @@ class NoiseStream(trio.abc.Stream):
                     return out
                 if self._pending_ciphertext:
                     data, self._pending_ciphertext = self._pending_ciphertext, b""
+                elif self.transport.has_partial_record:
+                    with trio.move_on_after(PARTIAL_RECORD_TIMEOUT) as scope:
+                        data = bytes(await self.inner.receive_some(_READ_SIZE))
+                    if scope.cancelled_caught:
+                        self._broken = trio.TooSlowError(
+                            f"partial Noise record: the rest did not come within "
+                            f"{PARTIAL_RECORD_TIMEOUT:g} s"
+                        )
+                        raise trio.BrokenResourceError(str(self._broken)) from self._broken
                 else:
                     data = bytes(await self.inner.receive_some(_READ_SIZE))
-                    if not data:
-                        if self.transport.has_partial_record:
-                            raise trio.BrokenResourceError("peer closed mid-record")
-                        return b""
+                if not data:
+                    if self.transport.has_partial_record:
+                        raise trio.BrokenResourceError("peer closed mid-record")
+                    return b""
                 try:
                     self.transport.receive_data(data)
                 except NoiseError as e:

@@ -22,6 +22,7 @@ from derp.server import DerpServer, load_or_create_server_key, open_stun_socket
 from .config import Config
 from .errors import ConfigError
 from .httpserver import Request, Response, RouteHandler
+from .store import STATE_DIR_MODE
 from .tailnet import Tailnet, node_is_expired
 
 
@@ -38,7 +39,9 @@ class EmbeddedRelay:
         self.tailnet = tailnet
         self.log = log
         try:
-            config.derp.private_key_path.parent.mkdir(parents=True, exist_ok=True)
+            config.derp.private_key_path.parent.mkdir(
+                mode=STATE_DIR_MODE, parents=True, exist_ok=True
+            )
             key = load_or_create_server_key(config.derp.private_key_path)
         except (ValueError, OSError) as e:
             raise ConfigError(f"derp.server.private_key_path: {e}") from None

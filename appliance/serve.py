@@ -27,13 +27,14 @@ from derp.errors import DerpError
 
 from .admin import Admin, Change
 from .api import AdminApi
+from .boundary import Boundary
 from .config import Config, OIDCSettings, split_hostport
 from .control import ControlService
 from .errors import HomescaleError
 from .httpserver import HttpServer, Request, Response, RouteHandler, Upgrade, UpgradeHandler
 from .metrics import Metrics
 from .policies import PolicyInvalid, check_policy_text, read_policy, recovery_steps
-from .store import Store
+from .store import STATE_DIR_MODE, Store
 from .tailnet import Tailnet
 from .version import commit, version
 
@@ -59,12 +60,16 @@ class Server:
         self.store = Store(config.database_path, wal=config.write_ahead_log)
         self.db_limiter = trio.CapacityLimiter(1)  # one writer: one store call at a time
         try:
-            config.noise_private_key_path.parent.mkdir(parents=True, exist_ok=True)
+            config.noise_private_key_path.parent.mkdir(
+                mode=STATE_DIR_MODE, parents=True, exist_ok=True
+            )
             self.noise_key = load_or_create_private_key(config.noise_private_key_path)
         except (ValueError, OSError) as e:
             self.store.close()
             raise ServeError(f"noise.private_key_path: {e}") from None
         self.metrics = Metrics()
+        # Every connection, request and session runs inside this (appliance.boundary).
+        self.boundary = Boundary(log.getChild("boundary"), self.metrics)
         self.admin = Admin(self.store, notify=self.on_change, online=self.is_online)
         self.routes: dict[str, RouteHandler] = {
             "/health": self.health,
@@ -146,7 +151,11 @@ class Server:
 
         assert self.control is not None
         await serve_ts2021(
-            upgrade, self.noise_key, self.control.handle, logger=self.log.getChild("noise")
+            upgrade,
+            self.noise_key,
+            self.control.handle,
+            logger=self.log.getChild("noise"),
+            boundary=self.boundary,
         )
 
     async def register_page(self, req: Request) -> Response:
@@ -207,8 +216,9 @@ class Server:
         v = req.arg("v")
         if not v:
             return Response.text("missing capability version: GET /key?v=<capver>\n", 400)
-        if not v.isdigit():
-            return Response.text(f"malformed capability version {v!r}\n", 400)
+        # ASCII digits only ("²".isdigit() is true), and a size an int holds.
+        if not (v.isascii() and v.isdigit()) or len(v) > 9:
+            return Response.text(f"malformed capability version {v[:40]!r}\n", 400)
         # NoiseCapabilityVersion (tailcfg): clients older than this speak no Noise.
         if int(v) < 39:
             return Response.text("client too old: capability version 39 or newer required\n", 400)
@@ -238,7 +248,7 @@ async def _tcp_listeners(addr: str, what: str) -> list[trio.SocketListener]:
 
 def _prepare_socket(path: Path) -> None:
     """Refuse a live socket (another server runs); remove a stale one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
     if not path.exists():
         return
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -362,9 +372,21 @@ async def serve(
             ssl_context=ssl_ctx,
             tls_optional=plain_url,
             logger=log.getChild("http"),
+            boundary=server.boundary,
+            max_connections_per_ip=config.max_connections_per_ip,
+            upgrade_caps={"/derp": config.max_derp_connections_per_ip},
+        )
+        server.metrics.gauge(
+            "homescale_connections_refused_total",
+            lambda: main.conn_cap.refused + sum(c.refused for c in main.upgrade_caps.values()),
+            "connections refused because their IP already held limits.max_*connections_per_ip",
         )
         metrics = HttpServer(
-            routes={"/metrics": server.metrics_route}, upgrades={}, logger=log.getChild("metrics")
+            routes={"/metrics": server.metrics_route},
+            upgrades={},
+            logger=log.getChild("metrics"),
+            boundary=server.boundary,
+            max_connections_per_ip=config.max_connections_per_ip,
         )
 
         hc = HypercornConfig()

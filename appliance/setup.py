@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from .errors import HomescaleError
+from .store import STATE_DIR_MODE
 
 EXAMPLE = "config-example.yaml"
 TLS_DIR = "tls"
@@ -56,14 +58,17 @@ def init_data_dir(data_dir: Path, server_url: str) -> list[str]:
     """Create what is missing in `data_dir`; never overwrite. Returns what it did, line by line."""
     from protocol.keys import load_or_create_private_key
 
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
     done: list[str] = []
     config = data_dir / "config.yaml"
     if config.exists():
         done.append(f"{config}: exists, left as it is")
     else:
         tmp = config.with_suffix(".tmp")
-        tmp.write_text(render_config(server_url))
+        # Group-readable (the CLI's users), never world-readable: it may hold secrets.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        with os.fdopen(fd, "w") as f:
+            f.write(render_config(server_url))
         tmp.replace(config)
         done.append(f"{config}: written (server_url {server_url})")
     noise = data_dir / "noise_private.key"

@@ -8,6 +8,7 @@ is running. Only `appliance/` touches the store; other packages get plain values
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -20,6 +21,23 @@ from typing import Any
 import sqlite_utils
 
 from .errors import Conflict, MigrationError, NotFound
+
+STATE_DIR_MODE = 0o750  # directories homescale creates for its state
+PRIVATE_FILE_MODE = 0o600  # node keys, key hashes, private keys: the service user only
+
+
+def create_private_file(path: Path) -> None:
+    """Create `path` (and its folder) readable by its owner only, if it does not exist yet.
+
+    SQLite gives the -wal, -shm and -journal files the database file's mode, so
+    creating the database this way keeps all of them private.
+    """
+    path.parent.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+    except FileExistsError:
+        return
+    os.close(fd)
 
 
 def utcnow() -> datetime:
@@ -257,7 +275,7 @@ class Store:
 
     def __init__(self, path: Path, *, wal: bool = True) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        create_private_file(path)
         self._conn = sqlite3.connect(
             str(path), check_same_thread=False, isolation_level=None, timeout=10
         )

@@ -28,6 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .store import STATE_DIR_MODE
+
 
 class TLSCertError(Exception):
     """Certificate material cannot be created or read; the message names the file."""
@@ -80,7 +82,7 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
     """Create ``path`` exclusively with ``mode``: never clobber existing material."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except FileExistsError:

@@ -87,3 +87,14 @@ def test_existing_headscale_key_is_kept(tmp_path: Path, capsys: pytest.CaptureFi
     (d / "noise_private.key").write_text(headscale_key)
     assert init(capsys, "--data-dir", str(d))[0] == 0
     assert (d / "noise_private.key").read_text() == headscale_key
+
+
+def test_init_keeps_state_private(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 9: the data folder 0750, the config 0640 (it may hold secrets), keys 0600."""
+    d = tmp_path / "data"
+    assert init(capsys, "--data-dir", str(d))[0] == 0
+    assert stat.S_IMODE(d.stat().st_mode) == 0o750
+    assert stat.S_IMODE((d / "config.yaml").stat().st_mode) == 0o640
+    assert stat.S_IMODE((d / "noise_private.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((d / "tls").stat().st_mode) == 0o750
+    assert stat.S_IMODE((d / "tls" / "server.key").stat().st_mode) == 0o600

@@ -125,7 +125,7 @@ async def test_head_that_stalls_is_dropped(
 async def test_body_that_stalls_is_dropped(
     site: Site, server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(httpserver, "HEAD_TIMEOUT", 0.5)
+    monkeypatch.setattr(httpserver, "BODY_TIMEOUT", 0.5)
     with trio.fail_after(CALL_TIMEOUT):
         stream = await trio.open_tcp_stream("127.0.0.1", site.port)
         async with stream:

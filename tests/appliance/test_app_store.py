@@ -204,3 +204,18 @@ def test_user_with_nodes_cannot_be_deleted(db_path: Path) -> None:
         assert len(s.users()) == 1
     finally:
         s.close()
+
+
+def test_state_files_are_private_and_folders_closed(tmp_path: Path) -> None:
+    """Issue 9: db.sqlite (with -wal and -shm) 0600, its new folder 0750."""
+    import stat
+
+    path = tmp_path / "state" / "db.sqlite"
+    store = Store(path)
+    try:
+        store.create_user("alice")
+        for p in (path, path.with_name("db.sqlite-wal"), path.with_name("db.sqlite-shm")):
+            assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o750
+    finally:
+        store.close()

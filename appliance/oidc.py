@@ -285,10 +285,11 @@ def upsert_user(store: Store, claims: Claims, *, email_verified_required: bool) 
     `alice` (anyone who can choose that name at the provider would get her nodes).
     """
     email = claims.email if claims.email_verified or not email_verified_required else ""
-    fields = {
+    fields: dict[str, Any] = {
         "display_name": claims.name,
         "email": email,
         "profile_pic_url": claims.picture,
+        "groups": list(claims.groups),
     }
     with store.transaction():
         user = store.user_by_provider_id(claims.identifier)
@@ -308,7 +309,12 @@ def upsert_user(store: Store, claims: Claims, *, email_verified_required: bool) 
             n += 1
             name = f"{base}-{n}"
         created = store.create_user(name, claims.name, email, claims.picture)
-        return store.update_user(created.id, provider="oidc", provider_id=claims.identifier)
+        return store.update_user(
+            created.id,
+            provider="oidc",
+            provider_id=claims.identifier,
+            groups=list(claims.groups),
+        )
 
 
 # ---------------------------------------------------------------- pages

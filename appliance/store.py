@@ -125,8 +125,15 @@ def _m001_initial(db: sqlite_utils.Database) -> None:
         )""")
 
 
+def _m002_user_groups(db: sqlite_utils.Database) -> None:
+    # The identity provider's groups claim at the user's last sign-in (JSON list), which
+    # the policy can name as "oidc:<group>".
+    db.execute("ALTER TABLE users ADD COLUMN groups TEXT NOT NULL DEFAULT '[]'")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "initial schema", _m001_initial),
+    (2, "users: identity provider groups", _m002_user_groups),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -144,6 +151,7 @@ class UserRow:
     provider: str = ""
     provider_id: str = ""
     created_at: datetime | None = None
+    groups: list[str] = field(default_factory=list)  # the provider's groups claim
 
 
 @dataclass
@@ -211,6 +219,7 @@ def _user(r: dict[str, Any]) -> UserRow:
         provider=r["provider"],
         provider_id=r["provider_id"],
         created_at=from_iso(r["created_at"]),
+        groups=json.loads(r["groups"]),
     )
 
 
@@ -421,6 +430,8 @@ class Store:
             other = self.user_by_name(values["name"])
             if other is not None and other.id != user_id:
                 raise Conflict(f"user {values['name']!r} already exists")
+        if "groups" in values:
+            values["groups"] = json.dumps(list(values["groups"]))
         self._update("users", user_id, values)
         return self.user(user_id)
 

@@ -327,7 +327,10 @@ class Tailnet:
 
     def _recompile(self) -> None:
         policy = parse_policy(self.policy_text, "policy") if self.policy_text else None
-        users = [PolicyUser(id=u.id, name=u.name, email=u.email) for u in self.users.values()]
+        users = [
+            PolicyUser(id=u.id, name=u.name, email=u.email, groups=tuple(u.groups))
+            for u in self.users.values()
+        ]
         before = self.auto_approved
         self.auto_approved = {}
         nodes = [self._policy_node(n) for n in self.nodes.values()]

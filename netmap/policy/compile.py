@@ -34,6 +34,7 @@ from .model import (
     AUTOGROUP_NONROOT,
     AUTOGROUP_SELF,
     AUTOGROUP_TAGGED,
+    IDP_GROUP_PREFIX,
     Alias,
     AliasKind,
     Destination,
@@ -206,6 +207,9 @@ class CompiledPolicy:
         token matching nobody resolves to no addresses (not an error: the
         user may simply not exist yet).
         """
+        if token.startswith(IDP_GROUP_PREFIX):
+            group = token[len(IDP_GROUP_PREFIX) :]
+            return {u.id for u in self._users if group in u.groups}
         bare = token[:-1] if token.endswith("@") else token
         by_email = {u.id for u in self._users if u.email and u.email == bare}
         if by_email:

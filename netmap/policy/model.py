@@ -32,6 +32,9 @@ AUTOGROUP_TAGGED = "autogroup:tagged"
 AUTOGROUP_SELF = "autogroup:self"
 AUTOGROUP_NONROOT = "autogroup:nonroot"
 AUTOGROUP_DANGER_ALL = "autogroup:danger-all"
+# A group member "oidc:<group>" stands for the users whose identity provider put
+# them in <group> at their last sign-in (homescale's extension).
+IDP_GROUP_PREFIX = "oidc:"
 AUTOGROUPS = (
     AUTOGROUP_INTERNET,
     AUTOGROUP_MEMBER,
@@ -175,6 +178,7 @@ class PolicyUser:
     id: int
     name: str
     email: str = ""
+    groups: tuple[str, ...] = ()  # the identity provider's groups ("oidc:<group>" members)
 
 
 @dataclass(frozen=True)

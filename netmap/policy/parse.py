@@ -25,6 +25,7 @@ from .model import (
     AUTOGROUP_SELF,
     AUTOGROUP_TAGGED,
     AUTOGROUPS,
+    IDP_GROUP_PREFIX,
     Alias,
     AliasKind,
     AutoApprovers,
@@ -412,11 +413,19 @@ def _groups(r: _Reader, value: Any, path: str, line: int | None) -> dict[str, tu
                     mline,
                     f'group "{name}" contains group "{member}": groups cannot contain groups',
                 )
+            elif member.startswith(IDP_GROUP_PREFIX):
+                # homescale's extension: everyone the identity provider put in that
+                # group at their last sign-in (headscale issues #2366, #1121).
+                if len(member) == len(IDP_GROUP_PREFIX):
+                    r.problem(mpath, mline, f"group member {member!r} names no provider group")
+                else:
+                    users.append(member)
             elif "@" not in member:
                 r.problem(
                     mpath,
                     mline,
-                    f"group member {member!r} must be a user (user@ or user@example.com)",
+                    f"group member {member!r} must be a user (user@ or user@example.com) "
+                    f"or a provider group (oidc:<group>)",
                 )
             else:
                 users.append(member)

@@ -198,6 +198,8 @@ def test_upsert_user_matches_by_subject_and_never_takes_a_name(tmp_path: Path) -
         )
         assert again.id == u.id
         assert (again.display_name, again.profile_pic_url) == ("Alice B", "p")
+        assert again.groups == ["eng"]
+        assert store.user(u.id).groups == ["eng"]  # stored, as the policy reads it
         # An unverified email is not stored when verification is required.
         other = upsert_user(
             store,

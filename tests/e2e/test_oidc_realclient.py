@@ -30,6 +30,7 @@ from tests.e2e.conftest import (
     node_by_name,
     wait_nodes,
 )
+from tests.e2e.test_policy_realclient import configure_policy, filter_allows
 from tests.realclient import msg_has
 
 pytestmark = [pytest.mark.realclient]
@@ -99,6 +100,7 @@ def oidcnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcNet]:
                 "  allowed_groups: [tailnet]\n"
                 "  pkce:\n    enabled: true\n    method: S256\n"
             )
+        configure_policy(server, "database")  # no policy (allow all) until a test sets one
         server.start()
         try:
             yield OidcNet(server, idp, d)
@@ -269,3 +271,56 @@ async def test_configtest_reports_the_provider_answering(oidcnet: OidcNet) -> No
     r = await oidcnet.server.acli("configtest")
     assert f"oidc: provider {oidcnet.idp.issuer} answers" in r.stderr
     assert f"sign-in at {oidcnet.idp.issuer}/auth" in r.stderr
+
+
+async def test_provider_groups_in_the_policy_follow_each_sign_in(
+    oidcnet: OidcNet, tmp_path: Path
+) -> None:
+    server, idp = oidcnet.server, oidcnet.idp
+    dave = {
+        "sub": "dave-subject-1",
+        "email": "dave@example.com",
+        "email_verified": True,
+        "preferred_username": "dave",
+        "groups": ["tailnet", "engineering"],
+    }
+    idp.set_account("dave", dave)
+    await server.acli("users", "create", "svc")
+    key = await trio.to_thread.run_sync(server.create_key, "svc")
+    policy = tmp_path / "policy.hujson"
+    policy.write_text(
+        json.dumps(
+            {
+                "groups": {"group:eng": ["oidc:engineering"]},
+                "acls": [{"action": "accept", "src": ["group:eng"], "dst": ["*:22"]}],
+            }
+        )
+    )
+    async with trio.open_nursery() as nursery:
+        db = await connect_peer(server, nursery, "groups-db")
+        await db.register(key)
+        laptop = await connect_peer(server, nursery, "groups-dave1")
+        r = await sign_in(oidcnet, await auth_url_of(laptop), "dave")
+        assert r.final.status_code == 200, r.text
+        nodes = await server.anodes()
+        db_node, dave_node = node_by_name(nodes, "groups-db"), node_by_name(nodes, "groups-dave1")
+        assert db_node is not None
+        assert dave_node is not None
+        db_ip, dave_ip = db_node["ipAddresses"][0], dave_node["ipAddresses"][0]
+        await server.acli("policy", "set", "--file", str(policy))
+        stream = await db.open_stream()
+        _, full = await stream.next()
+        assert filter_allows(full["PacketFilter"], dave_ip, db_ip, 22), full["PacketFilter"]
+        # dave leaves engineering at the provider; his next sign-in (another machine)
+        # stores the new groups, and the database's filter loses his addresses.
+        idp.set_account("dave", dict(dave, groups=["tailnet"]))
+        phone = await connect_peer(server, nursery, "groups-dave2")
+        r = await sign_in(oidcnet, await auth_url_of(phone), "dave")
+        assert r.final.status_code == 200, r.text
+        with trio.fail_after(15):
+            while True:
+                _, msg = await stream.next()
+                if "PacketFilter" in msg:
+                    assert not filter_allows(msg["PacketFilter"], dave_ip, db_ip, 22), msg
+                    break
+        nursery.cancel_scope.cancel()

@@ -33,17 +33,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj)
 
 
+def make_formatter(fmt: str = "text") -> logging.Formatter:
+    """The formatter of `log.format` (tests render lines with it to prove what they look for)."""
+    if fmt == "json":
+        return JsonFormatter()
+    return logging.Formatter(
+        "%(asctime)s %(levelname)-5s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S%z"
+    )
+
+
 def setup_logging(level: str = "info", fmt: str = "text") -> logging.Logger:
     """Configure the `homescale` logger (stderr); returns it."""
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(
-            logging.Formatter(
-                "%(asctime)s %(levelname)-5s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S%z"
-            )
-        )
+    handler.setFormatter(make_formatter(fmt))
     root = logging.getLogger("homescale")
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS.get(level, logging.INFO))

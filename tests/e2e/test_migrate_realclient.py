@@ -176,7 +176,12 @@ async def test_clients_come_back_after_import_without_login(tmp_path: Path) -> N
                 timeout=RUNNING_WITHIN,
                 what=f"{c.name} Running on the new server",
             )
-            assert c.log.find(msg_has("NeedsLogin"), since[c.name]) is None, c.log.tail(30)
+            c.log.assert_absent(
+                msg_has("NeedsLogin"),
+                since=since[c.name],
+                what=f"{c.name} asked to log in",
+                proof=c.render_log("Switching ipn state Starting -> NeedsLogin (WantRunning=true)"),
+            )
         a = node_by_name(after, "nodea")
         assert a is not None
         body = await fetch_until(clients[1], f"{a['ipAddresses'][0]}:80")

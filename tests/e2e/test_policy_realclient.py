@@ -28,7 +28,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -57,13 +56,20 @@ FAILING_TEST = FIXTURES / "failing_test.hujson"
 # netcheck's ~6 s in the namespace. Generous for 2 shared cores.
 ONLINE_WITHIN = 30.0
 RUNNING_WITHIN = 40.0
-# Issue 5: a change "reaches every affected connected node within a second"; the
-# file is polled every second, and tsnet then reconfigures WireGuard and
-# netstack. Seconds, not a minute.
+# How long a change may take to reach a client before the test gives up. Issue 5
+# asks for "within a second"; that figure is measured by `make bench`
+# (tests/bench.py), never asserted here. The file is polled every second, and
+# tsnet then reconfigures WireGuard and netstack.
 CHANGE_WITHIN = 10.0
-# A denied fetch: caddy gives up dialing a tailnet address no peer owns. Bounded
-# so a hanging dial fails the test instead of stalling it.
+# A denied fetch: caddy gives up dialing a tailnet address no peer owns (about
+# 2.5 s). Bounded so a hanging dial fails the test instead of stalling it.
 DENIED_FETCH_TIMEOUT = 12.0
+# How a denied dial through tsnet ends, as caddy logs it: the policy kept the
+# target out of the client's netmap, so no peer owns the address ("no route to
+# host", what these scenarios produce), or the peer's packet filter dropped the
+# SYN (a dial timeout). Not "connection refused": that is a peer reached with
+# nothing listening, not a denial.
+DENIAL_ERRORS = ("connect: no route to host", "i/o timeout", "context deadline exceeded")
 # After the affected nodes got their deltas, how long the unaffected ones are
 # watched for anything (the server composes all sessions' messages together,
 # so a stray one would come right away).
@@ -97,14 +103,7 @@ def sent_messages(
     server: realclient.HomescaleServer, node_id: str, since: int
 ) -> list[dict[str, Any]]:
     """The map messages the server sent node ``node_id`` after log line ``since``."""
-    # Plain-text lines: "<time> DEBUG homescale.control: node N <- B bytes: {json}".
-    needle = f": node {node_id} <- "
-    out = []
-    for line in server.log.refresh()[since:]:
-        msg = str(line.get("msg", ""))
-        if needle in msg and " bytes: " in msg:
-            out.append(json.loads(msg.split(" bytes: ", 1)[1]))
-    return out
+    return realclient.sent_maps(server.log.refresh()[since:], node_id)
 
 
 def filter_allows(rules: list[dict[str, Any]], src: str, dst: str, port: int) -> bool:
@@ -138,15 +137,33 @@ def peer_ids(msg: dict[str, Any], key: str) -> set[int]:
 
 
 async def fetch_denied(via: realclient.TsnetClient, target: str) -> str:
-    """One fetch through ``via`` that must not return the page; what happened instead."""
+    """One fetch through ``via`` that the policy denies, with positive evidence of the
+    denial: ``via`` runs, its proxy answers (502), and caddy logs that the dial to
+    ``target`` itself failed the way a denial fails (``DENIAL_ERRORS``). A dead
+    proxy, a refused local connection or a hang fail the test instead of passing
+    for a denial. Returns caddy's error."""
+    assert via.running, f"{via.name} is not running; log {via.log.path}"
+    mark = via.log.mark()
     try:
         status, body = await via.fetch(target, timeout=DENIED_FETCH_TIMEOUT)
     except (OSError, trio.TooSlowError) as e:
-        return f"{type(e).__name__}: {e}"
-    denied = f"{via.name} fetched {target} although the policy denies it: {status} {body[:200]!r}"
-    assert status != 200, denied
-    assert b"hello from" not in body, denied
-    return f"HTTP {status}"
+        pytest.fail(
+            f"{via.name}'s proxy gave no answer ({type(e).__name__}: {e}): no evidence of "
+            f"a denial; log {via.log.path}"
+        )
+    assert status == 502, (
+        f"{via.name} fetching {target}: {status} {body[:200]!r}; a denied dial answers 502"
+    )
+    line = await via.wait_for_log(
+        lambda ln: ln.get("logger") == "http.log.error" and f"dial tcp {target}:" in ln["msg"],
+        since=mark,
+        timeout=5,
+        what=f"caddy's error for the dial to {target}",
+    )
+    error = str(line["msg"])
+    assert any(e in error for e in DENIAL_ERRORS), f"the dial failed, but not as a denial: {error}"
+    assert via.running, f"{via.name} exited; log {via.log.path}"
+    return error
 
 
 @dataclass
@@ -332,12 +349,10 @@ async def change_lets_bob_in(
     were sent anything, carol's stream stays silent."""
     web_id, bob_id = int(sc.ids["web"]), int(sc.ids["bobpc"])
     marks = {name: c.log.mark() for name, c in sc.clients.items()}
-    t0 = time.monotonic()
     await change()
+    # A bound, not a measurement: `make bench` prints the propagation time.
     body = await fetch_until(sc.clients["bobpc"], sc.web, timeout=CHANGE_WITHIN)
-    took = time.monotonic() - t0
     assert body.startswith(b"hello from web")
-    assert took < CHANGE_WITHIN, took
 
     # bob's node was sent web as a changed peer; web was sent bob and a new filter.
     bob_msgs = sent_messages(sc.server, sc.ids["bobpc"], since)
@@ -370,8 +385,7 @@ async def change_lets_bob_in(
     with trio.move_on_after(QUIET_WINDOW):
         size, msg = await carol_stream.next(timeout=QUIET_WINDOW + 1)
         pytest.fail(f"carol's node, unaffected, was sent {size} bytes: {msg}")
-    alice_msgs = sent_messages(sc.server, sc.ids["alicepc"], since)
-    assert alice_msgs == [], f"alicepc, unaffected, was sent: {alice_msgs}"
+    realclient.assert_nothing_sent(sc.server, sc.ids["alicepc"], since, "alicepc, unaffected,")
     assert netmap_diff_signs(sc.clients["alicepc"], marks["alicepc"]) == {}, (
         "alicepc's netmap changed"
     )
@@ -414,8 +428,7 @@ async def change_shuts_bob_out(
     with trio.move_on_after(QUIET_WINDOW):
         size, msg = await carol_stream.next(timeout=QUIET_WINDOW + 1)
         pytest.fail(f"carol's node, unaffected, was sent {size} bytes: {msg}")
-    alice_msgs = sent_messages(sc.server, sc.ids["alicepc"], since)
-    assert alice_msgs == [], f"alicepc, unaffected, was sent: {alice_msgs}"
+    realclient.assert_nothing_sent(sc.server, sc.ids["alicepc"], since, "alicepc, unaffected,")
     assert netmap_diff_signs(sc.clients["alicepc"], marks["alicepc"]) == {}, (
         "alicepc's netmap changed"
     )
@@ -446,7 +459,7 @@ async def test_file_policy_denies_then_admits_after_edit(tmp_path: Path) -> None
         )
         await trio.sleep(0.5)  # what a (wrong) recompile would have sent comes at once
         for name in sc.ids:
-            assert sent_messages(sc.server, sc.ids[name], mark) == [], f"{name} was sent a map"
+            realclient.assert_nothing_sent(sc.server, sc.ids[name], mark, name)
         await fetch_denied(sc.clients["bobpc"], sc.web)
 
         mark = sc.server.log.mark()
@@ -477,8 +490,11 @@ async def test_file_policy_denies_then_admits_after_edit(tmp_path: Path) -> None
                 before.st_mtime_ns,
             )
             await trio.sleep(POLL_AND_SOME)
-            assert not sc.server.log.find(realclient.msg_has("policy loaded"), mark), (
-                "the watcher reloaded a file whose stamp did not change"
+            sc.server.log.assert_absent(
+                realclient.msg_has("policy loaded"),
+                since=mark,
+                what="a reload of a file whose stamp did not change",
+                proof=sc.server.render_log(f"policy loaded from {policy_file}"),
             )
             assert sc.server.proc is not None
             sc.server.proc.send_signal(signal.SIGHUP)

@@ -280,6 +280,27 @@ def _ssl_context(config: Config) -> ssl.SSLContext | None:
     return ctx
 
 
+def _first_start_cert(config: Config, log: logging.Logger) -> None:
+    """The shipped config names a certificate under the state directory for the relay's
+    TLS: make it (self-signed, pinned by clients) on first start. Only for a plain-http
+    server_url: an https one needs a certificate clients trust, never a made-up one."""
+    from urllib.parse import urlsplit
+
+    from .tlscerts import TLSCertError, ensure_pinned_cert
+
+    if config.tls_cert_path is None or config.tls_key_path is None:
+        return
+    host = urlsplit(config.server_url).hostname or "localhost"
+    try:
+        made = ensure_pinned_cert(
+            config.tls_cert_path, config.tls_key_path, sorted({host, "localhost", "127.0.0.1"})
+        )
+    except (TLSCertError, OSError) as e:
+        raise ServeError(f"tls_cert_path/tls_key_path: {e}") from None
+    if made:
+        log.info("generated %s for the DERP relay (clients pin it)", config.tls_cert_path)
+
+
 async def serve(
     config: Config,
     log: logging.Logger,
@@ -304,8 +325,10 @@ async def serve(
             raise ServeError(
                 f"the policy is invalid, refusing to start:\n  {e}\n{recovery_steps(config.source)}"
             ) from None
-        ssl_ctx = _ssl_context(config)
         plain_url = config.server_url.startswith("http://")
+        if plain_url:
+            _first_start_cert(config, log)
+        ssl_ctx = _ssl_context(config)
         if config.derp.server_enabled and plain_url and ssl_ctx is None:
             raise ServeError(
                 "derp.server.enabled needs TLS: clients speak DERP only over TLS. Set "
@@ -336,6 +359,13 @@ async def serve(
             await derp_maps.refresh()
         except DerpError as e:  # names the file or URL and what is wrong with it
             raise ServeError(f"DERP map: {e}") from None
+        if not derp_maps.current.get("Regions"):
+            # As headscale: with no relay, two clients behind NAT usually cannot connect.
+            raise ServeError(
+                "the DERP map is empty: clients behind NAT could not reach each other. "
+                "Turn on the embedded relay (derp.server.enabled: true, with "
+                "tls_cert_path/tls_key_path) or name DERP maps in derp.urls / derp.paths"
+            )
         _prepare_socket(config.unix_socket)
         socket_ours = True
         main_listeners = await _tcp_listeners(config.listen_addr, "listen_addr")

@@ -37,20 +37,10 @@ def render_config(server_url: str) -> str:
         "listen_addr: 127.0.0.1:8080",
         f"listen_addr: 127.0.0.1:{port}" if loopback else f"listen_addr: 0.0.0.0:{port}",
     )
-    # The embedded DERP relay on, with the certificate `init` makes (pinned by clients
-    # when server_url is plain http, so they need no CA installed).
-    text = text.replace(
-        "    # The embedded DERP relay (on listen_addr at /derp) and its STUN server.\n"
-        "    enabled: false",
-        "    # The embedded DERP relay (on listen_addr at /derp) and its STUN server.\n"
-        "    enabled: true",
-    )
     if loopback:
         text = text.replace(
             'stun_listen_addr: "0.0.0.0:3478"', 'stun_listen_addr: "127.0.0.1:3478"'
         )
-    text = text.replace('tls_cert_path: ""', f"tls_cert_path: {TLS_DIR}/server.pem")
-    text = text.replace('tls_key_path: ""', f"tls_key_path: {TLS_DIR}/server.key")
     return text
 
 

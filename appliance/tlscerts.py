@@ -220,6 +220,21 @@ def generate_local_tls(
     return paths
 
 
+def ensure_pinned_cert(cert: Path, key: Path, hosts: Iterable[str]) -> bool:
+    """Create a self-signed leaf at `cert`/`key` when both are missing (first start of
+    the shipped config); True if it did. Clients pin it (`cert_name_pin`), so no CA.
+    One file without the other is left for the admin to sort out (TLSCertError)."""
+    if cert.exists() and key.exists():
+        return False
+    if cert.exists() or key.exists():
+        missing = key if cert.exists() else cert
+        raise TLSCertError(f"{missing} is missing (its pair exists); restore it or remove both")
+    cert_pem, key_pem = make_server_cert(hosts)
+    _write_new(key, key_pem, 0o600)
+    _write_new(cert, cert_pem, 0o644)
+    return True
+
+
 def cert_name_pin(cert_pem: bytes) -> str:
     """``DERPNode.CertName`` pinning ``cert_pem``'s first certificate.
 

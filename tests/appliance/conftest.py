@@ -37,9 +37,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# The server refuses an empty DERP map (as headscale); these tests need no relay.
+DERP_MAP = Path(__file__).parent.parent / "fixtures" / "derpmap-loopback.json"
+
+
 def site_config(port: int, metrics_port: int, sock: Path) -> str:
     return f"""\
 server_url: http://127.0.0.1:{port}
+derp:
+  paths:
+    - {DERP_MAP}
 listen_addr: 127.0.0.1:{port}
 metrics_listen_addr: 127.0.0.1:{metrics_port}
 noise:

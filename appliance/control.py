@@ -37,6 +37,12 @@ REGISTRATION_TTL = timedelta(minutes=15)  # pending interactive logins expire
 KEEPALIVE_BASE = 50.0
 KEEPALIVE_JITTER = 9.0
 MAX_BODY = 1024 * 1024
+# After a stream sends a message it waits this long before composing the next, so
+# changes arriving meanwhile go out merged in one message (last state wins): under
+# load every session sends fewer, larger messages instead of one per change.
+COALESCE_INTERVAL = 0.1
+# Distinct small messages kept framed (compressed) for every stream to reuse.
+FRAME_CACHE = 4096
 ZERO_NODE_KEY = "nodekey:" + "0" * 64
 
 
@@ -77,6 +83,8 @@ class ControlService:
         self.nursery = nursery
         self.pending: dict[str, PendingRegistration] = {}
         self.stats = {"map_messages": 0, "map_bytes": 0, "registrations": 0}
+        # One encoder for every stream: one compression context, each delta compressed once.
+        self.frames = MapFrameEncoder(cache_entries=FRAME_CACHE)
 
     # ------------------------------------------------------------ dispatch
 
@@ -394,7 +402,7 @@ class ControlService:
             )
             msg = once.next_message(self.tailnet, utcnow())
             if msg is not None:
-                await resp.send_data(MapFrameEncoder().encode(msg))
+                await resp.send_data(self.frames.encode(msg))
             await resp.end()
             return
         await self._stream(node, resp)
@@ -419,7 +427,7 @@ class ControlService:
 
     async def _stream(self, node: NodeRow, resp: ControlResponse) -> None:
         handle = self.tailnet.open_session(node.id)
-        encoder = MapFrameEncoder()
+        encoder = self.frames
         self.tailnet.set_online(node.id, True)
         self.log.info("node %d (%s) map stream opened", node.id, node.given_name)
         try:
@@ -463,6 +471,7 @@ class ControlService:
                         "node %d <- %d bytes: %s", handle.node_id, len(msg), msg.decode()
                     )
                 await resp.send_data(frame)
+                await trio.sleep(COALESCE_INTERVAL)
             with trio.move_on_after(KEEPALIVE_BASE + random.uniform(0, KEEPALIVE_JITTER)):
                 await handle.wake.wait()
                 continue

@@ -191,7 +191,8 @@ class MapSessionState:
                 ("Debug", _j({"DisableLogTail": self.disable_logtail})),
             ]
             self.started = True
-        fields.append(("ControlTime", _j(format_time(now))))
+        # Whole seconds: the same delta to many peers is then the same bytes, framed once.
+        fields.append(("ControlTime", _j(format_time(now.replace(microsecond=0)))))
         return b"{" + b",".join(_j(k) + b":" + v for k, v in fields) + b"}"
 
 

@@ -19,6 +19,9 @@ LENGTH_PREFIX = 4
 DEFAULT_MAX_FRAME = 16 << 20
 # A small zstd frame can expand enormously; bound what one message may inflate to.
 DEFAULT_MAX_DECOMPRESSED = 64 << 20
+# Messages up to this size are remembered framed: a delta that many sessions send
+# (the same patch to every peer) is compressed once. Full maps are not kept.
+CACHE_MAX_MESSAGE = 64 << 10
 KEEPALIVE_JSON = b'{"KeepAlive":true}'
 
 
@@ -36,27 +39,43 @@ class RemoteMapFrameError(MapFrameError):
 
 @dataclass
 class MapFrameEncoder:
-    """Frames JSON messages for one map stream.
+    """Frames JSON messages for map streams; one encoder can serve every stream.
 
     ``compress`` follows the request's ``Compress`` field; ``level`` trades CPU
     for bytes (zstd's default 3 is what Go's zstd "SpeedDefault" roughly matches).
+    Each message is a frame of its own, so sharing the encoder changes no byte; it
+    keeps one compression context (about 1 MB once it has compressed a large map)
+    instead of one per stream. With ``cache_entries``, the last that many distinct
+    small messages are kept framed and an identical message costs a lookup.
     """
 
     compress: bool = True
     level: int = 3
     max_frame: int = DEFAULT_MAX_FRAME
+    cache_entries: int = 0
     _cctx: zstandard.ZstdCompressor = field(init=False, repr=False)
+    _cache: dict[bytes, bytes] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self._cctx = zstandard.ZstdCompressor(level=self.level)
 
     def encode(self, message_json: bytes) -> bytes:
+        cacheable = self.cache_entries > 0 and len(message_json) <= CACHE_MAX_MESSAGE
+        if cacheable:
+            hit = self._cache.get(message_json)
+            if hit is not None:
+                return hit
         body = self._cctx.compress(message_json) if self.compress else message_json
         if len(body) > self.max_frame:
             raise LocalMapFrameError(
                 f"map message of {len(body)} bytes exceeds the {self.max_frame}-byte limit"
             )
-        return struct.pack("<I", len(body)) + body
+        frame = struct.pack("<I", len(body)) + body
+        if cacheable:
+            if len(self._cache) >= self.cache_entries:
+                del self._cache[next(iter(self._cache))]  # the oldest
+            self._cache[message_json] = frame
+        return frame
 
     def keepalive(self) -> bytes:
         return self.encode(KEEPALIVE_JSON)

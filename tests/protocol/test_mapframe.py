@@ -101,3 +101,20 @@ def test_uncompressed_mode_for_clients_without_zstd() -> None:
     enc, dec = MapFrameEncoder(compress=False), MapFrameDecoder(compressed=False)
     dec.receive_data(enc.encode(b"{}"))
     assert dec.next_message() == b"{}"
+
+
+def test_shared_encoder_compresses_a_repeated_message_once_and_stays_bounded() -> None:
+    enc, dec = MapFrameEncoder(cache_entries=2), MapFrameDecoder()
+    delta = (
+        b'{"PeersChangedPatch":[{"NodeID":7,"Online":true}],"ControlTime":"2026-01-01T00:00:00Z"}'
+    )
+    first = enc.encode(delta)
+    assert enc.encode(delta) is first  # the same bytes object: no second compression
+    dec.receive_data(first + first)
+    assert dec.next_message() == delta
+    assert dec.next_message() == delta
+    enc.encode(b'{"a":1}')
+    enc.encode(b'{"b":2}')
+    assert enc.encode(delta) is not first  # evicted: at most cache_entries kept
+    big = b'{"Peers":[' + b",".join([b'{"ID":1}'] * 20000) + b"]}"
+    assert enc.encode(big) is not enc.encode(big)  # full maps are never kept

@@ -608,8 +608,14 @@ class TsnetClient:
         auth_key: str = "",
         ephemeral: bool = False,
         extra_env: dict[str, str] | None = None,
+        netns: str = "",
+        proxy_host: str = "127.0.0.1",
     ) -> None:
         self.name = name
+        # Run inside this named network namespace (`ip netns exec`); the proxy then
+        # listens on an address of that namespace the test can reach.
+        self.netns = netns
+        self.proxy_host = proxy_host
         self.dir = directory / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.state_dir = self.dir / "state"
@@ -646,7 +652,7 @@ class TsnetClient:
             f'\trespond "hello from {self.name}"',
             "}",
             f":{self.proxy_port} {{",
-            "\tbind 127.0.0.1",
+            f"\tbind {self.proxy_host}",
             "\treverse_proxy {http.request.header.X-Target} {",
             f"\t\ttransport tailscale {self.name}",
             "\t}",
@@ -663,8 +669,9 @@ class TsnetClient:
         home = self.dir / "home"
         home.mkdir(exist_ok=True)
         with self.log.path.open("ab") as out:
+            prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
             self.proc = subprocess.Popen(
-                [str(CADDY), "run", "--config", str(caddyfile), "--adapter", "caddyfile"],
+                [*prefix, str(CADDY), "run", "--config", str(caddyfile), "--adapter", "caddyfile"],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -713,7 +720,7 @@ class TsnetClient:
             f"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Target: {target}\r\nConnection: close\r\n\r\n"
         ).encode()
         with trio.fail_after(timeout):
-            stream = await trio.open_tcp_stream("127.0.0.1", self.proxy_port)
+            stream = await trio.open_tcp_stream(self.proxy_host, self.proxy_port)
             async with stream:
                 await stream.send_all(req)
                 data = b""

@@ -366,8 +366,9 @@ async def bench_derp_relay() -> list[Figure]:
 
 def _more_benchmarks() -> list[Callable[[], Awaitable[list[Figure]]]]:
     from tests.bench_netmap import bench_netmap_deltas
+    from tests.bench_policy import bench_policy_propagation
 
-    return [bench_netmap_deltas]
+    return [bench_netmap_deltas, bench_policy_propagation]
 
 
 BENCHMARKS: list[Callable[[], Awaitable[list[Figure]]]] = [bench_derp_relay, *_more_benchmarks()]

@@ -536,6 +536,14 @@ class HomescaleServer:
             fmt, message, level=level, logger=logger, with_traceback=with_traceback
         )
 
+    def set_policy_mode(self, mode: str, path: Path | None = None) -> None:
+        """Set policy.mode (and policy.path) in the config ``homescale init`` wrote."""
+        text = self.config.read_text()
+        old = '  mode: file\n  path: ""'
+        assert old in text, "homescale init config lacks the policy section"
+        new = f"  mode: {mode}\n  path: {json.dumps(str(path) if path else '')}"
+        self.config.write_text(text.replace(old, new))
+
     def serve_argv(self) -> list[str]:
         """The server's command line (the KAT recorder wraps it to capture bytes)."""
         return [str(HOMESCALE), "-c", str(self.config), "serve"]

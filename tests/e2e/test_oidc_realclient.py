@@ -30,7 +30,7 @@ from tests.e2e.conftest import (
     node_by_name,
     wait_nodes,
 )
-from tests.e2e.test_policy_realclient import configure_policy, filter_allows
+from tests.e2e.test_policy_realclient import filter_allows
 from tests.realclient import msg_has
 
 pytestmark = [pytest.mark.realclient]
@@ -100,7 +100,7 @@ def oidcnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcNet]:
                 "  allowed_groups: [tailnet]\n"
                 "  pkce:\n    enabled: true\n    method: S256\n"
             )
-        configure_policy(server, "database")  # no policy (allow all) until a test sets one
+        server.set_policy_mode("database")  # no policy (allow all) until a test sets one
         server.start()
         try:
             yield OidcNet(server, idp, d)

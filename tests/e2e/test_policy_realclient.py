@@ -23,7 +23,6 @@ CLI/server test runs everywhere.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import signal
 import sqlite3
@@ -79,17 +78,6 @@ POLL_AND_SOME = 1.5
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-
-def configure_policy(
-    server: realclient.HomescaleServer, mode: str, path: Path | None = None
-) -> None:
-    """Set policy.mode (and policy.path) in the config ``homescale init`` wrote."""
-    text = server.config.read_text()
-    old = '  mode: file\n  path: ""'
-    assert old in text, "homescale init config lacks the policy section"
-    text = text.replace(old, f"  mode: {mode}\n  path: {json.dumps(str(path) if path else '')}")
-    server.config.write_text(text)
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -187,9 +175,9 @@ async def scenario(d: Path, mode: str) -> AsyncIterator[Scenario]:
     policy_file = d / "policy.hujson"
     if mode == "file":
         write_atomically(policy_file, GROUP_A_ONLY.read_text())
-        configure_policy(server, "file", policy_file)
+        server.set_policy_mode("file", policy_file)
     else:
-        configure_policy(server, "database")
+        server.set_policy_mode("database")
     sc = Scenario(server, d)
     try:
         await trio.to_thread.run_sync(server.start)
@@ -548,7 +536,7 @@ def assert_located(
 
 async def test_policy_check_set_refused_start_and_recovery(tmp_path: Path) -> None:
     server = realclient.HomescaleServer(tmp_path / "server")
-    configure_policy(server, "database")
+    server.set_policy_mode("database")
     stored = GROUP_A_ONLY.read_text()
     try:
         await trio.to_thread.run_sync(server.start)

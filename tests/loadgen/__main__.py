@@ -130,7 +130,7 @@ class Bench:
             "register",
             wall,
             cpu,
-            f"{len(first) / wall:.1f} nodes/s; register {_ms(reg)}; first map {_ms(first)}"
+            f"{len(first) / wall:.1f} nodes/s; register {_ms(reg)}; first map since the start {_ms(first)}"
             + _missing(missing, res),
         )
 

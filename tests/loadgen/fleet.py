@@ -95,9 +95,12 @@ class PeerView:
             if int(pid) in self.peers:
                 self.peers[int(pid)]["Online"] = online
 
-    def by_key(self) -> dict[str, list[str]]:
-        """node key -> endpoints: what a test compares."""
-        return {p["Key"]: list(p.get("Endpoints") or []) for p in self.peers.values()}
+    def by_key(self) -> dict[str, tuple[tuple[str, ...], bool]]:
+        """node key -> (endpoints, online): what a test compares."""
+        return {
+            p["Key"]: (tuple(p.get("Endpoints") or ()), bool(p.get("Online")))
+            for p in self.peers.values()
+        }
 
 
 def _peer(p: dict[str, Any]) -> dict[str, Any]:
@@ -435,9 +438,14 @@ class Fleet:
                 await n.policy_seen.wait()
         return [n.policy_seen_at for n in self.nodes if not n.policy_armed]
 
-    def views(self) -> dict[str, dict[str, list[str]]]:
-        """node key -> its peers (node key -> endpoints), for a tracking fleet."""
-        return {n.node_key: n.view.by_key() for n in self.nodes if n.view is not None}
+    def views(self) -> dict[str, dict[str, tuple[tuple[str, ...], bool]]]:
+        """node key -> its peers (node key -> (endpoints, online)), for a tracking fleet;
+        only nodes whose map stream is up."""
+        return {
+            n.node_key: n.view.by_key()
+            for n in self.nodes
+            if n.view is not None and n.first.is_set() and not n.done.is_set()
+        }
 
 
 def percentiles(values: list[float]) -> tuple[float, float, float]:

@@ -10,6 +10,14 @@ still emitted. Input is read as Go reads it: keys match case-insensitively
 
 Field names are the Python attribute names, spelled exactly as the Go JSON
 names; ``wire_field(json=...)`` overrides where Go's tag differs (``DERP``).
+
+Decoding validates what Go's decoder would refuse, so nothing a peer cannot
+decode is ever stored or passed on: ``int`` is Go's 64-bit ``int``, floats are
+finite, and ``Annotated[...]`` adds the rest per field -- ``ADDR_PORT``
+(``netip.AddrPort``), ``PREFIX``/``ROUTE`` (``netip.Prefix``), ``IntRange``
+(sized ints such as uint16, or the sensible range of a field) and
+``MaxItems`` (list/map length). Strings and byte fields are capped at
+``MAX_STRING_LEN``/``MAX_BYTES_LEN``: bigger than anything a client sends.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import base64
 import binascii
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -25,7 +34,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, ClassVar, Self
 
-from protocol import safejson
+from protocol import netip, safejson
 from protocol.keys import KeyParseError, _Key32
 
 # Go's zero time.Time, which marshals as "0001-01-01T00:00:00Z".
@@ -124,6 +133,85 @@ def is_zero_time(t: datetime) -> bool:
     )
 
 
+# --- limits and constraints ------------------------------------------------------
+
+# Go's int and int64 (the clients are 64-bit builds).
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+# The longest strings real clients send are ssh host keys (~750 characters for
+# RSA 4096) and push tokens; 4 KiB leaves room and caps what one field can store.
+MAX_STRING_LEN = 4096
+# NodeKeySignature and friends are a few hundred bytes.
+MAX_BYTES_LEN = 16 << 10
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class Check:
+    """A constraint on a decoded value, attached with ``Annotated[T, check]``."""
+
+    def check(self, v: Any, path: str) -> None:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class IntRange(Check):
+    """Sized Go ints (uint16, int32...) or a field's sensible range."""
+
+    lo: int
+    hi: int
+
+    def check(self, v: Any, path: str) -> None:
+        if not self.lo <= v <= self.hi:
+            raise RemoteWireError(f"{path}: {_short(v)} is out of range [{self.lo}, {self.hi}]")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaxItems(Check):
+    """A cap on a list's or map's length."""
+
+    n: int
+
+    def check(self, v: Any, path: str) -> None:
+        if len(v) > self.n:
+            raise RemoteWireError(f"{path}: {len(v)} items, more than the limit of {self.n}")
+
+
+@dataclasses.dataclass(frozen=True)
+class NetipText(Check):
+    """A string that must parse with Go's net/netip (``kind``: addrport, prefix, route)."""
+
+    kind: str
+
+    def check(self, v: Any, path: str) -> None:
+        try:
+            if self.kind == "addrport":
+                netip.parse_addr_port(v)
+            elif self.kind == "addr":
+                netip.parse_addr(v)
+            else:
+                netip.parse_prefix(v, masked=self.kind == "route")
+        except netip.NetipError as e:
+            raise RemoteWireError(f"{path}: {_short(v)} is not a valid {self._go}: {e}") from None
+
+    @property
+    def _go(self) -> str:
+        return {"addrport": "netip.AddrPort", "addr": "netip.Addr"}.get(self.kind, "netip.Prefix")
+
+
+ADDR_PORT = NetipText("addrport")
+ADDR = NetipText("addr")
+PREFIX = NetipText("prefix")
+# A route a node advertises: a prefix without host bits (the CLI refuses others too).
+ROUTE = NetipText("route")
+UINT8 = IntRange(0, 0xFF)
+UINT16 = IntRange(0, 0xFFFF)
+INT32 = IntRange(-(1 << 31), (1 << 31) - 1)
+UINT64 = IntRange(0, (1 << 64) - 1)
+
+
 # --- codecs per type ------------------------------------------------------------
 
 
@@ -147,16 +235,28 @@ class _Codec:
 
 
 class _Scalar(_Codec):
+    # uint64 fields (IntRange up to 2**64-1) lift the int64 check.
+    wide = False
+
     def __init__(self, typ: type) -> None:
         self.typ = typ
         self.zero_value = typ()
 
     def decode(self, v: Any, path: str) -> Any:
         if self.typ is float and isinstance(v, int) and not isinstance(v, bool):
-            return float(v)
+            v = float(v)
         if not isinstance(v, self.typ) or (self.typ is int and isinstance(v, bool)):
             raise RemoteWireError(f"{path}: expected {self.typ.__name__}, got {type(v).__name__}")
-        return v
+        value: Any = v  # narrowed by the isinstance check above, which mypy cannot see
+        if isinstance(value, int) and not self.wide and not INT64_MIN <= value <= INT64_MAX:
+            raise RemoteWireError(f"{path}: {_short(value)} is out of Go's int64 range")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RemoteWireError(f"{path}: {value} is not a finite number")
+        if isinstance(value, str) and len(value) > MAX_STRING_LEN:
+            raise RemoteWireError(
+                f"{path}: string of {len(value)} characters exceeds the limit of {MAX_STRING_LEN}"
+            )
+        return value
 
     def encode(self, v: Any) -> Any:
         return v
@@ -184,6 +284,8 @@ class _Bytes(_Codec):
     def decode(self, v: Any, path: str) -> Any:
         if not isinstance(v, str):
             raise RemoteWireError(f"{path}: expected base64 string")
+        if len(v) > MAX_BYTES_LEN * 4 // 3 + 4:
+            raise RemoteWireError(f"{path}: more than {MAX_BYTES_LEN} bytes")
         try:
             return base64.b64decode(v, validate=True)
         except (binascii.Error, ValueError):
@@ -254,7 +356,8 @@ class _Optional(_Codec):
         if v is None:
             return True
         # A pointer is never "empty" under omitempty, but a nil-able slice/map is.
-        return isinstance(self.inner, _List | _Dict | _Bytes | _Any) and self.inner.is_empty(v)
+        inner = _unwrap(self.inner)
+        return isinstance(inner, _List | _Dict | _Bytes | _Any) and inner.is_empty(v)
 
     def is_zero(self, v: Any) -> bool:
         return v is None
@@ -291,10 +394,14 @@ class _Dict(_Codec):
         out: dict[Any, Any] = {}
         for k, x in v.items():
             if self.key is int:
-                try:
-                    kk: Any = int(k)
-                except ValueError:
-                    raise RemoteWireError(f"{path}: map key {k!r} is not an integer") from None
+                # strconv.ParseInt: ASCII digits and an optional sign, int64 range;
+                # Python's int() would also take "1_000", " 7" or Arabic-Indic digits.
+                digits = k[1:] if k[:1] in ("-", "+") else k
+                if not digits.isascii() or not digits.isdigit():
+                    raise RemoteWireError(f"{path}: map key {_short(k)} is not an integer")
+                kk: Any = int(k)
+                if not INT64_MIN <= kk <= INT64_MAX:
+                    raise RemoteWireError(f"{path}: map key {_short(k)} is out of int64 range")
             else:
                 kk = k
             out[kk] = _decode_nullable(self.value, x, f"{path}[{k!r}]")
@@ -328,10 +435,48 @@ class _Struct(_Codec):
         return v is None or v == self.cls()
 
 
+class _Constrained(_Codec):
+    """``Annotated[T, Check...]``: T's codec, then the checks on the decoded value."""
+
+    def __init__(self, inner: _Codec, checks: list[Check]) -> None:
+        self.inner = inner
+        self.checks = checks
+        self.nullable = inner.nullable
+
+    @property
+    def zero_value(self) -> Any:
+        return self.inner.zero_value
+
+    def decode(self, v: Any, path: str) -> Any:
+        out = self.inner.decode(v, path)
+        for c in self.checks:
+            c.check(out, path)
+        return out
+
+    def encode(self, v: Any) -> Any:
+        return self.inner.encode(v)
+
+    def is_empty(self, v: Any) -> bool:
+        return self.inner.is_empty(v)
+
+    def is_zero(self, v: Any) -> bool:
+        return self.inner.is_zero(v)
+
+
+def _unwrap(codec: _Codec) -> _Codec:
+    return codec.inner if isinstance(codec, _Constrained) else codec
+
+
 def _decode_nullable(codec: _Codec, v: Any, path: str) -> Any:
     if v is None:
         # null in a list/map element: a nil pointer, or the zero value for a value type.
-        return None if codec.nullable or isinstance(codec, _Struct) else codec.zero_value
+        if codec.nullable or isinstance(_unwrap(codec), _Struct):
+            return None
+        if isinstance(codec, _Constrained):
+            # The zero value must pass too: a null endpoint is Go's zero AddrPort, "".
+            for c in codec.checks:
+                c.check(codec.zero_value, path)
+        return codec.zero_value
     return codec.decode(v, path)
 
 
@@ -340,6 +485,14 @@ def _codec_for(tp: Any, owner: str) -> _Codec:
     args = typing.get_args(tp)
     if tp is Any:
         return _Any()
+    if origin is typing.Annotated:
+        inner = _codec_for(args[0], owner)
+        checks = [m for m in tp.__metadata__ if isinstance(m, Check)]
+        if isinstance(inner, _Scalar) and any(
+            isinstance(c, IntRange) and c.hi > INT64_MAX for c in checks
+        ):
+            inner.wide = True
+        return _Constrained(inner, checks) if checks else inner
     if origin in (types.UnionType, typing.Union):
         rest = [a for a in args if a is not type(None)]
         if len(rest) != 1:
@@ -397,7 +550,7 @@ class Wire:
         # Built on first use and kept on the class: derived from the type hints only.
         specs = cls.__dict__.get("_specs")
         if specs is None:
-            hints = typing.get_type_hints(cls)
+            hints = typing.get_type_hints(cls, include_extras=True)
             specs = []
             for f in dataclasses.fields(cls):
                 if f.metadata.get("skip"):
@@ -445,7 +598,11 @@ class Wire:
         inst = cls(**kwargs)
         if extra:
             inst.extra = extra
+        inst._validate(path)
         return inst
+
+    def _validate(self, path: str) -> None:
+        """Checks across fields after decoding (a subclass's own rules); raise RemoteWireError."""
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object Go would marshal, honouring each field's omit option."""

@@ -16,9 +16,26 @@ TKAInfo) is ``Any``.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from protocol.gojson import NEVER, NIL, ZERO, ZERO_TIME, Wire, wire_field
+from protocol.gojson import (
+    ADDR,
+    ADDR_PORT,
+    INT32,
+    NEVER,
+    NIL,
+    PREFIX,
+    ROUTE,
+    UINT16,
+    UINT64,
+    ZERO,
+    ZERO_TIME,
+    IntRange,
+    MaxItems,
+    RemoteWireError,
+    Wire,
+    wire_field,
+)
 from protocol.keys import (
     ChallengePublic,
     DiscoPublic,
@@ -41,6 +58,23 @@ class HardwareAttestationPublic(_Key32):
     """types/key/hardware_attestation.go; capver 130 may send it, we ignore it."""
 
     PREFIX = "hwattestpub:"
+
+
+# Typed strings: validated on decode with Go's net/netip rules (protocol/netip.py).
+AddrPortText = Annotated[str, ADDR_PORT]  # netip.AddrPort
+AddrText = Annotated[str, ADDR]  # netip.Addr
+PrefixText = Annotated[str, PREFIX]  # netip.Prefix
+RouteText = Annotated[str, ROUTE]  # netip.Prefix a node advertises: no host bits
+Uint16 = Annotated[int, UINT16]
+Uint64 = Annotated[int, UINT64]
+# CapabilityVersion, EndpointType, DERP region IDs...: Go ints that are small in
+# practice; anything beyond int32 is a client bug or an attack.
+SmallInt = Annotated[int, INT32]
+NonNegInt = Annotated[int, IntRange(0, (1 << 31) - 1)]
+# List caps for what a node reports about itself: generous, but bounded.
+MAX_ENDPOINTS = 1024
+MAX_ROUTES = 1024
+MAX_SMALL_LIST = 256
 
 
 def _key(cls: type[_Key32], omit: str = NEVER) -> Any:
@@ -69,7 +103,7 @@ class RegisterResponseAuth(Wire):
 
 
 class RegisterRequest(Wire):
-    Version: int = wire_field(default=0, omit=NEVER)
+    Version: NonNegInt = wire_field(default=0, omit=NEVER)
     NodeKey: NodePublic = _key(NodePublic)
     OldNodeKey: NodePublic = _key(NodePublic)
     NLKey: NLPublic = _key(NLPublic)
@@ -80,11 +114,14 @@ class RegisterRequest(Wire):
     Hostinfo: Hostinfo | None = wire_field(default=None, omit=NEVER)
     Ephemeral: bool = wire_field(default=False)
     NodeKeySignature: bytes | None = wire_field(default=None, omit=NEVER)
-    SignatureType: int = wire_field(default=0)
+    SignatureType: SmallInt = wire_field(default=0)
     Timestamp: datetime | None = wire_field(default=None)
     DeviceCert: bytes | None = wire_field(default=None)
     Signature: bytes | None = wire_field(default=None)
     Tailnet: str = wire_field(default="")
+
+    def _validate(self, path: str) -> None:
+        _require_node_key(self.NodeKey, path)
 
 
 class User(Wire):
@@ -118,7 +155,7 @@ class RegisterResponse(Wire):
 
 class Service(Wire):
     Proto: str = wire_field(default="", omit=NEVER)
-    Port: int = wire_field(default=0, omit=NEVER)
+    Port: Uint16 = wire_field(default=0, omit=NEVER)
     Description: str = wire_field(default="")
 
 
@@ -134,9 +171,12 @@ class NetInfo(Wire):
     UPnP: bool | None = wire_field(default=None, omit=NEVER)
     PMP: bool | None = wire_field(default=None, omit=NEVER)
     PCP: bool | None = wire_field(default=None, omit=NEVER)
-    PreferredDERP: int = wire_field(default=0, omit=NEVER)
+    # A DERP region ID; peers get it as Node.HomeDERP (Go int).
+    PreferredDERP: NonNegInt = wire_field(default=0, omit=NEVER)
     LinkType: str = wire_field(default="")
-    DERPLatency: dict[str, float] | None = wire_field(default=None)
+    DERPLatency: Annotated[dict[str, float], MaxItems(MAX_SMALL_LIST)] | None = wire_field(
+        default=None
+    )
     FirewallMode: str = wire_field(default="")
 
 
@@ -147,14 +187,14 @@ class Location(Wire):
     CityCode: str = wire_field(default="")
     Latitude: float = wire_field(default=0.0)
     Longitude: float = wire_field(default=0.0)
-    Priority: int = wire_field(default=0)
+    Priority: SmallInt = wire_field(default=0)
 
 
 class TPMInfo(Wire):
     Manufacturer: str = wire_field(default="")
     Vendor: str = wire_field(default="")
     Model: int = wire_field(default=0)
-    FirmwareVersion: int = wire_field(default=0)
+    FirmwareVersion: Uint64 = wire_field(default=0)
     SpecRevision: int = wire_field(default=0)
     FamilyIndicator: str = wire_field(default="")
 
@@ -186,12 +226,12 @@ class Hostinfo(Wire):
     GoArch: str = wire_field(default="")
     GoArchVar: str = wire_field(default="")
     GoVersion: str = wire_field(default="")
-    RoutableIPs: list[str] | None = wire_field(default=None)
-    RequestTags: list[str] | None = wire_field(default=None)
-    WoLMACs: list[str] | None = wire_field(default=None)
-    Services: list[Service] | None = wire_field(default=None)
+    RoutableIPs: Annotated[list[RouteText], MaxItems(MAX_ROUTES)] | None = wire_field(default=None)
+    RequestTags: Annotated[list[str], MaxItems(MAX_SMALL_LIST)] | None = wire_field(default=None)
+    WoLMACs: Annotated[list[str], MaxItems(MAX_SMALL_LIST)] | None = wire_field(default=None)
+    Services: Annotated[list[Service], MaxItems(MAX_ROUTES)] | None = wire_field(default=None)
     NetInfo: NetInfo | None = wire_field(default=None)
-    sshHostKeys: list[str] | None = wire_field(default=None)
+    sshHostKeys: Annotated[list[str], MaxItems(MAX_SMALL_LIST)] | None = wire_field(default=None)
     Cloud: str = wire_field(default="")
     Userspace: bool | None = wire_field(default=None)
     UserspaceRouter: bool | None = wire_field(default=None)
@@ -278,8 +318,8 @@ class DERPMap(Wire):
 
 
 class PortRange(Wire):
-    First: int = wire_field(default=0, omit=NEVER)
-    Last: int = wire_field(default=0, omit=NEVER)
+    First: Uint16 = wire_field(default=0, omit=NEVER)
+    Last: Uint16 = wire_field(default=0, omit=NEVER)
 
 
 class NetPortRange(Wire):
@@ -377,18 +417,18 @@ class Node(Wire):
     KeySignature: bytes | None = wire_field(default=None)
     Machine: MachinePublic = _key(MachinePublic)
     DiscoKey: DiscoPublic = _key(DiscoPublic)
-    Addresses: list[str] | None = wire_field(default=None, omit=NEVER)
-    AllowedIPs: list[str] | None = wire_field(default=None, omit=NEVER)
-    Endpoints: list[str] | None = wire_field(default=None)
+    Addresses: list[PrefixText] | None = wire_field(default=None, omit=NEVER)
+    AllowedIPs: list[PrefixText] | None = wire_field(default=None, omit=NEVER)
+    Endpoints: list[AddrPortText] | None = wire_field(default=None)
     LegacyDERPString: str = wire_field(default="", json="DERP")
-    HomeDERP: int = wire_field(default=0)
+    HomeDERP: NonNegInt = wire_field(default=0)
     # A HostinfoView: null when unset, which some client code dereferences, so
     # the netmap builder should always fill it.
     Hostinfo: Hostinfo | None = wire_field(default=None, omit=NEVER)
     Created: datetime = _time()
     Cap: int = wire_field(default=0)
     Tags: list[str] | None = wire_field(default=None)
-    PrimaryRoutes: list[str] | None = wire_field(default=None)
+    PrimaryRoutes: list[PrefixText] | None = wire_field(default=None)
     LastSeen: datetime | None = wire_field(default=None)
     Online: bool | None = wire_field(default=None)
     MachineAuthorized: bool = wire_field(default=False)
@@ -400,8 +440,8 @@ class Node(Wire):
     ComputedNameWithHost: str = wire_field(default="")
     DataPlaneAuditLogID: str = wire_field(default="")
     Expired: bool = wire_field(default=False)
-    SelfNodeV4MasqAddrForThisPeer: str | None = wire_field(default=None)
-    SelfNodeV6MasqAddrForThisPeer: str | None = wire_field(default=None)
+    SelfNodeV4MasqAddrForThisPeer: AddrText | None = wire_field(default=None)
+    SelfNodeV6MasqAddrForThisPeer: AddrText | None = wire_field(default=None)
     IsWireGuardOnly: bool = wire_field(default=False)
     IsJailed: bool = wire_field(default=False)
     ExitNodeDNSResolvers: list[Resolver] | None = wire_field(default=None)
@@ -409,10 +449,10 @@ class Node(Wire):
 
 class PeerChange(Wire):
     NodeID: int = wire_field(default=0, omit=NEVER)
-    DERPRegion: int = wire_field(default=0)
+    DERPRegion: NonNegInt = wire_field(default=0)
     Cap: int = wire_field(default=0)
     CapMap: dict[str, Any] | None = wire_field(default=None)
-    Endpoints: list[str] | None = wire_field(default=None)
+    Endpoints: list[AddrPortText] | None = wire_field(default=None)
     Key: NodePublic | None = wire_field(default=None)
     KeySignature: bytes | None = wire_field(default=None)
     DiscoKey: DiscoPublic | None = wire_field(default=None)
@@ -425,7 +465,7 @@ class PeerChange(Wire):
 
 
 class MapRequest(Wire):
-    Version: int = wire_field(default=0, omit=NEVER)
+    Version: NonNegInt = wire_field(default=0, omit=NEVER)
     Compress: str = wire_field(default="", omit=NEVER)
     KeepAlive: bool = wire_field(default=False, omit=NEVER)
     NodeKey: NodePublic = _key(NodePublic)
@@ -437,13 +477,20 @@ class MapRequest(Wire):
     Hostinfo: Hostinfo | None = wire_field(default=None, omit=NEVER)
     MapSessionHandle: str = wire_field(default="")
     MapSessionSeq: int = wire_field(default=0)
-    Endpoints: list[str] | None = wire_field(default=None)
-    EndpointTypes: list[int] | None = wire_field(default=None)
+    Endpoints: Annotated[list[AddrPortText], MaxItems(MAX_ENDPOINTS)] | None = wire_field(
+        default=None
+    )
+    EndpointTypes: Annotated[list[SmallInt], MaxItems(MAX_ENDPOINTS)] | None = wire_field(
+        default=None
+    )
     TKAHead: str = wire_field(default="")
     ReadOnly: bool = wire_field(default=False)
     OmitPeers: bool = wire_field(default=False)
-    DebugFlags: list[str] | None = wire_field(default=None)
+    DebugFlags: Annotated[list[str], MaxItems(MAX_SMALL_LIST)] | None = wire_field(default=None)
     ConnectionHandleForTest: str = wire_field(default="")
+
+    def _validate(self, path: str) -> None:
+        _require_node_key(self.NodeKey, path)
 
 
 class PingRequest(Wire):
@@ -573,3 +620,9 @@ class HealthChangeRequest(Wire):
     Subsys: str = wire_field(default="", omit=NEVER)
     Error: str = wire_field(default="", omit=NEVER)
     NodeKey: NodePublic = _key(NodePublic)
+
+
+def _require_node_key(key: NodePublic, path: str) -> None:
+    # Go decodes "nodekey:000..." fine, but no node has it: it names nobody.
+    if key.is_zero():
+        raise RemoteWireError(f"{path}.NodeKey: the zero key {key} is not a node key")

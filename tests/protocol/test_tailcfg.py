@@ -39,8 +39,8 @@ def test_decoder_matches_keys_case_insensitively_and_ignores_unknown() -> None:
 
 def test_duplicate_spellings_last_wins() -> None:
     # Go's decoder walks the object's keys in order, so the last spelling wins.
-    assert RegisterRequest.from_json({"Version": 1, "version": 2}).Version == 2
-    assert RegisterRequest.from_json({"version": 2, "Version": 1}).Version == 1
+    assert RegisterRequest.from_json({"NodeKey": NK, "Version": 1, "version": 2}).Version == 2
+    assert RegisterRequest.from_json({"NodeKey": NK, "version": 2, "Version": 1}).Version == 1
 
 
 def test_empty_key_string_fails_whole_message() -> None:
@@ -60,19 +60,19 @@ def test_wrong_json_types_are_refused() -> None:
 
 
 def test_null_leaves_zero_values() -> None:
-    req = RegisterRequest.from_json({"Expiry": None, "NodeKey": None, "Version": None})
+    req = RegisterRequest.from_json({"Expiry": None, "NodeKey": NK, "Version": None})
     assert req.Expiry == ZERO_TIME
-    assert req.NodeKey.is_zero()
     assert req.Version == 0
+    assert Node.from_json({"Key": None}).Key.is_zero()
 
 
 def test_empty_time_string_is_an_error() -> None:
     with pytest.raises(RemoteWireError):
-        RegisterRequest.from_json({"Expiry": ""})
+        RegisterRequest.from_json({"NodeKey": NK, "Expiry": ""})
 
 
 def test_logout_expiry_with_offset() -> None:
-    req = RegisterRequest.from_json({"Expiry": "1970-01-01T01:02:03+01:00"})
+    req = RegisterRequest.from_json({"NodeKey": NK, "Expiry": "1970-01-01T01:02:03+01:00"})
     assert req.Expiry.timestamp() == 123
 
 
@@ -163,9 +163,10 @@ def test_register_response_shape() -> None:
 def test_bytes_are_base64() -> None:
     req = RegisterRequest(NodeKeySignature=b"\x01\x02")
     assert req.to_json()["NodeKeySignature"] == "AQI="
-    assert RegisterRequest.from_json({"NodeKeySignature": "AQI="}).NodeKeySignature == b"\x01\x02"
-    with pytest.raises(RemoteWireError):
-        RegisterRequest.from_json({"NodeKeySignature": "!!"})
+    got = RegisterRequest.from_json({"NodeKey": NK, "NodeKeySignature": "AQI="})
+    assert got.NodeKeySignature == b"\x01\x02"
+    with pytest.raises(RemoteWireError, match="base64"):
+        RegisterRequest.from_json({"NodeKey": NK, "NodeKeySignature": "!!"})
 
 
 def test_over_tls_public_key_response() -> None:

@@ -41,7 +41,7 @@ lint: $(if $(wildcard $(STAMP)),,$(STAMP))
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/mypy appliance protocol netmap derp tests
 
-test: lint $(STAMP) sysdeps
+test: $(STAMP) lint sysdeps
 	PIP=$(BIN)/pip tests/fetch-realclient.sh
 	tests/idp/setup.sh
 	packaging/prepare-testroot.sh

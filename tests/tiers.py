@@ -33,8 +33,10 @@ How to use it (never ``pytest.skip``/``skipif`` for these parts directly):
         tiers.require_tier("browser", path is not None, "chromium missing (apt-get install chromium)")
         ...
 
-Do not call ``require_tier`` inside an async test body: a skip raised inside
-the trio run loses its reason. The set-up that makes a tier available belongs
+Do not call ``require_tier`` (or ``realclient.require_realclient``) inside an
+async test body: a skip raised inside the trio run loses its reason (it still
+fails in CI). Use the mark, or a sync fixture such as tests/e2e/conftest.py's
+``realclient_ready``. The set-up that makes a tier available belongs
 in the Makefile/setup scripts (CI runs a clean clone), and those scripts exit
 non-zero under ``HOMESCALE_REQUIRE_ALL=1`` when they cannot set it up.
 """

@@ -107,8 +107,8 @@ def write_headscale_db(homescale_db: Path, headscale_db: Path) -> None:
     src.close()
 
 
+@pytest.mark.usefixtures("realclient_ready")  # the tier check, outside the trio run
 async def test_clients_come_back_after_import_without_login(tmp_path: Path) -> None:
-    realclient.require_realclient()
     first = realclient.HomescaleServer(tmp_path / "first")
     clients: list[realclient.TsnetClient] = []
     second: realclient.HomescaleServer | None = None

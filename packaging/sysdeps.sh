@@ -15,6 +15,9 @@ want=(
   dpkg-dev:dpkg-deb:packaging
   binutils:objdump:packaging
   systemd:systemd-analyze:packaging
+  nodejs:node:idp
+  npm:npm:idp
+  chromium:chromium:browser
 )
 missing_pkgs() {
   local pair pkg rest cmd

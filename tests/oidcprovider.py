@@ -53,6 +53,7 @@ class TestIdP:
     redirect_uri: str
     accounts: dict[str, dict[str, Any]]
     pkce_required: bool = True
+    host: str = "localhost"  # another site than homescale's 127.0.0.1, as in real life
     issuer: str = ""
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
@@ -67,6 +68,7 @@ class TestIdP:
             json.dumps(
                 {
                     "port": 0,
+                    "host": self.host,
                     "clients": [
                         {
                             "client_id": CLIENT_ID,
@@ -126,6 +128,43 @@ class SignIn:
     @property
     def text(self) -> str:
         return self.final.text
+
+
+def require_browser() -> str:
+    """The system chromium driven by playwright (tier browser); never a downloaded one."""
+    path = shutil.which("chromium")
+    tiers.require_tier("browser", path is not None, "chromium missing (apt-get install chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        tiers.require_tier("browser", False, "playwright missing (pip install -e '.[test]')")
+    assert path is not None
+    return path
+
+
+def browser_sign_in(chromium: str, auth_url: str, login: str, *, idp: TestIdP) -> tuple[str, str]:
+    """Open ``auth_url`` in headless chromium and sign in as a person would: type the
+    login and a password, press Sign-in, then Continue on the consent page. Returns the
+    final page's URL and text."""
+    from playwright.sync_api import sync_playwright
+
+    sub = idp.accounts.get(login, {}).get("sub", login)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(20_000)
+            page.goto(auth_url)
+            page.fill('input[name="login"]', sub)
+            page.fill('input[name="password"]', "any password")
+            page.click('button[type="submit"]')
+            page.wait_for_selector('button[type="submit"]:has-text("Continue")')
+            page.click('button[type="submit"]')
+            page.wait_for_url(lambda u: "/oidc/callback" in u)
+            page.wait_for_load_state()
+            return page.url, page.inner_text("body")
+        finally:
+            browser.close()
 
 
 def _form_action(page: str, base: str) -> str:

@@ -324,3 +324,36 @@ async def test_provider_groups_in_the_policy_follow_each_sign_in(
                     assert not filter_allows(msg["PacketFilter"], dave_ip, db_ip, 22), msg
                     break
         nursery.cancel_scope.cancel()
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    return oidcprovider.require_browser()
+
+
+async def test_browser_signs_in_and_tsnet_client_comes_up(oidcnet: OidcNet, chromium: str) -> None:
+    """`tailscale up` as a person does it: the URL the client prints, opened in a real
+    browser (Debian's chromium, headless), sign-in and consent typed and clicked at the
+    provider, which is another site (localhost) than homescale (127.0.0.1): the state
+    cookie must survive that cross-site return (SameSite=Lax)."""
+    server = oidcnet.server
+    assert urlsplit(oidcnet.idp.issuer).hostname == "localhost"
+    c = realclient.TsnetClient(oidcnet.dir, "browser1", server.url, auth_key="")
+    c.start()
+    try:
+        line = await c.wait_for_log(msg_has("/register/"), timeout=30, what="the AuthURL")
+        msg = str(line["msg"])
+        url = msg[msg.index(server.url) :].split()[0]
+        final_url, text = await trio.to_thread.run_sync(
+            lambda: oidcprovider.browser_sign_in(chromium, url, "alice", idp=oidcnet.idp)
+        )
+        assert final_url.startswith(server.url + "/oidc/callback?"), final_url
+        assert "Signed in as" in text, text
+        assert "browser1" in text
+        nodes = await wait_nodes(server, ["browser1"], timeout=ONLINE_WITHIN)
+        node = node_by_name(nodes, "browser1")
+        assert node is not None
+        assert node["user"]["name"] == "alice"
+        await c.wait_for_log(msg_has("Switching ipn state", "-> Running"), timeout=RUNNING_WITHIN)
+    finally:
+        c.stop()

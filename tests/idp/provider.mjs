@@ -4,7 +4,7 @@
 //
 //   node tests/idp/provider.mjs CONFIG.json
 //
-// CONFIG.json: {"port": 0, "clients": [{client_id, client_secret, redirect_uris}],
+// CONFIG.json: {"port": 0, "host": "localhost", "clients": [{client_id, client_secret, redirect_uris}],
 //   "accounts": {"<login>": {"sub": ..., "email": ..., "email_verified": ...,
 //   "name": ..., "preferred_username": ..., "picture": ..., "groups": [...]}},
 //   "pkce_required": false, "id_token_ttl": 3600}
@@ -33,7 +33,9 @@ const jwk = { ...privateKey.export({ format: 'jwk' }), kid: 'test-rs256', use: '
 
 const server = createServer();
 await new Promise((resolve) => { server.listen(config.port || 0, '127.0.0.1', resolve); });
-const issuer = `http://127.0.0.1:${server.address().port}`;
+// "host" names the issuer: "localhost" makes the provider another site than a
+// homescale on 127.0.0.1, as a real provider is (cookies, SameSite).
+const issuer = `http://${config.host || '127.0.0.1'}:${server.address().port}`;
 
 const provider = new Provider(issuer, {
   clients: config.clients.map((c) => ({

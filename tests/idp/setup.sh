@@ -1,21 +1,15 @@
 #!/usr/bin/env bash
 # Installs the test OpenID provider (npm's oidc-provider, pinned by
-# package-lock.json) into tests/idp/node_modules; node and npm come from Debian.
+# package-lock.json) into tests/idp/node_modules; node and npm come from Debian
+# (packaging/sysdeps.sh installs them).
 # Prints nothing when already installed. Tier idp (tests/tiers.py): a failure is
 # an error under HOMESCALE_REQUIRE_ALL=1, otherwise the OIDC tests skip.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/../tiers.sh"
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
-  if [ "$(id -u)" = 0 ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >/dev/null 2>&1 || true
-    apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null || true
-  fi
-  if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
-    tier_unavailable idp "node/npm missing (apt-get install nodejs npm)"
-    exit 0
-  fi
+  tier_unavailable idp "node/npm missing (apt-get install nodejs npm; make sysdeps does)"
+  exit 0
 fi
 stamp=$here/node_modules/.homescale-installed
 [ -f "$stamp" ] && [ "$stamp" -nt "$here/package-lock.json" ] && exit 0

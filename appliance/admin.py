@@ -12,10 +12,13 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeGuard
+
+from protocol.gojson import is_zero_time
 
 from . import secrets
 from .errors import InvalidInput, NotFound
+from .fields import is_numeric_id, parse_id
 from .store import ApiKeyRow, NodeRow, PreAuthKeyRow, Store, UserRow, to_iso, utcnow
 
 # headscale renders tagged nodes as owned by this pseudo-user (hscontrol/types/users.go).
@@ -39,6 +42,11 @@ class Change:
 
     kind: str  # "node", "node-removed", "user", "policy"
     id: int = 0
+
+
+def _expires(t: datetime | None) -> TypeGuard[datetime]:
+    """Whether a key with this expiration expires at all (None and Go's zero time: never)."""
+    return t is not None and not is_zero_time(t)
 
 
 def validate_username(name: str) -> str:
@@ -183,8 +191,8 @@ class Admin:
     def resolve_user(self, ref: str | int) -> UserRow:
         """A user by ID (digits) or name."""
         s = str(ref).strip()
-        if s.isdigit():
-            return self.store.user(int(s))
+        if is_numeric_id(s):  # names start with a letter (validate_username)
+            return self.store.user(parse_id(s, "user ID"))
         u = self.store.user_by_name(s)
         if u is None:
             raise NotFound(f"no user named {s!r} (see `homescale users list`)")
@@ -260,8 +268,8 @@ class Admin:
 
     def _pak_by_ref(self, ref: str | int) -> PreAuthKeyRow:
         s = str(ref).strip()
-        if s.isdigit():
-            return self.store.pre_auth_key(int(s))
+        if is_numeric_id(s):
+            return self.store.pre_auth_key(parse_id(s, "pre-auth key ID"))
         row = self.store.pre_auth_key_by_prefix(secrets.parse_prefix("auth", s))
         if row is None:
             raise NotFound(f"no pre-auth key {s!r}")
@@ -291,6 +299,8 @@ class Admin:
     # -- API keys
 
     def create_api_key(self, expiration: datetime | None) -> str:
+        """`expiration` None or Go's zero time: the key never expires (headscale stores and
+        shows the zero instant for it)."""
         key = secrets.new_key("api")
         self.store.create_api_key(prefix=key.prefix, hash=key.hash, expiration=expiration)
         return key.full
@@ -300,8 +310,8 @@ class Admin:
 
     def _api_key_by_ref(self, ref: str | int) -> ApiKeyRow:
         s = str(ref).strip()
-        if s.isdigit() and len(s) < 12:
-            return self.store.api_key(int(s))
+        if is_numeric_id(s) and len(s) < 12:
+            return self.store.api_key(parse_id(s, "API key ID"))
         row = self.store.api_key_by_prefix(secrets.parse_prefix("api", s))
         if row is None:
             raise NotFound(f"no API key with prefix {s!r}")
@@ -321,7 +331,7 @@ class Admin:
         row = self.store.api_key_by_prefix(prefix)
         if row is None or not secrets.verify_secret(secret, row.hash):
             return False
-        if row.expiration is not None and row.expiration <= utcnow():
+        if _expires(row.expiration) and row.expiration <= utcnow():
             return False
         if secrets.needs_rehash(row.hash):
             self.store.update_api_key(row.id, hash=secrets.hash_secret(secret))
@@ -332,11 +342,11 @@ class Admin:
 
     def _node(self, ref: str | int) -> NodeRow:
         s = str(ref).strip()
-        if not s.isdigit():
+        if not is_numeric_id(s):
             raise InvalidInput(
-                f"node identifier {s!r}: expected a numeric ID (see `homescale nodes list`)"
+                f"node identifier {s[:40]!r}: expected a numeric ID (see `homescale nodes list`)"
             )
-        return self.store.node(int(s))
+        return self.store.node(parse_id(s, "node ID"))
 
     def get_node(self, ref: str | int) -> dict[str, Any]:
         return self.node_json(self._node(ref))
@@ -354,7 +364,8 @@ class Admin:
         self, ref: str | int, expiry: datetime | None = None, disable: bool = False
     ) -> dict[str, Any]:
         n = self._node(ref)
-        when = None if disable else (expiry or utcnow())
+        # Go's zero time is "unset": expire now, as headscale does for a request without expiry.
+        when = None if disable else (utcnow() if expiry is None or is_zero_time(expiry) else expiry)
         out = self.node_json(self.store.update_node(n.id, expiry=when))
         self._notify(Change("node", n.id))
         return out

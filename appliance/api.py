@@ -8,18 +8,30 @@ Store work runs in a worker thread (one at a time: the store has one writer).
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Protocol, TypeVar
 from urllib.parse import parse_qs, quote, unquote
 
+from protocol import safejson
+
 from .admin import Admin
+from .boundary import Boundary
 from .errors import HomescaleError, InvalidInput, StoreError
+from .fields import Body, parse_flag, parse_time
 from .storethread import RunDb
 
 R = TypeVar("R")
+_NODE = r"/api/v1/node/([^/]+)"  # a node's routes; the ID is checked by its handler
+
+
+def _need_ref(body: Body, *names: str) -> str | int:
+    ref = body.ref(*names)
+    if ref is None:
+        raise InvalidInput(f"request body needs {' or '.join(repr(n) for n in names)}")
+    return ref
 
 
 @dataclass
@@ -34,16 +46,9 @@ class ApiRequest:
         v = self.query.get(name)
         return v[0] if v else ""
 
-    def json(self) -> dict[str, Any]:
-        if not self.body.strip():
-            return {}
-        try:
-            obj = json.loads(self.body)
-        except json.JSONDecodeError as e:
-            raise InvalidInput(f"request body is not valid JSON: {e}") from None
-        if not isinstance(obj, dict):
-            raise InvalidInput("request body must be a JSON object")
-        return obj
+    def json(self, *, max_bytes: int = safejson.DEFAULT_MAX_BYTES) -> Body:
+        """The body as a JSON object whose fields are read with their types (appliance.fields)."""
+        return Body(self.body, max_bytes=max_bytes)
 
 
 class InteractiveLogins(Protocol):
@@ -59,15 +64,8 @@ class ApiError(HomescaleError):
         self.status = status
 
 
-def _time(value: Any, field: str) -> datetime | None:
-    if value in (None, ""):
-        return None
-    try:
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidInput(
-            f"{field}: expected an RFC 3339 time like 2026-01-02T15:04:05Z, got {value!r}"
-        ) from None
+# A policy is the largest body (the HTTP front caps every body at 4 MiB too).
+MAX_POLICY_BODY = 4 << 20
 
 
 class AdminApi:
@@ -82,8 +80,10 @@ class AdminApi:
         policy_check: Callable[[str], None],
         policy_mode: str,
         logins: InteractiveLogins | None = None,
+        boundary: Boundary | None = None,
     ) -> None:
         self.admin = admin
+        self.boundary = boundary or Boundary(logging.getLogger("homescale.api"))
         self.run_db = run_db
         self.require_auth = require_auth
         self.policy_check = policy_check
@@ -119,7 +119,7 @@ class AdminApi:
         r(
             "POST",
             r"/api/v1/preauthkey/expire",
-            lambda q: self.done(lambda: a.expire_pre_auth_key(self._need(q.json(), "id", "key"))),
+            lambda q: self.done(lambda: a.expire_pre_auth_key(_need_ref(q.json(), "id", "key"))),
         )
         r(
             "DELETE",
@@ -130,16 +130,12 @@ class AdminApi:
         r(
             "POST",
             r"/api/v1/apikey",
-            lambda q: self.db(
-                lambda: {
-                    "apiKey": a.create_api_key(_time(q.json().get("expiration"), "expiration"))
-                }
-            ),
+            lambda q: self.db(lambda: {"apiKey": a.create_api_key(q.json().time("expiration"))}),
         )
         r(
             "POST",
             r"/api/v1/apikey/expire",
-            lambda q: self.done(lambda: a.expire_api_key(self._need(q.json(), "prefix", "id"))),
+            lambda q: self.done(lambda: a.expire_api_key(_need_ref(q.json(), "prefix", "id"))),
         )
         r(
             "DELETE",
@@ -155,29 +151,29 @@ class AdminApi:
         r(
             "POST",
             r"/api/v1/auth/register",
-            lambda q: self.register(str(q.json().get("user", "")), self._need(q.json(), "authId")),
+            lambda q: self.register(q.json().string("user"), q.json().required_str("authId")),
         )
         r("POST", r"/api/v1/auth/reject", self.reject)
-        r("GET", r"/api/v1/node/(\d+)", lambda q, nid: self.db(lambda: {"node": a.get_node(nid)}))
-        r("DELETE", r"/api/v1/node/(\d+)", lambda q, nid: self.done(lambda: a.delete_node(nid)))
-        r("POST", r"/api/v1/node/(\d+)/expire", self.expire_node)
+        # Node IDs are checked by the handler (appliance.fields.parse_id): a malformed one
+        # is a 400 that says so, as headscale answers, not a 404 for an unknown route.
+        r("GET", _NODE, lambda q, nid: self.db(lambda: {"node": a.get_node(nid)}))
+        r("DELETE", _NODE, lambda q, nid: self.done(lambda: a.delete_node(nid)))
+        r("POST", _NODE + "/expire", self.expire_node)
         r(
             "POST",
-            r"/api/v1/node/(\d+)/rename/([^/]+)",
+            _NODE + "/rename/([^/]+)",
             lambda q, nid, new: self.db(lambda: {"node": a.rename_node(nid, new)}),
         )
         r(
             "POST",
-            r"/api/v1/node/(\d+)/tags",
-            lambda q, nid: self.db(
-                lambda: {"node": a.tag_node(nid, list(q.json().get("tags") or []))}
-            ),
+            _NODE + "/tags",
+            lambda q, nid: self.db(lambda: {"node": a.tag_node(nid, q.json().strings("tags"))}),
         )
         r(
             "POST",
-            r"/api/v1/node/(\d+)/approve_routes",
+            _NODE + "/approve_routes",
             lambda q, nid: self.db(
-                lambda: {"node": a.approve_routes(nid, list(q.json().get("routes") or []))}
+                lambda: {"node": a.approve_routes(nid, q.json().strings("routes"))}
             ),
         )
         r("GET", r"/api/v1/policy", lambda q: self.db(a.get_policy))
@@ -186,13 +182,6 @@ class AdminApi:
 
     def _route(self, method: str, pattern: str, handler: Callable[..., Awaitable[Any]]) -> None:
         self.routes.append((method, re.compile(pattern + "$"), handler))
-
-    @staticmethod
-    def _need(body: dict[str, Any], *names: str) -> str:
-        for n in names:
-            if body.get(n) not in (None, ""):
-                return str(body[n])
-        raise InvalidInput(f"request body needs {' or '.join(repr(n) for n in names)}")
 
     async def db(self, fn: Callable[[], R]) -> R:
         return await self.run_db(fn)
@@ -215,39 +204,36 @@ class AdminApi:
 
     async def create_user(self, q: ApiRequest) -> dict[str, Any]:
         b = q.json()
+        name, display, email, picture = (
+            b.string("name"),
+            b.string("displayName"),
+            b.string("email"),
+            b.string("pictureUrl"),
+        )
         return await self.db(
-            lambda: {
-                "user": self.admin.create_user(
-                    str(b.get("name", "")),
-                    str(b.get("displayName", "")),
-                    str(b.get("email", "")),
-                    str(b.get("pictureUrl", "")),
-                )
-            }
+            lambda: {"user": self.admin.create_user(name, display, email, picture)}
         )
 
     async def create_pre_auth_key(self, q: ApiRequest) -> dict[str, Any]:
         b = q.json()
-        tags = b.get("aclTags") or []
-        if not isinstance(tags, list):
-            raise InvalidInput("aclTags: expected a list of tags")
-        expiration = _time(b.get("expiration"), "expiration")
+        user, reusable, ephemeral = b.ref("user"), b.boolean("reusable"), b.boolean("ephemeral")
+        expiration, tags = b.time("expiration"), b.strings("aclTags")
         return await self.db(
             lambda: {
                 "preAuthKey": self.admin.create_pre_auth_key(
-                    user=b.get("user"),
-                    reusable=bool(b.get("reusable")),
-                    ephemeral=bool(b.get("ephemeral")),
+                    user=user,
+                    reusable=reusable,
+                    ephemeral=ephemeral,
                     expiration=expiration,
-                    tags=[str(t) for t in tags],
+                    tags=tags,
                 )
             }
         )
 
     async def expire_node(self, q: ApiRequest, nid: str) -> dict[str, Any]:
         b = q.json()
-        expiry = _time(b.get("expiry") or q.arg("expiry"), "expiry")
-        disable = bool(b.get("disableExpiry")) or q.arg("disableExpiry") == "true"
+        expiry = b.time("expiry") if b.has("expiry") else parse_time(q.arg("expiry"), "expiry")
+        disable = b.boolean("disableExpiry") or parse_flag(q.arg("disableExpiry"), "disableExpiry")
         return await self.db(lambda: {"node": self.admin.expire_node(nid, expiry, disable)})
 
     def _logins(self) -> InteractiveLogins:
@@ -259,7 +245,7 @@ class AdminApi:
         return {"node": await self._logins().complete_registration(user, auth_id)}
 
     async def reject(self, q: ApiRequest) -> dict[str, Any]:
-        self._logins().reject_registration(self._need(q.json(), "authId"))
+        self._logins().reject_registration(q.json().required_str("authId"))
         return {}
 
     async def set_policy(self, q: ApiRequest) -> dict[str, Any]:
@@ -269,11 +255,11 @@ class AdminApi:
                 "the policy can only be set in policy.mode: database "
                 "(in file mode, edit the file at policy.path)",
             )
-        text = str(q.json().get("policy", ""))
+        text = q.json(max_bytes=MAX_POLICY_BODY).string("policy")
         return await self.db(lambda: self.admin.set_policy(text, self.policy_check))
 
     async def check_policy(self, q: ApiRequest) -> dict[str, Any]:
-        text = str(q.json().get("policy", ""))
+        text = q.json(max_bytes=MAX_POLICY_BODY).string("policy")
         await self.run_db(self.policy_check, text)
         return {}
 
@@ -311,6 +297,9 @@ class AdminApi:
                 return e.status, _problem(e.status, str(e))
             except HomescaleError as e:
                 return 400, _problem(400, str(e))
+            except Exception as e:  # a bug: this request fails, nothing else does
+                self.boundary.record("api", f"{q.method} {q.path}", e)
+                return 500, _problem(500, "internal error (logged on the server)")
         if allowed:
             return 405, _problem(405, f"method {q.method} not allowed; use {', '.join(allowed)}")
         return 404, _problem(404, f"no API route {q.path}")
@@ -335,6 +324,9 @@ class AdminApi:
         while True:
             msg = await receive()
             body += msg.get("body", b"")
+            if len(body) > MAX_POLICY_BODY:  # hypercorn (the unix socket) sets no limit itself
+                await _send_json(send, 413, _problem(413, "request body too large"))
+                return
             if not msg.get("more_body"):
                 break
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -344,21 +336,21 @@ class AdminApi:
         raw_path = scope.get("raw_path")
         path = raw_path.decode("latin-1") if raw_path else quote(scope["path"])
         q = ApiRequest(
-            scope["method"], path, parse_qs(scope["query_string"].decode()), headers, bytes(body)
+            scope["method"],
+            path,
+            parse_qs(scope["query_string"].decode("latin-1")),
+            headers,
+            bytes(body),
         )
         status, obj = await self.handle(q)
-        data = json.dumps(obj).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(data)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": data})
+        await _send_json(send, status, obj)
+
+
+async def _send_json(send: Callable[..., Awaitable[Any]], status: int, obj: Any) -> None:
+    data = json.dumps(obj).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
 
 
 def _problem(status: int, detail: str) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from derp.errors import RemoteDerpError
 from protocol.gojson import RemoteWireError
 from protocol.mapframe import RemoteMapFrameError
 from protocol.noise import RemoteNoiseError
+from protocol.safejson import JSONInputError
 
 from .errors import HomescaleError
 from .metrics import Metrics
@@ -48,6 +49,7 @@ _PEER: tuple[type[BaseException], ...] = (
     RemoteNoiseError,
     RemoteWireError,
     RemoteMapFrameError,
+    JSONInputError,
     HomescaleError,  # a refused input (InvalidInput, NotFound, ...) that reached the edge
 )
 

@@ -385,6 +385,7 @@ async def serve(
             policy_check=policy_check,
             policy_mode=config.policy_mode,
             logins=server,
+            boundary=server.boundary,
         )
         api_remote = AdminApi(
             server.admin,
@@ -393,6 +394,7 @@ async def serve(
             policy_check=policy_check,
             policy_mode=config.policy_mode,
             logins=server,
+            boundary=server.boundary,
         )
         main = HttpServer(
             routes=server.routes,

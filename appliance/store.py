@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import sqlite_utils
+
+from protocol.gojson import format_time
 
 from .errors import Conflict, MigrationError, NotFound
 
@@ -45,14 +48,28 @@ def utcnow() -> datetime:
 
 
 def to_iso(t: datetime | None) -> str | None:
+    """RFC 3339 in UTC, whole seconds, four-digit year (Go's zero time is 0001-01-01T00:00:00Z).
+
+    A naive datetime is taken as UTC; an aware one outside the years 1-9999 in UTC
+    cannot be stored (fields.parse_time refuses those before they get here).
+    """
     if t is None:
         return None
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    t = t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+    return format_time(t.replace(microsecond=0))
+
+
+# An older homescale wrote years below 1000 unpadded ("1-01-01T00:00:00Z", strftime's
+# %Y on glibc): such rows still read back.
+_SHORT_YEAR = re.compile(r"^(\d{1,3})-")
 
 
 def from_iso(s: str | None) -> datetime | None:
     if not s:
         return None
+    m = _SHORT_YEAR.match(s)
+    if m:
+        s = f"{int(m.group(1)):04d}" + s[m.end(1) :]
     return datetime.fromisoformat(s.replace("Z", "+00:00"))
 
 

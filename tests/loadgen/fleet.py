@@ -138,6 +138,7 @@ class SimNode:
         self.disco = PrivateKey.generate()
         self.node_key = str(self.node.node_public())
         self.endpoints = [f"192.0.2.{1 + index % 250}:{10000 + index % 50000}"]
+        self.os_version = ""  # a Hostinfo detail no patch carries: set it to force a full node
         self.view = PeerView() if track else None
         self.client: ts2021client.TS2021Client | None = None
         self.scope: trio.CancelScope | None = None
@@ -155,7 +156,8 @@ class SimNode:
         self.error = ""
 
     def hostinfo(self) -> dict[str, Any]:
-        return {"Hostname": self.hostname, "OS": "linux", "IPNVersion": "1.90.9-loadgen"}
+        hi = {"Hostname": self.hostname, "OS": "linux", "IPNVersion": "1.90.9-loadgen"}
+        return hi | ({"OSVersion": self.os_version} if self.os_version else {})
 
     def map_request(self, *, stream: bool) -> bytes:
         return json.dumps(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeGuard
 
@@ -34,14 +33,6 @@ REGISTER_METHODS = {
     "cli": "REGISTER_METHOD_CLI",
     "oidc": "REGISTER_METHOD_OIDC",
 }
-
-
-@dataclass(frozen=True)
-class Change:
-    """What an admin operation changed, for the running server to announce to clients."""
-
-    kind: str  # "node", "node-removed", "user", "policy"
-    id: int = 0
 
 
 def _expires(t: datetime | None) -> TypeGuard[datetime]:
@@ -99,17 +90,11 @@ def sanitize_hostname(hostname: str) -> str:
 
 
 class Admin:
-    """The admin operations over one store; `notify` tells the running server what changed."""
+    """The admin operations over one store. Their writes reach the running server's clients
+    through the store's recorded changes (`Store.recorded`, `Tailnet.apply`)."""
 
-    def __init__(
-        self,
-        store: Store,
-        *,
-        notify: Callable[[Change], None] | None = None,
-        online: Callable[[int], bool] | None = None,
-    ) -> None:
+    def __init__(self, store: Store, *, online: Callable[[int], bool] | None = None) -> None:
         self.store = store
-        self._notify = notify or (lambda change: None)
         self._online = online or (lambda node_id: False)
 
     # -- shapes
@@ -205,7 +190,6 @@ class Admin:
     ) -> dict[str, Any]:
         validate_username(name)
         u = self.store.create_user(name, display_name, email, picture_url)
-        self._notify(Change("user", u.id))
         return self.user_json(u)
 
     def list_users(self, *, name: str = "", id: str = "", email: str = "") -> list[dict[str, Any]]:
@@ -222,13 +206,11 @@ class Admin:
         u = self.resolve_user(ref)
         validate_username(new_name)
         out = self.user_json(self.store.rename_user(u.id, new_name))
-        self._notify(Change("user", u.id))
         return out
 
     def delete_user(self, ref: str | int) -> None:
         u = self.resolve_user(ref)
         self.store.delete_user(u.id)
-        self._notify(Change("user", u.id))
 
     # -- pre-auth keys
 
@@ -358,7 +340,6 @@ class Admin:
     def delete_node(self, ref: str | int) -> None:
         n = self._node(ref)
         self.store.delete_node(n.id)
-        self._notify(Change("node-removed", n.id))
 
     def expire_node(
         self, ref: str | int, expiry: datetime | None = None, disable: bool = False
@@ -367,7 +348,6 @@ class Admin:
         # Go's zero time is "unset": expire now, as headscale does for a request without expiry.
         when = None if disable else (utcnow() if expiry is None or is_zero_time(expiry) else expiry)
         out = self.node_json(self.store.update_node(n.id, expiry=when))
-        self._notify(Change("node", n.id))
         return out
 
     def rename_node(self, ref: str | int, new_name: str) -> dict[str, Any]:
@@ -377,7 +357,6 @@ class Admin:
         if other is not None and other.id != n.id:
             raise InvalidInput(f"node name {new_name!r} is already taken by node {other.id}")
         out = self.node_json(self.store.update_node(n.id, given_name=new_name))
-        self._notify(Change("node", n.id))
         return out
 
     def tag_node(self, ref: str | int, tags: list[str]) -> dict[str, Any]:
@@ -386,7 +365,6 @@ class Admin:
         if not tags and n.user_id is None:
             raise InvalidInput(f"node {n.id} is owned by its tags; it cannot lose all of them")
         out = self.node_json(self.store.update_node(n.id, tags=tags))
-        self._notify(Change("node", n.id))
         return out
 
     def approve_routes(self, ref: str | int, routes: list[str]) -> dict[str, Any]:
@@ -402,7 +380,6 @@ class Admin:
             except ValueError:
                 raise InvalidInput(f"route {r!r}: expected a CIDR like 10.0.0.0/8") from None
         out = self.node_json(self.store.update_node(n.id, approved_routes=sorted(set(clean))))
-        self._notify(Change("node", n.id))
         return out
 
     # -- policy
@@ -416,5 +393,4 @@ class Admin:
     def set_policy(self, text: str, check: Callable[[str], None]) -> dict[str, Any]:
         check(text)  # raises with the located error; nothing is stored then
         row = self.store.set_policy(text)
-        self._notify(Change("policy"))
         return {"policy": row.data, "updatedAt": to_iso(row.created_at)}

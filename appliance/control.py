@@ -24,6 +24,7 @@ from protocol.gojson import WireError, format_time, is_zero_time
 from protocol.mapframe import MapFrameEncoder
 
 from .admin import Admin
+from .changes import NodeOnline
 from .control_conn import ControlRequest, ControlResponse
 from .errors import HomescaleError, InvalidInput, NotFound
 from .nodes import Login, log_in
@@ -187,7 +188,6 @@ class ControlService:
                 self.log.info("registration of %s refused: %s", machine, e)
                 await self._reply(resp, 200, {"Error": str(e)})
                 return
-            await self._announce(done)
             self.log.info("node %d (%s) registered with an auth key", done.id, done.given_name)
             await self._reply(resp, 200, await self._success(done))
             return
@@ -199,7 +199,6 @@ class ControlService:
             if hostinfo and hostinfo != node.hostinfo:
                 nid = node.id
                 node = await self.run_db(lambda: self.store.update_node(nid, hostinfo=hostinfo))
-                await self._announce(node)
             await self._reply(resp, 200, await self._success(node))
             return
         # 5. Key rotation: OldNodeKey names this machine's node.
@@ -213,7 +212,6 @@ class ControlService:
             rotated = await self.run_db(
                 lambda: self.store.update_node(by_machine.id, node_key=node_key)
             )
-            await self._announce(rotated)
             self.log.info("node %d rotated its key", rotated.id)
             await self._reply(resp, 200, await self._success(rotated))
             return
@@ -254,19 +252,14 @@ class ControlService:
         )
         return log_in(self.store, self.config, machine, existing, login)
 
-    async def _announce(self, node: NodeRow) -> None:
-        self.tailnet.refresh_node(node.id, node)
-
     async def _logout(self, node: NodeRow | None) -> None:
         if node is None:
             return
         if node.ephemeral:
             await self.run_db(self.store.delete_node, node.id)
-            self.tailnet.refresh_node(node.id, None)
             self.log.info("ephemeral node %d logged out and was deleted", node.id)
             return
-        row = await self.run_db(lambda: self.store.update_node(node.id, expiry=utcnow()))
-        self.tailnet.refresh_node(node.id, row)
+        await self.run_db(lambda: self.store.update_node(node.id, expiry=utcnow()))
         self.log.info("node %d logged out", node.id)
 
     def _new_pending(
@@ -369,7 +362,6 @@ class ControlService:
         reg.node = node
         reg.done.set()
         del self.pending[reg.id]
-        await self._announce(node)
         self.log.info(
             "node %d (%s) registered interactively for %s", node.id, node.given_name, user
         )
@@ -421,14 +413,12 @@ class ControlService:
                 values["hostinfo"] = hi
         if not values:
             return node
-        row = await self.run_db(lambda: self.store.update_node(node.id, **values))
-        self.tailnet.refresh_node(row.id, row)
-        return row
+        return await self.run_db(lambda: self.store.update_node(node.id, **values))
 
     async def _stream(self, node: NodeRow, resp: ControlResponse) -> None:
         handle = self.tailnet.open_session(node.id)
         encoder = self.frames
-        self.tailnet.set_online(node.id, True)
+        self.tailnet.apply([NodeOnline(node.id, True)])
         self.log.info("node %d (%s) map stream opened", node.id, node.given_name)
         try:
             with trio.CancelScope() as scope:
@@ -441,11 +431,12 @@ class ControlService:
             with trio.CancelScope(shield=True):
                 if self.tailnet.close_session(handle):
                     now = utcnow()
+                    # Offline first: the stored last_seen then changes nothing peers see.
+                    self.tailnet.apply([NodeOnline(node.id, False, now)])
                     try:
                         row = await self.run_db(
                             lambda: self.store.update_node(node.id, last_seen=now)
                         )
-                        self.tailnet.set_online(node.id, False, now)
                         if row.ephemeral:
                             self.nursery.start_soon(self._reap_ephemeral, node.id)
                     except NotFound:
@@ -497,7 +488,6 @@ class ControlService:
             await self.run_db(self.store.delete_node, node_id)
         except NotFound:
             return
-        self.tailnet.refresh_node(node_id, None)
         self.log.info("ephemeral node %d deleted after %s offline", node_id, timeout)
 
     def reap_offline_ephemeral(self) -> None:

@@ -23,7 +23,6 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -369,7 +368,6 @@ class OIDCLogin:
         logins: PendingLogins,
         store: Store,
         run_db: RunDb,
-        users_changed: Callable[[], Awaitable[None]],
         log: logging.Logger,
     ) -> None:
         self.settings = settings
@@ -379,7 +377,6 @@ class OIDCLogin:
         self.logins = logins
         self.store = store
         self.run_db = run_db
-        self.users_changed = users_changed
         self.log = log
         self.provider: ProviderMetadata | None = None
         self.keys: KeySet | None = None
@@ -527,7 +524,6 @@ class OIDCLogin:
                 self.store, claims, email_verified_required=self.settings.email_verified_required
             )
         )
-        await self.users_changed()
         expiry = id_exp if self.settings.use_expiry_from_token else None
         host = self.logins.pending_hostname(flight.reg_id)
         if host is None:

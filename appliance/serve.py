@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import html
 import logging
-import math
 import os
 import signal
 import socket
@@ -25,9 +24,10 @@ import trio
 
 from derp.errors import DerpError
 
-from .admin import Admin, Change
+from .admin import Admin
 from .api import AdminApi
 from .boundary import Boundary
+from .changes import PolicyChanged
 from .config import Config, OIDCSettings, split_hostport
 from .control import ControlService
 from .errors import HomescaleError
@@ -70,7 +70,7 @@ class Server:
         self.metrics = Metrics()
         # Every connection, request and session runs inside this (appliance.boundary).
         self.boundary = Boundary(log.getChild("boundary"), self.metrics)
-        self.admin = Admin(self.store, notify=self.on_change, online=self.is_online)
+        self.admin = Admin(self.store, online=self.is_online)
         self.routes: dict[str, RouteHandler] = {
             "/health": self.health,
             "/key": self.key,
@@ -81,10 +81,6 @@ class Server:
         self.tailnet = Tailnet(config=config, log=log.getChild("tailnet"))
         self.control: ControlService | None = None
         self.oidc: OIDCLogin | None = None  # set by `serve` when oidc.issuer is configured
-        # Admin changes arrive at human/API rate and are applied at once; a change must never
-        # be dropped after its store write committed, so this queue is not bounded.
-        self.changes_send, self.changes_recv = trio.open_memory_channel[Change](math.inf)
-        self.policy_text: str | None = None
         self.metrics.gauge("homescale_nodes", lambda: len(self.tailnet.nodes), "registered nodes")
         self.metrics.gauge(
             "homescale_nodes_online",
@@ -96,36 +92,17 @@ class Server:
         )
 
     async def run_db(self, fn: Callable[[*Ts], R], /, *args: *Ts) -> R:
-        """`fn(*args)` in the store's worker thread, one call at a time (a `RunDb`)."""
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.db_limiter)
+        """`fn(*args)` in the store's worker thread, one call at a time (a `RunDb`); what its
+        writes committed is announced to the tailnet before this returns, even if it failed."""
+        result, changes = await trio.to_thread.run_sync(
+            self.store.recorded, fn, *args, limiter=self.db_limiter
+        )
+        if changes:
+            self.tailnet.apply(changes)
+        return result.unwrap()
 
     def is_online(self, node_id: int) -> bool:
         return node_id in self.tailnet.online
-
-    def on_change(self, change: Change) -> None:
-        """Called by admin operations, often from the store's worker thread."""
-        try:
-            trio.lowlevel.current_task()
-        except RuntimeError:
-            trio.from_thread.run_sync(self.changes_send.send_nowait, change)
-            return
-        self.changes_send.send_nowait(change)
-
-    async def apply_changes(self) -> None:
-        """Turn admin changes into tailnet updates (and so into deltas for clients)."""
-        async for change in self.changes_recv:
-            try:
-                if change.kind == "node":
-                    row = await self.run_db(self.store.node, change.id)
-                    self.tailnet.refresh_node(change.id, row)
-                elif change.kind == "node-removed":
-                    self.tailnet.refresh_node(change.id, None)
-                elif change.kind == "user":
-                    self.tailnet.refresh_users(await self.run_db(self.store.users))
-                elif change.kind == "policy":
-                    await self.reload_policy()
-            except HomescaleError as e:
-                self.log.warning("could not apply %s: %s", change, e)
 
     # Interactive logins (appliance.api.InteractiveLogins, appliance.oidc.PendingLogins)
     # wait in the control service.
@@ -137,10 +114,6 @@ class Server:
 
     def pending_hostname(self, reg_id: str) -> str | None:
         return self.control.pending_hostname(reg_id) if self.control else None
-
-    async def users_changed(self) -> None:
-        """A user was created or changed outside the admin API (an OIDC login)."""
-        self.tailnet.refresh_users(await self.run_db(self.store.users))
 
     def reject_registration(self, reg_id: str) -> None:
         assert self.control is not None
@@ -180,26 +153,26 @@ class Server:
 
     # -- policy
 
-    def load_policy(self) -> None:
-        """Read and check the policy; PolicyInvalid keeps the one in force."""
+    def load_policy(self) -> str | None:
+        """(store thread) Read and check the policy; PolicyInvalid keeps the one in force."""
         text, source = read_policy(self.config, self.store)
         if text is not None:
             check_policy_text(text, source, self.store)
-        changed = text != self.policy_text
-        self.policy_text = text
-        if changed:
+        if text != self.tailnet.policy_text:
             self.log.info(
                 "policy loaded from %s", source if text is not None else "nowhere (allow all)"
             )
+        return text
 
     async def reload_policy(self) -> None:
+        """SIGHUP or the policy file changed: check the policy again and put it in force."""
         try:
-            await self.run_db(self.load_policy)
+            text = await self.run_db(self.load_policy)
         except PolicyInvalid as e:
             self.log.error("policy reload refused, keeping the previous policy: %s", e)
             return
-        if self.policy_text != self.tailnet.policy_text:
-            self.tailnet.set_policy(self.policy_text)
+        if text != self.tailnet.policy_text:
+            self.tailnet.apply([PolicyChanged(text)])
 
     # -- plain routes
 
@@ -320,7 +293,7 @@ async def serve(
     socket_ours = False  # never remove a socket another running server owns
     try:
         try:
-            await server.run_db(server.load_policy)
+            policy_text = await server.run_db(server.load_policy)
         except PolicyInvalid as e:
             raise ServeError(
                 f"the policy is invalid, refusing to start:\n  {e}\n{recovery_steps(config.source)}"
@@ -429,7 +402,7 @@ async def serve(
         shutdown = trio.Event()
 
         users, nodes = await server.run_db(lambda: (server.store.users(), server.store.nodes()))
-        server.tailnet.load(users, nodes, server.policy_text)
+        server.tailnet.load(users, nodes, policy_text)
         server.tailnet.set_derp_map(derp_maps.current)
 
         async def derp_map_changed(new_map: dict[str, Any]) -> None:
@@ -446,7 +419,6 @@ async def serve(
                 nursery=nursery,
             )
             nursery.start_soon(_watch_signals, server, nursery.cancel_scope, shutdown)
-            nursery.start_soon(server.apply_changes)
             server.control.reap_offline_ephemeral()
             await nursery.start(run_map_updates, derp_maps, config, derp_map_changed)
             if config.policy_mode == "file" and config.policy_path is not None:
@@ -496,7 +468,6 @@ async def _start_oidc(server: Server, settings: OIDCSettings, log: logging.Logge
         logins=server,
         store=server.store,
         run_db=server.run_db,
-        users_changed=server.users_changed,
         log=log.getChild("oidc"),
     )
     server.routes[CALLBACK_PATH] = server.oidc.callback

@@ -3,6 +3,10 @@
 One writer: the server calls these (blocking) methods from one worker thread at a
 time (see `appliance.serve`); the CLI opens the file directly only when no server
 is running. Only `appliance/` touches the store; other packages get plain values.
+
+Every write that matters to clients records a typed change (`appliance.changes`) once
+it has committed; `recorded` hands a call's changes back with its outcome, and the
+server announces them (`Tailnet.apply`). Rows are immutable: a write returns a new one.
 """
 
 from __future__ import annotations
@@ -17,13 +21,26 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
+import outcome
 import sqlite_utils
 
 from protocol.gojson import format_time
 
+from .changes import (
+    Change,
+    NodeChanged,
+    NodeRemoved,
+    PolicyChanged,
+    UserChanged,
+    UserRemoved,
+)
 from .errors import Conflict, MigrationError, NotFound
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
 
 STATE_DIR_MODE = 0o750  # directories homescale creates for its state
 PRIVATE_FILE_MODE = 0o600  # node keys, key hashes, private keys: the service user only
@@ -301,6 +318,7 @@ class Store:
 
     def __init__(self, path: Path, *, wal: bool = True) -> None:
         self.path = path
+        self._journal: list[Change] = []  # committed changes not yet handed out
         create_private_file(path)
         self._conn = sqlite3.connect(
             str(path), check_same_thread=False, isolation_level=None, timeout=10
@@ -373,12 +391,25 @@ class Store:
     def transaction(self) -> Iterator[None]:
         """One atomic unit of writes (the connection is in autocommit mode otherwise)."""
         self._conn.execute("BEGIN IMMEDIATE")
+        mark = len(self._journal)
         try:
             yield
         except BaseException:
             self._conn.execute("ROLLBACK")
+            del self._journal[mark:]  # rolled back: nothing to announce
             raise
         self._conn.execute("COMMIT")
+
+    def recorded(
+        self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs
+    ) -> tuple[outcome.Outcome[R], list[Change]]:
+        """Run `fn` and return its outcome with the changes its writes committed. A call that
+        fails after a committed write still hands that write's change out to be announced."""
+        self._journal = []
+        try:
+            return outcome.capture(fn, *args, **kwargs), self._journal
+        finally:
+            self._journal = []
 
     def ping(self) -> bool:
         return bool(self.db.execute("SELECT 1").fetchone()[0] == 1)
@@ -428,7 +459,9 @@ class Store:
                 "created_at": to_iso(utcnow()),
             },
         )
-        return self.user(uid)
+        row = self.user(uid)
+        self._journal.append(UserChanged(row))
+        return row
 
     def user(self, user_id: int) -> UserRow:
         rows = self._rows("SELECT * FROM users WHERE id = ?", [user_id])
@@ -454,7 +487,9 @@ class Store:
         if "groups" in values:
             values["groups"] = json.dumps(list(values["groups"]))
         self._update("users", user_id, values)
-        return self.user(user_id)
+        row = self.user(user_id)
+        self._journal.append(UserChanged(row))
+        return row
 
     def users(self) -> list[UserRow]:
         return [_user(r) for r in self._rows("SELECT * FROM users ORDER BY id")]
@@ -464,7 +499,9 @@ class Store:
         if other is not None and other.id != user_id:
             raise Conflict(f"user {new_name!r} already exists")
         self._update("users", user_id, {"name": new_name})
-        return self.user(user_id)
+        row = self.user(user_id)
+        self._journal.append(UserChanged(row))
+        return row
 
     def delete_user(self, user_id: int) -> None:
         self.user(user_id)
@@ -475,6 +512,7 @@ class Store:
                 f"move them first"
             )
         self.db.execute("DELETE FROM users WHERE id = ?", [user_id])
+        self._journal.append(UserRemoved(user_id))
 
     # -- pre-auth keys
 
@@ -578,7 +616,9 @@ class Store:
         values.setdefault("created_at", now)
         values["updated_at"] = now
         nid = self._insert("nodes", _node_values(values))
-        return self.node(nid)
+        row = self.node(nid)
+        self._journal.append(NodeChanged(row))
+        return row
 
     def node(self, node_id: int) -> NodeRow:
         rows = self._rows("SELECT * FROM nodes WHERE id = ?", [node_id])
@@ -603,11 +643,14 @@ class Store:
     def update_node(self, node_id: int, **values: Any) -> NodeRow:
         values["updated_at"] = utcnow()
         self._update("nodes", node_id, _node_values(values))
-        return self.node(node_id)
+        row = self.node(node_id)
+        self._journal.append(NodeChanged(row))
+        return row
 
     def delete_node(self, node_id: int) -> None:
         self.node(node_id)
         self.db.execute("DELETE FROM nodes WHERE id = ?", [node_id])
+        self._journal.append(NodeRemoved(node_id))
 
     def used_addresses(self) -> tuple[set[str], set[str]]:
         v4, v6 = set(), set()
@@ -622,6 +665,7 @@ class Store:
 
     def set_policy(self, data: str) -> PolicyRow:
         pid = self._insert("policies", {"data": data, "created_at": to_iso(utcnow())})
+        self._journal.append(PolicyChanged(data))
         return PolicyRow(id=pid, data=data, created_at=utcnow())
 
     def policy(self) -> PolicyRow | None:

@@ -1,9 +1,9 @@
 """The live tailnet: nodes, users and policy in memory, turning each change into deltas.
 
-Every change goes through `refresh_node` / `refresh_users` / `set_policy`: the node's
-JSON is encoded once, and only the sessions of nodes that can see it are marked;
-their tasks compose their own (coalesced) messages. Nothing here rebuilds every
-node's map, and nothing here waits on a client.
+Every change arrives through `apply` (typed changes from `appliance.changes`): the
+node's JSON is encoded once, and only the sessions of nodes that can see it are
+marked; their tasks compose their own (coalesced) messages. Nothing here rebuilds
+every node's map, and nothing here waits on a client.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, assert_never
 
 import trio
 
@@ -22,6 +23,15 @@ from netmap.mapsession import PATCH_HISTORY, MapSessionState, NodeEntry
 from netmap.nodes import PeerNode, encode_node, patch_between
 from netmap.policy import CompiledPolicy, PolicyNode, PolicyUser, compile_policy, parse_policy
 
+from .changes import (
+    Change,
+    NodeChanged,
+    NodeOnline,
+    NodeRemoved,
+    PolicyChanged,
+    UserChanged,
+    UserRemoved,
+)
 from .config import Config
 from .store import NodeRow, UserRow, utcnow
 
@@ -248,7 +258,36 @@ class Tailnet:
 
     # ------------------------------------------------------------ changes
 
-    def refresh_node(self, node_id: int, row: NodeRow | None) -> None:
+    def apply(self, changes: Iterable[Change]) -> None:
+        """Announce committed changes to every session they affect: the one way in.
+
+        Each change is applied on its own: one that fails (a bug, a row the policy cannot
+        place) is logged with the change and skipped, and the rest still reach clients.
+        """
+        for change in changes:
+            try:
+                self._apply(change)
+            except Exception:
+                self.log.exception("could not announce %s; carrying on without it", change)
+
+    def _apply(self, change: Change) -> None:
+        match change:
+            case NodeChanged(row=row):
+                self._node_changed(row.id, row)
+            case NodeRemoved(node_id=node_id):
+                self._node_changed(node_id, None)
+            case NodeOnline(node_id=node_id, online=online, last_seen=last_seen):
+                self._set_online(node_id, online, last_seen)
+            case UserChanged(row=row):
+                self._users_changed({**self.users, row.id: row})
+            case UserRemoved(user_id=user_id):
+                self._users_changed({k: u for k, u in self.users.items() if k != user_id})
+            case PolicyChanged(text=text):
+                self._set_policy(text)
+            case _:
+                assert_never(change)
+
+    def _node_changed(self, node_id: int, row: NodeRow | None) -> None:
         """The node's stored record changed (None: deleted); tell whoever can see it."""
         old_row = self.nodes.get(node_id)
         if row is None:
@@ -301,7 +340,7 @@ class Tailnet:
             session.state.mark_self()
             session.notify()
 
-    def set_online(self, node_id: int, online: bool, last_seen: datetime | None = None) -> None:
+    def _set_online(self, node_id: int, online: bool, last_seen: datetime | None) -> None:
         row = self.nodes.get(node_id)
         if row is None:
             return
@@ -310,17 +349,19 @@ class Tailnet:
         else:
             self.online.discard(node_id)
         if last_seen is not None:
-            row.last_seen = last_seen
-        self.refresh_node(node_id, row)
+            row = dataclasses.replace(row, last_seen=last_seen)
+        self._node_changed(node_id, row)
 
-    def refresh_users(self, users: list[UserRow]) -> None:
-        self.users = {u.id: u for u in users}
+    def _users_changed(self, users: dict[int, UserRow]) -> None:
+        if users == self.users:
+            return
+        self.users = users
         for s in self.sessions.values():
             s.state.sent_users.clear()  # resend profiles: names may have changed
         self._recompile()
         self._mark_all_sessions()
 
-    def set_policy(self, text: str | None) -> None:
+    def _set_policy(self, text: str | None) -> None:
         self.policy_text = text
         self._recompile()
         self._mark_all_sessions()

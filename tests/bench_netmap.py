@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from appliance.changes import NodeChanged, PolicyChanged
 from appliance.config import load_config
 from appliance.setup import render_config
 from appliance.store import NodeRow, UserRow, utcnow
@@ -71,7 +72,7 @@ async def bench_netmap_deltas() -> list:
     for r in range(rounds):
         row = tn.nodes[1]
         row.endpoints = [f"198.51.100.{r + 1}:41641"]
-        tn.refresh_node(1, row)
+        tn.apply([NodeChanged(row)])
         for h in handles:
             if h.wake.is_set():
                 msg = h.state.next_message(tn, utcnow())
@@ -81,8 +82,12 @@ async def bench_netmap_deltas() -> list:
 
     # A node joining under a policy where users see only their own nodes (10 users):
     # the policy re-resolves, but only the joining user's sessions are woken.
-    tn.set_policy(
-        '{"acls":[{"action":"accept","src":["autogroup:member"],"dst":["autogroup:self:*"]}]}'
+    tn.apply(
+        [
+            PolicyChanged(
+                '{"acls":[{"action":"accept","src":["autogroup:member"],"dst":["autogroup:self:*"]}]}'
+            )
+        ]
     )
     for h in handles:
         h.state.next_message(tn, utcnow())
@@ -98,7 +103,7 @@ async def bench_netmap_deltas() -> list:
         ipv4="100.64.200.1",
         created_at=utcnow(),
     )
-    tn.refresh_node(joined.id, joined)
+    tn.apply([NodeChanged(joined)])
     woken = [h for h in handles if h.wake.is_set()]
     for h in woken:
         h.state.next_message(tn, utcnow())

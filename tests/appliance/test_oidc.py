@@ -233,16 +233,12 @@ def signer() -> RSAKey:
 
 @pytest.fixture
 def login(signer: RSAKey, tmp_path: Path) -> OIDCLogin:
-    async def users_changed() -> None:
-        return None
-
     o = OIDCLogin(
         settings(),
         server_url="http://127.0.0.1:8080",
         logins=_NoLogins(),
         store=Store(tmp_path / "db.sqlite"),
         run_db=run_inline,
-        users_changed=users_changed,
         log=logging.getLogger("test.oidc"),
     )
     o.provider = ProviderMetadata(

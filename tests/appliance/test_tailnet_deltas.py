@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from appliance.changes import NodeChanged, NodeOnline, NodeRemoved, PolicyChanged, UserChanged
 from appliance.tailnet import TAGGED_USER_ID, Tailnet
 from netmap.policy.ipset import IPSet
 from protocol import tailcfg
@@ -122,11 +123,11 @@ def test_non_patchable_change_sends_the_full_node(field: str, value: Any, check:
 def test_online_and_offline_are_patches() -> None:
     tn = three()
     h1, _ = connect(tn, 1)
-    tn.set_online(2, True)
+    tn.apply([NodeOnline(2, True)])
     msg = compose(tn, h1)
     assert msg is not None
     assert msg["PeersChangedPatch"] == [{"NodeID": 2, "Online": True}]
-    tn.set_online(2, False, LATER)
+    tn.apply([NodeOnline(2, False, LATER)])
     msg = compose(tn, h1)
     assert msg is not None
     assert msg["PeersChangedPatch"] == [
@@ -138,11 +139,11 @@ def test_nothing_changed_sends_nothing() -> None:
     tn = three()
     h1, _ = connect(tn, 1)
     h2, _ = connect(tn, 2)
-    tn.set_online(2, True)
+    tn.apply([NodeOnline(2, True)])
     compose(tn, h1)
     compose(tn, h2)
     # A second stream of node 2 marks it online again; a store write that changed nothing.
-    tn.set_online(2, True)
+    tn.apply([NodeOnline(2, True)])
     change(tn, 2)
     assert compose(tn, h1) is None
     assert compose(tn, h2) is None
@@ -152,7 +153,7 @@ def test_deleted_node_is_removed_and_its_stream_closed() -> None:
     tn = three()
     h1, _ = connect(tn, 1)
     h2, _ = connect(tn, 2)
-    tn.refresh_node(2, None)
+    tn.apply([NodeRemoved(2)])
     msg = compose(tn, h1)
     assert msg is not None
     assert delta_keys(msg) == {"PeersRemoved"}
@@ -176,7 +177,7 @@ def test_new_stream_replaces_the_old_one() -> None:
 def test_new_peer_appears_with_its_profile() -> None:
     tn = make_tailnet([*USERS, user(3, "carol")], [node(1), node(2)])
     h1, _ = connect(tn, 1)
-    tn.refresh_node(4, node(4, user_id=3))
+    tn.apply([NodeChanged(node(4, user_id=3))])
     msg = compose(tn, h1)
     assert msg is not None
     assert [p["ID"] for p in msg["PeersChanged"]] == [4]
@@ -186,7 +187,7 @@ def test_new_peer_appears_with_its_profile() -> None:
 def test_peer_without_disco_key_is_not_advertised_until_it_has_one() -> None:
     tn = three()
     h1, _ = connect(tn, 1)
-    tn.refresh_node(4, node(4, disco_key=""))
+    tn.apply([NodeChanged(node(4, disco_key=""))])
     assert compose(tn, h1) is None
     change(tn, 4, disco_key="discokey:" + "cd" * 32)
     msg = compose(tn, h1)
@@ -208,7 +209,7 @@ def test_tagged_node_is_owned_by_tagged_devices() -> None:
 def test_user_rename_resends_the_profile() -> None:
     tn = three()
     h1, _ = connect(tn, 1)
-    tn.refresh_users([user(1, "alice"), user(2, "bob", display_name="Bob Renamed")])
+    tn.apply([UserChanged(user(2, "bob", display_name="Bob Renamed"))])
     msg = compose(tn, h1)
     assert msg is not None
     profiles = {p["ID"]: p for p in msg.get("UserProfiles", [])}
@@ -249,7 +250,7 @@ def test_auto_approval_revoked_by_policy_withdraws_the_route() -> None:
     h2, first = connect(tn, 2)
     (router,) = first["Peers"]
     assert "10.1.0.0/16" in router["AllowedIPs"]
-    tn.set_policy('{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}')
+    tn.apply([PolicyChanged('{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}')])
     msg = compose(tn, h2)
     assert msg is not None
     (router,) = msg["PeersChanged"]
@@ -262,7 +263,7 @@ def test_unrelated_recompile_does_not_resend_auto_approved_routers() -> None:
     hostinfo = {**node(1).hostinfo, "RoutableIPs": ["10.1.0.0/16"]}
     tn = make_tailnet(USERS, [node(1, hostinfo=hostinfo), node(2, user_id=2)], AUTO_POLICY)
     h2, _ = connect(tn, 2)
-    tn.refresh_users(USERS)  # nothing changed
+    tn.apply([UserChanged(user(9, "zoe"))])  # a user without nodes: recompiles, changes no node
     msg = compose(tn, h2)
     assert msg is None or not ({"PeersChanged", "PeersChangedPatch"} & set(msg))
 
@@ -387,12 +388,12 @@ def test_a_subnet_served_by_two_routers_is_primary_on_one() -> None:
 
 def test_primary_router_fails_over_when_it_goes_offline() -> None:
     tn = two_routers_and_a_client()
-    tn.set_online(1, True)
-    tn.set_online(2, True)
+    tn.apply([NodeOnline(1, True)])
+    tn.apply([NodeOnline(2, True)])
     h, first = connect(tn, 3)
     owner = next(p["ID"] for p in first["Peers"] if "10.1.0.0/16" in p["AllowedIPs"])
     other = 2 if owner == 1 else 1
-    tn.set_online(owner, False)
+    tn.apply([NodeOnline(owner, False)])
     msg = compose(tn, h)
     assert msg is not None
     changed = {p["ID"]: p for p in msg.get("PeersChanged") or []}

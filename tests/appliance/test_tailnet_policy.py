@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 
+from appliance.changes import NodeRemoved, PolicyChanged
 from appliance.tailnet import SessionHandle, Tailnet
 from netmap.policy.ipset import IPSet
 from tests.appliance.test_tailnet_support import (
@@ -68,7 +69,7 @@ def test_change_reaches_only_who_can_see_it() -> None:
 def test_granting_and_revoking_access() -> None:
     tn, h = setup()
     b_filter = compose_filter_of(tn, B)
-    tn.set_policy(POLICY_OPEN)
+    tn.apply([PolicyChanged(POLICY_OPEN)])
     msg_c = compose(tn, h[C])
     assert msg_c is not None
     assert [p["ID"] for p in msg_c["PeersChanged"]] == [B]
@@ -84,7 +85,7 @@ def test_granting_and_revoking_access() -> None:
     # A's peers and filter are what they were: nothing to send.
     assert compose(tn, h[A]) is None
 
-    tn.set_policy(POLICY)
+    tn.apply([PolicyChanged(POLICY)])
     msg_c = compose(tn, h[C])
     assert msg_c is not None
     assert delta_keys(msg_c) == {"PeersRemoved"}
@@ -98,7 +99,7 @@ def test_granting_and_revoking_access() -> None:
 
 def test_same_policy_again_sends_nothing() -> None:
     tn, h = setup()
-    tn.set_policy(POLICY)
+    tn.apply([PolicyChanged(POLICY)])
     for nid in (A, B, C, D):
         assert compose(tn, h[nid]) is None
 
@@ -121,7 +122,7 @@ def test_tagging_a_node_moves_it_between_peer_sets() -> None:
 
 def test_deleted_node_is_removed_only_where_it_was_seen() -> None:
     tn, h = setup()
-    tn.refresh_node(B, None)
+    tn.apply([NodeRemoved(B)])
     msg_a = compose(tn, h[A])
     assert msg_a is not None
     assert msg_a["PeersRemoved"] == [B]
@@ -138,12 +139,12 @@ def test_ssh_policy_grant_and_revoke() -> None:
         '"ssh": [{"action": "accept", "src": ["alice@"], '
         '"dst": ["tag:web"], "users": ["root"]}],\n  "acls"',
     )
-    tn.set_policy(ssh)
+    tn.apply([PolicyChanged(ssh)])
     msg_b = compose(tn, h[B])
     assert msg_b is not None
     assert msg_b["SSHPolicy"]["rules"]
     assert compose(tn, h[C]) is None
-    tn.set_policy(POLICY)
+    tn.apply([PolicyChanged(POLICY)])
     msg_b = compose(tn, h[B])
     assert msg_b is not None
     assert msg_b["SSHPolicy"] == {"rules": []}

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 import appliance.tailnet as tailnet_mod
+from appliance.changes import NodeOnline
 from netmap.nodes import PeerNode
 from netmap.nodes import encode_node as real_encode
 from netmap.policy import CompiledPolicy
@@ -67,7 +68,7 @@ def test_online_change_marks_only_the_nodes_that_see_it() -> None:
     nodes = [node(i, user_id=(i - 1) // PER_USER + 1) for i in range(1, USERS * PER_USER + 1)]
     tn = make_tailnet(users, nodes, SELF_ONLY)
     handles = {n.id: connect(tn, n.id)[0] for n in nodes}
-    tn.set_online(1, True)
+    tn.apply([NodeOnline(1, True)])
     woken = {nid for nid, h in handles.items() if h.wake.is_set()}
     assert woken == set(range(1, PER_USER + 1))
 

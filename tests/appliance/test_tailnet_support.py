@@ -18,6 +18,7 @@ from typing import Any
 
 import trio
 
+from appliance.changes import NodeChanged
 from appliance.config import Config, load_config
 from appliance.setup import render_config
 from appliance.store import NodeRow, UserRow
@@ -110,7 +111,7 @@ def connect(tn: Tailnet, node_id: int) -> tuple[SessionHandle, dict[str, Any]]:
 def change(tn: Tailnet, node_id: int, **kw: Any) -> NodeRow:
     """The store updated the node (a fresh row, as the store hands out)."""
     row = dataclasses.replace(tn.nodes[node_id], **kw)
-    tn.refresh_node(node_id, row)
+    tn.apply([NodeChanged(row)])
     return row
 
 

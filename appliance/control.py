@@ -82,6 +82,7 @@ class ControlService:
         self.run_db = run_db
         self.log = log
         self.nursery = nursery
+        self.boundary = tailnet.boundary
         self.pending: dict[str, PendingRegistration] = {}
         self.stats = {"map_messages": 0, "map_bytes": 0, "registrations": 0}
         # One encoder for every stream: one compression context, each delta compressed once.
@@ -438,7 +439,7 @@ class ControlService:
                             lambda: self.store.update_node(node.id, last_seen=now)
                         )
                         if row.ephemeral:
-                            self.nursery.start_soon(self._reap_ephemeral, node.id)
+                            self._start_reaper(node.id)
                     except NotFound:
                         pass
                 self.log.info(
@@ -494,7 +495,13 @@ class ControlService:
         """At start: ephemeral nodes left offline by a previous run get their reapers."""
         for node_id, row in list(self.tailnet.nodes.items()):
             if row.ephemeral and node_id not in self.tailnet.online:
-                self.nursery.start_soon(self._reap_ephemeral, node_id)
+                self._start_reaper(node_id)
+
+    def _start_reaper(self, node_id: int) -> None:
+        # A failing reaper (a bug, a database error) ends only itself, logged with its node.
+        self.nursery.start_soon(
+            self.boundary.run, "ephemeral reaper", f"node {node_id}", self._reap_ephemeral, node_id
+        )
 
 
 class _Refusal(HomescaleError):

@@ -78,7 +78,7 @@ class Server:
         }
         self.upgrades: dict[str, UpgradeHandler] = {"/ts2021": self.ts2021}
         self.routes["/register/"] = self.register_page
-        self.tailnet = Tailnet(config=config, log=log.getChild("tailnet"))
+        self.tailnet = Tailnet(config=config, log=log.getChild("tailnet"), boundary=self.boundary)
         self.control: ControlService | None = None
         self.oidc: OIDCLogin | None = None  # set by `serve` when oidc.issuer is configured
         self.metrics.gauge("homescale_nodes", lambda: len(self.tailnet.nodes), "registered nodes")
@@ -164,15 +164,17 @@ class Server:
             )
         return text
 
-    async def reload_policy(self) -> None:
-        """SIGHUP or the policy file changed: check the policy again and put it in force."""
-        try:
-            text = await self.run_db(self.load_policy)
-        except PolicyInvalid as e:
-            self.log.error("policy reload refused, keeping the previous policy: %s", e)
-            return
-        if text != self.tailnet.policy_text:
-            self.tailnet.apply([PolicyChanged(text)])
+    async def reload_policy(self, why: str) -> None:
+        """SIGHUP or the policy file changed: check the policy again and put it in force.
+        Nothing here can stop the server: a failure keeps the policy in force and says why."""
+        with self.boundary.guard("policy reload", why):
+            try:
+                text = await self.run_db(self.load_policy)
+            except PolicyInvalid as e:
+                self.log.error("policy reload refused, keeping the previous policy: %s", e)
+                return
+            if text != self.tailnet.policy_text:
+                self.tailnet.apply([PolicyChanged(text)])
 
     # -- plain routes
 
@@ -502,7 +504,7 @@ async def _watch_policy_file(server: Server, path: Path) -> None:
         if now != last and now is not None:
             last = now
             server.log.info("policy file %s changed: reloading", path)
-            await server.reload_policy()
+            await server.reload_policy(f"{path} changed")
 
 
 async def _watch_signals(server: Server, scope: trio.CancelScope, shutdown: trio.Event) -> None:
@@ -510,7 +512,7 @@ async def _watch_signals(server: Server, scope: trio.CancelScope, shutdown: trio
         async for signum in signals:
             if signum == signal.SIGHUP:
                 server.log.info("SIGHUP: reloading the policy")
-                await server.reload_policy()
+                await server.reload_policy("SIGHUP")
                 continue
             server.log.info("%s: shutting down", signal.Signals(signum).name)
             # Stop accepting and cancel in-flight work (map streams, long polls): clients

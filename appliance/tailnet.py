@@ -23,6 +23,7 @@ from netmap.mapsession import PATCH_HISTORY, MapSessionState, NodeEntry
 from netmap.nodes import PeerNode, encode_node, patch_between
 from netmap.policy import CompiledPolicy, PolicyNode, PolicyUser, compile_policy, parse_policy
 
+from .boundary import Boundary
 from .changes import (
     Change,
     NodeChanged,
@@ -80,6 +81,11 @@ class Tailnet:
     auto_approved: dict[int, tuple[str, ...]] = field(default_factory=dict)
     by_node_key: dict[str, int] = field(default_factory=dict)  # for DERP's verify_clients
     primaries: dict[str, int] = field(default_factory=dict)  # subnet route -> primary router
+    boundary: Boundary = field(default=None)  # type: ignore[assignment]  # set in __post_init__
+
+    def __post_init__(self) -> None:
+        if self.boundary is None:
+            self.boundary = Boundary(self.log)
 
     # ------------------------------------------------------------ loading
 
@@ -265,10 +271,8 @@ class Tailnet:
         place) is logged with the change and skipped, and the rest still reach clients.
         """
         for change in changes:
-            try:
+            with self.boundary.guard("change", str(change)):
                 self._apply(change)
-            except Exception:
-                self.log.exception("could not announce %s; carrying on without it", change)
 
     def _apply(self, change: Change) -> None:
         match change:

@@ -96,7 +96,7 @@ def test_one_failing_change_is_logged_and_the_rest_still_apply(
     good = NodeChanged(node(3, endpoints=["192.0.2.7:41641"]))
     with caplog.at_level(logging.ERROR):
         tn.apply([bad, good])
-    assert "could not announce node 2 (node2) changed" in caplog.text
+    assert "change node 2 (node2) changed: internal error: RuntimeError: a bug" in caplog.text
     msg = compose(tn, h1)
     assert msg is not None
     (patch,) = msg["PeersChangedPatch"]

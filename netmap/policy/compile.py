@@ -86,17 +86,62 @@ class _DstEntry:
 
 
 @dataclass
+class _CapGrant:
+    """One tailcfg.CapGrant: capabilities (JSON values as given) on prefixes."""
+
+    dsts: list[IPNetwork]
+    cap_map: dict[str, Any]
+
+    @property
+    def ips(self) -> IPSet:
+        return IPSet.of(self.dsts)
+
+    def reduce(self, info: _Node) -> _CapGrant | None:
+        """Only this node's own addresses and the served subnets it overlaps
+        (headscale reduceCapGrantRule, as Tailscale sends it)."""
+        kept: set[IPNetwork] = set()
+        for net in self.dsts:
+            for addr in info.addrs:
+                if addr in net:
+                    kept.add(ipaddress.ip_network(addr))
+            if any(net.overlaps(r) for r in info.subnet_routes):
+                kept.add(net)
+        if not kept:
+            return None
+        order = sorted(kept, key=lambda n: (n.version, n.network_address, n.prefixlen))
+        return _CapGrant(order, self.cap_map)
+
+    def wire(self) -> dict[str, Any]:
+        return {"Dsts": [str(n) for n in self.dsts], "CapMap": self.cap_map}
+
+
+@dataclass
 class _Rule:
-    """One unreduced FilterRule with its parsed destinations."""
+    """One unreduced FilterRule with its parsed destinations.
+
+    A capability rule has ``caps`` (CapGrant) and no ``dsts``; it is never
+    merged with other rules.
+    """
 
     src_ips: list[str]
     protos: tuple[int, ...]
     dsts: list[_DstEntry]
+    caps: list[_CapGrant] = field(default_factory=list)
 
     def key(self) -> tuple[tuple[str, ...], tuple[int, ...]]:
         return (tuple(self.src_ips), self.protos)
 
+    def dst_ips(self) -> IPSet:
+        out = EMPTY
+        for d in self.dsts:
+            out |= d.ips
+        for c in self.caps:
+            out |= c.ips
+        return out
+
     def wire(self, dsts: Iterable[_DstEntry] | None = None) -> FilterRule:
+        if self.caps:
+            return {"SrcIPs": list(self.src_ips), "CapGrant": [c.wire() for c in self.caps]}
         out: FilterRule = {
             "SrcIPs": list(self.src_ips),
             "DstPorts": [d.wire for d in (self.dsts if dsts is None else dsts)],
@@ -112,12 +157,53 @@ class _SelfGrant:
 
     srcs: list[IPSet]
     ip: tuple[IPRule, ...]
+    app: dict[str, list[Any]] = field(default_factory=dict)
+
+
+@dataclass
+class _ViaGrant:
+    """A grant steered through routers carrying one of ``tags``: per router."""
+
+    tags: tuple[str, ...]
+    src_ips: list[str]
+    dsts: list[IPNetwork]
+    internet: bool
+    ip: tuple[IPRule, ...]
 
 
 @dataclass
 class _CompiledGrant:
     rules: list[_Rule] = field(default_factory=list)
     self_part: _SelfGrant | None = None
+    via: _ViaGrant | None = None
+
+
+# Capabilities that come with a reversed companion, sent to the sources
+# (Tailscale: a drive grant makes the sources drive-sharers of the
+# destinations; a relay grant makes them relay targets).
+_COMPANION_CAPS = {
+    "tailscale.com/cap/drive": "tailscale.com/cap/drive-sharer",
+    "tailscale.com/cap/relay": "tailscale.com/cap/relay-target",
+}
+
+
+def _merge_rules(rules: Iterable[_Rule]) -> list[_Rule]:
+    """Rules with equal SrcIPs and IPProto become one (headscale mergeFilterRules).
+
+    Capability rules stay as they are.
+    """
+    out: dict[tuple[tuple[str, ...], tuple[int, ...]], _Rule] = {}
+    caps: list[_Rule] = []
+    for rule in rules:
+        if rule.caps:
+            caps.append(rule)
+            continue
+        key = rule.key()
+        if key in out:
+            out[key] = _Rule(out[key].src_ips, out[key].protos, out[key].dsts + rule.dsts)
+        else:
+            out[key] = _Rule(rule.src_ips, rule.protos, list(rule.dsts))
+    return list(out.values()) + caps
 
 
 @dataclass
@@ -126,18 +212,6 @@ class _Matcher:
 
     srcs: set[int]
     dsts: set[int]
-
-
-def _merge_rules(rules: Iterable[_Rule]) -> list[_Rule]:
-    """Rules with equal SrcIPs and IPProto become one (headscale mergeFilterRules)."""
-    out: dict[tuple[tuple[str, ...], tuple[int, ...]], _Rule] = {}
-    for rule in rules:
-        key = rule.key()
-        if key in out:
-            out[key] = _Rule(out[key].src_ips, out[key].protos, out[key].dsts + rule.dsts)
-        else:
-            out[key] = _Rule(rule.src_ips, rule.protos, list(rule.dsts))
-    return list(out.values())
 
 
 class CompiledPolicy:
@@ -180,6 +254,7 @@ class CompiledPolicy:
         self._filters: dict[int, list[FilterRule]] = {}
         self._ssh: dict[int, list[dict[str, Any]]] = {}
         self._peers: dict[int, frozenset[int]] = {}
+        self._caps: dict[int, dict[str, list[Any] | None]] = {}
         self._alias_cache: dict[Alias, IPSet] = {}
         # Keyed by id() of rules owned by self.policy, which outlives us.
         self._ssh_src_cache: dict[
@@ -246,6 +321,14 @@ class CompiledPolicy:
         elif kind is AliasKind.PREFIX:
             assert alias.network is not None
             out = IPSet.of([alias.network])
+        elif kind is AliasKind.IPSET:
+            assert self.policy is not None
+            out = self.policy.ipsets.get(alias.name, EMPTY)
+        elif kind is AliasKind.USER_DOMAIN:
+            domain = alias.name.rpartition("@")[2]
+            out = self._nodes_of_users(
+                {u.id for u in self._users if u.email.rpartition("@")[2] == domain}
+            )
         elif alias.name == AUTOGROUP_MEMBER:
             out = IPSet.of(
                 a for n in self._nodes.values() if n.user_id is not None for a in n.addrs
@@ -297,42 +380,87 @@ class CompiledPolicy:
         merged = EMPTY
         for s in srcs:
             merged |= s
-        if not merged:
+        if not merged and not grant.app:
             return None
-        wildcard = any(a.kind is AliasKind.WILDCARD for a in grant.src)
-        if any(a.is_autogroup(AUTOGROUP_DANGER_ALL) for a in grant.src):
-            src_ips = ["*"]
-        else:
-            base = EMPTY
-            for alias, resolved in zip(grant.src, srcs, strict=True):
-                base |= TAILNET if alias.kind is AliasKind.WILDCARD else resolved
-            src_ips = base.strings()
-            if wildcard:
-                src_ips += [str(r) for r in self._approved_subnets()]
-                # With "*" Tailscale still lists the explicit sources' own
-                # addresses next to the CGNAT ranges that contain them.
-                for alias, resolved in zip(grant.src, srcs, strict=True):
-                    if alias.kind is not AliasKind.WILDCARD:
-                        src_ips += [s for s in resolved.strings() if s not in src_ips]
+        # Sources matching nobody still give an app grant's CapGrant, with
+        # empty SrcIPs (grant-h6).
+        src_ips = self._src_strings(grant, srcs) if merged else []
+        if grant.via:
+            dsts: list[IPNetwork] = []
+            for alias in grant.dst:
+                if not alias.is_autogroup(AUTOGROUP_INTERNET):
+                    dsts += self.resolve(alias).prefixes()
+            internet = any(a.is_autogroup(AUTOGROUP_INTERNET) for a in grant.dst)
+            return _CompiledGrant(via=_ViaGrant(grant.via, src_ips, dsts, internet, grant.ip))
         compiled = _CompiledGrant()
         others = [a for a in grant.dst if not a.is_autogroup(AUTOGROUP_SELF)]
         for ip in grant.ip:
-            dsts: list[_DstEntry] = []
+            dst_entries: list[_DstEntry] = []
             for alias in others:
                 if alias.kind is AliasKind.WILDCARD:
-                    dsts += [
+                    dst_entries += [
                         _DstEntry({"IP": "*", "Ports": p.wire()}, EVERYTHING) for p in ip.ports
                     ]
                     continue
                 for net in self.resolve(alias).prefixes():
                     text = str(net.network_address) if net.num_addresses == 1 else str(net)
                     single = IPSet.of([net])
-                    dsts += [_DstEntry({"IP": text, "Ports": p.wire()}, single) for p in ip.ports]
-            if dsts:
-                compiled.rules.append(_Rule(src_ips, ip.protos, dsts))
+                    dst_entries += [
+                        _DstEntry({"IP": text, "Ports": p.wire()}, single) for p in ip.ports
+                    ]
+            if dst_entries and src_ips:
+                compiled.rules.append(_Rule(src_ips, ip.protos, dst_entries))
+        if grant.app and others:
+            # Companions go back to the sources' own nodes ("*": the tailnet).
+            back = EMPTY
+            for alias, resolved in zip(grant.src, srcs, strict=True):
+                back |= TAILNET if alias.kind is AliasKind.WILDCARD else resolved
+            compiled.rules += self._cap_rules(grant.app, src_ips, back, others)
         if len(others) != len(grant.dst):
-            compiled.self_part = _SelfGrant(srcs, grant.ip)
+            compiled.self_part = _SelfGrant(srcs, grant.ip, grant.app)
         return compiled
+
+    def _cap_rules(
+        self, app: dict[str, list[Any]], src_ips: list[str], srcs: IPSet, dsts: list[Alias]
+    ) -> list[_Rule]:
+        """An app grant: one CapGrant per destination, plus the reversed
+        companion rules (drive-sharer, relay-target) the sources receive."""
+        caps: list[_CapGrant] = []
+        dst_ips = EMPTY
+        for alias in dsts:
+            # "*" grants capabilities on the tailnet's nodes, not on the
+            # subnets routed into it (grant-a1: a router gets its own /32s).
+            ips = TAILNET if alias.kind is AliasKind.WILDCARD else self.resolve(alias)
+            caps.append(_CapGrant(ips.prefixes(), app))
+            dst_ips |= ips
+        rules = [_Rule(src_ips, (), [], caps)]
+        companion_src = dst_ips.strings()
+        if any(a.kind is AliasKind.WILDCARD for a in dsts):
+            companion_src += [str(r) for r in self._approved_subnets()]
+        for cap, companion in sorted(_COMPANION_CAPS.items()):
+            if cap in app:
+                rules.append(
+                    _Rule(companion_src, (), [], [_CapGrant(srcs.prefixes(), {companion: None})])
+                )
+        return rules
+
+    def _src_strings(self, grant: Grant, srcs: list[IPSet]) -> list[str]:
+        """SrcIPs as Tailscale writes them for a grant's sources."""
+        wildcard = any(a.kind is AliasKind.WILDCARD for a in grant.src)
+        if any(a.is_autogroup(AUTOGROUP_DANGER_ALL) for a in grant.src):
+            return ["*"]
+        base = EMPTY
+        for alias, resolved in zip(grant.src, srcs, strict=True):
+            base |= TAILNET if alias.kind is AliasKind.WILDCARD else resolved
+        src_ips = base.strings()
+        if wildcard:
+            src_ips += [str(r) for r in self._approved_subnets()]
+            # With "*" Tailscale still lists the explicit sources' own
+            # addresses next to the CGNAT ranges that contain them.
+            for alias, resolved in zip(grant.src, srcs, strict=True):
+                if alias.kind is not AliasKind.WILDCARD:
+                    src_ips += [s for s in resolved.strings() if s not in src_ips]
+        return src_ips
 
     def _self_rules(self, part: _SelfGrant, user_id: int) -> list[_Rule]:
         """autogroup:self for one user: that user's untagged devices only."""
@@ -352,6 +480,37 @@ class CompiledPolicy:
             ]
             if dsts:
                 rules.append(_Rule(allowed.strings(), ip.protos, dsts))
+        if part.app and same:
+            own = [ipaddress.ip_network(a) for n in same for a in n.addrs]
+            rules.append(_Rule(allowed.strings(), (), [], [_CapGrant(own, part.app)]))
+            for cap, companion in sorted(_COMPANION_CAPS.items()):
+                if cap in part.app:
+                    back = _CapGrant(allowed.prefixes(), {companion: None})
+                    rules.append(_Rule(IPSet.of(own).strings(), (), [], [back]))
+        return rules
+
+    @staticmethod
+    def _via_serves(via: _ViaGrant, info: _Node) -> list[IPNetwork]:
+        """What a router serves of a via grant: nothing unless it carries a via tag."""
+        if not any(t in info.node.tags for t in via.tags):
+            return []
+        nets = [d for d in via.dsts if any(d.overlaps(r) for r in info.subnet_routes)]
+        if via.internet and info.is_exit:
+            nets += INTERNET.prefixes()
+        return nets
+
+    def _via_rules(self, via: _ViaGrant, info: _Node) -> list[_Rule]:
+        """A via grant on one router: rules for the destinations it serves."""
+        nets = self._via_serves(via, info)
+        rules = []
+        for ip in via.ip:
+            dsts = [
+                _DstEntry({"IP": str(net), "Ports": p.wire()}, IPSet.of([net]))
+                for net in nets
+                for p in ip.ports
+            ]
+            if dsts:
+                rules.append(_Rule(via.src_ips, ip.protos, dsts))
         return rules
 
     # -- stage 1: matchers for peer visibility ---------------------------------
@@ -374,8 +533,11 @@ class CompiledPolicy:
             or (internet and n.is_exit)
         }
 
-    def _add_matcher(self, src: IPSet, dst: IPSet) -> None:
-        m = _Matcher(self._members(src, as_dst=False), self._members(dst, as_dst=True))
+    def _add_matcher(self, src: IPSet, dst: IPSet, dst_nodes: set[int] | None = None) -> None:
+        m = _Matcher(
+            self._members(src, as_dst=False),
+            self._members(dst, as_dst=True) if dst_nodes is None else dst_nodes,
+        )
         if not m.srcs or not m.dsts:
             return
         idx = len(self._matchers)
@@ -387,19 +549,18 @@ class CompiledPolicy:
 
     def _compile_matchers(self) -> None:
         for rule in _merge_rules(r for g in self._grants for r in g.rules):
-            dst = EMPTY
-            for d in rule.dsts:
-                dst |= d.ips
-            self._add_matcher(IPSet.of(rule.src_ips), dst)
+            self._add_matcher(IPSet.of(rule.src_ips), rule.dst_ips())
         for g in self._grants:
-            if g.self_part is None:
-                continue
-            for uid in self._by_user:
-                for rule in self._self_rules(g.self_part, uid):
-                    dst = EMPTY
-                    for d in rule.dsts:
-                        dst |= d.ips
-                    self._add_matcher(IPSet.of(rule.src_ips), dst)
+            if g.self_part is not None:
+                for uid in self._by_user:
+                    for rule in self._self_rules(g.self_part, uid):
+                        self._add_matcher(IPSet.of(rule.src_ips), rule.dst_ips())
+            if g.via is not None:
+                # Route steering: the sources see the via routers serving the
+                # destinations, not every router advertising them.
+                routers = {nid for nid, n in self._nodes.items() if self._via_serves(g.via, n)}
+                if routers:
+                    self._add_matcher(IPSet.of(g.via.src_ips), EMPTY, routers)
 
     # -- stage 2: per node ---------------------------------------------------
     def _info(self, node_id: int) -> _Node:
@@ -426,8 +587,15 @@ class CompiledPolicy:
             rules += g.rules
             if g.self_part is not None and info.user_id is not None:
                 rules += self._self_rules(g.self_part, info.user_id)
+            if g.via is not None:
+                rules += self._via_rules(g.via, info)
         out = []
         for rule in _merge_rules(rules):
+            if rule.caps:
+                caps = [c for c in (c.reduce(info) for c in rule.caps) if c is not None]
+                if caps:
+                    out.append(_Rule(rule.src_ips, (), [], caps).wire())
+                continue
             kept = [d for d in rule.dsts if self._dst_applies(d.ips, info)]
             if kept:
                 out.append(rule.wire(kept))
@@ -464,6 +632,46 @@ class CompiledPolicy:
     def may_see(self, a: int, b: int) -> bool:
         """Whether a and b are peers of each other (symmetric)."""
         return a != b and b in self.visible_peers(a)
+
+    # -- node attributes -------------------------------------------------------
+    def cap_map(self, node_id: int) -> dict[str, list[Any] | None]:
+        """The capabilities the policy gives a node (its own CapMap entries).
+
+        ``nodeAttrs`` ``attr`` entries come with a null value (as Tailscale
+        sends them), ``app`` entries with their JSON values; the top-level
+        ``randomizeClientPort`` is the randomize-client-port attribute.
+        The server adds its own defaults (is-admin, ssh, ...) around these.
+        """
+        cached = self._caps.get(node_id)
+        if cached is not None:
+            return cached
+        info = self._info(node_id)
+        out: dict[str, list[Any] | None] = {}
+        policy = self.policy
+        if policy is not None:
+            if policy.randomize_client_port:
+                out["randomize-client-port"] = None
+            for attr in policy.node_attrs:
+                target = EMPTY
+                for alias in attr.target:
+                    target |= self.resolve(alias)
+                if not target.contains_any(info.addrs):
+                    continue
+                for name in attr.attr:
+                    out.setdefault(name, None)
+                for name, values in attr.app.items():
+                    out[name] = [*(out.get(name) or []), *values]
+        self._caps[node_id] = out
+        return out
+
+    def peer_cap_map(self, node_id: int) -> dict[str, list[Any] | None]:
+        """The part of a node's CapMap its peers see: suggest-exit-node on
+        every exit node (advertised and approved), so clients can suggest
+        one. Tailscale's service sends it for every approved exit node,
+        with or without the attribute (routes-ea1, nodeattrs-attr-c14)."""
+        if self._info(node_id).is_exit:
+            return {"suggest-exit-node": self.cap_map(node_id).get("suggest-exit-node")}
+        return {}
 
     # -- SSH -----------------------------------------------------------------
     def ssh_for(self, node_id: int) -> list[dict[str, Any]]:

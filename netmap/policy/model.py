@@ -10,8 +10,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
-from .ipset import IPNetwork
+from .ipset import IPNetwork, IPSet
 
 
 class AliasKind(Enum):
@@ -22,6 +23,8 @@ class AliasKind(Enum):
     HOST = "host"
     PREFIX = "prefix"
     AUTOGROUP = "autogroup"
+    IPSET = "ipset"
+    USER_DOMAIN = "user-domain"  # user:*@domain: every user with a mail address there
 
 
 # The autogroups homescale knows (headscale's list); others such as
@@ -103,6 +106,38 @@ class Grant:
     dst: tuple[Alias, ...]
     ip: tuple[IPRule, ...]
     where: str = ""
+    # Capability grants (``app``): capability name -> its JSON values, passed
+    # through to the destination's CapGrant untouched. Empty: no app part.
+    app: dict[str, list[Any]] = field(default_factory=dict, hash=False, compare=False)
+    # Route steering (``via``): only routers carrying one of these tags serve
+    # the destinations' subnets (or, for autogroup:internet, the exit) to src.
+    via: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NodeAttr:
+    """A ``nodeAttrs`` entry: the nodes ``target`` names get ``attr`` (value
+    null) and ``app`` (capability -> JSON values) in their CapMap."""
+
+    target: tuple[Alias, ...]
+    attr: tuple[str, ...] = ()
+    app: dict[str, list[Any]] = field(default_factory=dict, hash=False, compare=False)
+    where: str = ""
+
+
+@dataclass(frozen=True)
+class SSHTest:
+    """An ``sshTests`` entry: from ``src``, SSH to each of ``dst`` as the
+    ``accept`` users must be allowed, as ``check`` users must need a check,
+    as ``deny`` users must be refused."""
+
+    src: Alias
+    dst: tuple[Alias, ...]
+    accept: tuple[str, ...] = ()
+    check: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    where: str = ""
+    line: int | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +193,11 @@ class Policy:
     ssh: tuple[SSHRule, ...] = ()
     auto_approvers: AutoApprovers = field(default_factory=AutoApprovers)
     tests: tuple[PolicyTest, ...] = ()
+    ssh_tests: tuple[SSHTest, ...] = ()
+    node_attrs: tuple[NodeAttr, ...] = ()
+    # ``ipset:name`` -> its addresses, resolved at parse time (IP sets hold
+    # only addresses, hosts, other IP sets and autogroup:internet).
+    ipsets: dict[str, IPSet] = field(default_factory=dict)
     randomize_client_port: bool = False
     source: str = "<policy>"
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from .errors import PolicyError
 from .hujson import LocDict, LocList, parse_hujson
+from .ipset import EMPTY, INTERNET, IPSet
 from .model import (
     ACL,
     ALL_PORTS,
@@ -32,10 +33,12 @@ from .model import (
     Destination,
     Grant,
     IPRule,
+    NodeAttr,
     Policy,
     PolicyTest,
     PortRange,
     SSHRule,
+    SSHTest,
 )
 
 # IANA numbers for the protocol names Tailscale accepts in "proto".
@@ -72,11 +75,8 @@ _DURATION_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m"
 # Top-level sections Tailscale has but homescale does not implement: refused
 # with a reason instead of "unknown field", so nobody thinks they were applied.
 _UNSUPPORTED_SECTIONS = {
-    "nodeattrs": "nodeAttrs is not supported by homescale",
-    "postures": "device posture is not supported by homescale",
-    "ipsets": "ipsets are not supported by homescale; use hosts",
+    "postures": "device posture is not supported by homescale (no posture integration)",
     "derpmap": "derpMap belongs in the server configuration (derp.*), not the policy",
-    "sshtests": "sshTests are not supported by homescale yet; use tests",
     "disableipv4": "disableIPv4 is not supported by homescale",
     "onecgnatroute": "OneCGNATRoute is not supported by homescale",
 }
@@ -123,6 +123,17 @@ def parse_alias(text: str) -> Alias:
         return Alias(AliasKind.PREFIX, text, net)
     if text == "*":
         return Alias(AliasKind.WILDCARD, "*")
+    if text.startswith("user:"):
+        local, at, domain = text[len("user:") :].rpartition("@")
+        if local == "*" and at and domain:
+            return Alias(AliasKind.USER_DOMAIN, text)
+        if not at:
+            raise ValueError(f"{text!r} is not a valid user (user:name@domain or user:*@domain)")
+        return Alias(AliasKind.USER, text[len("user:") :])
+    if text.startswith("ipset:"):
+        if len(text) == len("ipset:"):
+            raise ValueError("an IP set needs a name after 'ipset:'")
+        return Alias(AliasKind.IPSET, text)
     if "@" in text:
         return Alias(AliasKind.USER, text)
     if text.startswith("group:"):
@@ -205,9 +216,9 @@ class _Reader:
     def __init__(self, source: str, localpart_domains: Collection[str] | None) -> None:
         self.source = source
         self.problems: list[PolicyError] = []
-        self.localpart_domains = (
-            None if localpart_domains is None else {d.lower() for d in localpart_domains}
-        )
+        # Compared as written: Tailscale refused localpart:*@EXAMPLE.COM for
+        # a tailnet on example.com (ssh-e1).
+        self.localpart_domains = None if localpart_domains is None else set(localpart_domains)
 
     def problem(self, path: str, line: int | None, message: str) -> None:
         self.problems.append(PolicyError(message, path=path, line=line, source=self.source))
@@ -238,6 +249,10 @@ class _Reader:
                 continue
             if name in out:
                 self.problem(sub, kline, f"field {name!r} given twice (names are case-insensitive)")
+                continue
+            if value is None:
+                # JSON null is the field left out, as Go decodes it
+                # (ssh-acceptenv-null, ssh-checkperiod-null, ssh-users-null).
                 continue
             out[name] = (value, _path(path, name), kline)
         return out
@@ -314,6 +329,8 @@ def _build(doc: Any, r: _Reader) -> Policy | None:
     groups = _groups(r, *top.get("groups", (LocDict(), "groups", None)))
     hosts = _hosts(r, *top.get("hosts", (LocDict(), "hosts", None)))
     ctx = _Context(r, groups, hosts, set())
+    if "ipsets" in top:
+        ctx.ipsets = _ipsets(ctx, *top["ipsets"])
     # Tag names first, so owners, ACLs and SSH rules can refer to any tag.
     raw_owners = top.get("tagOwners", (LocDict(), "tagOwners", None))
     if isinstance(raw_owners[0], LocDict):
@@ -335,6 +352,12 @@ def _build(doc: Any, r: _Reader) -> Policy | None:
     tests = ()
     if "tests" in top:
         tests = tuple(t for t in _list(ctx, top["tests"], "tests", _test) if t)
+    ssh_tests = ()
+    if "sshTests" in top:
+        ssh_tests = tuple(t for t in _list(ctx, top["sshTests"], "sshTests", _ssh_test) if t)
+    node_attrs = ()
+    if "nodeAttrs" in top:
+        node_attrs = tuple(a for a in _list(ctx, top["nodeAttrs"], "nodeAttrs", _node_attr) if a)
     randomize = False
     if "randomizeClientPort" in top:
         value, path, line = top["randomizeClientPort"]
@@ -350,6 +373,9 @@ def _build(doc: Any, r: _Reader) -> Policy | None:
         ssh=ssh,
         auto_approvers=approvers,
         tests=tests,
+        ssh_tests=ssh_tests,
+        node_attrs=node_attrs,
+        ipsets=ctx.ipsets,
         randomize_client_port=randomize,
         source=r.source,
     )
@@ -363,11 +389,16 @@ class _Context:
         self.groups = groups
         self.hosts = hosts
         self.tags = tags
+        self.ipsets: dict[str, IPSet] = {}
 
     def alias(self, text: str, path: str, line: int | None) -> Alias | None:
-        """Parse an alias and check that what it names is defined."""
+        """Parse an alias and check that what it names is defined.
+
+        Surrounding whitespace is ignored, as Tailscale does
+        (ssh-src-leading-whitespace, ssh-dst-trailing-whitespace).
+        """
         try:
-            alias = parse_alias(text)
+            alias = parse_alias(text.strip())
         except ValueError as exc:
             self.r.problem(path, line, str(exc))
             return None
@@ -380,6 +411,21 @@ class _Context:
         if alias.kind is AliasKind.HOST and alias.name not in self.hosts:
             self.r.problem(path, line, f'host "{alias.name}" is not defined in hosts')
             return None
+        if alias.kind is AliasKind.IPSET and alias.name not in self.ipsets:
+            self.r.problem(path, line, f'IP set "{alias.name}" is not defined in ipsets')
+            return None
+        if alias.kind is AliasKind.USER_DOMAIN:
+            domain = alias.name.rpartition("@")[2]
+            domains = self.r.localpart_domains
+            if domains is not None and domain not in domains:
+                # Tailscale's words (ssh-b4): only the tailnet's own domains.
+                self.r.problem(
+                    path,
+                    line,
+                    f"{domain} is not associated with this Tailnet and cannot be used "
+                    "in user:*@<domain> expressions",
+                )
+                return None
         return alias
 
 
@@ -631,20 +677,61 @@ def _acl(ctx: _Context, item: Any, where: str, line: int | None) -> ACL | None:
     return ACL("accept", tuple(a for a, _, _ in srcs), tuple(dsts), protos, proto_name, where)
 
 
+# tailscale.com capabilities a policy may grant; the others (and the
+# companions drive-sharer / relay-target) are the server's to send.
+_GRANTABLE_TAILSCALE_CAPS = frozenset(
+    f"tailscale.com/cap/{name}"
+    for name in ("drive", "relay", "webui", "kubernetes", "tsidp", "secrets")
+)
+
+
+def _plain_json(value: Any) -> Any:
+    """LocDict/LocList -> dict/list: capability values are passed through as JSON."""
+    if isinstance(value, dict):
+        return {k: _plain_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_json(v) for v in value]
+    return value
+
+
+def _app(
+    r: _Reader, value: Any, path: str, line: int | None, *, grant: bool
+) -> dict[str, list[Any]] | None:
+    """An ``app`` object: capability name -> list of JSON values."""
+    if not isinstance(value, LocDict):
+        r.problem(path, line, "app must be an object of capability name -> list of values")
+        return None
+    out: dict[str, list[Any]] = {}
+    ok = True
+    for name, values in value.items():
+        cpath, cline = _path(path, name), value.lines[name]
+        if grant and ("://" in name or "/" not in name.strip("/")):
+            r.problem(cpath, cline, "capability name must have the form {domain}/{path}")
+            ok = False
+        elif grant and name.startswith("tailscale.com/") and name not in _GRANTABLE_TAILSCALE_CAPS:
+            r.problem(cpath, cline, "capability name must not be in the tailscale.com domain")
+            ok = False
+        if not isinstance(values, LocList):
+            r.problem(cpath, cline, f"capability {name!r} must map to a list of values")
+            ok = False
+            continue
+        out[name] = _plain_json(values)
+    return out if ok else None
+
+
 def _grant(ctx: _Context, item: Any, where: str, line: int | None) -> Grant | None:
     r = ctx.r
     f = r.fields(item, where, line, ["src", "dst", "ip", "app", "via", "srcPosture"], "a grant")
     if f is None:
         return None
     ok = True
-    for name, why in (
-        ("app", "application grants (app) are not supported by homescale"),
-        ("via", "routing grants (via) are not supported by homescale"),
-        ("srcPosture", "device posture is not supported by homescale"),
-    ):
-        if name in f:
-            r.problem(f[name][1], f[name][2], why)
-            ok = False
+    if "srcPosture" in f:
+        r.problem(
+            f["srcPosture"][1],
+            f["srcPosture"][2],
+            "device posture (srcPosture) is not supported by homescale",
+        )
+        ok = False
     srcs = _aliases(ctx, f.get("src", (LocList(), _path(where, "src"), line)), "src")
     for alias, path, pline in srcs:
         ok &= _check_src_autogroup(ctx, alias, path, pline, _ACL_SRC_AUTOGROUPS)
@@ -656,13 +743,34 @@ def _grant(ctx: _Context, item: Any, where: str, line: int | None) -> Grant | No
             and alias.network is not None
             and alias.network.prefixlen == 0
         ):
-            r.problem(path, pline, 'to allow all addresses use "*" or "autogroup:internet"')
+            r.problem(
+                path,
+                pline,
+                f'dst "{alias.network}": to allow all IP addresses, use "*" or "autogroup:internet"',
+            )
             ok = False
-    if "ip" not in f:
-        r.problem(where, line, 'a grant needs "ip" (e.g. ["*"] or ["tcp:443"])')
-        return None
+    app: dict[str, list[Any]] = {}
+    if "app" in f:
+        parsed = _app(r, *f["app"], grant=True)
+        if parsed is None:
+            ok = False
+        else:
+            app = parsed
+        if app and any(a.is_autogroup(AUTOGROUP_INTERNET) for a, _, _ in dsts):
+            r.problem(f["app"][1], f["app"][2], "cannot use app grants with autogroup:internet")
+            ok = False
+    via: list[str] = []
+    if "via" in f:
+        for text, path, pline in r.strings(*f["via"], "via"):
+            if not text.startswith("tag:"):
+                r.problem(path, pline, "via can only be a tag")
+                ok = False
+            elif ctx.alias(text, path, pline) is None:
+                ok = False
+            else:
+                via.append(text)
     rules = []
-    for text, path, pline in r.strings(*f["ip"], "ip"):
+    for text, path, pline in r.strings(*f["ip"], "ip") if "ip" in f else ():
         try:
             if text == "*":
                 rules.append(IPRule((), (ALL_PORTS,)))
@@ -681,13 +789,23 @@ def _grant(ctx: _Context, item: Any, where: str, line: int | None) -> Grant | No
         except ValueError as exc:
             r.problem(path, pline, str(exc))
             ok = False
+    if not rules and not app and ok:
+        r.problem(where, line, "ip and app can not both be empty")
+        return None
     if any(a.is_autogroup(AUTOGROUP_SELF) for a, _, _ in dsts):
         before = len(r.problems)
         _self_sources_ok(ctx, srcs, where, line, allow_wildcard=False)
         ok &= len(r.problems) == before
     if not ok:
         return None
-    return Grant(tuple(a for a, _, _ in srcs), tuple(a for a, _, _ in dsts), tuple(rules), where)
+    return Grant(
+        tuple(a for a, _, _ in srcs),
+        tuple(a for a, _, _ in dsts),
+        tuple(rules),
+        where,
+        app,
+        tuple(via),
+    )
 
 
 def _ssh(ctx: _Context, item: Any, where: str, line: int | None) -> SSHRule | None:
@@ -715,7 +833,13 @@ def _ssh(ctx: _Context, item: Any, where: str, line: int | None) -> SSHRule | No
 
     srcs = _aliases(ctx, f.get("src", (LocList(), _path(where, "src"), line)), "src")
     for src, path, pline in srcs:
-        if src.kind not in (AliasKind.USER, AliasKind.GROUP, AliasKind.TAG, AliasKind.AUTOGROUP):
+        if src.kind not in (
+            AliasKind.USER,
+            AliasKind.USER_DOMAIN,
+            AliasKind.GROUP,
+            AliasKind.TAG,
+            AliasKind.AUTOGROUP,
+        ):
             r.problem(
                 path,
                 pline,
@@ -774,10 +898,11 @@ def _ssh(ctx: _Context, item: Any, where: str, line: int | None) -> SSHRule | No
         for text, path, pline in entries:
             user = text.strip()
             if user in ("", "*"):
+                # Tailscale's words first (sshtest-user-wildcard).
                 r.problem(
                     path,
                     pline,
-                    f"user {text!r} is not valid; name a login user, autogroup:nonroot or localpart:*@domain",
+                    f'user "{user}" is not valid; name a login user, autogroup:nonroot or localpart:*@domain',
                 )
                 ok = False
                 continue
@@ -785,10 +910,13 @@ def _ssh(ctx: _Context, item: Any, where: str, line: int | None) -> SSHRule | No
             if (
                 domain is not None
                 and ctx.r.localpart_domains is not None
-                and domain.lower() not in ctx.r.localpart_domains
+                and domain not in ctx.r.localpart_domains
             ):
                 r.problem(
-                    path, pline, f"localpart domain {domain!r} is not one of the tailnet's domains"
+                    path,
+                    pline,
+                    f"{domain} is not associated with this Tailnet and cannot be used "
+                    "in user:*@<domain> expressions",
                 )
                 ok = False
             users.append(user)
@@ -920,8 +1048,23 @@ def _auto_approvers(ctx: _Context, value: Any, path: str, line: int | None) -> A
     return AutoApprovers(routes, exit_node)
 
 
+class _TestReader(_Reader):
+    """Problems in a ``tests`` entry: Tailscale reports them all as
+    "test(s) failed" (policytest-malformed-*, -src-unknown-*, -port-shape-*)."""
+
+    def __init__(self, outer: _Reader) -> None:
+        super().__init__(outer.source, outer.localpart_domains)
+        self.problems = outer.problems
+
+    def problem(self, path: str, line: int | None, message: str) -> None:
+        super().problem(path, line, f"test(s) failed: {message}")
+
+
 def _test(ctx: _Context, item: Any, where: str, line: int | None) -> PolicyTest | None:
-    r = ctx.r
+    r = _TestReader(ctx.r)
+    ipsets = ctx.ipsets
+    ctx = _Context(r, ctx.groups, ctx.hosts, ctx.tags)
+    ctx.ipsets = ipsets
     f = r.fields(item, where, line, ["src", "proto", "accept", "deny"], "a test")
     if f is None:
         return None
@@ -986,7 +1129,8 @@ def _test(ctx: _Context, item: Any, where: str, line: int | None) -> PolicyTest 
                 if alias.kind is AliasKind.HOST
                 else None
             )
-            if net is not None and net.num_addresses > 1:
+            if (net is not None and net.num_addresses > 1) or "/" in host:
+                # Even a /32 is refused (policytest-allpass-grants-only-tag-src-prefix32-dst).
                 r.problem(path, pline, f"{text!r}: a test destination is one host, not a range")
                 ok = False
                 continue
@@ -998,4 +1142,213 @@ def _test(ctx: _Context, item: Any, where: str, line: int | None) -> PolicyTest 
         return None
     return PolicyTest(
         src, proto_text, protos, tuple(lists["accept"]), tuple(lists["deny"]), where, line
+    )
+
+
+def _ipsets(ctx: _Context, value: Any, path: str, line: int | None) -> dict[str, IPSet]:
+    """``ipsets``: name -> entries, each ``[add |remove ]<target>``, applied in order.
+
+    Targets are IPs, CIDRs, ``a-b`` ranges, hosts (``host:name`` or bare),
+    other IP sets and autogroup:internet -- address sets only: Tailscale
+    refuses tags, users and groups, and circular references.
+    """
+    r = ctx.r
+    if not isinstance(value, LocDict):
+        r.problem(path, line, "ipsets must be an object")
+        return {}
+    raw: dict[str, tuple[Any, str, int | None]] = {}
+    for name, entries in value.items():
+        spath, sline = _path(path, name), value.lines[name]
+        if not name.startswith("ipset:") or len(name) == len("ipset:"):
+            r.problem(spath, sline, f"IP set name {name!r} must start with 'ipset:'")
+            continue
+        raw[name] = (entries, spath, sline)
+    done: dict[str, IPSet] = {}
+
+    def build(name: str, stack: tuple[str, ...]) -> IPSet:
+        if name in done:
+            return done[name]
+        entries, spath, sline = raw[name]
+        out = EMPTY
+        for text, epath, eline in r.strings(entries, spath, sline, "IP set entries"):
+            op, _, target = text.strip().partition(" ")
+            if op not in ("add", "remove"):
+                op, target = "add", text.strip()
+            target = target.strip()
+            if target.startswith("host:"):
+                target = target[len("host:") :]
+            part: IPSet | None = None
+            if target in ctx.hosts:
+                part = IPSet.of([ctx.hosts[target]])
+            elif target == AUTOGROUP_INTERNET:
+                part = INTERNET
+            elif target.startswith("ipset:"):
+                if target not in raw:
+                    r.problem(epath, eline, f'IP set "{target}" is not defined in ipsets')
+                elif target in stack or target == name:
+                    r.problem(epath, eline, f'IP set "{target}" refers to itself (circular)')
+                else:
+                    part = build(target, (*stack, name))
+            else:
+                try:
+                    part = IPSet.of([target])
+                except ValueError:
+                    r.problem(
+                        epath,
+                        eline,
+                        f"{target!r} cannot be in an IP set: use IPs, CIDRs, ranges, hosts, "
+                        "ipset: or autogroup:internet (not tags, users or groups)",
+                    )
+            if part is not None:
+                out = out - part if op == "remove" else out | part
+        done[name] = out
+        return out
+
+    for name in raw:
+        build(name, ())
+    return done
+
+
+# Node attributes homescale cannot honour: refused rather than silently sent.
+_UNSUPPORTED_NODE_ATTRS = {
+    "funnel": "Funnel is not supported by homescale (no public ingress relay)",
+}
+
+
+def _node_attr(ctx: _Context, item: Any, where: str, line: int | None) -> NodeAttr | None:
+    r = ctx.r
+    f = r.fields(item, where, line, ["target", "attr", "app", "ipPool"], "a nodeAttrs entry")
+    if f is None:
+        return None
+    ok = True
+    if "ipPool" in f:
+        r.problem(f["ipPool"][1], f["ipPool"][2], "ipPool is not supported by homescale")
+        ok = False
+    if "target" not in f:
+        r.problem(_path(where, "target"), line, "target must be specified")
+        return None
+    targets = _aliases(ctx, f["target"], "target")
+    for alias, path, pline in targets:
+        if alias.kind is AliasKind.AUTOGROUP and alias.name not in (
+            AUTOGROUP_MEMBER,
+            AUTOGROUP_TAGGED,
+        ):
+            r.problem(
+                path,
+                pline,
+                f'"{alias.name}" is not valid as a nodeAttrs target; use autogroup:member or autogroup:tagged',
+            )
+            ok = False
+    attrs: list[str] = []
+    if "attr" in f:
+        for text, path, pline in r.strings(*f["attr"], "attr"):
+            base = text.split("?", 1)[0]
+            why = _UNSUPPORTED_NODE_ATTRS.get(text) or (
+                _UNSUPPORTED_NODE_ATTRS["funnel"]
+                if base == "https://tailscale.com/cap/funnel-ports"
+                else None
+            )
+            if why:
+                r.problem(path, pline, f"attribute {text!r}: {why}")
+                ok = False
+            elif not text:
+                r.problem(path, pline, "attributes cannot be empty")
+                ok = False
+            else:
+                attrs.append(text)
+    app: dict[str, list[Any]] = {}
+    if "app" in f:
+        parsed = _app(r, *f["app"], grant=False)
+        ok &= parsed is not None
+        app = parsed or {}
+    if not ok:
+        return None
+    return NodeAttr(tuple(a for a, _, _ in targets), tuple(attrs), app, where)
+
+
+def _ssh_test(ctx: _Context, item: Any, where: str, line: int | None) -> SSHTest | None:
+    """An ``sshTests`` entry. Tailscale reports most mistakes in one as
+    "test(s) failed"; destinations it names precisely (sshtest-malformed-*)."""
+    r = ctx.r
+    failed = "test(s) failed"
+    f = r.fields(item, where, line, ["src", "dst", "accept", "deny", "check"], "an SSH test")
+    if f is None:
+        return None
+    ok = True
+    src = None
+    if "src" not in f or not isinstance(f["src"][0], str) or not f["src"][0].strip():
+        r.problem(_path(where, "src"), line, f"{failed}: src must name a user, group or tag")
+        ok = False
+    else:
+        src = ctx.alias(f["src"][0], f["src"][1], f["src"][2])
+        ok &= src is not None
+    dsts: list[Alias] = []
+    for text, path, pline in r.strings(
+        *f.get("dst", (LocList(), _path(where, "dst"), line)), "dst"
+    ):
+        try:
+            alias = parse_alias(text.strip())
+        except ValueError:
+            alias = None
+        if alias is not None and alias.kind is AliasKind.TAG and alias.name not in ctx.tags:
+            r.problem(path, pline, f'SSH tests dst contains unknown tag "{alias.name}"')
+            ok = False
+            continue
+        net = (
+            alias.network
+            if alias is not None and alias.kind is AliasKind.PREFIX
+            else ctx.hosts.get(alias.name)
+            if alias is not None and alias.kind is AliasKind.HOST
+            else None
+        )
+        if (alias is not None and alias.is_autogroup(AUTOGROUP_INTERNET)) or (
+            net is not None and net.num_addresses > 1
+        ):
+            r.problem(path, pline, f'SSH tests dst contains disallowed element "{text}"')
+            ok = False
+            continue
+        if (
+            net is not None
+            and net.version == 6
+            and alias is not None
+            and alias.kind is AliasKind.PREFIX
+        ):
+            # Tailscale refuses a bare IPv6 address here (sshtest-malformed-dst-bare-ipv6).
+            r.problem(path, pline, f"{failed}: {text!r}: name the node by tag, user or IPv4")
+            ok = False
+            continue
+        checked = ctx.alias(text, path, pline)
+        if checked is None:
+            ok = False
+            continue
+        dsts.append(checked)
+    if not dsts and ok:
+        r.problem(_path(where, "dst"), line, f"{failed}: dst must name at least one destination")
+        ok = False
+    users: dict[str, list[str]] = {"accept": [], "check": [], "deny": []}
+    for name in users:
+        if name not in f:
+            continue
+        for text, path, pline in r.strings(*f[name], name):
+            if text == "*":
+                r.problem(path, pline, 'user "*" is not valid')
+                ok = False
+            elif not text.strip():
+                r.problem(path, pline, f'{failed}: user "" is not valid')
+                ok = False
+            else:
+                users[name].append(text.strip())
+    if ok and not any(users.values()):
+        r.problem(where, line, f"{failed}: an SSH test needs accept, check or deny users")
+        ok = False
+    if not ok or src is None:
+        return None
+    return SSHTest(
+        src,
+        tuple(dsts),
+        tuple(users["accept"]),
+        tuple(users["check"]),
+        tuple(users["deny"]),
+        where,
+        line,
     )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from .compile import CompiledPolicy, FilterRule, compile_policy
 from .errors import PolicyError
 from .ipset import IPAddress, IPSet
-from .model import Policy, PolicyNode, PolicyTest, PolicyUser
+from .model import AUTOGROUP_SELF, AliasKind, Policy, PolicyNode, PolicyTest, PolicyUser, SSHTest
 from .parse import parse_alias, parse_policy, split_destination
 
 # What a rule without IPProto allows (tailcfg: TCP, UDP, ICMP, ICMPv6).
@@ -156,6 +156,98 @@ def run_policy_tests(
     return failures
 
 
+def _ssh_allows(users: dict[str, str], login: str) -> bool:
+    """Whether an SSHRule's sshUsers map lets ``login`` in (tailcfg semantics:
+    an explicit entry wins; "*" covers everyone but root)."""
+    if login in users:
+        return users[login] != ""
+    return login != "root" and users.get("*", "") != ""
+
+
+def _run_ssh_test(test: SSHTest, compiled: CompiledPolicy) -> list[TestFailure]:
+    src_ips = compiled.resolve(test.src)
+    where, line, src = test.where, test.line, test.src.name
+
+    def fail(dst: str, expected: str, reason: str) -> TestFailure:
+        return TestFailure(where, line, src, dst, expected, reason)
+
+    if not src_ips:
+        return [fail("", "accept", f"source {src!r} resolved to no IP addresses")]
+    failures: list[TestFailure] = []
+    targets: list[tuple[str, list[int]]] = []
+    for alias in test.dst:
+        if alias.is_autogroup(AUTOGROUP_SELF):
+            owners = compiled._user_ids(src) if test.src.kind is AliasKind.USER else set()
+            ids = [nid for uid in owners for n in compiled._by_user.get(uid, []) for nid in [n.id]]
+        else:
+            ips = compiled.resolve(alias)
+            ids = [nid for nid, n in compiled._nodes.items() if ips.contains_any(n.addrs)]
+        if not ids:
+            failures.append(
+                fail(alias.name, "accept", f"dst alias {alias.name!r} resolved to no nodes")
+            )
+        targets.append((alias.name, ids))
+    addrs = [a for n in compiled._nodes.values() for a in n.addrs if src_ips.contains(a)]
+    for expected, logins in (("accept", test.accept), ("deny", test.deny), ("check", test.check)):
+        for login in logins:
+            for _label, ids in targets:
+                for nid in ids:
+                    rules = compiled.ssh_for(nid)
+                    hits = []
+                    for addr in addrs:
+                        matching = [
+                            r
+                            for r in rules
+                            if any(p.get("nodeIP") == str(addr) for p in r["principals"])
+                            and _ssh_allows(r["sshUsers"], login)
+                        ]
+                        hits.append(
+                            (
+                                bool(matching),
+                                any("holdAndDelegate" in r["action"] for r in matching),
+                            )
+                        )
+                    name = compiled._nodes[nid].node.hostname
+                    dst = f"{login}@{name}"
+                    if expected == "accept" and not all(a for a, _ in hits):
+                        failures.append(fail(dst, expected, "expected ALLOWED, got DENIED"))
+                    elif expected == "deny" and any(a for a, _ in hits):
+                        failures.append(fail(dst, expected, "expected DENIED, got ALLOWED"))
+                    elif expected == "check" and not all(c for _, c in hits):
+                        got = "ALLOWED via accept" if all(a for a, _ in hits) else "DENIED"
+                        failures.append(
+                            fail(dst, expected, f"expected ALLOWED via check, got {got}")
+                        )
+    return failures
+
+
+def run_ssh_tests(policy: Policy, compiled: CompiledPolicy) -> list[TestFailure]:
+    """Evaluate the policy's ``sshTests`` against the SSH rules each
+    destination receives; an empty list means all passed."""
+    failures: list[TestFailure] = []
+    for test in policy.ssh_tests:
+        failures += _run_ssh_test(test, compiled)
+    return failures
+
+
+def check_policy_tests(policy: Policy, compiled: CompiledPolicy, source: str = "<policy>") -> None:
+    """Raise PolicyError unless every ``tests`` and ``sshTests`` entry passes.
+
+    The message starts with Tailscale's own words, "test(s) failed", then
+    names each failed assertion and where it is.
+    """
+    failures = run_policy_tests(policy, compiled=compiled) + run_ssh_tests(policy, compiled)
+    if failures:
+        first, *rest = (f.error(source) for f in failures)
+        raise PolicyError(
+            f"test(s) failed: {first.message}",
+            path=first.path,
+            line=first.line,
+            source=source,
+            others=rest,
+        )
+
+
 def load_policy(
     text: str,
     users: Sequence[PolicyUser],
@@ -174,10 +266,5 @@ def load_policy(
     """
     policy = parse_policy(text, source, localpart_domains=localpart_domains)
     compiled = compile_policy(policy, users, nodes, server_url=server_url)
-    failures = run_policy_tests(policy, compiled=compiled)
-    if failures:
-        first, *rest = (f.error(source) for f in failures)
-        raise PolicyError(
-            first.message, path=first.path, line=first.line, source=source, others=rest
-        )
+    check_policy_tests(policy, compiled, source)
     return compiled

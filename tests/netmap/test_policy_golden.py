@@ -35,6 +35,7 @@ from netmap.policy import (
     parse_policy,
 )
 from netmap.policy.ipset import IPSet
+from netmap.policy.policytests import check_policy_tests
 from tests import tiers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,8 +49,8 @@ FIXTURES = REPO / "tests" / "fixtures" / "policy" / "golden"
 #   localpart:*@<domain> for a domain that is not the tailnet's: ssh-d1, ssh-e2);
 # - advertised routes the policy's autoApprovers cover are approved before
 #   compiling (Tailscale did; the topology lists only hand-approved routes).
-# Constructs refused at parse time (grants "app"/"via", nodeAttrs, postures,
-# ipsets, sshTests) appear in no scenario.
+# The other capture families (grants with app/via, nodeAttrs, routes, policy
+# tests, sshTests) are compared in test_policy_captures.py.
 UNSUPPORTED: dict[str, str] = {}
 
 
@@ -93,8 +94,8 @@ _DEFAULT_PROTOS = frozenset({6, 17, 1, 58})
 
 
 # (source set, destination set, first port, last port, protocols) per DstPorts entry;
-# (source set, "CapGrant", the grants as canonical JSON) per rule with a CapGrant.
-FilterEntry = tuple[IPSet, IPSet, int, int, frozenset[int]] | tuple[IPSet, str, str]
+# (source set, destination set, the CapMap as canonical JSON) per CapGrant.
+FilterEntry = tuple[IPSet, IPSet, int, int, frozenset[int]] | tuple[IPSet, IPSet, str]
 
 
 def normalise_filter(rules: list[dict[str, Any]] | None) -> set[FilterEntry]:
@@ -106,8 +107,8 @@ def normalise_filter(rules: list[dict[str, Any]] | None) -> set[FilterEntry]:
         for dst in rule.get("DstPorts") or []:
             ports = dst["Ports"]
             out.add((src, IPSet.of([dst["IP"]]), ports["First"], ports["Last"], protos))
-        if rule.get("CapGrant"):
-            out.add((src, "CapGrant", json.dumps(rule["CapGrant"], sort_keys=True)))
+        for grant in rule.get("CapGrant") or []:
+            out.add((src, IPSet.of(grant["Dsts"]), json.dumps(grant["CapMap"], sort_keys=True)))
     return out
 
 
@@ -130,6 +131,48 @@ def _describe(items: set[FilterEntry]) -> list[str]:
     return sorted(str(tuple(show(x) for x in item)) for item in items)
 
 
+# CapMap entries Tailscale's service adds from tailnet state or features
+# homescale does not model (roles, tailnet lock, display name, app
+# connectors, internal tuning knobs; file-sharing, ssh and auto-update are
+# server defaults, not policy). Stripped on both sides: the comparison is
+# about what the policy puts in a CapMap.
+AMBIENT_CAPS = frozenset(
+    {
+        "default-auto-update",
+        "https://tailscale.com/cap/file-sharing",
+        "https://tailscale.com/cap/is-admin",
+        "https://tailscale.com/cap/is-owner",
+        "https://tailscale.com/cap/ssh",
+        "https://tailscale.com/cap/tailnet-lock",
+        "https://tailscale.com/cap/warn-funnel-no-https",
+        "probe-udp-lifetime",
+        "ssh-behavior-v1",
+        "ssh-env-vars",
+        "store-appc-routes",
+        "tailnet-display-name",
+        "service-host",
+        "max-key-duration",
+        "native-ipv4",
+    }
+)
+
+
+def policy_caps(cap_map: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in (cap_map or {}).items()
+        if k not in AMBIENT_CAPS and not k.startswith("https://tailscale.com/cap/funnel-ports?")
+    }
+
+
+def _refusal(data: dict[str, Any], exc: PolicyError) -> list[str]:
+    """Tailscale refused too; for policy tests its message must be in ours."""
+    want = (data["input"].get("api_response_body") or {}).get("message", "")
+    if data.get("category") in ("policytest", "sshtest") and want and want not in str(exc):
+        return [f"refused with {str(exc)!r}, Tailscale said {want!r}"]
+    return []
+
+
 @functools.cache
 def check_scenario(path: Path) -> list[str]:
     """Mismatches between homescale and the capture; empty when they agree."""
@@ -140,17 +183,19 @@ def check_scenario(path: Path) -> list[str]:
     tailnet = data.get("tailnet", "")
     domains = {tailnet.rpartition("@")[2]} if "@" in tailnet else None
     rejected = data["input"]["api_response_code"] != 200
+    users, nodes = build_tailnet(data["topology"])
     try:
         policy = parse_policy(policy_text, path.name, localpart_domains=domains)
+        # Tailscale runs the policy's tests and sshTests as part of accepting it.
+        first = compile_policy(policy, users, nodes)
+        check_policy_tests(policy, first)
     except PolicyError as exc:
-        return [] if rejected else [f"refused a policy Tailscale accepted: {exc}"]
+        return _refusal(data, exc) if rejected else [f"refused a policy Tailscale accepted: {exc}"]
     if rejected:
         return ["accepted a policy Tailscale refused"]
-    users, nodes = build_tailnet(data["topology"])
     # Tailscale approves advertised routes the policy's autoApprovers cover
     # (the topology lists only the routes approved by hand), as homescale's
     # server does with can_auto_approve before compiling.
-    first = compile_policy(policy, users, nodes)
     nodes = [
         dataclasses.replace(
             n,
@@ -170,7 +215,8 @@ def check_scenario(path: Path) -> list[str]:
     problems = []
     for name, capture in sorted(data["captures"].items()):
         node = by_name[name]
-        want_peers = sorted(p["Name"].split(".")[0] for p in capture["netmap"].get("Peers") or [])
+        peers = capture["netmap"].get("Peers") or []
+        want_peers = sorted(p["Name"].split(".")[0] for p in peers)
         got_peers = sorted(
             by_name_id.hostname
             for by_name_id in nodes
@@ -189,6 +235,18 @@ def check_scenario(path: Path) -> list[str]:
             got_ssh = normalise_ssh(compiled.ssh_for(node.id))
             if want_ssh != got_ssh:
                 problems.append(f"{name}: ssh {got_ssh} != {want_ssh}")
+        self_node = capture["netmap"].get("SelfNode") or {}
+        if "CapMap" in self_node:
+            want_caps = policy_caps(self_node["CapMap"])
+            got_caps = policy_caps(compiled.cap_map(node.id))
+            if want_caps != got_caps:
+                problems.append(f"{name}: CapMap {got_caps} != {want_caps}")
+        for peer in peers:
+            peer_name = peer["Name"].split(".")[0]
+            want_caps = policy_caps(peer.get("CapMap"))
+            got_caps = policy_caps(compiled.peer_cap_map(by_name[peer_name].id))
+            if want_caps != got_caps:
+                problems.append(f"{name}: peer {peer_name} CapMap {got_caps} != {want_caps}")
     return problems
 
 

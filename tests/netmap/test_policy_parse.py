@@ -128,8 +128,13 @@ def test_unknown_fields_refused_and_names_case_insensitive() -> None:
 
 
 def test_unsupported_section_says_so() -> None:
-    err = refuse('{"nodeAttrs": []}')
+    err = refuse('{"postures": {}}')
     assert "not supported by homescale" in err.message
+    err = refuse('{"nodeAttrs": [{"target": ["*"], "attr": ["funnel"]}]}')
+    assert err.path == "nodeAttrs[0].attr[0]"
+    assert "Funnel is not supported" in err.message
+    err = refuse('{"grants": [{"src": ["*"], "dst": ["*"], "ip": ["*"], "srcPosture": ["p"]}]}')
+    assert err.path == "grants[0].srcPosture"
 
 
 def test_groups_cannot_nest() -> None:
@@ -313,7 +318,12 @@ def test_grants_subset() -> None:
         ((), 443),
         ((), 0),
     ]
-    err = refuse('{"grants": [{"src": ["*"], "dst": ["*"], "app": {"example.com/cap": [{}]}}]}')
-    assert "not supported" in err.message
+    policy = parse_policy(
+        '{"grants": [{"src": ["*"], "dst": ["*"], "app": {"example.com/cap": [{}]}}]}'
+    )
+    assert policy.grants is not None
+    assert policy.grants[0].app == {"example.com/cap": [{}]}
+    err = refuse('{"grants": [{"src": ["*"], "dst": ["*"], "ip": []}]}')
+    assert err.message == "ip and app can not both be empty"
     err = refuse('{"grants": [{"src": ["*"], "dst": ["autogroup:self"], "ip": ["*"]}]}')
     assert err.path == "grants[0].src[0]"

@@ -30,7 +30,7 @@ import h2.exceptions
 import h2.settings
 import trio
 
-from appliance.boundary import Boundary
+from appliance.boundary import Boundary, classify
 from appliance.httpserver import Upgrade
 from appliance.noise_stream import NoiseStream
 from protocol import noise
@@ -361,8 +361,9 @@ class _H2Server:
                         self.log.debug("ts2021 %s: connection closed by client", self.peer)
                         break
                     try:
-                        self.frames.feed(data)
+                        # h2 first: its own errors (a bad preface) say more than ours.
                         events = self.h2.receive_data(data)
+                        self.frames.feed(data)
                     except h2.exceptions.ProtocolError as e:
                         self.log.info("ts2021 %s: HTTP/2 protocol error: %s", self.peer, e)
                         self._goaway(e)
@@ -651,9 +652,14 @@ async def serve_ts2021(
     try:
         await server.run()
     except* (trio.BrokenResourceError, trio.ClosedResourceError) as eg:
-        # The node went away mid-write or mid-read; its handlers were cancelled.
+        # The node went away mid-write or mid-read (its handlers were cancelled), or the
+        # Noise layer refused what it sent: then the cause is worth its one line.
         first = eg.exceptions[0]
-        logger.info("ts2021 %s: connection ended: %s", peer, first.__cause__ or first)
+        cause = first.__cause__
+        if cause is not None and classify(cause) != "disconnect":
+            server.boundary.record("ts2021", peer, cause)
+        else:
+            logger.debug("ts2021 %s: connection ended: %s", peer, cause or first)
 
 
 async def _refuse(

@@ -212,9 +212,19 @@ class HttpServer:
             assert self.ssl_context is not None
             tls = trio.SSLStream(inner, self.ssl_context, server_side=True)
             with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT) as scope:
-                await tls.do_handshake()
+                try:
+                    await tls.do_handshake()
+                except trio.BrokenResourceError as e:
+                    # trio wraps the ssl module's reason; that is the line worth logging.
+                    cause = e.__cause__ if isinstance(e.__cause__, ssl.SSLError) else e
+                    self.boundary.record(unit.kind, peer, cause)
+                    return
             if scope.cancelled_caught:
-                self.log.debug("tls handshake timeout from %s", peer)
+                self.boundary.record(
+                    unit.kind,
+                    peer,
+                    trio.TooSlowError(f"no TLS handshake in {TLS_HANDSHAKE_TIMEOUT:g} s"),
+                )
                 return
             inner = tls
         try:
@@ -312,9 +322,21 @@ class HttpServer:
                 return
             request = self._make_request(event, body, peer)
             response = await self._dispatch(request)
-            self.log.debug(
-                "%s %s -> %d (%s)", request.method, request.target, response.status, peer
-            )
+            if response.status >= 400:
+                # A refused request is worth one line (who, what, why); a served one is not.
+                reason = response.body[:120].decode("utf-8", "replace").strip().splitlines()
+                self.log.info(
+                    "%s: %s %s refused (%d): %s",
+                    peer,
+                    request.method,
+                    request.target[:100],
+                    response.status,
+                    reason[0] if reason else "",
+                )
+            else:
+                self.log.debug(
+                    "%s %s -> %d (%s)", request.method, request.target, response.status, peer
+                )
             with trio.fail_after(SEND_TIMEOUT):
                 await self._send(conn, stream, response, head_only=request.method == "HEAD")
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:

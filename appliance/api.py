@@ -56,6 +56,7 @@ class InteractiveLogins(Protocol):
 
     async def complete_registration(self, user: str, reg_id: str) -> dict[str, Any]: ...
     def reject_registration(self, reg_id: str) -> None: ...
+    def approve_auth(self, auth_id: str) -> None: ...
 
 
 class ApiError(HomescaleError):
@@ -154,6 +155,7 @@ class AdminApi:
             lambda q: self.register(q.json().string("user"), q.json().required_str("authId")),
         )
         r("POST", r"/api/v1/auth/reject", self.reject)
+        r("POST", r"/api/v1/auth/approve", self.approve)
         # Node IDs are checked by the handler (appliance.fields.parse_id): a malformed one
         # is a 400 that says so, as headscale answers, not a 404 for an unknown route.
         r("GET", _NODE, lambda q, nid: self.db(lambda: {"node": a.get_node(nid)}))
@@ -243,6 +245,10 @@ class AdminApi:
 
     async def register(self, user: str, auth_id: str) -> dict[str, Any]:
         return {"node": await self._logins().complete_registration(user, auth_id)}
+
+    async def approve(self, q: ApiRequest) -> dict[str, Any]:
+        self._logins().approve_auth(q.json().required_str("authId"))
+        return {}
 
     async def reject(self, q: ApiRequest) -> dict[str, Any]:
         self._logins().reject_registration(q.json().required_str("authId"))

@@ -783,9 +783,16 @@ def auth_register(
     nodes_register(user=user, key=auth_id)
 
 
+@auth.command(name="approve")
+def auth_approve(*, auth_id: Annotated[str, Parameter(name=["--auth-id"])]) -> None:
+    """Pass a pending SSH check (`action: check`); the waiting connection goes on."""
+    api("POST", "/api/v1/auth/approve", body={"authId": auth_id})
+    emit({}, message="Auth request approved")
+
+
 @auth.command(name="reject")
 def auth_reject(*, auth_id: Annotated[str, Parameter(name=["--auth-id", "--key", "-k"])]) -> None:
-    """Refuse a pending interactive login; the waiting client is told so."""
+    """Refuse a pending interactive login or SSH check; the waiting client is told so."""
     api("POST", "/api/v1/auth/reject", body={"authId": auth_id})
     emit({}, message="Login rejected")
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import trio
 
@@ -28,6 +30,7 @@ from .changes import NodeOnline
 from .control_conn import ControlRequest, ControlResponse
 from .errors import HomescaleError, InvalidInput, NotFound
 from .nodes import Login, log_in
+from .sshcheck import SSHCheckError, SSHChecks
 from .store import NodeRow, Store, utcnow
 from .storethread import RunDb
 from .tailnet import TAGGED_USER_ID, SessionHandle, Tailnet, node_is_expired
@@ -85,6 +88,7 @@ class ControlService:
         self.boundary = tailnet.boundary
         self.pending: dict[str, PendingRegistration] = {}
         self.stats = {"map_messages": 0, "map_bytes": 0, "registrations": 0}
+        self.ssh_checks = SSHChecks(server_url=self.config.server_url, log=log.getChild("ssh"))
         # One encoder for every stream: one compression context, each delta compressed once.
         self.frames = MapFrameEncoder(cache_entries=FRAME_CACHE)
 
@@ -97,6 +101,8 @@ class ControlService:
                 await self.register(req, resp)
             elif req.method == "POST" and req.path == "/machine/map":
                 await self.map(req, resp)
+            elif req.method == "GET" and req.path.startswith("/machine/ssh/action/"):
+                await self.ssh_action(req, resp)
             elif req.path.startswith("/machine/"):
                 await self._reply(resp, 404, {"error": f"{req.path} is not supported"})
             else:
@@ -150,6 +156,36 @@ class ControlService:
             },
             "MachineAuthorized": True,
         }
+
+    async def ssh_action(self, req: ControlRequest, resp: ControlResponse) -> None:
+        """Tailscale SSH on `dst` asks whether `src` may connect (an `action: check` rule)."""
+        parts = urlsplit(req.path)
+        m = _SSH_ACTION_PATH.fullmatch(parts.path)
+        if m is None:
+            raise _Refusal(404, f"{parts.path}: expected /machine/ssh/action/<src>/to/<dst>")
+        src, dst = int(m[1]), int(m[2])
+        dst_node = self.tailnet.nodes.get(dst)
+        if dst_node is None:
+            raise _Refusal(404, f"destination node {dst} not found")
+        # Only the destination itself may ask (headscale: a stranger's Noise session must
+        # not record verdicts for other pairs).
+        if dst_node.machine_key != str(req.machine_key):
+            raise _Refusal(401, "this machine is not the destination node")
+        if src not in self.tailnet.nodes:
+            raise _Refusal(404, f"source node {src} not found")
+        query = parse_qs(parts.query)
+        compiled = self.tailnet.compiled
+        try:
+            action = await self.ssh_checks.action(
+                src,
+                dst,
+                period=compiled.ssh_check_period(src, dst) if compiled is not None else None,
+                auth_id=query.get("auth_id", [""])[0][:64],
+                local_user=query.get("local_user", [""])[0][:256],
+            )
+        except SSHCheckError as e:
+            raise _Refusal(e.status, str(e)) from None
+        await self._reply(resp, 200, action)
 
     async def register(self, req: ControlRequest, resp: ControlResponse) -> None:
         rr = self._parse(req, tailcfg.RegisterRequest)
@@ -502,6 +538,9 @@ class ControlService:
         self.nursery.start_soon(
             self.boundary.run, "ephemeral reaper", f"node {node_id}", self._reap_ephemeral, node_id
         )
+
+
+_SSH_ACTION_PATH = re.compile(r"/machine/ssh/action/([0-9]{1,18})/to/([0-9]{1,18})")
 
 
 class _Refusal(HomescaleError):

@@ -37,6 +37,7 @@ from .config import OIDCSettings
 from .errors import HomescaleError, InvalidInput
 from .httpclient import HttpClientError, request
 from .httpserver import Request, Response
+from .sshcheck import SSHChecks
 from .store import Store, UserRow
 from .storethread import RunDb
 
@@ -351,9 +352,10 @@ def _pkce_challenge(verifier: str, method: str) -> str:
 
 @dataclass
 class _LoginInFlight:
-    reg_id: str
+    reg_id: str  # a pending login's id, or an SSH check's auth_id (kind "ssh")
     nonce: str
     verifier: str
+    kind: str = "register"  # register | ssh
     started: float = field(default_factory=time.monotonic)
 
 
@@ -382,6 +384,10 @@ class OIDCLogin:
         self.keys: KeySet | None = None
         self.keys_fetched = 0.0
         self.in_flight: OrderedDict[str, _LoginInFlight] = OrderedDict()
+        # SSH check mode (set by `serve`): pending checks, and who owns a node (None:
+        # tagged or unknown). A check passes only for the owner of the source machine.
+        self.ssh_checks: SSHChecks | None = None
+        self.node_owner: Callable[[int], int | None] = lambda node_id: None
 
     # -- provider
 
@@ -437,6 +443,19 @@ class OIDCLogin:
                 "This login is unknown or has expired; start the login on the device again.",
                 404,
             )
+        return await self._redirect(reg_id, "register")
+
+    async def ssh_check_page(self, req: Request, auth_id: str) -> Response:
+        """Send the browser to the provider to pass SSH check `auth_id`."""
+        if self.ssh_checks is None or self.ssh_checks.get(auth_id) is None:
+            return page(
+                "Check expired",
+                "This SSH check is unknown or has expired; connect again.",
+                404,
+            )
+        return await self._redirect(auth_id, "ssh")
+
+    async def _redirect(self, reg_id: str, kind: str) -> Response:
         try:
             provider = await self._provider()
         except OIDCError as e:
@@ -450,7 +469,7 @@ class OIDCLogin:
         nonce = secrets.token_urlsafe(STATE_BYTES)
         verifier = secrets.token_urlsafe(48) if self.settings.pkce_enabled else ""
         self._expire()
-        self.in_flight[state] = _LoginInFlight(reg_id, nonce, verifier)
+        self.in_flight[state] = _LoginInFlight(reg_id, nonce, verifier, kind)
         params = {
             "client_id": self.settings.client_id,
             "redirect_uri": self.redirect_uri,
@@ -524,6 +543,8 @@ class OIDCLogin:
                 self.store, claims, email_verified_required=self.settings.email_verified_required
             )
         )
+        if flight.kind == "ssh":
+            return self._finish_ssh_check(flight.reg_id, user)
         expiry = id_exp if self.settings.use_expiry_from_token else None
         host = self.logins.pending_hostname(flight.reg_id)
         if host is None:
@@ -544,6 +565,28 @@ class OIDCLogin:
             "Signed in",
             f"Signed in as {user.display_name or user.name} ({user.name}). The machine "
             f"{host} is now registered and connects on its own; you can close this window.",
+        )
+
+    def _finish_ssh_check(self, auth_id: str, user: UserRow) -> Response:
+        check = self.ssh_checks.get(auth_id) if self.ssh_checks is not None else None
+        if self.ssh_checks is None or check is None:
+            raise OIDCError("the SSH check expired meanwhile; connect again", 410)
+        owner = self.node_owner(check.src)
+        if owner is None or owner != user.id:
+            # headscale: only the owner of the source machine may pass its check (a
+            # stolen machine key alone must not get through).
+            self.log.warning(
+                "OIDC SSH check %s: %s is not the owner of node %d", auth_id, user.name, check.src
+            )
+            raise LoginRefused(
+                f"you signed in as {user.name}, who does not own the machine the SSH "
+                f"connection comes from"
+            )
+        self.ssh_checks.finish(auth_id, accept=True, by=f"by {user.name} at the provider")
+        return page(
+            "SSH check passed",
+            f"Signed in as {user.display_name or user.name} ({user.name}); the SSH "
+            f"connection continues. You can close this window.",
         )
 
     async def _exchange(self, code: str, verifier: str) -> dict[str, Any]:

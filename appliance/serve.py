@@ -78,6 +78,7 @@ class Server:
         }
         self.upgrades: dict[str, UpgradeHandler] = {"/ts2021": self.ts2021}
         self.routes["/register/"] = self.register_page
+        self.routes["/auth/"] = self.auth_page
         self.tailnet = Tailnet(config=config, log=log.getChild("tailnet"), boundary=self.boundary)
         self.control: ControlService | None = None
         self.oidc: OIDCLogin | None = None  # set by `serve` when oidc.issuer is configured
@@ -116,8 +117,39 @@ class Server:
         return self.control.pending_hostname(reg_id) if self.control else None
 
     def reject_registration(self, reg_id: str) -> None:
+        """`auth reject`: a pending login, or a pending SSH check."""
         assert self.control is not None
+        if self.control.ssh_checks.get(reg_id) is not None:
+            self.control.ssh_checks.finish(reg_id, accept=False, by="by an administrator")
+            return
         self.control.reject_registration(reg_id)
+
+    def approve_auth(self, auth_id: str) -> None:
+        """`auth approve`: pass a pending SSH check (where no identity provider decides)."""
+        assert self.control is not None
+        self.control.ssh_checks.finish(auth_id, accept=True, by="by an administrator")
+
+    async def auth_page(self, req: Request) -> Response:
+        """An SSH check's URL: sign in at the provider, or what an admin runs."""
+        from .oidc import page
+
+        auth_id = req.path.rsplit("/", 1)[-1]
+        check = self.control.ssh_checks.get(auth_id) if self.control else None
+        if check is None:
+            return page("Check expired", "This SSH check is unknown or has expired.", 404)
+        if self.oidc is not None:
+            return await self.oidc.ssh_check_page(req, auth_id)
+        return page(
+            "SSH check",
+            f"An SSH connection from node {check.src} to node {check.dst} waits for a check. "
+            f"Ask an administrator of this homescale server to run: homescale auth approve "
+            f"--auth-id {auth_id}",
+        )
+
+    def node_owner(self, node_id: int) -> int | None:
+        """The user owning a node; None for tagged or unknown nodes."""
+        n = self.tailnet.nodes.get(node_id)
+        return None if n is None or n.tags else n.user_id
 
     async def ts2021(self, upgrade: Upgrade) -> None:
         from .control_conn import serve_ts2021
@@ -420,6 +452,9 @@ async def serve(
                 log=log.getChild("control"),
                 nursery=nursery,
             )
+            if server.oidc is not None:
+                server.oidc.ssh_checks = server.control.ssh_checks
+                server.oidc.node_owner = server.node_owner
             nursery.start_soon(_watch_signals, server, nursery.cancel_scope, shutdown)
             server.control.reap_offline_ephemeral()
             await nursery.start(run_map_updates, derp_maps, config, derp_map_changed)

@@ -45,6 +45,7 @@ from .model import (
     PolicyUser,
     SSHRule,
 )
+from .parse import _go_duration_seconds
 
 FilterRule = dict[str, Any]
 
@@ -63,6 +64,7 @@ _SSH_ACCEPT = {
 # The client substitutes these; the server answers the hold-and-delegate
 # callback (headscale sshCheck, Tailscale's own URL shape).
 _SSH_CHECK_PATH = "/machine/ssh/action/$SRC_NODE_ID/to/$DST_NODE_ID?local_user=$LOCAL_USER"
+SSH_CHECK_PERIOD_DEFAULT = 12 * 3600.0  # headscale's SSHCheckPeriodDefault
 
 
 @dataclass
@@ -688,6 +690,35 @@ class CompiledPolicy:
         rules.sort(key=lambda r: "holdAndDelegate" not in r["action"])
         self._ssh[node_id] = rules
         return rules
+
+    def ssh_check_period(self, src_id: int, dst_id: int) -> float | None:
+        """Seconds a passed SSH check from `src` to `dst` stays valid, or None when no
+        check rule covers the pair (headscale's SSHCheckParams: the first check rule
+        whose sources hold src and whose destinations hold dst; no checkPeriod is
+        12 h, "always" is 0). The wire always says 0: the server decides."""
+        if self.policy is None or src_id not in self._nodes or dst_id not in self._nodes:
+            return None
+        src, dst = self._nodes[src_id], self._nodes[dst_id]
+        for rule in self.policy.ssh:
+            if rule.action != "check":
+                continue
+            sources = EMPTY
+            for a in rule.src:
+                sources |= self.resolve(a)
+            if not sources.contains_any(src.addrs):
+                continue
+            for a in rule.dst:
+                if a.is_autogroup(AUTOGROUP_SELF):
+                    hit = src.user_id is not None and src.user_id == dst.user_id
+                else:
+                    hit = self.resolve(a).contains_any(dst.addrs)
+                if hit:
+                    if rule.check_period is None:
+                        return SSH_CHECK_PERIOD_DEFAULT
+                    if rule.check_period == "always":
+                        return 0.0
+                    return _go_duration_seconds(rule.check_period) or 0.0
+        return None
 
     def _ssh_rule_for(self, rule: SSHRule, info: _Node) -> list[dict[str, Any]]:
         src = EMPTY

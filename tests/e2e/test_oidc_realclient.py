@@ -357,3 +357,131 @@ async def test_browser_signs_in_and_tsnet_client_comes_up(oidcnet: OidcNet, chro
         await c.wait_for_log(msg_has("Switching ipn state", "-> Running"), timeout=RUNNING_WITHIN)
     finally:
         c.stop()
+
+
+async def test_ssh_check_mode_through_the_provider_and_by_an_admin(
+    oidcnet: OidcNet, tmp_path: Path
+) -> None:
+    """`action: check` at the wire level, as Tailscale SSH on the destination calls it
+    (tailssh fetchSSHAction: GET the holdAndDelegate URL over Noise, then GET the
+    returned one and wait). tsnet has no SSH server, so our ts2021 peer plays tailscaled."""
+    server, idp = oidcnet.server, oidcnet.idp
+    idp.set_account(
+        "carol",
+        {
+            "sub": "carol-subject-1",
+            "email": "carol@example.com",
+            "email_verified": True,
+            "preferred_username": "carol",
+            "groups": ["tailnet"],
+        },
+    )
+    await server.acli("users", "create", "ops")
+    policy = tmp_path / "policy.hujson"
+
+    async def set_policy(period: str) -> None:
+        policy.write_text(
+            json.dumps(
+                {
+                    "tagOwners": {"tag:server": ["ops@"]},
+                    "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
+                    "ssh": [
+                        {
+                            "action": "check",
+                            "src": ["autogroup:member"],
+                            "dst": ["tag:server"],
+                            "users": ["root"],
+                            "checkPeriod": period,
+                        }
+                    ],
+                }
+            )
+        )
+        await server.acli("policy", "set", "--file", str(policy))
+
+    await set_policy("1h")
+    key = await trio.to_thread.run_sync(server.create_key, "ops", "--tags", "tag:server")
+
+    async def get(peer: ControlPeer, path: str) -> tuple[int, dict[str, Any]]:
+        status, body = await peer.client.request("GET", path, b"")
+        return status, json.loads(body)
+
+    async with trio.open_nursery() as nursery:
+        src = await connect_peer(server, nursery, "ssh-src")
+        r = await sign_in(oidcnet, await auth_url_of(src), "alice")
+        assert r.final.status_code == 200, r.text
+        dst = await connect_peer(server, nursery, "ssh-dst")
+        await dst.register(key)
+        nodes = await server.anodes()
+        src_node, dst_node = node_by_name(nodes, "ssh-src"), node_by_name(nodes, "ssh-dst")
+        assert src_node is not None
+        assert dst_node is not None
+        src_id, dst_id = src_node["id"], dst_node["id"]
+        # The destination's SSH policy delegates to the server.
+        stream = await dst.open_stream()
+        _, full = await stream.next()
+        action = full["SSHPolicy"]["rules"][0]["action"]
+        assert action["holdAndDelegate"].startswith(server.url + "/machine/ssh/action/")
+        first = f"/machine/ssh/action/{src_id}/to/{dst_id}?local_user=root"
+
+        # Only the destination may ask about its connections.
+        status, body = await get(src, first)
+        assert status == 401, body
+
+        status, hold = await get(dst, first)
+        assert status == 200, hold
+        assert "accept" not in hold
+        follow = urlsplit(hold["holdAndDelegate"])
+        auth_id = parse_qs(follow.query)["auth_id"][0]
+        check_url = f"{server.url}/auth/{auth_id}"
+        assert f"To authenticate, visit: {check_url}" in hold["message"]
+        verdicts_in, verdicts = trio.open_memory_channel[dict[str, Any]](4)
+
+        async def wait_verdict(path: str) -> None:
+            status, body = await get(dst, path)
+            assert status == 200, body
+            await verdicts_in.send(body)
+
+        async def no_verdict_within(seconds: float) -> None:
+            with trio.move_on_after(seconds):
+                early = await verdicts.receive()
+                pytest.fail(f"the check was decided too early: {early}")
+
+        async def verdict() -> dict[str, Any]:
+            with trio.fail_after(10):
+                return await verdicts.receive()
+
+        follow_path = f"{follow.path}?{follow.query}"
+        nursery.start_soon(wait_verdict, follow_path)
+        await no_verdict_within(0.5)  # the client waits for the check
+        # Someone who is not the owner of the source machine cannot pass it.
+        r = await sign_in(oidcnet, check_url, "carol")
+        assert r.final.status_code == 403, r.text
+        assert "does not own the machine" in r.text
+        await no_verdict_within(0.3)
+        # The owner signs in at the provider: the waiting client hears accept at once.
+        r = await sign_in(oidcnet, check_url, "alice")
+        assert r.final.status_code == 200, r.text
+        assert "SSH check passed" in r.text
+        assert (await verdict())["accept"] is True
+        # Within checkPeriod the next connection is accepted without asking.
+        status, again = await get(dst, first)
+        assert (status, again.get("accept")) == (200, True)
+
+        # checkPeriod "always": every connection asks; here an admin decides.
+        await set_policy("always")
+        for command, accepted in (("approve", True), ("reject", False)):
+            status, hold = await get(dst, first)
+            assert "holdAndDelegate" in hold, hold
+            follow = urlsplit(hold["holdAndDelegate"])
+            auth_id = parse_qs(follow.query)["auth_id"][0]
+            nursery.start_soon(wait_verdict, f"{follow.path}?{follow.query}")
+            await no_verdict_within(0.3)
+            await server.acli("auth", command, "--auth-id", auth_id)
+            got = await verdict()
+            assert got.get("accept", False) is accepted, got
+            assert got.get("reject", False) is (not accepted), got
+        # A spent auth_id is not a way in.
+        r2 = await server.acli("auth", "approve", "--auth-id", auth_id, check=False)
+        assert r2.returncode != 0
+        nursery.cancel_scope.cancel()

@@ -20,7 +20,7 @@ import trio
 
 from netmap.dns import dns_config
 from netmap.mapsession import PATCH_HISTORY, MapSessionState, NodeEntry
-from netmap.nodes import PeerNode, encode_node, patch_between
+from netmap.nodes import PeerNode, cap_pairs, encode_node, patch_between
 from netmap.policy import CompiledPolicy, PolicyNode, PolicyUser, compile_policy, parse_policy
 
 from .boundary import Boundary
@@ -228,7 +228,16 @@ class Tailnet:
             online=n.id in self.online,
             primary_routes=tuple(r for r in served if self.primaries.get(r) == n.id),
             exit_routes=tuple(r for r in served if r in EXIT_ROUTES),
+            self_caps=self._policy_caps(n.id, self_view=True),
+            peer_caps=self._policy_caps(n.id, self_view=False),
         )
+
+    def _policy_caps(self, node_id: int, *, self_view: bool) -> tuple[tuple[str, str], ...]:
+        """The node's CapMap entries from the policy (nodeAttrs), in its own or peers' view."""
+        c = self.compiled
+        if c is None or not c.knows(node_id):
+            return ()
+        return cap_pairs(c.cap_map(node_id) if self_view else c.peer_cap_map(node_id))
 
     def _policy_node(self, n: NodeRow) -> PolicyNode:
         return policy_node(n, self.users, self.auto_approved.get(n.id, ()))
@@ -259,6 +268,11 @@ class Tailnet:
             json=encode_node(new, self.config.dns.base_domain),
             visible_to_peers=new.has_disco,
             patches=patches,
+            self_json=(
+                encode_node(new, self.config.dns.base_domain, self_view=True)
+                if new.self_caps != new.peer_caps
+                else None
+            ),
         )
         return True
 
@@ -403,6 +417,10 @@ class Tailnet:
         self._visible.clear()
         self._filters.clear()
         self._ssh.clear()
+        # nodeAttrs may have changed what a node's CapMap holds: it and its peers hear.
+        for n in list(self.nodes.values()):
+            if self._encode(n):
+                self._mark_peer(self.visible_peers(n.id) | {n.id}, n.id)
 
     def _mark_peer(self, watchers: frozenset[int] | set[int], node_id: int) -> None:
         for w in watchers:

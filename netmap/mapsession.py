@@ -34,6 +34,8 @@ class NodeEntry:
     patches: dict[int, dict[str, Any]] = field(
         default_factory=dict
     )  # version -> patch from version-1
+    # The node as it sees itself (its own policy CapMap); None: same as json.
+    self_json: bytes | None = None
 
 
 class TailnetView(Protocol):
@@ -104,7 +106,7 @@ class MapSessionState:
 
         if self.pending_self or me.version != self.sent_self:
             if me.version != self.sent_self:
-                fields.append(("Node", me.json))
+                fields.append(("Node", me.self_json or me.json))
                 self.sent_self = me.version
         visible = view.visible_peers(self.node_id)
         candidates: Iterable[int]

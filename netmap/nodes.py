@@ -51,6 +51,11 @@ class PeerNode:
     primary_routes: tuple[str, ...] = ()
     exit_routes: tuple[str, ...] = ()
     capver: int = 0
+    # Capabilities the policy gives the node (nodeAttrs, randomizeClientPort):
+    # ``self_caps`` in its own view, ``peer_caps`` in its peers' (as sorted
+    # (name, JSON value) pairs, so the dataclass stays comparable).
+    self_caps: tuple[tuple[str, str], ...] = ()
+    peer_caps: tuple[tuple[str, str], ...] = ()
 
     @property
     def addresses(self) -> list[str]:
@@ -71,8 +76,16 @@ def fqdn(given_name: str, base_domain: str) -> str:
     return f"{given_name}.{base_domain}." if base_domain else f"{given_name}."
 
 
-def node_json(n: PeerNode, base_domain: str) -> dict[str, Any]:
-    """The tailcfg.Node object for `n` (self and peer alike)."""
+def cap_pairs(caps: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """A CapMap as the hashable pairs PeerNode keeps (values as canonical JSON)."""
+    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in caps.items()))
+
+
+def node_json(n: PeerNode, base_domain: str, *, self_view: bool = False) -> dict[str, Any]:
+    """The tailcfg.Node object for `n`: as its peers see it, or (``self_view``)
+    as the node itself does, with its own policy capabilities."""
+    caps = n.self_caps if self_view else n.peer_caps
+    cap_map = {**DEFAULT_CAPMAP, **{k: json.loads(v) for k, v in caps}} if caps else DEFAULT_CAPMAP
     hostinfo = dict(n.hostinfo)
     out: dict[str, Any] = {
         "ID": n.id,
@@ -91,7 +104,7 @@ def node_json(n: PeerNode, base_domain: str) -> dict[str, Any]:
         "Hostinfo": hostinfo,  # always an object: some client code dereferences it
         "Created": format_time(n.created) if n.created else ZERO_TIME,
         "MachineAuthorized": True,
-        "CapMap": DEFAULT_CAPMAP,
+        "CapMap": cap_map,
         "Online": n.online,
     }
     if n.home_derp:
@@ -108,8 +121,10 @@ def node_json(n: PeerNode, base_domain: str) -> dict[str, Any]:
     return out
 
 
-def encode_node(n: PeerNode, base_domain: str) -> bytes:
-    return json.dumps(node_json(n, base_domain), separators=(",", ":")).encode()
+def encode_node(n: PeerNode, base_domain: str, *, self_view: bool = False) -> bytes:
+    return json.dumps(
+        node_json(n, base_domain, self_view=self_view), separators=(",", ":")
+    ).encode()
 
 
 # Fields a PeersChangedPatch can carry instead of the full node (tailcfg.PeerChange).

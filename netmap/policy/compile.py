@@ -565,6 +565,10 @@ class CompiledPolicy:
                     self._add_matcher(IPSet.of(g.via.src_ips), EMPTY, routers)
 
     # -- stage 2: per node ---------------------------------------------------
+    def knows(self, node_id: int) -> bool:
+        """Whether the node is in this snapshot."""
+        return node_id in self._nodes
+
     def _info(self, node_id: int) -> _Node:
         try:
             return self._nodes[node_id]

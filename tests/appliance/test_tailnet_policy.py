@@ -152,3 +152,26 @@ def test_ssh_policy_grant_and_revoke() -> None:
 
 def compose_filter_of(tn: Tailnet, nid: int) -> object:
     return json.loads(tn.filter_json(nid))
+
+
+def test_node_attrs_reach_the_node_and_follow_policy_changes() -> None:
+    """nodeAttrs land in the node's own CapMap (not its peers'); a policy change
+    that adds one sends the node its new self node."""
+    with_attrs = POLICY.replace(
+        '"acls": [',
+        '"nodeAttrs": [{"target": ["tag:web"], "attr": ["magicdns-aaaa", "nextdns:abc"],'
+        ' "app": {"example.com/cap/x": [{"v": 1}]}}],\n  "acls": [',
+    )
+    tn, h = setup()
+    first = connect(tn, B)[1]["Node"]["CapMap"]
+    assert "magicdns-aaaa" not in first
+    tn.apply([PolicyChanged(with_attrs)])
+    msg_b = compose(tn, h[B])
+    assert msg_b is not None
+    caps = msg_b["Node"]["CapMap"]
+    assert caps["magicdns-aaaa"] is None and caps["nextdns:abc"] is None
+    assert caps["example.com/cap/x"] == [{"v": 1}]
+    assert "https://tailscale.com/cap/ssh" in caps  # the server's defaults stay
+    # A sees B as a peer without B's own attributes.
+    peer_b = next(p for p in connect(tn, A)[1]["Peers"] if p["ID"] == B)
+    assert "magicdns-aaaa" not in peer_b["CapMap"]

@@ -28,6 +28,8 @@ from ruamel.yaml.error import YAMLError
 
 from derp.errors import DerpConfigError
 from protocol import safejson
+from protocol.gojson import RemoteWireError
+from protocol.tailcfg import DERPRegion
 
 DERPMap = dict[str, Any]
 Region = dict[str, Any]
@@ -204,10 +206,10 @@ def normalize_regions(
         raise DerpConfigError(f"{source}: 'regions' must map region IDs to regions")
     out: dict[int, Region | None] = {}
     for raw_id, raw in regions.items():
-        try:
-            rid = int(str(raw_id))
-        except ValueError:
-            raise DerpConfigError(f"{source}: region key {raw_id!r} is not a number") from None
+        text_id = str(raw_id)
+        if not (text_id.isascii() and text_id.lstrip("-").isdigit()):
+            raise DerpConfigError(f"{source}: region key {raw_id!r} is not a number")
+        rid = int(text_id)
         where = f"{source}: region {rid}"
         if rid <= 0:
             raise DerpConfigError(f"{where}: region IDs must be > 0")
@@ -235,6 +237,12 @@ def normalize_regions(
             raise DerpConfigError(f"{where}: a region needs at least one node")
         region["Nodes"] = nodes
         out[rid] = _emit(region, _REGION_FIELDS)
+        try:
+            # What every client decodes: the tailcfg type says what Go accepts
+            # (int ranges, ports), so no URL or file can hand peers a map they refuse.
+            DERPRegion.from_json(out[rid])
+        except RemoteWireError as e:
+            raise DerpConfigError(f"{where}: {e}") from None
     return out
 
 

@@ -279,21 +279,22 @@ class DNSConfig(Wire):
 
 class DERPNode(Wire):
     Name: str = wire_field(default="", omit=NEVER)
-    RegionID: int = wire_field(default=0, omit=NEVER)
+    RegionID: NonNegInt = wire_field(default=0, omit=NEVER)
     HostName: str = wire_field(default="", omit=NEVER)
     CertName: str = wire_field(default="")
     IPv4: str = wire_field(default="")
     IPv6: str = wire_field(default="")
-    STUNPort: int = wire_field(default=0)
+    # 0 means 3478, -1 disables STUN on this node (tailcfg/derpmap.go).
+    STUNPort: Annotated[int, IntRange(-1, 0xFFFF)] = wire_field(default=0)
     STUNOnly: bool = wire_field(default=False)
-    DERPPort: int = wire_field(default=0)
+    DERPPort: Uint16 = wire_field(default=0)
     InsecureForTests: bool = wire_field(default=False)
     STUNTestIP: str = wire_field(default="")
     CanPort80: bool = wire_field(default=False)
 
 
 class DERPRegion(Wire):
-    RegionID: int = wire_field(default=0, omit=NEVER)
+    RegionID: NonNegInt = wire_field(default=0, omit=NEVER)
     RegionCode: str = wire_field(default="", omit=NEVER)
     RegionName: str = wire_field(default="", omit=NEVER)
     Latitude: float = wire_field(default=0.0)

@@ -8,12 +8,17 @@ ts2021 by tests/protocol/ts2021client.py (no tsnet needed).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import ssl
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import trio
+from nacl.public import Box
+from nacl.public import PrivateKey as NaclPrivateKey
+from nacl.public import PublicKey as NaclPublicKey
 
+from derp.codec import MAGIC, FrameType, encode_frame
 from tests import realclient
 from tests.e2e.conftest import ControlPeer, MapStream, connect_peer
 from tests.realclient import msg_has
@@ -136,3 +141,61 @@ async def test_values_go_cannot_decode_are_refused_and_never_reach_peers(
     assert after.replace("41642", "41641") == before
     assert server.running
     assert server.log.find(msg_has("Traceback")) is None
+
+
+async def derp_session(
+    server: realclient.HomescaleServer, client_info: Callable[[bytes], bytes]
+) -> bytes:
+    """Upgrade to DERP over TLS on the main listener, send one ClientInfo built for the
+    server's key, and return what the server sent until it hung up."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the test talks to its own self-signed server
+    with trio.fail_after(15):
+        stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", server.port, ssl_context=ctx)
+        async with stream:
+            await stream.send_all(
+                b"GET /derp HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n"
+            )
+            data = b""
+            while MAGIC not in data or len(data) < data.index(MAGIC) + len(MAGIC) + 32:
+                data += await stream.receive_some()
+            server_key = data[data.index(MAGIC) + len(MAGIC) :][:32]
+            await stream.send_all(client_info(server_key))
+            try:
+                while chunk := await stream.receive_some():
+                    data += chunk
+            except trio.BrokenResourceError:
+                pass
+    return data
+
+
+def _sealed(plaintext: bytes) -> Callable[[bytes], bytes]:
+    def build(server_key: bytes) -> bytes:
+        priv = NaclPrivateKey.generate()
+        sealed = bytes(Box(priv, NaclPublicKey(server_key)).encrypt(plaintext))
+        return encode_frame(FrameType.CLIENT_INFO, bytes(priv.public_key) + sealed)
+
+    return build
+
+
+@pytest.mark.parametrize(
+    ("client_info", "reason"),
+    [
+        (_sealed(b"[" * 100_000), "nested deeper"),
+        (lambda _key: encode_frame(FrameType.CLIENT_INFO, bytes(56) + b"x" * 40), "all-zero key"),
+    ],
+    ids=["deep-json-client-info", "zero-node-key"],
+)
+async def test_derp_client_info_that_once_killed_the_process(
+    server: realclient.HomescaleServer, client_info: Callable[[bytes], bytes], reason: str
+) -> None:
+    before = (await trio.to_thread.run_sync(server.metrics))["homescale_derp_protocol_errors_total"]
+    since = server.log.mark()
+    await derp_session(server, client_info)
+    await server.log.wait_for(msg_has("derp", "protocol error", reason), since=since, timeout=5)
+    assert server.running
+    after = (await trio.to_thread.run_sync(server.metrics))["homescale_derp_protocol_errors_total"]
+    assert after == before + 1
+    # It was refused before verify_clients: no refusal for an unregistered key was counted.
+    assert server.log.find(msg_has("derp", "refused"), since=since) is None

@@ -169,7 +169,8 @@ def test_node_attrs_reach_the_node_and_follow_policy_changes() -> None:
     msg_b = compose(tn, h[B])
     assert msg_b is not None
     caps = msg_b["Node"]["CapMap"]
-    assert caps["magicdns-aaaa"] is None and caps["nextdns:abc"] is None
+    assert caps["magicdns-aaaa"] is None
+    assert caps["nextdns:abc"] is None
     assert caps["example.com/cap/x"] == [{"v": 1}]
     assert "https://tailscale.com/cap/ssh" in caps  # the server's defaults stay
     # A sees B as a peer without B's own attributes.

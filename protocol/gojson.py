@@ -81,26 +81,36 @@ def wire_field(
 # --- time ----------------------------------------------------------------------
 
 _RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))"
 )
 
 
 def parse_time(text: str) -> datetime:
-    """RFC 3339 with any fraction length (Go emits nanoseconds; we keep microseconds)."""
+    """RFC 3339 with any fraction length (Go emits nanoseconds; we keep microseconds).
+
+    ASCII digits only (``\\d`` would take any Unicode digit; Go's parser does not).
+    """
     m = _RFC3339.fullmatch(text)
     if not m:
         raise RemoteWireError(f"time {text!r} is not RFC 3339")
     y, mo, d, h, mi, s, frac, z, sign, oh, om = m.groups()
     us = int((frac or "0")[:6].ljust(6, "0"))
-    if z:
-        tz: timezone = UTC
-    else:
-        off = timedelta(hours=int(oh), minutes=int(om))
-        tz = timezone(-off if sign == "-" else off)
     try:
-        return datetime(int(y), int(mo), int(d), int(h), int(mi), int(s), us, tzinfo=tz)
-    except ValueError as e:
+        if z:
+            tz: timezone = UTC
+        else:
+            # Go's time.Parse: offset hours below 24, minutes below 60.
+            if int(om) > 59:
+                raise ValueError("offset minutes out of range")
+            off = timedelta(hours=int(oh), minutes=int(om))
+            tz = timezone(-off if sign == "-" else off)
+        t = datetime(int(y), int(mo), int(d), int(h), int(mi), int(s), us, tzinfo=tz)
+        # Every stored time must convert to UTC (the store and comparisons do);
+        # "9999-12-31T23:59:59-23:59" would overflow there, far from the input.
+        t.astimezone(UTC)
+    except (ValueError, OverflowError) as e:
         raise RemoteWireError(f"time {text!r}: {e}") from None
+    return t
 
 
 def format_time(t: datetime) -> str:

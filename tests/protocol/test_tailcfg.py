@@ -205,3 +205,18 @@ def test_map_request_from_real_client_shape() -> None:
     out = mr.to_json()
     assert "HardwareAttestationKey" not in out  # omitzero
     assert "HardwareAttestationKeySignatureTimestamp" not in out
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "9999-12-31T23:59:59-23:59",  # beyond year 9999 in UTC: would overflow when stored
+        "0001-01-01T00:00:00+23:59",  # before year 1 in UTC
+        "2026-01-01T00:00:00+24:00",  # Go: offset hours below 24
+        "2026-01-01T00:00:00+01:60",
+        "\uff12\uff10\uff12\uff16-01-01T00:00:00Z",  # full-width digits
+    ],
+)
+def test_times_go_or_utc_cannot_hold_are_refused(text: str) -> None:
+    with pytest.raises(RemoteWireError, match="time"):
+        RegisterRequest.from_json({"NodeKey": NK, "Expiry": text})

@@ -1,9 +1,8 @@
 """Configuration: headscale's `config-example.yaml` keys, typed, with located errors.
 
 A headscale config file works unchanged: every key headscale knows is either
-implemented or named in a warning that says what the user does not get (and, where
-ignoring it would be unsafe, the server refuses to start); keys headscale removed
-are refused with where they moved, and unknown keys are warnings naming the key and
+implemented or named in a warning that says what the user does not get; keys
+headscale removed are refused with where they moved, and unknown keys are warnings naming the key and
 its line. Every key can be overridden by `HOMESCALE_<KEY>` (dots as `_`), or by
 headscale's `HEADSCALE_<KEY>` (homescale's name wins when both are set).
 Relative paths are resolved against the config file's directory.
@@ -207,6 +206,21 @@ def _level(v: Any) -> str:
     )(v)
 
 
+def _acme_challenge(v: Any) -> str:
+    s = _str(v).upper()
+    if s not in ("HTTP-01", "TLS-ALPN-01"):
+        raise ValueError("expected HTTP-01 or TLS-ALPN-01")
+    return s
+
+
+def _acme_listen(v: Any) -> str:
+    from .acme import listen_address
+
+    s = _str(v)
+    listen_address(s)  # ValueError says what is wrong
+    return s
+
+
 # ---------------------------------------------------------------- the schema
 # key -> (parser, default). Defaults are headscale's (hscontrol/types/config.go and
 # config-example.yaml), with homescale's own names for paths.
@@ -276,6 +290,13 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "cli.insecure": (_bool, False),
     # false: no STUN listener (homescale's other spelling: stun_listen_addr: "").
     "derp.server.stun.enabled": (_bool, True),
+    # Let's Encrypt (appliance/acme.py): headscale's keys and defaults, but the cache's.
+    "tls_letsencrypt_hostname": (_str, ""),
+    "tls_letsencrypt_challenge_type": (_acme_challenge, "HTTP-01"),
+    "tls_letsencrypt_listen": (_acme_listen, ":http"),
+    "tls_letsencrypt_cache_dir": (_str, "/var/lib/homescale/cache"),
+    "acme_url": (_url, "https://acme-v02.api.letsencrypt.org/directory"),
+    "acme_email": (_str, ""),
     # homescale's own (headscale has no such key): per-IP caps on open connections.
     "limits.max_connections_per_ip": (_count, 256),
     "limits.max_derp_connections_per_ip": (_count, 64),
@@ -289,7 +310,6 @@ class Unsupported:
     loss: str  # what the user does not get, said in the warning
     # True when the value asks for nothing homescale does not do (headscale's "off").
     inert: Callable[[Any, Callable[[str], Any]], bool] = lambda v, get: False
-    unsafe: bool = False  # ignoring it would do what the user did not ask for: refuse to serve
 
 
 def _off(*values: Any) -> Callable[[Any, Callable[[str], Any]], bool]:
@@ -300,34 +320,19 @@ def _always(v: Any, get: Callable[[str], Any]) -> bool:
     return True
 
 
-# The rest of the ACME keys: refused with tls_letsencrypt_hostname while it is set,
-# unread while it is not (in headscale too): one message, on the main key.
-_ACME = Unsupported("see tls_letsencrypt_hostname", inert=_always)
 _GRPC = "no gRPC API: use the REST API under /api/v1 (homescale's CLI does: cli.address)"
 _GORM = "a setting of headscale's Go ORM (gorm); homescale has no such layer"
 
 # Keys headscale reads (hscontrol/types/config.go) that homescale does not implement.
 # An entry ending in "." covers its whole section. A key whose value asks for nothing
 # (its `inert` test) passes quietly; any other gets a warning naming the key, its file
-# and line, and what is lost -- or, if `unsafe`, keeps the server from starting.
+# and line, and what is lost. (None is unsafe to ignore: TLS and OIDC are built in.)
 UNSUPPORTED: dict[str, Unsupported] = {
     "trusted_proxies": Unsupported(
         "X-Forwarded-For is not read: logs show the proxy's address", inert=_off([], None, "")
     ),
     "grpc_listen_addr": Unsupported(_GRPC, inert=_off("", None)),
     "grpc_allow_insecure": Unsupported(_GRPC, inert=_off(False, None)),
-    "tls_letsencrypt_hostname": Unsupported(
-        "Let's Encrypt is not built in (yet): the server would run without the certificate "
-        "you asked for. Remove the key and set tls_cert_path/tls_key_path (or put a "
-        "TLS-terminating proxy in front)",
-        inert=_off("", None),
-        unsafe=True,
-    ),
-    "tls_letsencrypt_cache_dir": _ACME,
-    "tls_letsencrypt_challenge_type": _ACME,
-    "tls_letsencrypt_listen": _ACME,
-    "acme_url": _ACME,
-    "acme_email": _ACME,
     "database.debug": Unsupported("SQL statements are not logged", inert=_off(False, None)),
     "database.gorm.prepare_stmt": Unsupported(_GORM, inert=_off(True, None)),
     "database.gorm.parameterized_queries": Unsupported(_GORM, inert=_off(True, None)),
@@ -395,6 +400,7 @@ _PATH_KEYS = (
     "database.sqlite.path",
     "unix_socket",
     "policy.path",
+    "tls_letsencrypt_cache_dir",
 )
 
 
@@ -450,6 +456,18 @@ class OIDCSettings:
 
 
 @dataclass(frozen=True)
+class AcmeSettings:
+    """Let's Encrypt: present only when `tls_letsencrypt_hostname` is set."""
+
+    hostname: str
+    challenge_type: str  # HTTP-01 or TLS-ALPN-01
+    listen: str  # where HTTP-01 is answered (headscale's ":http")
+    cache_dir: Path
+    directory_url: str
+    email: str
+
+
+@dataclass(frozen=True)
 class CliSettings:
     """headscale's `cli:` section: the server the CLI talks to when not on its machine."""
 
@@ -492,8 +510,7 @@ class Config:
     max_derp_connections_per_ip: int = 64
     warnings: list[str] = field(default_factory=list)
     oidc: OIDCSettings | None = None  # None: no identity provider, logins by the CLI only
-    # Keys that must not be ignored (see UNSUPPORTED): `serve` refuses to start.
-    refusals: list[str] = field(default_factory=list)
+    acme: AcmeSettings | None = None  # None: no Let's Encrypt
 
 
 # ---------------------------------------------------------------- loading
@@ -643,7 +660,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
 
     if not values["derp.server.stun.enabled"]:
         values["derp.server.stun_listen_addr"] = ""
-    refusals = _check_unsupported(flat, where, environ, warnings)
+    _check_unsupported(flat, where, environ, warnings)
     for key, (v, line) in flat.items():
         if key in SCHEMA or v is _Section or unsupported(key) or key in _ALIASES:
             continue
@@ -651,9 +668,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         warnings.append(f"{loc}: unknown configuration key {key!r} (ignored)")
 
     base = path.parent.resolve() if path is not None else Path.cwd()
-    config = config_from_values(values, source=path, base=base, warnings=warnings)
-    config.refusals.extend(refusals)
-    return config
+    return config_from_values(values, source=path, base=base, warnings=warnings)
 
 
 # Old spellings read in place of their new key (load_config).
@@ -665,9 +680,8 @@ def _check_unsupported(
     where: str,
     environ: Mapping[str, str],
     warnings: list[str],
-) -> list[str]:
-    """Warn about each headscale key set to something homescale does not do; return the
-    messages for those that must keep the server from starting."""
+) -> None:
+    """Warn about each headscale key set to something homescale does not do."""
     given: dict[str, tuple[Any, str]] = {}
     for key, (v, line) in flat.items():
         if v is not _Section and key not in SCHEMA and unsupported(key):
@@ -680,16 +694,10 @@ def _check_unsupported(
     def get(key: str) -> Any:
         return given.get(key, (None, ""))[0]
 
-    refusals = []
     for key, (v, origin) in given.items():
         entry = unsupported(key)
-        if entry is None or entry.inert(v, get):
-            continue
-        if entry.unsafe:
-            refusals.append(f"{origin}: {key} is not supported by homescale: {entry.loss}")
-        else:
+        if entry is not None and not entry.inert(v, get):
             warnings.append(f"{origin}: {key} is not supported by homescale: {entry.loss}")
-    return refusals
 
 
 def config_from_values(
@@ -789,6 +797,34 @@ def config_from_values(
         max_derp_connections_per_ip=values["limits.max_derp_connections_per_ip"],
         warnings=warnings,
         oidc=_oidc_settings(values, resolve),
+        acme=_acme_settings(values, resolve),
+    )
+
+
+def _acme_settings(values: dict[str, Any], resolve: Callable[[str], Path]) -> AcmeSettings | None:
+    """headscale's rules for tls_letsencrypt_hostname (types/config.go)."""
+    hostname = values["tls_letsencrypt_hostname"].strip()
+    if not hostname:
+        return None
+    if values["tls_cert_path"] or values["tls_key_path"]:
+        raise ConfigError(
+            "tls_letsencrypt_hostname and tls_cert_path/tls_key_path: set one, not both "
+            "(Let's Encrypt, or your own certificate)"
+        )
+    if not values["server_url"].startswith("https://"):
+        raise ConfigError(
+            f"tls_letsencrypt_hostname: needs an https:// server_url (clients must use the "
+            f"certificate), got {values['server_url']!r}"
+        )
+    if not values["tls_letsencrypt_cache_dir"]:
+        raise ConfigError("tls_letsencrypt_cache_dir: must not be empty")
+    return AcmeSettings(
+        hostname=hostname,
+        challenge_type=values["tls_letsencrypt_challenge_type"],
+        listen=values["tls_letsencrypt_listen"],
+        cache_dir=resolve(values["tls_letsencrypt_cache_dir"]),
+        directory_url=values["acme_url"],
+        email=values["acme_email"],
     )
 
 

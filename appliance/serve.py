@@ -320,8 +320,6 @@ async def serve(
 
     for w in config.warnings:
         log.warning("%s", w)
-    if config.refusals:  # keys whose silent absence would be unsafe (config.UNSUPPORTED)
-        raise ServeError("refusing to start:\n  " + "\n  ".join(config.refusals))
     server = Server(config, log)
     relay = None
     socket_ours = False  # never remove a socket another running server owns
@@ -335,7 +333,15 @@ async def serve(
         plain_url = config.server_url.startswith("http://")
         if plain_url:
             _first_start_cert(config, log)
-        ssl_ctx = _ssl_context(config)
+        certs = None
+        if config.acme is not None:  # Let's Encrypt: its context is renewed in place
+            from .acme import AcmeError, CertManager
+
+            try:
+                certs = CertManager(config.acme, log.getChild("acme"))
+            except AcmeError as e:
+                raise ServeError(str(e)) from None
+        ssl_ctx = certs.context if certs is not None else _ssl_context(config)
         if config.derp.server_enabled and plain_url and ssl_ctx is None:
             raise ServeError(
                 "derp.server.enabled needs TLS: clients speak DERP only over TLS. Set "
@@ -463,6 +469,8 @@ async def serve(
             if relay is not None:
                 await nursery.start(relay.serve_stun)
             await nursery.start(main.serve, main_listeners)
+            if certs is not None:  # first certificate (TLS-ALPN-01 needs main listening)
+                await nursery.start(certs.run)
             if metrics_listeners:
                 await nursery.start(metrics.serve, metrics_listeners)
             asgi_app: Any = api_socket  # an ASGI callable; hypercorn's stubs want its own types

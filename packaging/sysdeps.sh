@@ -18,6 +18,7 @@ want=(
   nodejs:node:idp
   npm:npm:idp
   chromium:chromium:browser
+  pebble:pebble:acme
 )
 missing_pkgs() {
   local pair pkg rest cmd

@@ -452,7 +452,8 @@ def test_headscale_config_example_loads(tmp_path: Path) -> None:
         "node.routes.ha.probe_timeout",
         "taildrop.enabled",
     ]
-    assert [r.split(": ")[1].split()[0] for r in config.refusals] == ["tls_letsencrypt_hostname"]
+    assert config.acme is not None
+    assert config.acme.hostname == "headscale.example.com"
     assert config.server_url == "https://headscale.example.net:443"
     assert str(config.prefix_v4) == "100.64.0.0/10"
     assert config.database_path == Path("/var/lib/headscale/db.sqlite")

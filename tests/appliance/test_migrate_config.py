@@ -14,9 +14,8 @@ import pytest
 import trio
 
 from appliance.config import load_config
-from appliance.serve import ServeError, serve
 
-from .conftest import LOG, Site, run_cli
+from .conftest import Site, run_cli
 
 HEADSCALE_EXAMPLE = Path(__file__).parent.parent / "fixtures" / "headscale" / "config-example.yaml"
 
@@ -55,39 +54,17 @@ def test_keys_set_to_headscales_off_pass_quietly(tmp_path: Path) -> None:
     )
     config = load_config(path, {})
     assert config.warnings == []
-    assert config.refusals == []
 
 
-async def test_letsencrypt_without_acme_refuses_to_serve(site: Site, tmp_path: Path) -> None:
-    """Plain HTTP where the user asked for a Let's Encrypt certificate is refused."""
-    text = site.config_path.read_text() + "tls_letsencrypt_hostname: hs.example.com\n"
-    site.config_path.write_text(text)
-    config = load_config(site.config_path, {})
-    line = text.splitlines().index("tls_letsencrypt_hostname: hs.example.com") + 1
-    assert config.refusals == [
-        f"{site.config_path}:{line}: tls_letsencrypt_hostname is not supported by homescale: "
-        "Let's Encrypt is not built in (yet): the server would run without the certificate "
-        "you asked for. Remove the key and set tls_cert_path/tls_key_path (or put a "
-        "TLS-terminating proxy in front)"
-    ]
-
-    with pytest.raises(ServeError, match=r"refusing to start:\n  .*tls_letsencrypt_hostname"):
-        with trio.fail_after(10):
-            await serve(config, LOG)
-    assert not site.socket.exists()  # nothing was started
-
-
-def test_configtest_fails_on_an_unsafe_key_from_the_environment(
+def test_letsencrypt_from_the_environment_needs_https(
     site: Site, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """headscale's name for the key works, and a plain-http server_url is refused rather
+    than served without the certificate the user asked for."""
     monkeypatch.setenv("HEADSCALE_TLS_LETSENCRYPT_HOSTNAME", "hs.example.com")
     r = run_cli(capsys, site, "configtest")
     assert r.code == 2
-    assert "the server would refuse to start" in r.err
-    assert (
-        "environment variable HEADSCALE_TLS_LETSENCRYPT_HOSTNAME: tls_letsencrypt_hostname "
-        "is not supported" in r.err
-    )
+    assert "tls_letsencrypt_hostname: needs an https:// server_url" in r.err
 
 
 def test_headscale_environment_names_are_aliases(tmp_path: Path) -> None:

@@ -345,7 +345,8 @@ class Tailnet:
             for nid in affected:
                 s = self.sessions.get(nid)
                 if s is not None:
-                    s.state.mark_all()
+                    s.state.mark_visibility()
+                    s.state.mark_peer(node_id)
                     s.notify()
         elif changed:
             self._mark_peer(self.visible_peers(node_id), node_id)

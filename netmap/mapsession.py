@@ -76,6 +76,7 @@ class MapSessionState:
     sent_users: set[int] = field(default_factory=set)
     pending_peers: set[int] = field(default_factory=set)
     pending_all: bool = True  # re-check every peer (first map, policy change)
+    pending_visibility: bool = False  # compare the visible set with what was sent
     pending_self: bool = True
     started: bool = False
 
@@ -87,12 +88,23 @@ class MapSessionState:
     def mark_all(self) -> None:
         self.pending_all = True
 
+    def mark_visibility(self) -> None:
+        """Peers may have appeared or gone (a node joined, left or changed membership):
+        only those differ between the visible set and what was sent, a set operation
+        instead of re-checking every peer (which made each join cost N x N)."""
+        self.pending_visibility = True
+
     def mark_self(self) -> None:
         self.pending_self = True
 
     @property
     def has_pending(self) -> bool:
-        return self.pending_all or self.pending_self or bool(self.pending_peers)
+        return (
+            self.pending_all
+            or self.pending_self
+            or self.pending_visibility
+            or bool(self.pending_peers)
+        )
 
     # -- composing
 
@@ -112,6 +124,8 @@ class MapSessionState:
         candidates: Iterable[int]
         if self.pending_all:
             candidates = set(visible) | set(self.sent_peers)
+        elif self.pending_visibility:
+            candidates = self.pending_peers | visible.symmetric_difference(self.sent_peers)
         else:
             candidates = self.pending_peers
         changed: list[bytes] = []
@@ -183,6 +197,7 @@ class MapSessionState:
 
         self.pending_peers.clear()
         self.pending_all = False
+        self.pending_visibility = False
         self.pending_self = False
         if not fields and self.started:
             return None

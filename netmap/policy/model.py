@@ -7,6 +7,7 @@ reads both. Nothing here does I/O.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from enum import Enum
@@ -46,6 +47,18 @@ AUTOGROUPS = (
     AUTOGROUP_NONROOT,
     AUTOGROUP_DANGER_ALL,
 )
+
+
+# Every node's addresses are parsed on every policy compile (each join); the parsed
+# objects are immutable, so each text is parsed once.
+@functools.lru_cache(maxsize=1 << 16)
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(text)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _network(text: str) -> IPNetwork:
+    return ipaddress.ip_network(text, strict=False)
 
 
 @dataclass(frozen=True)
@@ -246,15 +259,11 @@ class PolicyNode:
         return bool(self.tags)
 
     def addresses(self) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-        return [ipaddress.ip_address(a) for a in (self.ipv4, self.ipv6) if a]
+        return [_address(a) for a in (self.ipv4, self.ipv6) if a]
 
     def _served_routes(self) -> list[IPNetwork]:
-        approved = {ipaddress.ip_network(r, strict=False) for r in self.approved_routes}
-        return [
-            net
-            for net in (ipaddress.ip_network(r, strict=False) for r in self.routable_ips)
-            if net in approved
-        ]
+        approved = {_network(r) for r in self.approved_routes}
+        return [net for net in map(_network, self.routable_ips) if net in approved]
 
     def subnet_routes(self) -> list[IPNetwork]:
         """Advertised and approved routes, exit routes excluded."""

@@ -138,6 +138,9 @@ class SimNode:
         self.disco = PrivateKey.generate()
         self.node_key = str(self.node.node_public())
         self.endpoints = [f"192.0.2.{1 + index % 250}:{10000 + index % 50000}"]
+        # Its own loopback source address, as real nodes each have their own IP (the
+        # server caps connections per IP).
+        self.source_ip = str(ipaddress.IPv4Address("127.100.0.0") + 1 + index)
         self.os_version = ""  # a Hostinfo detail no patch carries: set it to force a full node
         self.view = PeerView() if track else None
         self.client: ts2021client.TS2021Client | None = None
@@ -191,7 +194,9 @@ class SimNode:
                     async with limiter if limiter is not None else _nothing():
                         with trio.fail_after(CONNECT_TIMEOUT):
                             t = now()
-                            raw = await trio.open_tcp_stream(fleet.host, fleet.port)
+                            raw = await trio.open_tcp_stream(
+                                fleet.host, fleet.port, local_address=self.source_ip
+                            )
                             client = await ts2021client.connect(
                                 raw, fleet.server_key, machine=self.machine
                             )
@@ -216,7 +221,10 @@ class SimNode:
                     while True:
                         await self._read(client, st, decoder, fleet)
         except Exception as e:  # any failure ends this node's session only; counted
-            self.error = f"{type(e).__name__}: {e}"
+            leaf: BaseException = e
+            while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+                leaf = leaf.exceptions[0]
+            self.error = f"{type(leaf).__name__}: {leaf}"
             fleet.errors.append(f"{self.hostname}: {self.error}")
         finally:
             self.client = None

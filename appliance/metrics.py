@@ -23,21 +23,29 @@ class Metrics:
             self.help[name] = help
 
     def render(self) -> str:
+        """The text format: each family's HELP and TYPE once, then its samples."""
+        # Copies first: render may run in a worker thread while the trio thread counts.
+        counters, gauges = dict(self.counters), dict(self.gauges)
         lines: list[str] = []
-        for name in sorted(self.counters):
+        seen: set[str] = set()
+
+        def family(name: str, kind: str) -> None:
             base = name.split("{")[0]
+            if base in seen:
+                return
+            seen.add(base)
             if base in self.help:
                 lines.append(f"# HELP {base} {self.help[base]}")
-            lines.append(f"# TYPE {base} counter")
-            lines.append(f"{name} {self.counters[name]:g}")
-        for name in sorted(self.gauges):
-            base = name.split("{")[0]
-            if base in self.help:
-                lines.append(f"# HELP {base} {self.help[base]}")
-            lines.append(f"# TYPE {base} gauge")
+            lines.append(f"# TYPE {base} {kind}")
+
+        for name in sorted(counters):
+            family(name, "counter")
+            lines.append(f"{name} {counters[name]:g}")
+        for name in sorted(gauges):
             try:
-                value = float(self.gauges[name]())
+                value = float(gauges[name]())
             except Exception:
                 continue
+            family(name, "gauge")
             lines.append(f"{name} {value:g}")
         return "\n".join(lines) + "\n"

@@ -15,7 +15,7 @@ import trio
 
 from appliance import httpserver
 from appliance.boundary import Boundary, classify
-from appliance.httpserver import HttpServer, Request, Response
+from appliance.httpserver import HttpServer, Request, Response, Upgrade
 from appliance.metrics import Metrics
 from appliance.serve import Server
 
@@ -191,3 +191,55 @@ def test_limits_are_in_the_config(site: Site) -> None:
     assert config.max_derp_connections_per_ip == 64
     env = {"HOMESCALE_LIMITS_MAX_CONNECTIONS_PER_IP": "10"}
     assert load_config(site.config_path, environ=env).max_connections_per_ip == 10
+
+
+async def test_derp_cap_answers_429_and_frees_on_close() -> None:
+    """limits.max_derp_connections_per_ip: a long-held upgrade gets a cap of its own."""
+    release = trio.Event()
+
+    async def hold(up: Upgrade) -> None:
+        await up.stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\n\r\n")
+        await release.wait()
+
+    http = HttpServer(
+        routes={},
+        upgrades={"/derp": hold},
+        logger=logging.getLogger("test.http"),
+        upgrade_caps={"/derp": 2},
+    )
+    up = b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n"
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(CALL_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(http.serve, listeners)
+            held = []
+            for _ in range(2):
+                s = await trio.open_tcp_stream("127.0.0.1", port)
+                await s.send_all(up)
+                assert (await s.receive_some(100)).startswith(b"HTTP/1.1 101")
+                held.append(s)
+            extra = await trio.open_tcp_stream("127.0.0.1", port)
+            await extra.send_all(up)
+            assert (await extra.receive_some(100)).startswith(b"HTTP/1.1 429")
+            release.set()
+            for s in held:
+                await s.aclose()
+            await trio.sleep(0.1)
+            again = await trio.open_tcp_stream("127.0.0.1", port)
+            await again.send_all(up)
+            assert (await again.receive_some(100)).startswith(b"HTTP/1.1 101")
+            nursery.cancel_scope.cancel()
+
+
+def test_metrics_name_each_family_once() -> None:
+    """Prometheus refuses a second TYPE line for a family: labelled samples share one."""
+    metrics = Metrics()
+    boundary = Boundary(logging.getLogger("test.boundary"), metrics)
+    boundary.record("http", "192.0.2.1:1", trio.TooSlowError())
+    boundary.record("derp", "192.0.2.1:2", RuntimeError("bug"))
+    text = metrics.render()
+    assert text.count("# TYPE homescale_isolated_errors_total counter") == 1
+    assert text.count("# HELP homescale_isolated_errors_total") == 1
+    assert 'homescale_isolated_errors_total{kind="derp",cause="internal"} 1' in text
+    assert 'homescale_isolated_errors_total{kind="http",cause="timeout"} 1' in text

@@ -169,6 +169,8 @@ class Admin:
             "availableRoutes": available,
             "subnetRoutes": [r for r in n.approved_routes if r in available],
             "tags": list(n.tags),
+            # homescale's device approval (node.require_approval): false = pending.
+            "approved": n.approved,
         }
 
     # -- lookups
@@ -349,6 +351,22 @@ class Admin:
         when = None if disable else (utcnow() if expiry is None or is_zero_time(expiry) else expiry)
         out = self.node_json(self.store.update_node(n.id, expiry=when))
         return out
+
+    def approve_node(self, ref: str | int) -> dict[str, Any]:
+        """Device approval: let a logged-in node into the tailnet (its client hears it)."""
+        n = self._node(ref)
+        if n.approved:
+            raise InvalidInput(f"node {n.id} ({n.given_name}) is already approved")
+        return self.node_json(self.store.update_node(n.id, approved=True))
+
+    def reject_node(self, ref: str | int) -> None:
+        """Device approval: refuse a pending node (it is deleted; its client must log in again)."""
+        n = self._node(ref)
+        if n.approved:
+            raise InvalidInput(
+                f"node {n.id} ({n.given_name}) is approved; use `nodes delete` to remove it"
+            )
+        self.store.delete_node(n.id)
 
     def rename_node(self, ref: str | int, new_name: str) -> dict[str, Any]:
         n = self._node(ref)

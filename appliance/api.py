@@ -161,6 +161,8 @@ class AdminApi:
         r("GET", _NODE, lambda q, nid: self.db(lambda: {"node": a.get_node(nid)}))
         r("DELETE", _NODE, lambda q, nid: self.done(lambda: a.delete_node(nid)))
         r("POST", _NODE + "/expire", self.expire_node)
+        r("POST", _NODE + "/approve", lambda q, nid: self.db(lambda: {"node": a.approve_node(nid)}))
+        r("POST", _NODE + "/reject", lambda q, nid: self.done(lambda: a.reject_node(nid)))
         r(
             "POST",
             _NODE + "/rename/([^/]+)",

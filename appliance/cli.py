@@ -392,6 +392,7 @@ NODE_COLS = [
     ("Online", "online"),
     ("Last seen", "lastSeen"),
     ("Expiry", "expiry"),
+    ("Approved", "approved"),
 ]
 
 
@@ -692,6 +693,20 @@ def nodes_delete(*, identifier: NodeId) -> None:
     _confirm(f"delete node {identifier}")
     api("DELETE", f"/api/v1/node/{identifier}")
     emit({}, message="Node deleted")
+
+
+@nodes.command(name="approve")
+def nodes_approve(*, identifier: NodeId) -> None:
+    """Let a node waiting for device approval into the tailnet (node.require_approval)."""
+    obj = api("POST", f"/api/v1/node/{identifier}/approve")
+    emit(obj["node"], message=f"Node {obj['node']['givenName']} approved")
+
+
+@nodes.command(name="reject")
+def nodes_reject(*, identifier: NodeId) -> None:
+    """Refuse a node waiting for device approval (it is deleted)."""
+    api("POST", f"/api/v1/node/{identifier}/reject")
+    emit({}, message="Node rejected")
 
 
 @nodes.command(name="expire", alias=["logout", "exp", "e"])

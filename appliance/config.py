@@ -267,6 +267,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "log.format": (_choice("text", "json"), "text"),
     "logtail.enabled": (_bool, False),
     "node.expiry": (_duration, "0"),
+    "node.require_approval": (_bool, False),
     "node.ephemeral.inactivity_timeout": (_duration, "120s"),
     "disable_check_updates": (_bool, False),
     "oidc.only_start_if_oidc_is_available": (_bool, True),
@@ -503,6 +504,7 @@ class Config:
     log_format: str
     logtail_enabled: bool
     node_expiry: timedelta  # 0: node keys never expire
+    node_require_approval: bool  # device approval: new nodes wait for `nodes approve`
     ephemeral_inactivity_timeout: timedelta
     disable_check_updates: bool
     cli: CliSettings
@@ -785,6 +787,7 @@ def config_from_values(
         log_format=values["log.format"],
         logtail_enabled=values["logtail.enabled"],
         node_expiry=values["node.expiry"],
+        node_require_approval=values["node.require_approval"],
         ephemeral_inactivity_timeout=values["node.ephemeral.inactivity_timeout"],
         disable_check_updates=values["disable_check_updates"],
         cli=CliSettings(

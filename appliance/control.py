@@ -154,7 +154,9 @@ class ControlService:
                 "DisplayName": name,
                 "ProfilePicURL": "",
             },
-            "MachineAuthorized": True,
+            # False under device approval: the client waits (NeedsMachineAuth) until an admin
+            # approves; the approval reaches it as its own node in the map stream.
+            "MachineAuthorized": node.approved,
         }
 
     async def ssh_action(self, req: ControlRequest, resp: ControlResponse) -> None:

@@ -165,9 +165,16 @@ def _m002_user_groups(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE users ADD COLUMN groups TEXT NOT NULL DEFAULT '[]'")
 
 
+def _m003_node_approval(db: sqlite_utils.Database) -> None:
+    # Device approval (node.require_approval): 0 = logged in, waiting for an admin.
+    # Nodes that existed before are approved.
+    db.execute("ALTER TABLE nodes ADD COLUMN approved INTEGER NOT NULL DEFAULT 1")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "initial schema", _m001_initial),
     (2, "users: identity provider groups", _m002_user_groups),
+    (3, "nodes: device approval", _m003_node_approval),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -234,6 +241,7 @@ class NodeRow:
     approved_routes: list[str] = field(default_factory=list)
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    approved: bool = True  # False: logged in, waiting for `nodes approve` (device approval)
 
 
 @dataclass
@@ -294,6 +302,7 @@ def _node(r: dict[str, Any]) -> NodeRow:
     for k in _NODE_TIMES:
         d[k] = from_iso(d[k])
     d["ephemeral"] = bool(d["ephemeral"])
+    d["approved"] = bool(d["approved"])
     return NodeRow(**d)
 
 
@@ -304,7 +313,7 @@ def _node_values(fields: dict[str, Any]) -> dict[str, Any]:
             v = json.dumps(v)
         elif k in _NODE_TIMES:
             v = to_iso(v)
-        elif k == "ephemeral":
+        elif k in ("ephemeral", "approved"):
             v = int(bool(v))
         out[k] = v
     return out

@@ -124,24 +124,38 @@ class Tailnet:
     def entry(self, node_id: int) -> NodeEntry | None:
         return self.entries.get(node_id)
 
+    def in_policy(self, node_id: int) -> bool:
+        """Whether the compiled policy holds the node (known and, if need be, approved)."""
+        return self.compiled is not None and self.compiled.knows(node_id)
+
     def visible_peers(self, node_id: int) -> frozenset[int]:
         v = self._visible.get(node_id)
         if v is None:
-            v = self.compiled.visible_peers(node_id) if self.compiled else frozenset()
+            v = (
+                self.compiled.visible_peers(node_id)
+                if self.compiled and self.in_policy(node_id)
+                else frozenset()
+            )
             self._visible[node_id] = v
         return v
 
     def filter_json(self, node_id: int) -> bytes:
         f = self._filters.get(node_id)
         if f is None:
-            rules = self.compiled.filter_for(node_id) if self.compiled else []
+            rules = (
+                self.compiled.filter_for(node_id)
+                if self.compiled and self.in_policy(node_id)
+                else []
+            )
             f = json.dumps(rules, separators=(",", ":")).encode()
             self._filters[node_id] = f
         return f
 
     def ssh_json(self, node_id: int) -> bytes | None:
         if node_id not in self._ssh:
-            rules = self.compiled.ssh_for(node_id) if self.compiled else []
+            rules = (
+                self.compiled.ssh_for(node_id) if self.compiled and self.in_policy(node_id) else []
+            )
             self._ssh[node_id] = (
                 json.dumps({"rules": rules}, separators=(",", ":")).encode() if rules else None
             )
@@ -230,6 +244,7 @@ class Tailnet:
             exit_routes=tuple(r for r in served if r in EXIT_ROUTES),
             self_caps=self._policy_caps(n.id, self_view=True),
             peer_caps=self._policy_caps(n.id, self_view=False),
+            authorized=n.approved,
         )
 
     def _policy_caps(self, node_id: int, *, self_view: bool) -> tuple[tuple[str, str], ...]:
@@ -335,7 +350,11 @@ class Tailnet:
             self.by_node_key.pop(old_row.node_key, None)
         self.by_node_key[row.node_key] = node_id
         changed = self._encode(row)
-        if old_row is None or self._policy_node(old_row) != self._policy_node(row):
+        if (
+            old_row is None
+            or old_row.approved != row.approved
+            or self._policy_node(old_row) != self._policy_node(row)
+        ):
             # Membership, tags, addresses or routes changed: the policy resolves differently.
             before = self.visible_peers(node_id) if old_row is not None else frozenset()
             self._recompile()
@@ -393,11 +412,13 @@ class Tailnet:
         ]
         before = self.auto_approved
         self.auto_approved = {}
-        nodes = [self._policy_node(n) for n in self.nodes.values()]
+        nodes = [self._policy_node(n) for n in self.nodes.values() if n.approved]
         compiled = compile_policy(policy, users, nodes, server_url=self.config.server_url)
         # autoApprovers: advertised routes the policy approves count as approved. They
         # change what others may reach, so compile once more when there are any.
         for n in self.nodes.values():
+            if not n.approved:
+                continue
             pending = [
                 r
                 for r in _advertised(n)
@@ -406,7 +427,7 @@ class Tailnet:
             if pending:
                 self.auto_approved[n.id] = tuple(pending)
         if self.auto_approved:
-            nodes = [self._policy_node(n) for n in self.nodes.values()]
+            nodes = [self._policy_node(n) for n in self.nodes.values() if n.approved]
             compiled = compile_policy(policy, users, nodes, server_url=self.config.server_url)
         # Re-encode the nodes whose auto-approved routes changed either way: a revoked
         # approval must leave their AllowedIPs/PrimaryRoutes too.

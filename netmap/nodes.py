@@ -56,6 +56,7 @@ class PeerNode:
     # (name, JSON value) pairs, so the dataclass stays comparable).
     self_caps: tuple[tuple[str, str], ...] = ()
     peer_caps: tuple[tuple[str, str], ...] = ()
+    authorized: bool = True  # False: waiting for device approval (NeedsMachineAuth)
 
     @property
     def addresses(self) -> list[str]:
@@ -103,7 +104,7 @@ def node_json(n: PeerNode, base_domain: str, *, self_view: bool = False) -> dict
         "Endpoints": list(n.endpoints),
         "Hostinfo": hostinfo,  # always an object: some client code dereferences it
         "Created": format_time(n.created) if n.created else ZERO_TIME,
-        "MachineAuthorized": True,
+        "MachineAuthorized": n.authorized,
         "CapMap": cap_map,
         "Online": n.online,
     }

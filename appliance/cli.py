@@ -854,6 +854,61 @@ def policy_check(*, file: PolicyFile) -> None:
     emit({"ok": True}, message=f"{file}: policy OK")
 
 
+@app.command
+def doctor(*, fix: Annotated[bool, Parameter(name=["--fix"], negative="")] = False) -> None:
+    """List stored nodes the server cannot serve (it quarantines them); --fix repairs them.
+
+    Works on the database directly, with the server running or stopped; a running server
+    serves repaired nodes after a restart (or the node's next change).
+    """
+    from .quarantine import doctor as diagnose
+    from .store import Store
+
+    config = _config()
+    if fix:
+        _refuse_foreign_state(config)
+    store = Store(config.database_path, wal=config.write_ahead_log)
+    try:
+        report = diagnose(store, config, fix=fix)
+    finally:
+        store.close()
+    rows = [
+        {
+            "id": p.node_id,
+            "name": p.node_name,
+            "field": p.field,
+            "value": p.value,
+            "problem": p.reason,
+        }
+        for p in report.problems
+    ]
+    if OPTS.output:
+        emit({"problems": rows, "repaired": report.repaired, "unrepaired": report.left})
+    elif not rows:
+        print(f"{config.database_path}: every stored node can be served")
+    else:
+        print_table(
+            rows,
+            [
+                ("ID", "id"),
+                ("Name", "name"),
+                ("Field", "field"),
+                ("Value", "value"),
+                ("Problem", "problem"),
+            ],
+        )
+        if fix:
+            print(f"repaired nodes: {', '.join(map(str, report.repaired)) or 'none'}")
+            if report.repaired and _socket_answers(config.unix_socket):
+                print("the server is running: restart it to serve the repaired nodes")
+        else:
+            print("run `homescale doctor --fix` to repair them")
+    for note in report.left:
+        print(f"not repaired: {note}", file=sys.stderr)
+    if report.left or (rows and not fix):
+        raise SystemExit(1)
+
+
 def _read(file: str) -> str:
     try:
         return Path(file).read_text()

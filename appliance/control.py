@@ -415,6 +415,14 @@ class ControlService:
         node_id = self.tailnet.by_node_key.get(str(mr.NodeKey))
         node = self.tailnet.nodes.get(node_id) if node_id is not None else None
         if node is None:
+            quarantined = self.tailnet.quarantine_of(str(mr.NodeKey))
+            if quarantined is not None:
+                raise _Refusal(
+                    403,
+                    f"this node's stored record cannot be served ({quarantined.problems[0]}); "
+                    f"an administrator of this homescale server can repair it with "
+                    f"`homescale doctor --fix`",
+                )
             raise _Refusal(404, "unknown node key: register first")
         if node.machine_key != machine:
             raise _Refusal(403, "node key belongs to another machine")

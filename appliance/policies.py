@@ -31,13 +31,15 @@ def check_policy_text(text: str, source: str = "<policy>", store: Store | None =
     names what is wrong, with its JSON path and line."""
     from netmap.policy import PolicyError, PolicyUser, load_policy
 
+    from .quarantine import node_row_problems
     from .tailnet import policy_node
 
     users, nodes = [], []
     if store is not None:
         rows = {u.id: u for u in store.users()}
         users = [PolicyUser(id=u.id, name=u.name, email=u.email) for u in rows.values()]
-        nodes = [policy_node(n, rows) for n in store.nodes()]
+        # Rows the server quarantines (appliance.quarantine) are not checked against either.
+        nodes = [policy_node(n, rows) for n in store.nodes() if not node_row_problems(n)]
     try:
         load_policy(text, users, nodes, source)
     except PolicyError as e:

@@ -34,10 +34,19 @@ from .changes import (
     UserRemoved,
 )
 from .config import Config
+from .quarantine import RowProblem, node_row_problems
 from .store import NodeRow, UserRow, utcnow
 
 TAGGED_USER_ID = 2147455555  # headscale's TaggedDevices pseudo-user
 EXIT_ROUTES = ("0.0.0.0/0", "::/0")
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """A stored node the tailnet does not serve, and why (see appliance.quarantine)."""
+
+    row: NodeRow
+    problems: tuple[RowProblem, ...]
 
 
 class SessionHandle:
@@ -81,6 +90,7 @@ class Tailnet:
     auto_approved: dict[int, tuple[str, ...]] = field(default_factory=dict)
     by_node_key: dict[str, int] = field(default_factory=dict)  # for DERP's verify_clients
     primaries: dict[str, int] = field(default_factory=dict)  # subnet route -> primary router
+    quarantined: dict[int, Quarantined] = field(default_factory=dict)  # rows not served
     boundary: Boundary = field(default=None)  # type: ignore[assignment]  # set in __post_init__
 
     def __post_init__(self) -> None:
@@ -90,14 +100,72 @@ class Tailnet:
     # ------------------------------------------------------------ loading
 
     def load(self, users: list[UserRow], nodes: list[NodeRow], policy_text: str | None) -> None:
+        """Start from the store. A row that cannot be served is quarantined with a warning
+        naming node and field (issue 9: one bad row must not keep the server down)."""
         self.users = {u.id: u for u in users}
-        self.nodes = {n.id: n for n in nodes}
-        self.by_node_key = {n.node_key: n.id for n in nodes}
-        for n in nodes:
+        servable = [n for n in nodes if not self._quarantine_if_bad(n)]
+        self.nodes = {n.id: n for n in servable}
+        self.by_node_key = {n.node_key: n.id for n in servable}
+        for n in servable:
             self._encode(n)
         self.policy_text = policy_text
-        self._recompile()
+        try:
+            self._recompile()
+        except Exception:
+            # Fields all valid, yet the policy does not compile: find the rows it fails on.
+            for n in self._rows_the_policy_refuses():
+                self._drop(n.id)
+            self._recompile()
         self.set_dns()
+
+    def _quarantine_if_bad(self, row: NodeRow) -> bool:
+        problems = node_row_problems(row)
+        if problems:
+            self._quarantine(row, problems)
+        return bool(problems)
+
+    def _quarantine(self, row: NodeRow, problems: list[RowProblem]) -> None:
+        self.quarantined[row.id] = Quarantined(row, tuple(problems))
+        for p in problems:
+            self.log.warning(
+                "quarantined %s; the node is not served until repaired (homescale doctor --fix)", p
+            )
+
+    def _rows_the_policy_refuses(self) -> list[NodeRow]:
+        """(start only) The nodes the policy fails to compile with, each quarantined."""
+        refused = []
+        for n in self.nodes.values():
+            refusal = self._policy_refusal(n)
+            if refusal is not None:
+                self._quarantine(n, [refusal])
+                refused.append(n)
+        return refused
+
+    def _policy_refusal(self, row: NodeRow) -> RowProblem | None:
+        """Why the policy does not compile with this node alone (None: it does). Raises
+        when it does not compile without any node either: then the policy is at fault."""
+        policy = parse_policy(self.policy_text, "policy") if self.policy_text else None
+        users = [PolicyUser(id=u.id, name=u.name, email=u.email) for u in self.users.values()]
+        compile_policy(policy, users, [], server_url=self.config.server_url)
+        try:
+            compile_policy(
+                policy, users, [self._policy_node(row)], server_url=self.config.server_url
+            )
+        except Exception as e:
+            why = f"the policy does not compile with this node: {e}"
+            return RowProblem(row.id, row.given_name, "policy", "", why)
+        return None
+
+    def _drop(self, node_id: int) -> None:
+        row = self.nodes.pop(node_id)
+        self.by_node_key.pop(row.node_key, None)
+        self.peers.pop(node_id, None)
+        self.entries.pop(node_id, None)
+        self.online.discard(node_id)
+
+    def quarantine_of(self, node_key: str) -> Quarantined | None:
+        """The quarantine record of the node with this key, if it is quarantined."""
+        return next((q for q in self.quarantined.values() if q.row.node_key == node_key), None)
 
     def set_dns(self) -> None:
         d = self.config.dns
@@ -322,29 +390,47 @@ class Tailnet:
 
     def _node_changed(self, node_id: int, row: NodeRow | None) -> None:
         """The node's stored record changed (None: deleted); tell whoever can see it."""
-        old_row = self.nodes.get(node_id)
         if row is None:
-            if old_row is None:
-                return
-            watchers = self.visible_peers(node_id)
-            peer = self.peers.get(node_id)
-            del self.nodes[node_id]
-            self.by_node_key.pop(old_row.node_key, None)
-            self.peers.pop(node_id, None)
-            self.entries.pop(node_id, None)
-            self.online.discard(node_id)
-            session = self.sessions.pop(node_id, None)
-            if session is not None:
-                # Tell the client before hanging up: its own node with an expired key
-                # sends it to NeedsLogin, instead of polling on with a stale netmap.
-                expired = b""
-                if peer is not None:
-                    gone = dataclasses.replace(peer, key_expiry=utcnow())
-                    expired = b'{"Node":' + encode_node(gone, self.config.dns.base_domain) + b"}"
-                session.close("node deleted", expired or None)
-            self._recompile()
-            self._mark_peer(watchers, node_id)
+            self.quarantined.pop(node_id, None)
+        elif self._quarantine_if_bad(row):
+            self._node_removed(node_id, "quarantined: its stored record cannot be served")
             return
+        elif self.quarantined.pop(node_id, None) is not None:
+            self.log.info("node %d (%s) is served again", node_id, row.given_name)
+        if row is None:
+            self._node_removed(node_id, "node deleted", last_words=True)
+            return
+        try:
+            self._node_stored(node_id, row)
+        except Exception:
+            refusal = self._policy_refusal(row)
+            if refusal is None:
+                raise  # not the row's fault: a bug, for the boundary to report
+            # Its values are valid, yet the policy cannot place it: hide it, serve the rest.
+            self._quarantine(row, [refusal])
+            self._node_removed(node_id, "quarantined: the policy cannot place it")
+
+    def _node_removed(self, node_id: int, reason: str, *, last_words: bool = False) -> None:
+        """The node leaves the tailnet (deleted, or quarantined); its watchers are told."""
+        if node_id not in self.nodes:
+            return
+        watchers = self.visible_peers(node_id)
+        peer = self.peers.get(node_id)
+        self._drop(node_id)
+        session = self.sessions.pop(node_id, None)
+        if session is not None:
+            # Tell a deleted node's client before hanging up: its own node with an expired
+            # key sends it to NeedsLogin, instead of polling on with a stale netmap.
+            expired = None
+            if peer is not None and last_words:
+                gone = dataclasses.replace(peer, key_expiry=utcnow())
+                expired = b'{"Node":' + encode_node(gone, self.config.dns.base_domain) + b"}"
+            session.close(reason, expired)
+        self._recompile()
+        self._mark_peer(watchers, node_id)
+
+    def _node_stored(self, node_id: int, row: NodeRow) -> None:
+        old_row = self.nodes.get(node_id)
         self.nodes[node_id] = row
         if old_row is not None and old_row.node_key != row.node_key:
             self.by_node_key.pop(old_row.node_key, None)

@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
+from appliance.boundary import Boundary
 from appliance.changes import Change, NodeChanged, NodeRemoved, PolicyChanged, UserChanged
+from appliance.metrics import Metrics
 from appliance.nodes import Login, log_in
 from appliance.serve import Server
 from appliance.store import NodeRow, Store
@@ -83,6 +85,9 @@ def test_one_failing_change_is_logged_and_the_rest_still_apply(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     tn = make_tailnet([user(1, "alice")], [node(1), node(2), node(3)])
+    # A logger created now: an earlier test's logging set-up may have disabled older ones.
+    metrics = Metrics()
+    tn.boundary = Boundary(logging.getLogger(f"test.changes.{id(tn)}"), metrics)
     h1, _ = connect(tn, 1)
     real = netmap_nodes.encode_node
 
@@ -97,6 +102,9 @@ def test_one_failing_change_is_logged_and_the_rest_still_apply(
     with caplog.at_level(logging.ERROR):
         tn.apply([bad, good])
     assert "change node 2 (node2) changed: internal error: RuntimeError: a bug" in caplog.text
+    assert metrics.counters == {
+        'homescale_isolated_errors_total{kind="change",cause="internal"}': 1
+    }
     msg = compose(tn, h1)
     assert msg is not None
     (patch,) = msg["PeersChangedPatch"]

@@ -57,6 +57,7 @@ class InteractiveLogins(Protocol):
     async def complete_registration(self, user: str, reg_id: str) -> dict[str, Any]: ...
     def reject_registration(self, reg_id: str) -> None: ...
     def approve_auth(self, auth_id: str) -> None: ...
+    def pending_auth(self) -> list[dict[str, Any]]: ...
 
 
 class ApiError(HomescaleError):
@@ -156,6 +157,7 @@ class AdminApi:
         )
         r("POST", r"/api/v1/auth/reject", self.reject)
         r("POST", r"/api/v1/auth/approve", self.approve)
+        r("GET", r"/api/v1/auth", self.pending)
         # Node IDs are checked by the handler (appliance.fields.parse_id): a malformed one
         # is a 400 that says so, as headscale answers, not a 404 for an unknown route.
         r("GET", _NODE, lambda q, nid: self.db(lambda: {"node": a.get_node(nid)}))
@@ -247,6 +249,9 @@ class AdminApi:
 
     async def register(self, user: str, auth_id: str) -> dict[str, Any]:
         return {"node": await self._logins().complete_registration(user, auth_id)}
+
+    async def pending(self, q: ApiRequest) -> dict[str, Any]:
+        return {"pending": self._logins().pending_auth()}
 
     async def approve(self, q: ApiRequest) -> dict[str, Any]:
         self._logins().approve_auth(q.json().required_str("authId"))

@@ -794,6 +794,22 @@ def auth_register(
     nodes_register(user=user, key=auth_id)
 
 
+@auth.command(name="list", alias=["ls"])
+def auth_list() -> None:
+    """What waits for someone: logins, SSH checks, nodes awaiting device approval."""
+    emit(
+        api("GET", "/api/v1/auth")["pending"],
+        table=[
+            ("Kind", "kind"),
+            ("Auth ID", "authId"),
+            ("Node ID", "nodeId"),
+            ("Machine", "hostname"),
+            ("User", "user"),
+            ("Since", "createdAt"),
+        ],
+    )
+
+
 @auth.command(name="approve")
 def auth_approve(*, auth_id: Annotated[str, Parameter(name=["--auth-id"])]) -> None:
     """Pass a pending SSH check (`action: check`); the waiting connection goes on."""

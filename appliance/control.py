@@ -369,6 +369,22 @@ class ControlService:
         reg.done.set()
         del self.pending[reg.id]
 
+    def pending_logins(self) -> list[dict[str, Any]]:
+        """Interactive logins waiting for a sign-in or `nodes register` (for `auth list`)."""
+        self._expire_pending()
+        return [
+            {
+                "authId": p.id,
+                "kind": "login",
+                "hostname": str(p.hostinfo.get("Hostname") or ""),
+                "machineKey": p.machine_key,
+                "user": "",
+                "createdAt": format_time(p.created),
+            }
+            for p in self.pending.values()
+            if p.node is None and not p.rejected
+        ]
+
     def pending_hostname(self, reg_id: str) -> str | None:
         """The hostname of a pending login (for the sign-in pages), None if unknown/expired."""
         self._expire_pending()

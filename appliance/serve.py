@@ -146,6 +146,48 @@ class Server:
             f"--auth-id {auth_id}",
         )
 
+    def pending_auth(self) -> list[dict[str, Any]]:
+        """`auth list`: who waits for what -- logins, SSH checks, nodes awaiting approval."""
+        from protocol.gojson import format_time
+
+        if self.control is None:
+            return []
+        out = self.control.pending_logins()
+
+        def owner_name(node_id: int) -> str:
+            uid = self.node_owner(node_id)
+            user = self.tailnet.users.get(uid) if uid is not None else None
+            return user.name if user is not None else ""
+
+        for c in self.control.ssh_checks.waiting():
+            src = self.tailnet.nodes.get(c.src)
+            dst = self.tailnet.nodes.get(c.dst)
+            out.append(
+                {
+                    "authId": c.auth_id,
+                    "kind": "ssh-check",
+                    "hostname": f"{src.given_name if src else c.src} -> "
+                    f"{dst.given_name if dst else c.dst}",
+                    "machineKey": src.machine_key if src else "",
+                    "user": owner_name(c.src),
+                    "createdAt": format_time(c.created),
+                }
+            )
+        for n in self.tailnet.nodes.values():
+            if not n.approved:
+                out.append(
+                    {
+                        "authId": "",
+                        "nodeId": str(n.id),
+                        "kind": "device-approval",
+                        "hostname": n.given_name,
+                        "machineKey": n.machine_key,
+                        "user": owner_name(n.id) or ("tagged-devices" if n.tags else ""),
+                        "createdAt": format_time(n.updated_at) if n.updated_at else "",
+                    }
+                )
+        return out
+
     def node_owner(self, node_id: int) -> int | None:
         """The user owning a node; None for tagged or unknown nodes."""
         n = self.tailnet.nodes.get(node_id)

@@ -21,6 +21,7 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import trio
@@ -54,6 +55,7 @@ class SSHCheck:
     src: int
     dst: int
     started: float = field(default_factory=time.monotonic)
+    created: datetime = field(default_factory=lambda: datetime.now(UTC).replace(microsecond=0))
     done: trio.Event = field(default_factory=trio.Event)
     accepted: bool = False
     by: str = ""
@@ -79,6 +81,11 @@ class SSHChecks:
                 break
             del self.pending[auth_id]
             first.done.set()  # a waiting client hears "rejected", not silence
+
+    def waiting(self) -> list[SSHCheck]:
+        """The checks still waiting for a verdict (for `auth list`)."""
+        self._expire()
+        return [c for c in self.pending.values() if not c.done.is_set()]
 
     def get(self, auth_id: str) -> SSHCheck | None:
         self._expire()

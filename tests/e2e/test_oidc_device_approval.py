@@ -7,6 +7,7 @@ sent it, and `nodes approve` brings it up and reachable.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,11 @@ async def test_node_waits_for_approval_then_joins(approvals: ApprovalNet) -> Non
         assert (n1["approved"], n2["approved"]) == (False, False)  # visible as pending
         listed = (await server.acli("nodes", "list")).stdout
         assert "Approved" in listed
+        pending = json.loads((await server.acli("auth", "list", "-o", "json")).stdout)
+        waiting = {p["hostname"]: p for p in pending if p["kind"] == "device-approval"}
+        assert waiting["appr1"]["user"] == "alice"
+        assert waiting["appr1"]["nodeId"] == n1["id"]
+        assert waiting["appr1"]["createdAt"]
         await first.wait_for_log(
             msg_has("Switching ipn state", "-> NeedsMachineAuth"),
             timeout=30,

@@ -200,6 +200,11 @@ async def test_tampered_state_and_replayed_callback_are_refused(oidcnet: OidcNet
     async with trio.open_nursery() as nursery:
         peer = await connect_peer(oidcnet.server, nursery, "replayed")
         url = await auth_url_of(peer)
+        # The login waits, and `auth list` shows which machine since when.
+        pending = json.loads((await oidcnet.server.acli("auth", "list", "-o", "json")).stdout)
+        mine = [p for p in pending if p["kind"] == "login" and p["hostname"] == "replayed"]
+        assert [p["authId"] for p in mine] == [url.rsplit("/", 1)[-1]]
+        assert mine[0]["createdAt"]
         with httpx.Client(timeout=15) as browser:
             to_callback = await sign_in(
                 oidcnet, url, "alice", client=browser, stop_at_callback=True
@@ -454,6 +459,10 @@ async def test_ssh_check_mode_through_the_provider_and_by_an_admin(
         follow_path = f"{follow.path}?{follow.query}"
         nursery.start_soon(wait_verdict, follow_path)
         await no_verdict_within(0.5)  # the client waits for the check
+        pending = json.loads((await server.acli("auth", "list", "-o", "json")).stdout)
+        check = next(p for p in pending if p["authId"] == auth_id)
+        assert (check["kind"], check["user"]) == ("ssh-check", "alice")
+        assert check["hostname"] == "ssh-src -> ssh-dst"
         # Someone who is not the owner of the source machine cannot pass it.
         r = await sign_in(oidcnet, check_url, "carol")
         assert r.final.status_code == 403, r.text

@@ -53,6 +53,7 @@ class TestIdP:
     redirect_uri: str
     accounts: dict[str, dict[str, Any]]
     pkce_required: bool = True
+    id_token_ttl: int = 3600  # seconds
     host: str = "localhost"  # another site than homescale's 127.0.0.1, as in real life
     issuer: str = ""
     proc: subprocess.Popen[bytes] | None = None
@@ -78,6 +79,7 @@ class TestIdP:
                     ],
                     "accounts": self.accounts,
                     "pkce_required": self.pkce_required,
+                    "id_token_ttl": self.id_token_ttl,
                 }
             )
         )

@@ -1,0 +1,92 @@
+"""OIDC settings against the real provider (npm oidc-provider, tier idp), with the
+server in this process: no network namespace needed, everything is on loopback.
+
+The login is created directly in the control service (what a client's register
+request does; tests/e2e covers that with a real client), then the browser side
+is played through the provider's pages.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import trio
+
+from appliance.config import load_config
+from appliance.serve import Server, serve
+from tests import oidcprovider
+
+from .conftest import LOG, START_TIMEOUT, Site
+
+ALICE = {
+    "sub": "alice-subject-1",
+    "email": "alice@example.com",
+    "email_verified": True,
+    "preferred_username": "alice",
+    "name": "Alice",
+}
+TOKEN_TTL = 600
+
+
+@pytest.fixture
+def idp(site: Site, tmp_path: Path) -> Iterator[oidcprovider.TestIdP]:
+    oidcprovider.require_idp()
+    p = oidcprovider.TestIdP(
+        tmp_path / "idp",
+        site.url + "/oidc/callback",
+        {"alice": dict(ALICE)},
+        pkce_required=False,
+        id_token_ttl=TOKEN_TTL,
+    )
+    p.start()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+@pytest.fixture
+async def oidc_server(site: Site, idp: oidcprovider.TestIdP) -> AsyncIterator[Server]:
+    site.config_path.write_text(
+        site.config_path.read_text()
+        + "oidc:\n"
+        + f"  issuer: {idp.issuer}\n"
+        + f"  client_id: {oidcprovider.CLIENT_ID}\n"
+        + f"  client_secret: {oidcprovider.CLIENT_SECRET}\n"
+        + "  use_expiry_from_token: true\n"
+        + "  extra_params:\n    login_hint: alice-subject-1\n    ui_locales: en\n"
+    )
+    config = load_config(site.config_path, environ={})
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(START_TIMEOUT):
+            srv = await nursery.start(serve, config, LOG)
+        yield srv
+        nursery.cancel_scope.cancel()
+
+
+async def test_expiry_from_token_and_extra_params(
+    oidc_server: Server, site: Site, idp: oidcprovider.TestIdP
+) -> None:
+    assert oidc_server.control is not None
+    machine, node_key = "mkey:" + "ab" * 32, "nodekey:" + "cd" * 32
+    login = oidc_server.control._new_pending(machine, node_key, {"Hostname": "exp1"}, False)
+    result = await trio.to_thread.run_sync(
+        lambda: oidcprovider.sign_in(f"{site.url}/register/{login.id}", "alice", idp=idp)
+    )
+    assert result.final.status_code == 200, result.text
+    # extra_params go into the authorization request; without pkce, no challenge.
+    auth = parse_qs(urlsplit(result.urls[1]).query)
+    assert auth["login_hint"] == ["alice-subject-1"]
+    assert auth["ui_locales"] == ["en"]
+    assert "code_challenge" not in auth
+    # use_expiry_from_token: the node key expires with the ID token.
+    node = oidc_server.store.node_by("machine_key", machine)
+    assert node is not None
+    assert node.register_method == "oidc"
+    assert node.expiry is not None
+    left = node.expiry.timestamp() - time.time()
+    assert TOKEN_TTL - 120 < left <= TOKEN_TTL + 5, left

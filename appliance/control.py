@@ -108,7 +108,7 @@ class ControlService:
             else:
                 await self._reply(resp, 404, {"error": "not found"})
         except _Refusal as e:
-            self.log.info("%s from %s refused: %s", req.path, req.machine_key, e)
+            self.log.info("%s from %s (%s) refused: %s", req.path, req.machine_key, req.peer, e)
             await self._reply(resp, e.status, {"error": str(e)})
 
     async def _reply(self, resp: ControlResponse, status: int, obj: Any) -> None:

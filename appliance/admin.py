@@ -195,11 +195,12 @@ class Admin:
         return self.user_json(u)
 
     def list_users(self, *, name: str = "", id: str = "", email: str = "") -> list[dict[str, Any]]:
+        want = parse_id(id, "id") if id else None  # a malformed ID is a 400, as in headscale
         users = self.store.users()
         if name:
             users = [u for u in users if u.name == name]
-        if id:
-            users = [u for u in users if str(u.id) == str(id)]
+        if want is not None:
+            users = [u for u in users if u.id == want]
         if email:
             users = [u for u in users if u.email == email]
         return [self.user_json(u) for u in users]

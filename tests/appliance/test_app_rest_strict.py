@@ -139,6 +139,8 @@ async def test_wrong_types_are_400_naming_the_field_and_store_nothing(
         ("GET", "/api/v1/preauthkey?user=9223372036854775808"),
         ("DELETE", "/api/v1/preauthkey?id=9223372036854775808"),
         ("GET", "/api/v1/node?user=9223372036854775808"),
+        ("GET", "/api/v1/user?id=abc"),
+        ("GET", "/api/v1/user?id=%C2%B2"),
         ("POST", "/api/v1/node/1/expire?expiry=2030-01-01"),
         ("POST", "/api/v1/node/1/expire?disableExpiry=maybe"),
     ],

@@ -189,6 +189,24 @@ def _pkce_method(v: Any) -> str:
     return s
 
 
+def _records_file(path: Path) -> list[dict[str, str]]:
+    """headscale's extra records file: JSON, Go's case-insensitive field names."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"dns.extra_records_path: cannot read {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not JSON ({e})") from None
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ConfigError(f"{path}: expected a JSON list of {{name, type, value}} records")
+    try:
+        return _records([{str(k).lower(): v for k, v in r.items()} for r in data])
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
 def _octal_mode(v: Any) -> int:
     s = _str(v).lower().removeprefix("0o")
     try:
@@ -263,6 +281,8 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "dns.nameservers.split": (_split_ns, {}),
     "dns.search_domains": (_str_list, []),
     "dns.extra_records": (_records, []),
+    # A JSON list of {name, type, value} (Go's tailcfg.DNSRecord), added to the above.
+    "dns.extra_records_path": (_str, ""),
     "log.level": (_level, "info"),
     "log.format": (_choice("text", "json"), "text"),
     "logtail.enabled": (_bool, False),
@@ -358,10 +378,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
         "not when it stops answering"
     ),
     "node.routes.ha.probe_timeout": Unsupported("subnet routers are not probed"),
-    "dns.extra_records_path": Unsupported(
-        "the records in that file are not served: list them under dns.extra_records",
-        inert=_off("", None),
-    ),
     "preauth_keys.revoked_retention": Unsupported(
         "expired pre-auth keys are kept until deleted (homescale preauthkeys delete)"
     ),
@@ -670,6 +686,17 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         warnings.append(f"{loc}: unknown configuration key {key!r} (ignored)")
 
     base = path.parent.resolve() if path is not None else Path.cwd()
+    if values["dns.extra_records_path"]:
+        origin = where
+        if "dns.extra_records_path" in flat and flat["dns.extra_records_path"][1]:
+            origin = f"{where}:{flat['dns.extra_records_path'][1]}"
+        values["dns.extra_records"] = values["dns.extra_records"] + _records_file(
+            base / Path(values["dns.extra_records_path"]).expanduser()
+        )
+        warnings.append(
+            f"{origin}: dns.extra_records_path is read at start: restart homescale after "
+            f"changing the file (headscale watches it)"
+        )
     return config_from_values(values, source=path, base=base, warnings=warnings)
 
 

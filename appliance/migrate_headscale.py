@@ -693,12 +693,17 @@ def _import_into(store: Store, read: _Read, config: Config, report: ImportReport
                 )
 
 
-def _carry_key(src: Path | None, dst: Path, what: str, report: ImportReport, dry: bool) -> None:
-    """Copy headscale's private key file; the one it replaces is kept beside it."""
-    if src is None:
-        report.not_carried.append(
-            f"{what}: no source key (pass the key file, or --config with its path)"
-        )
+def _carry_key(
+    src: Path | None, dst: Path, what: str, report: ImportReport, dry: bool, *, optional: bool
+) -> None:
+    """Copy headscale's private key file; the one it replaces is kept beside it.
+
+    `optional`: a missing file is only noted (headscale writes its DERP key only when
+    its embedded relay ran; DERP clients take a new relay key without a login)."""
+    if src is None or (optional and not src.exists()):
+        where = f" ({src} does not exist)" if src is not None else ""
+        message = f"{what}: no source key{where} (pass the key file, or --config with its path)"
+        (report.notes if optional else report.not_carried).append(message)
         return
     try:
         key = PrivateKey.parse(src.read_text().strip())
@@ -760,7 +765,13 @@ def import_headscale(source: HeadscaleSource, config: Config, *, dry_run: bool) 
             _import_into(store, read, config, report)
         finally:
             store.close()
-    _carry_key(source.noise_key, config.noise_private_key_path, "noise_key", report, dry_run)
+    _carry_key(
+        source.noise_key, config.noise_private_key_path, "noise_key", report, dry_run,
+        optional=False,
+    )  # fmt: skip
     if source.derp_key is not None or config.derp.server_enabled:
-        _carry_key(source.derp_key, config.derp.private_key_path, "derp_key", report, dry_run)
+        _carry_key(
+            source.derp_key, config.derp.private_key_path, "derp_key", report, dry_run,
+            optional=True,
+        )  # fmt: skip
     return report

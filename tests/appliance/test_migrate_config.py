@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from appliance.config import load_config
+from appliance.errors import ConfigError
 
 from .conftest import Site, run_cli
 
@@ -126,3 +127,28 @@ async def test_cli_section_sends_commands_to_the_configured_server(
     (tmp_path / "config.yaml").write_text(remote.read_text().replace(api_key, "hskey-api-x"))
     r = await trio.to_thread.run_sync(lambda: run_cli(capsys, other, "users", "list"))
     assert r.code != 0
+
+
+def test_extra_records_file_is_read(tmp_path: Path) -> None:
+    """headscale's dns.extra_records_path (JSON, Go field names in any case) adds records."""
+    (tmp_path / "records.json").write_text(
+        '[{"Name": "grafana.ts.example", "Type": "A", "Value": "100.64.0.3"},'
+        ' {"name": "db.ts.example", "type": "AAAA", "value": "fd7a:115c:a1e0::3"}]'
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "dns:\n  base_domain: ts.example\n  extra_records_path: records.json\n"
+        "  extra_records:\n    - {name: a.ts.example, type: A, value: 100.64.0.9}\n"
+    )
+    config = load_config(path, {})
+    assert [r["name"] for r in config.dns.extra_records] == [
+        "a.ts.example",
+        "grafana.ts.example",
+        "db.ts.example",
+    ]
+    assert warned_keys(config.warnings) == ["dns.extra_records_path"]
+    assert f"{path}:3: dns.extra_records_path is read at start" in config.warnings[0]
+
+    (tmp_path / "records.json").write_text('[{"name": "x", "value": "100.64.0.1", "type": "MX"}]')
+    with pytest.raises(ConfigError, match=r"records.json: record type 'MX': expected A or AAAA"):
+        load_config(path, {})

@@ -297,7 +297,7 @@ def test_dry_run_writes_nothing(
 
 
 def test_config_after_the_command_is_headscales(
-    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`homescale -c HOMESCALE migrate headscale --config HEADSCALE` (paths relative to it)."""
     hs = tmp_path / "etc-headscale"
@@ -311,3 +311,23 @@ def test_config_after_the_command_is_headscales(
     assert r.code == 0, r.err
     assert "imported: 1 users, 5 nodes" in r.out
     assert read_private_key_file(site.key_path) == key
+
+    # headscale's DERP key, when its embedded relay ran, is carried too; none is no error.
+    derp_key = PrivateKey.generate()
+    write_private_key_file(hs / "lib" / "derp.key", derp_key)
+    (hs / "config.yaml").write_text(
+        (hs / "config.yaml").read_text() + "derp:\n  server:\n    private_key_path: lib/derp.key\n"
+    )
+    monkeypatch.setenv("HOMESCALE_DERP_SERVER_PRIVATE_KEY_PATH", "derp_server.key")
+    r = run_cli(
+        capsys, site, "-o", "json", "migrate", "headscale", "--config", str(hs / "config.yaml")
+    )
+    assert r.code == 0, r.err
+    assert r.json()["counts"]["derp_key"] == 1
+    assert read_private_key_file(site.dir / "derp_server.key") == derp_key
+    (hs / "lib" / "derp.key").unlink()
+    r = run_cli(
+        capsys, site, "-o", "json", "migrate", "headscale", "--config", str(hs / "config.yaml")
+    )
+    assert r.code == 0, r.err
+    assert any("derp_key: no source key" in n for n in r.json()["notes"])

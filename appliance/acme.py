@@ -63,8 +63,10 @@ def listen_address(spec: str) -> tuple[str, int]:
     host, sep, port = spec.rpartition(":")
     if not sep:
         raise ValueError(f"expected [host]:port like :http or 0.0.0.0:80, got {spec!r}")
+    # Known without /etc/services (absent on minimal systems; Go's net has the same table).
+    named = {"http": 80, "https": 443}
     try:
-        number = int(port) if port.isdigit() else socket.getservbyname(port, "tcp")
+        number = int(port) if port.isdigit() else named.get(port) or socket.getservbyname(port)
     except OSError:
         raise ValueError(f"unknown port {port!r} (use a number, or http)") from None
     return host.strip("[]") or "0.0.0.0", number

@@ -241,3 +241,18 @@ async def test_renewed_before_expiry_without_a_restart(tmp_path: Path, pebble: P
     assert second.serial_number != first.serial_number
     cached = tmp_path / "acme-cache" / f"{HOSTNAME}.crt"
     assert x509.load_pem_x509_certificate(cached.read_bytes()) == second
+
+
+def test_listen_address_needs_no_services_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Minimal systems (the .deb's chroot test) have no /etc/services: `:http` still works."""
+    from appliance.acme import listen_address
+
+    def no_services(name: str, proto: str = "") -> int:
+        raise OSError("service not found")
+
+    monkeypatch.setattr(socket, "getservbyname", no_services)
+    assert listen_address(":http") == ("0.0.0.0", 80)
+    assert listen_address("[::]:https") == ("::", 443)
+    assert listen_address("127.0.0.1:8080") == ("127.0.0.1", 8080)
+    with pytest.raises(ValueError, match="unknown port 'gopher'"):
+        listen_address(":gopher")

@@ -104,9 +104,10 @@ class PerIpCap:
     everyone else; the limit is per IP because a NAT may put many honest clients behind one.
     """
 
-    def __init__(self, limit: int, what: str, log: logging.Logger) -> None:
+    def __init__(self, limit: int, what: str, log: logging.Logger, key: str) -> None:
         self.limit = limit
         self.what = what
+        self.key = key  # the config key that sets `limit`, for the log line
         self.log = log
         self.open: dict[str, int] = {}
         self._logged: dict[str, float] = {}
@@ -154,7 +155,7 @@ class HttpServer:
         logger: logging.Logger,
         boundary: Boundary | None = None,
         max_connections_per_ip: int = 0,
-        upgrade_caps: dict[str, int] | None = None,
+        upgrade_caps: dict[str, tuple[int, str]] | None = None,
     ) -> None:
         self.routes = routes
         self.upgrades = upgrades
@@ -167,11 +168,13 @@ class HttpServer:
         self.tls_optional = tls_optional
         self.log = logger
         self.boundary = boundary or Boundary(logger)
-        self.conn_cap = PerIpCap(max_connections_per_ip, "connection", logger)
+        self.conn_cap = PerIpCap(
+            max_connections_per_ip, "connection", logger, "limits.max_connections_per_ip"
+        )
         # Upgrades that hold a connection for long (DERP) get a tighter cap of their own.
         self.upgrade_caps = {
-            path: PerIpCap(limit, f"{path} connection", logger)
-            for path, limit in (upgrade_caps or {}).items()
+            path: PerIpCap(limit, f"{path} connection", logger, key)
+            for path, (limit, key) in (upgrade_caps or {}).items()
         }
 
     async def serve(

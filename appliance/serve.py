@@ -461,7 +461,9 @@ async def serve(
             logger=log.getChild("http"),
             boundary=server.boundary,
             max_connections_per_ip=config.max_connections_per_ip,
-            upgrade_caps={"/derp": config.max_derp_connections_per_ip},
+            upgrade_caps={
+                "/derp": (config.max_derp_connections_per_ip, "limits.max_derp_connections_per_ip")
+            },
         )
         server.metrics.gauge(
             "homescale_connections_refused_total",

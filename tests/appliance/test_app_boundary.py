@@ -205,7 +205,7 @@ async def test_derp_cap_answers_429_and_frees_on_close() -> None:
         routes={},
         upgrades={"/derp": hold},
         logger=logging.getLogger("test.http"),
-        upgrade_caps={"/derp": 2},
+        upgrade_caps={"/derp": (2, "limits.max_derp_connections_per_ip")},
     )
     up = b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n"
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")

@@ -11,7 +11,10 @@ and is spent at once; the code is exchanged for tokens; the ID token's signature
 with joserfc; userinfo fills in what the ID token lacks; `allowed_*` decide; the user
 is found by the provider's subject (iss + sub), created on first login and its name,
 email and picture refreshed on every login; then the waiting client's login
-completes for that user. A refusal is a page that says why; nothing is registered.
+completes for that user once they confirm it on one more page (headscale's
+interstitial: with silent single sign-on, opening someone else's login link
+must not add their machine to your account). A refusal is a page that says why;
+nothing is registered.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from joserfc import jwt
 from joserfc.errors import JoseError, MissingKeyError
@@ -43,6 +46,7 @@ from .store import Store, UserRow
 from .storethread import RunDb
 
 CALLBACK_PATH = "/oidc/callback"
+CONFIRM_PATH = "/register/confirm/"
 LOGIN_TTL = 15 * 60.0  # seconds from the redirect to the callback (headscale: 15 min)
 MAX_LOGINS_IN_FLIGHT = 1024  # bounds what unauthenticated GETs of /register/<id> can fill
 STATE_BYTES = 24
@@ -352,6 +356,16 @@ def _pkce_challenge(verifier: str, method: str) -> str:
 
 
 @dataclass
+class _Confirmation:
+    """A signed-in user's login waiting for their click on "Connect this machine"."""
+
+    user_id: int
+    expiry: datetime | None
+    csrf: str
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
 class _LoginInFlight:
     reg_id: str  # a pending login's id, or an SSH check's auth_id (kind "ssh")
     nonce: str
@@ -385,6 +399,7 @@ class OIDCLogin:
         self.keys: KeySet | None = None
         self.keys_fetched = 0.0
         self.in_flight: OrderedDict[str, _LoginInFlight] = OrderedDict()
+        self.confirmations: dict[str, _Confirmation] = {}  # by pending login id
         # SSH check mode (set by `serve`): pending checks, and who owns a node (None:
         # tagged or unknown). A check passes only for the owner of the source machine.
         self.ssh_checks: SSHChecks | None = None
@@ -550,18 +565,97 @@ class OIDCLogin:
         host = self.logins.pending_hostname(flight.reg_id)
         if host is None:
             raise OIDCError("the device's login expired meanwhile; start it again", 410)
-        try:
-            await self.logins.complete_registration(
-                str(user.id), flight.reg_id, expiry=expiry, method="oidc"
-            )
-        except HomescaleError as e:
-            raise OIDCError(f"could not register the device: {e}", 500) from None
         self.log.info(
-            "OIDC login: %s (%s) signed in; machine %s registered",
+            "OIDC login %s: %s (%s) signed in; asking to confirm machine %s",
+            flight.reg_id,
             user.name,
             claims.identifier,
             host,
         )
+        return self._confirm_page(flight.reg_id, user, host, expiry)
+
+    # -- step 3: confirm adding the machine (headscale's registration interstitial)
+    #
+    # Without it, a provider that signs in silently (single sign-on) would let anyone who
+    # gets a victim to open a login link add the sender's machine to the victim's account.
+
+    def _confirm_page(
+        self, reg_id: str, user: UserRow, host: str, expiry: datetime | None
+    ) -> Response:
+        csrf = secrets.token_urlsafe(24)
+        self._expire_confirmations()
+        self.confirmations[reg_id] = _Confirmation(user.id, expiry, csrf)
+        who = html.escape(f"{user.display_name or user.name} ({user.name})")
+        body = (
+            "<!doctype html><html><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            "<title>homescale: add this machine?</title></head><body>"
+            f"<h1>Add {html.escape(host)} to the tailnet?</h1>"
+            f"<p>Signed in as {who}. Connect the machine <b>{html.escape(host)}</b> as you? "
+            "Only continue if you just started this login on that machine yourself.</p>"
+            f"<form method='post' action='{CONFIRM_PATH}{html.escape(reg_id)}'>"
+            f"<input type='hidden' name='csrf' value='{csrf}'>"
+            "<button type='submit' id='confirm'>Connect this machine</button></form>"
+            "</body></html>"
+        )
+        cookie = (
+            f"{COOKIE_PREFIX}confirm={csrf}; Path={CONFIRM_PATH}{reg_id}; "
+            f"Max-Age={int(LOGIN_TTL)}; HttpOnly; SameSite=Strict"
+            f"{'; Secure' if self.secure_cookies else ''}"
+        )
+        return Response(
+            200,
+            body.encode(),
+            [
+                ("Content-Type", "text/html; charset=utf-8"),
+                ("Set-Cookie", cookie),
+                ("Cache-Control", "no-store"),
+            ],
+        )
+
+    def _expire_confirmations(self) -> None:
+        now = time.monotonic()
+        for rid in [r for r, c in self.confirmations.items() if now - c.started > LOGIN_TTL]:
+            del self.confirmations[rid]
+        while len(self.confirmations) > MAX_LOGINS_IN_FLIGHT:
+            del self.confirmations[next(iter(self.confirmations))]
+
+    async def confirm(self, req: Request, reg_id: str) -> Response:
+        """POST /register/confirm/<id>: the signed-in user confirmed; register the machine."""
+        if req.method != "POST":
+            return page("Method not allowed", "Confirm with the button on the sign-in page.", 405)
+        if len(req.body) > 4096:
+            return page("Bad request", "The confirmation form is too large.", 400)
+        form = parse_qs(req.body.decode("utf-8", "replace"))
+        sent = (form.get("csrf") or [""])[0]
+        cookie = _cookies(req.headers.get("cookie", "")).get(f"{COOKIE_PREFIX}confirm", "")
+        self._expire_confirmations()
+        pending = self.confirmations.get(reg_id)
+        if pending is None:
+            return page("Login expired", "Nothing to confirm here; start the login again.", 410)
+        if (
+            not sent
+            or not cookie
+            or not (
+                secrets.compare_digest(sent, cookie) and secrets.compare_digest(sent, pending.csrf)
+            )
+        ):
+            return page(
+                "Not confirmed", "This confirmation does not come from your sign-in page.", 403
+            )
+        del self.confirmations[reg_id]
+        host = self.logins.pending_hostname(reg_id)
+        if host is None:
+            return page("Login expired", "The machine's login expired; start it again.", 410)
+        try:
+            await self.logins.complete_registration(
+                str(pending.user_id), reg_id, expiry=pending.expiry, method="oidc"
+            )
+        except HomescaleError as e:
+            self.log.warning("OIDC login %s: could not register: %s", reg_id, e)
+            return page("Sign-in failed", f"could not register the device: {e}", 500)
+        user = await self.run_db(self.store.user, pending.user_id)
+        self.log.info("OIDC login %s: machine %s registered for %s", reg_id, host, user.name)
         return page(
             "Signed in",
             f"Signed in as {user.display_name or user.name} ({user.name}). The machine "

@@ -208,6 +208,10 @@ class Server:
     async def register_page(self, req: Request) -> Response:
         reg_id = req.path.rsplit("/", 1)[-1]
         if self.oidc is not None:  # with OIDC, the AuthURL leads to the identity provider
+            from .oidc import CONFIRM_PATH
+
+            if req.path.startswith(CONFIRM_PATH):
+                return await self.oidc.confirm(req, reg_id)
             return await self.oidc.register_page(req, reg_id)
         pending = self.control.pending.get(reg_id) if self.control else None
         if pending is None:

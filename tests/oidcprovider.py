@@ -146,8 +146,8 @@ def require_browser() -> str:
 
 def browser_sign_in(chromium: str, auth_url: str, login: str, *, idp: TestIdP) -> tuple[str, str]:
     """Open ``auth_url`` in headless chromium and sign in as a person would: type the
-    login and a password, press Sign-in, then Continue on the consent page. Returns the
-    final page's URL and text."""
+    login and a password, press Sign-in, Continue on the consent page, then "Connect
+    this machine" on homescale's confirmation. Returns the final page's URL and text."""
     from playwright.sync_api import sync_playwright
 
     sub = idp.accounts.get(login, {}).get("sub", login)
@@ -163,6 +163,8 @@ def browser_sign_in(chromium: str, auth_url: str, login: str, *, idp: TestIdP) -
             page.wait_for_selector('button[type="submit"]:has-text("Continue")')
             page.click('button[type="submit"]')
             page.wait_for_url(lambda u: "/oidc/callback" in u)
+            page.click("#confirm")  # "Connect this machine" on homescale's page
+            page.wait_for_url(lambda u: "/register/confirm/" in u)
             page.wait_for_load_state()
             return page.url, page.inner_text("body")
         finally:
@@ -170,7 +172,7 @@ def browser_sign_in(chromium: str, auth_url: str, login: str, *, idp: TestIdP) -
 
 
 def _form_action(page: str, base: str) -> str:
-    m = re.search(r'<form[^>]*action="([^"]+)"', page)
+    m = re.search(r"""<form[^>]*action=["']([^"']+)["']""", page)
     assert m, f"no form on the provider's page:\n{page[:2000]}"
     return urljoin(base, m.group(1).replace("&amp;", "&"))
 
@@ -182,8 +184,11 @@ def sign_in(
     idp: TestIdP,
     client: httpx.Client | None = None,
     stop_at_callback: bool = False,
+    confirm: bool = True,
 ) -> SignIn:
-    """Open ``auth_url`` and sign in at the provider as ``login`` (any password).
+    """Open ``auth_url`` and sign in at the provider as ``login`` (any password), then
+    press "Connect this machine" on homescale's confirmation page (unless ``confirm``
+    is false: then ``final`` is that page).
 
     With ``stop_at_callback`` the redirect back to homescale is not followed: the
     result's ``final`` is the provider's redirect, whose Location a test can replay
@@ -212,6 +217,12 @@ def sign_in(
                 else:
                     form = {"prompt": "consent"}
                 r = c.post(action, data=form)
+                continue
+            if confirm and not at_idp and "/register/confirm/" in r.text:
+                action = _form_action(r.text, str(r.url))
+                csrf = re.search(r"name='csrf' value='([^']+)'", r.text)
+                assert csrf, r.text
+                r = c.post(action, data={"csrf": csrf.group(1)})
                 continue
             return SignIn(r, urls)
         pytest.fail(f"sign-in did not finish within {MAX_HOPS} hops: {urls}")

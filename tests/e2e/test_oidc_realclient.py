@@ -231,13 +231,36 @@ async def test_tampered_state_and_replayed_callback_are_refused(oidcnet: OidcNet
             assert r.status_code == 400, r.text
             assert "no sign-in state cookie" in r.text
             assert node_by_name(await oidcnet.server.anodes(), "replayed") is None
-            # The genuine callback registers the machine ...
+            # The genuine callback asks the signed-in user to confirm the machine ...
             r = await trio.to_thread.run_sync(get, params)
             assert r.status_code == 200, r.text
-            # ... and replaying it is refused (the state is spent).
+            assert "Add replayed to the tailnet?" in r.text
+            confirm_page = r.text
+            # ... replaying it is refused (the state is spent) ...
             r = await trio.to_thread.run_sync(get, params)
             assert r.status_code == 410, r.text
             assert "already used" in r.text
+            # ... nothing is registered before the click, and a forged confirmation
+            # (another browser: no cookie; or a wrong token) registers nothing ...
+            assert node_by_name(await oidcnet.server.anodes(), "replayed") is None
+            reg_id = url.rsplit("/", 1)[-1]
+            confirm_url = f"{oidcnet.server.url}/register/confirm/{reg_id}"
+            csrf = confirm_page.split("name='csrf' value='", 1)[1].split("'", 1)[0]
+            r = await trio.to_thread.run_sync(
+                lambda: httpx.post(confirm_url, data={"csrf": csrf}, timeout=15)
+            )
+            assert r.status_code == 403, r.text
+            r = await trio.to_thread.run_sync(
+                lambda: browser.post(confirm_url, data={"csrf": "x" * len(csrf)})
+            )
+            assert r.status_code == 403, r.text
+            assert node_by_name(await oidcnet.server.anodes(), "replayed") is None
+            # ... and the user's own click does.
+            r = await trio.to_thread.run_sync(
+                lambda: browser.post(confirm_url, data={"csrf": csrf})
+            )
+            assert r.status_code == 200, r.text
+            assert "is now registered" in r.text
         nodes = await oidcnet.server.anodes()
         assert [n["givenName"] for n in nodes].count("replayed") == 1
         nursery.cancel_scope.cancel()
@@ -352,8 +375,11 @@ async def test_browser_signs_in_and_tsnet_client_comes_up(oidcnet: OidcNet, chro
         final_url, text = await trio.to_thread.run_sync(
             lambda: oidcprovider.browser_sign_in(chromium, url, "alice", idp=oidcnet.idp)
         )
-        assert final_url.startswith(server.url + "/oidc/callback?"), final_url
+        # Back through /oidc/callback (the state cookie survived) to the confirmation,
+        # whose button the browser pressed.
+        assert final_url == f"{server.url}/register/confirm/{url.rsplit('/', 1)[-1]}"
         assert "Signed in as" in text, text
+        assert "is now registered" in text
         assert "browser1" in text
         nodes = await wait_nodes(server, ["browser1"], timeout=ONLINE_WITHIN)
         node = node_by_name(nodes, "browser1")

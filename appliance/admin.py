@@ -13,19 +13,29 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeGuard
 
-from protocol.gojson import is_zero_time
+from protocol.gojson import ZERO_TIME, is_zero_time
 
 from . import secrets
+from .config import Config
 from .errors import InvalidInput, NotFound
 from .fields import is_numeric_id, parse_id
 from .store import ApiKeyRow, NodeRow, PreAuthKeyRow, Store, UserRow, to_iso, utcnow
+from .tailnet import EXIT_ROUTES
 
-# headscale renders tagged nodes as owned by this pseudo-user (hscontrol/types/users.go).
+# headscale lists tagged nodes as owned by this pseudo-user (hscontrol/types/users.go
+# TaggedDevices); a single node's answer has `user: null` (apiv1 nodeFromView).
 TAGGED_DEVICES_USER = {
     "id": "2147455555",
     "name": "tagged-devices",
+    "createdAt": to_iso(ZERO_TIME),
     "displayName": "Tagged Devices",
+    "email": "",
+    "providerId": "",
+    "provider": "",
+    "profilePicUrl": "",
 }
+# A node that has not connected yet has no disco key: Go renders the zero key.
+ZERO_DISCO_KEY = "discokey:" + "0" * 64
 _TAG = re.compile(r"^tag:[A-Za-z][A-Za-z0-9-]*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 REGISTER_METHODS = {
@@ -93,9 +103,16 @@ class Admin:
     """The admin operations over one store. Their writes reach the running server's clients
     through the store's recorded changes (`Store.recorded`, `Tailnet.apply`)."""
 
-    def __init__(self, store: Store, *, online: Callable[[int], bool] | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        online: Callable[[int], bool] | None = None,
+        config: Config | None = None,
+    ) -> None:
         self.store = store
         self._online = online or (lambda node_id: False)
+        self.config = config  # prefixes (backfill) and where the policy is (tags, file mode)
 
     # -- shapes
 
@@ -112,8 +129,13 @@ class Admin:
             "profilePicUrl": u.profile_pic_url,
         }
 
-    def pre_auth_key_json(self, k: PreAuthKeyRow, full_key: str | None = None) -> dict[str, Any]:
+    def pre_auth_key_json(
+        self, k: PreAuthKeyRow, full_key: str | None = None, *, in_node: bool = False
+    ) -> dict[str, Any]:
+        """headscale's PreAuthKey: a key without expiration shows Go's zero instant, except
+        inside a node, where it is null (apiv1 preAuthKeyToResponse, nodePreAuthKeyFromView)."""
         user = self.user_json(self.store.user(k.user_id)) if k.user_id is not None else None
+        expiration = k.expiration if in_node or k.expiration is not None else ZERO_TIME
         return {
             "user": user,
             "id": str(k.id),
@@ -121,7 +143,7 @@ class Admin:
             "reusable": k.reusable,
             "ephemeral": k.ephemeral,
             "used": k.used,
-            "expiration": to_iso(k.expiration),
+            "expiration": to_iso(expiration),
             "createdAt": to_iso(k.created_at),
             "aclTags": list(k.tags),
         }
@@ -136,15 +158,18 @@ class Admin:
             "lastSeen": to_iso(k.last_seen),
         }
 
-    def node_json(self, n: NodeRow) -> dict[str, Any]:
+    def node_json(self, n: NodeRow, *, listed: bool = False) -> dict[str, Any]:
+        """headscale's Node; `listed` (`GET /node`) shows a tagged node's owner as the
+        tagged-devices pseudo-user, a single node's answer as null (as headscale does)."""
+        user: dict[str, Any] | None = None
         if n.tags:
-            user: dict[str, Any] | None = dict(TAGGED_DEVICES_USER)
-        else:
-            user = self.user_json(self.store.user(n.user_id)) if n.user_id is not None else None
+            user = dict(TAGGED_DEVICES_USER) if listed else None
+        elif n.user_id is not None:
+            user = self.user_json(self.store.user(n.user_id))
         pak = None
         if n.auth_key_id is not None:
             try:
-                pak = self.pre_auth_key_json(self.store.pre_auth_key(n.auth_key_id))
+                pak = self.pre_auth_key_json(self.store.pre_auth_key(n.auth_key_id), in_node=True)
             except NotFound:
                 pak = None
         available = list(n.hostinfo.get("RoutableIPs") or [])
@@ -152,7 +177,7 @@ class Admin:
             "id": str(n.id),
             "machineKey": n.machine_key,
             "nodeKey": n.node_key,
-            "discoKey": n.disco_key,
+            "discoKey": n.disco_key or ZERO_DISCO_KEY,
             "ipAddresses": [a for a in (n.ipv4, n.ipv6) if a],
             "name": n.hostname,
             "user": user,
@@ -174,6 +199,13 @@ class Admin:
         }
 
     # -- lookups
+
+    def resolve_user_name(self, name: str) -> UserRow:
+        """A user by name only (headscale's GetUserByName: register, debug create)."""
+        u = self.store.user_by_name(name.strip())
+        if u is None:
+            raise NotFound(f"no user named {name[:40]!r} (see `homescale users list`)")
+        return u
 
     def resolve_user(self, ref: str | int) -> UserRow:
         """A user by ID (digits) or name."""
@@ -293,20 +325,29 @@ class Admin:
     def list_api_keys(self) -> list[dict[str, Any]]:
         return [self.api_key_json(k) for k in self.store.api_keys()]
 
-    def _api_key_by_ref(self, ref: str | int) -> ApiKeyRow:
-        s = str(ref).strip()
-        if is_numeric_id(s) and len(s) < 12:
-            return self.store.api_key(parse_id(s, "API key ID"))
-        row = self.store.api_key_by_prefix(secrets.parse_prefix("api", s))
+    def _api_key(self, id: int, prefix: str) -> ApiKeyRow:
+        """The key named by exactly one of `id` (0: none) and `prefix`, as headscale's
+        lookupApiKey: both or neither is a 400, an unknown one a 404."""
+        prefix = prefix.strip()
+        if id and prefix:
+            raise InvalidInput("name the API key by id or by prefix, not both")
+        if id:
+            return self.store.api_key(id)
+        if not prefix:
+            raise InvalidInput("name the API key: id or prefix")
+        try:
+            row = self.store.api_key_by_prefix(secrets.parse_prefix("api", prefix))
+        except InvalidInput:
+            row = None  # not a prefix homescale ever made: no such key
         if row is None:
-            raise NotFound(f"no API key with prefix {s!r}")
+            raise NotFound(f"no API key with prefix {prefix[:40]!r} (see `homescale apikeys list`)")
         return row
 
-    def expire_api_key(self, ref: str | int) -> None:
-        self.store.update_api_key(self._api_key_by_ref(ref).id, expiration=utcnow())
+    def expire_api_key(self, prefix: str = "", id: int = 0) -> None:
+        self.store.update_api_key(self._api_key(id, prefix).id, expiration=utcnow())
 
-    def delete_api_key(self, ref: str | int) -> None:
-        self.store.delete_api_key(self._api_key_by_ref(ref).id)
+    def delete_api_key(self, prefix: str = "", id: int = 0) -> None:
+        self.store.delete_api_key(self._api_key(id, prefix).id)
 
     def check_api_key(self, full_key: str) -> bool:
         try:
@@ -338,7 +379,7 @@ class Admin:
 
     def list_nodes(self, user: str | None = None) -> list[dict[str, Any]]:
         uid = self.resolve_user(user).id if user else None
-        return [self.node_json(n) for n in self.store.nodes(uid)]
+        return [self.node_json(n, listed=True) for n in self.store.nodes(uid)]
 
     def delete_node(self, ref: str | int) -> None:
         n = self._node(ref)
@@ -379,31 +420,139 @@ class Admin:
         return out
 
     def tag_node(self, ref: str | int, tags: list[str]) -> dict[str, Any]:
-        n = self._node(ref)
+        """Make the node owned by `tags`, as headscale's SetNodeTags: at least one tag, each
+        defined in the policy's tagOwners; the node then belongs to its tags, not a user."""
+        if not tags:
+            raise InvalidInput(
+                "tags: a node keeps at least one tag (tagged nodes are owned by their tags)"
+            )
         tags = validate_tags(tags)
-        if not tags and n.user_id is None:
-            raise InvalidInput(f"node {n.id} is owned by its tags; it cannot lose all of them")
-        out = self.node_json(self.store.update_node(n.id, tags=tags))
+        n = self._node(ref)
+        defined = self.defined_tags()
+        unknown = [t for t in tags if t not in defined]
+        if unknown:
+            raise InvalidInput(
+                f"tags: {', '.join(unknown)} not defined in the policy's tagOwners "
+                f"(define them there first)"
+            )
+        out = self.node_json(self.store.update_node(n.id, tags=tags, user_id=None))
         return out
 
-    def approve_routes(self, ref: str | int, routes: list[str]) -> dict[str, Any]:
+    def policy_text(self) -> str | None:
+        """The policy as configured (database or file); None when there is none."""
+        from .policies import PolicyInvalid, read_policy
+
+        if self.config is None:
+            row = self.store.policy()
+            return row.data if row else None
+        try:
+            return read_policy(self.config, self.store)[0]
+        except PolicyInvalid as e:
+            raise InvalidInput(str(e)) from None
+
+    def defined_tags(self) -> set[str]:
+        """The tags the current policy's tagOwners define (none without a policy)."""
+        from netmap.policy import PolicyError, parse_policy
+
+        text = self.policy_text()
+        if text is None:
+            return set()
+        try:
+            return set(parse_policy(text, "policy").tag_owners)
+        except PolicyError as e:
+            raise InvalidInput(f"the current policy does not parse: {e}") from None
+
+    @staticmethod
+    def parse_route(text: str, field: str = "routes") -> str:
+        """A route prefix as Go's netip.ParsePrefix takes it (host bits are masked)."""
         import ipaddress
 
+        try:
+            return str(ipaddress.ip_network(text.strip(), strict=False))
+        except ValueError:
+            shown = text if len(text) <= 60 else text[:57] + "..."
+            raise InvalidInput(f"{field}: {shown!r} is not a CIDR like 10.0.0.0/8") from None
+
+    def approve_routes(self, ref: str | int, routes: list[str]) -> dict[str, Any]:
+        """Set the approved routes; one exit route approves both families, as headscale
+        does (a client treats a peer as an exit node only with 0.0.0.0/0 and ::/0)."""
         n = self._node(ref)
-        clean = []
-        for r in routes:
-            if not r.strip():
-                continue
-            try:
-                clean.append(str(ipaddress.ip_network(r.strip(), strict=False)))
-            except ValueError:
-                raise InvalidInput(f"route {r!r}: expected a CIDR like 10.0.0.0/8") from None
-        out = self.node_json(self.store.update_node(n.id, approved_routes=sorted(set(clean))))
+        clean = {self.parse_route(r) for r in routes if r.strip()}
+        if clean & set(EXIT_ROUTES):
+            clean |= set(EXIT_ROUTES)
+        out = self.node_json(self.store.update_node(n.id, approved_routes=sorted(clean)))
         return out
+
+    def echo_node_json(
+        self, owner: UserRow, machine: str, node_key: str, hostinfo: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The node a debug registration will become (headscale's DebugCreateNode echo:
+        not stored, so no ID, addresses or times)."""
+        zero = to_iso(ZERO_TIME)
+        return {
+            "id": "0",
+            "machineKey": machine,
+            "nodeKey": node_key,
+            "discoKey": ZERO_DISCO_KEY,
+            "ipAddresses": [],
+            "name": hostinfo.get("Hostname", ""),
+            "user": self.user_json(owner),
+            "lastSeen": zero,
+            "expiry": zero,
+            "preAuthKey": None,
+            "createdAt": zero,
+            "registerMethod": "REGISTER_METHOD_UNSPECIFIED",
+            "givenName": "",
+            "online": False,
+            "approvedRoutes": [],
+            "availableRoutes": list(hostinfo.get("RoutableIPs") or []),
+            "subnetRoutes": [],
+            "tags": [],
+        }
+
+    def backfill_ips(self) -> list[str]:
+        """Give every node an address from each configured prefix it lacks, and take away
+        those of a prefix no longer configured (headscale's BackfillNodeIPs)."""
+        from netmap.addresses import PrefixExhausted, allocate
+
+        if self.config is None:
+            raise InvalidInput("backfilling addresses needs the server's configuration")
+        c = self.config
+        changes: list[str] = []
+        with self.store.transaction():
+            for n in self.store.nodes():
+                values: dict[str, Any] = {}
+                used4, used6 = self.store.used_addresses()
+                for fam, prefix, have, used in (
+                    ("ipv4", c.prefix_v4, n.ipv4, used4),
+                    ("ipv6", c.prefix_v6, n.ipv6, used6),
+                ):
+                    name = "IPv4" if fam == "ipv4" else "IPv6"
+                    if prefix is not None and not have:
+                        try:
+                            values[fam] = allocate(prefix, used, c.ip_allocation)
+                        except PrefixExhausted as e:
+                            raise InvalidInput(f"cannot backfill node {n.id}: {e}") from None
+                        changes.append(
+                            f'assigned {name} "{values[fam]}" to Node({n.id}) "{n.hostname}"'
+                        )
+                    elif prefix is None and have:
+                        values[fam] = None
+                        changes.append(f'removing {name} "{have}" from Node({n.id}) "{n.hostname}"')
+                if values:
+                    self.store.update_node(n.id, **values)
+        return changes
 
     # -- policy
 
     def get_policy(self) -> dict[str, Any]:
+        """The stored policy, or in file mode the file's text (as headscale: `updatedAt` is
+        then Go's zero instant)."""
+        if self.config is not None and self.config.policy_mode != "database":
+            text = self.policy_text()
+            if text is None:
+                raise NotFound("no policy file is configured (policy.path)")
+            return {"policy": text, "updatedAt": to_iso(ZERO_TIME)}
         row = self.store.policy()
         if row is None:
             raise NotFound("no policy is stored in the database (policy.mode: database)")

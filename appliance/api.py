@@ -20,7 +20,8 @@ from protocol import safejson
 from .admin import Admin
 from .boundary import Boundary
 from .errors import HomescaleError, InvalidInput, StoreError
-from .fields import Body, parse_flag, parse_time
+from .fields import Body, parse_flag, parse_id, parse_time
+from .secrets import parse_auth_id
 from .storethread import RunDb
 
 R = TypeVar("R")
@@ -32,6 +33,19 @@ def _need_ref(body: Body, *names: str) -> str | int:
     if ref is None:
         raise InvalidInput(f"request body needs {' or '.join(repr(n) for n in names)}")
     return ref
+
+
+def _opt_id(value: Any, field: str) -> int:
+    """An optional uint64 field as headscale's (absent, null or "": 0); anything but an ID
+    is a 400 naming the field."""
+    return 0 if value is None or value == "" else parse_id(value, field)
+
+
+def _pak_ref(body: Body) -> str | int:
+    """A pre-auth key by `id` (numeric, as headscale's) or by homescale's `key` prefix."""
+    if body.has("id"):
+        return parse_id(body.obj["id"], "id")
+    return _need_ref(body, "key")
 
 
 @dataclass
@@ -58,6 +72,9 @@ class InteractiveLogins(Protocol):
     def reject_registration(self, reg_id: str) -> None: ...
     def approve_auth(self, auth_id: str) -> None: ...
     def pending_auth(self) -> list[dict[str, Any]]: ...
+    def add_debug_registration(self, auth_id: str, hostinfo: dict[str, Any]) -> tuple[str, str]:
+        """A pending login under `auth_id` for a made-up machine; its (machine, node) keys."""
+        ...
 
 
 class ApiError(HomescaleError):
@@ -96,22 +113,21 @@ class AdminApi:
         self.routes: list[tuple[str, re.Pattern[str], Callable[..., Awaitable[Any]]]] = []
         r = self._route
         r("GET", r"/api/v1/health", self.health)
-        r(
-            "GET",
-            r"/api/v1/user",
-            lambda q: self.db(
-                lambda: {
-                    "users": a.list_users(name=q.arg("name"), id=q.arg("id"), email=q.arg("email"))
-                }
-            ),
-        )
+        r("GET", r"/api/v1/user", self.list_users)
         r("POST", r"/api/v1/user", self.create_user)
+        # User IDs in paths are numeric, as headscale's: a name there is a 400 naming it.
         r(
             "POST",
             r"/api/v1/user/([^/]+)/rename/([^/]+)",
-            lambda q, uid, new: self.db(lambda: {"user": a.rename_user(uid, new)}),
+            lambda q, uid, new: self.db(
+                lambda: {"user": a.rename_user(parse_id(uid, "user ID"), new)}
+            ),
         )
-        r("DELETE", r"/api/v1/user/([^/]+)", lambda q, uid: self.done(lambda: a.delete_user(uid)))
+        r(
+            "DELETE",
+            r"/api/v1/user/([^/]+)",
+            lambda q, uid: self.done(lambda: a.delete_user(parse_id(uid, "user ID"))),
+        )
         r(
             "GET",
             r"/api/v1/preauthkey",
@@ -121,40 +137,43 @@ class AdminApi:
         r(
             "POST",
             r"/api/v1/preauthkey/expire",
-            lambda q: self.done(lambda: a.expire_pre_auth_key(_need_ref(q.json(), "id", "key"))),
+            lambda q: self.done(lambda: a.expire_pre_auth_key(_pak_ref(q.json()))),
         )
-        r(
-            "DELETE",
-            r"/api/v1/preauthkey",
-            lambda q: self.done(lambda: a.delete_pre_auth_key(q.arg("id") or q.arg("key"))),
-        )
+        r("DELETE", r"/api/v1/preauthkey", self.delete_pre_auth_key)
         r("GET", r"/api/v1/apikey", lambda q: self.db(lambda: {"apiKeys": a.list_api_keys()}))
         r(
             "POST",
             r"/api/v1/apikey",
             lambda q: self.db(lambda: {"apiKey": a.create_api_key(q.json().time("expiration"))}),
         )
-        r(
-            "POST",
-            r"/api/v1/apikey/expire",
-            lambda q: self.done(lambda: a.expire_api_key(_need_ref(q.json(), "prefix", "id"))),
-        )
+        r("POST", r"/api/v1/apikey/expire", self.expire_api_key)
+        # The prefix may be empty when the key is named by `?id=N`.
         r(
             "DELETE",
-            r"/api/v1/apikey/([^/]+)",
-            lambda q, prefix: self.done(lambda: a.delete_api_key(prefix)),
+            r"/api/v1/apikey/([^/]*)",
+            lambda q, prefix: self.done(
+                lambda: a.delete_api_key(prefix, _opt_id(q.arg("id"), "id"))
+            ),
         )
         r(
             "GET",
             r"/api/v1/node",
             lambda q: self.db(lambda: {"nodes": a.list_nodes(q.arg("user") or None)}),
         )
-        r("POST", r"/api/v1/node/register", lambda q: self.register(q.arg("user"), q.arg("key")))
+        r(
+            "POST",
+            r"/api/v1/node/register",
+            lambda q: self.register(q.arg("user"), parse_auth_id(q.arg("key"), "key")),
+        )
         r(
             "POST",
             r"/api/v1/auth/register",
-            lambda q: self.register(q.json().string("user"), q.json().required_str("authId")),
+            lambda q: self.register(
+                q.json().string("user"), parse_auth_id(q.json().string("authId"))
+            ),
         )
+        r("POST", r"/api/v1/node/backfillips", self.backfill_ips)
+        r("POST", r"/api/v1/debug/node", self.debug_create_node)
         r("POST", r"/api/v1/auth/reject", self.reject)
         r("POST", r"/api/v1/auth/approve", self.approve)
         r("GET", r"/api/v1/auth", self.pending)
@@ -220,9 +239,48 @@ class AdminApi:
             lambda: {"user": self.admin.create_user(name, display, email, picture)}
         )
 
+    async def list_users(self, q: ApiRequest) -> dict[str, Any]:
+        uid = _opt_id(q.arg("id"), "id")  # headscale: a non-numeric id is a 400
+        name, email = q.arg("name"), q.arg("email")
+        return await self.db(
+            lambda: {"users": self.admin.list_users(name=name, id=str(uid or ""), email=email)}
+        )
+
+    async def delete_pre_auth_key(self, q: ApiRequest) -> dict[str, Any]:
+        # headscale names the key by ?id=N (numeric); homescale also by ?key=<prefix>.
+        by_key = q.arg("key") and not q.arg("id")
+        ref = q.arg("key") if by_key else parse_id(q.arg("id"), "id")
+        return await self.done(lambda: self.admin.delete_pre_auth_key(ref))
+
+    async def expire_api_key(self, q: ApiRequest) -> dict[str, Any]:
+        b = q.json()
+        id, prefix = _opt_id(b.obj.get("id"), "id"), b.string("prefix")
+        return await self.done(lambda: self.admin.expire_api_key(prefix, id))
+
+    async def backfill_ips(self, q: ApiRequest) -> dict[str, Any]:
+        if not parse_flag(q.arg("confirmed"), "confirmed"):
+            raise InvalidInput(
+                "confirmed: backfilling changes node addresses; send ?confirmed=true"
+            )
+        return {"changes": await self.db(self.admin.backfill_ips)}
+
+    async def debug_create_node(self, q: ApiRequest) -> dict[str, Any]:
+        """headscale's DebugCreateNode: a made-up machine waits in an interactive login under
+        `key` (finish it with `auth register`); the answer echoes the node it would be."""
+        b = q.json()
+        user_name, name, routes = b.string("user"), b.string("name"), b.strings("routes")
+        owner = await self.db(lambda: self.admin.resolve_user_name(user_name))
+        clean = [self.admin.parse_route(r, "routes") for r in routes]
+        auth_id = parse_auth_id(b.string("key"), "key")
+        hostinfo = {"Hostname": name, "OS": "TestOS", "RoutableIPs": clean}
+        machine, node_key = self._logins().add_debug_registration(auth_id, hostinfo)
+        return {"node": self.admin.echo_node_json(owner, machine, node_key, hostinfo)}
+
     async def create_pre_auth_key(self, q: ApiRequest) -> dict[str, Any]:
         b = q.json()
-        user, reusable, ephemeral = b.ref("user"), b.boolean("reusable"), b.boolean("ephemeral")
+        # headscale: `user` is a numeric ID (a name is a 400); 0 or absent: no user.
+        user = _opt_id(b.obj.get("user"), "user") or None
+        reusable, ephemeral = b.boolean("reusable"), b.boolean("ephemeral")
         expiration, tags = b.time("expiration"), b.strings("aclTags")
         return await self.db(
             lambda: {
@@ -254,11 +312,11 @@ class AdminApi:
         return {"pending": self._logins().pending_auth()}
 
     async def approve(self, q: ApiRequest) -> dict[str, Any]:
-        self._logins().approve_auth(q.json().required_str("authId"))
+        self._logins().approve_auth(parse_auth_id(q.json().string("authId")))
         return {}
 
     async def reject(self, q: ApiRequest) -> dict[str, Any]:
-        self._logins().reject_registration(q.json().required_str("authId"))
+        self._logins().reject_registration(parse_auth_id(q.json().string("authId")))
         return {}
 
     async def set_policy(self, q: ApiRequest) -> dict[str, Any]:

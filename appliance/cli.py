@@ -148,7 +148,7 @@ class DirectTransport(Transport):
         # ignored, so `policy set` is refused here as the running server refuses it.
         store = self.store
         self.api = AdminApi(
-            Admin(store),
+            Admin(store, config=config),
             run_inline,
             require_auth=False,
             policy_check=lambda text: check_policy_text(text, "policy", store),
@@ -592,12 +592,17 @@ def preauthkeys_list(*, user: Annotated[str, Parameter(name=["--user", "-u"])] =
     emit(api("GET", "/api/v1/preauthkey", query=query)["preAuthKeys"], table=KEY_COLS)
 
 
+def _pak_ref(ref: str) -> dict[str, str]:
+    """A key by its numeric ID (headscale's `id`) or by its prefix (homescale's `key`)."""
+    return {"id": ref} if ref.strip().isdigit() else {"key": ref}
+
+
 @preauthkeys.command(name="expire", alias=["revoke", "exp", "e"])
 def preauthkeys_expire(
     *, id: Annotated[str, Parameter(name=["--id", "-i"], help="Key ID or prefix")]
 ) -> None:
     """Expire a pre-auth key."""
-    api("POST", "/api/v1/preauthkey/expire", body={"id": id})
+    api("POST", "/api/v1/preauthkey/expire", body=_pak_ref(id))
     emit({}, message="Key expired")
 
 
@@ -606,7 +611,7 @@ def preauthkeys_delete(
     *, id: Annotated[str, Parameter(name=["--id", "-i"], help="Key ID or prefix")]
 ) -> None:
     """Delete a pre-auth key."""
-    api("DELETE", "/api/v1/preauthkey", query={"id": id})
+    api("DELETE", "/api/v1/preauthkey", query=_pak_ref(id))
     emit({}, message="Key deleted")
 
 
@@ -631,11 +636,14 @@ def apikeys_list() -> None:
     emit(api("GET", "/api/v1/apikey")["apiKeys"], table=APIKEY_COLS)
 
 
-def _apikey_ref(prefix: str, id: int | None) -> str:
+def _apikey_ref(prefix: str, id: int | None) -> dict[str, str]:
+    """The key as the API names it: by prefix or by ID, exactly one."""
+    if prefix and id is not None:
+        raise CliError("name the key by --prefix or by --id, not both")
     if prefix:
-        return prefix
+        return {"prefix": prefix}
     if id is not None:
-        return str(id)
+        return {"id": str(id)}
     raise CliError("name the key: --prefix PREFIX or --id ID")
 
 
@@ -646,7 +654,7 @@ def apikeys_expire(
     id: Annotated[int | None, Parameter(name=["--id", "-i"])] = None,
 ) -> None:
     """Expire an API key."""
-    api("POST", "/api/v1/apikey/expire", body={"prefix": _apikey_ref(prefix, id)})
+    api("POST", "/api/v1/apikey/expire", body=_apikey_ref(prefix, id))
     emit({}, message="Key expired")
 
 
@@ -657,7 +665,12 @@ def apikeys_delete(
     id: Annotated[int | None, Parameter(name=["--id", "-i"])] = None,
 ) -> None:
     """Delete an API key."""
-    api("DELETE", f"/api/v1/apikey/{seg(_apikey_ref(prefix, id))}")
+    ref = _apikey_ref(prefix, id)
+    api(
+        "DELETE",
+        f"/api/v1/apikey/{seg(ref.get('prefix', ''))}",
+        query={"id": ref["id"]} if "id" in ref else None,
+    )
     emit({}, message="Key deleted")
 
 
@@ -685,6 +698,15 @@ def nodes_register(
     """Complete an interactive login (the id shown on the client's /register page)."""
     obj = api("POST", "/api/v1/node/register", query={"user": user, "key": key})
     emit(obj["node"], message=f"Node {obj['node']['givenName']} registered")
+
+
+@nodes.command(name="backfillips")
+def nodes_backfillips() -> None:
+    """Give nodes the addresses they lack from the configured prefixes, and take away
+    those of a prefix no longer configured."""
+    _confirm("assign/remove IPs to/from nodes")
+    obj = api("POST", "/api/v1/node/backfillips", query={"confirmed": "true"})
+    emit(obj, message="\n".join(obj["changes"]) or "Every node has its addresses")
 
 
 @nodes.command(name="delete", alias=["del"])
@@ -822,6 +844,32 @@ def auth_reject(*, auth_id: Annotated[str, Parameter(name=["--auth-id", "--key",
     """Refuse a pending interactive login or SSH check; the waiting client is told so."""
     api("POST", "/api/v1/auth/reject", body={"authId": auth_id})
     emit({}, message="Login rejected")
+
+
+# -- debug (headscale's testing commands)
+
+debug = App(name="debug", help="Debugging and testing commands.")
+app.command(debug)
+
+
+@debug.command(name="create-node")
+def debug_create_node(
+    *,
+    name: Annotated[str, Parameter(name=["--name"])],
+    user: Annotated[str, Parameter(name=["--user", "-u"])],
+    key: Annotated[str, Parameter(name=["--key", "-k"], help="hskey-authreq-<24 hex>")] = "",
+    route: Annotated[list[str] | None, Parameter(name=["--route", "-r"])] = None,
+) -> None:
+    """Make a machine wait in an interactive login, to register with `auth register`."""
+    from .secrets import new_auth_id
+
+    key = key or new_auth_id()
+    routes = [r.strip() for item in route or [] for r in item.split(",") if r.strip()]
+    body = {"user": user, "key": key, "name": name, "routes": routes}
+    obj = api("POST", "/api/v1/debug/node", body=body)
+    emit(
+        obj["node"], message=f"Node {name} waits: homescale auth register -u {user} --auth-id {key}"
+    )
 
 
 # -- policy

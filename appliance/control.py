@@ -12,7 +12,6 @@ import json
 import logging
 import random
 import re
-import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -30,6 +29,7 @@ from .changes import NodeOnline
 from .control_conn import ControlRequest, ControlResponse
 from .errors import HomescaleError, InvalidInput, NotFound
 from .nodes import Login, log_in
+from .secrets import new_auth_id
 from .sshcheck import SSHCheckError, SSHChecks
 from .store import NodeRow, Store, utcnow
 from .storethread import RunDb
@@ -309,7 +309,7 @@ class ControlService:
             if p.machine_key == machine and p.node_key == node_key and p.node is None:
                 return p  # the same client asking again keeps its URL
         reg = PendingRegistration(
-            id=secrets.token_urlsafe(18),
+            id=new_auth_id(),
             machine_key=machine,
             node_key=node_key,
             hostinfo=hostinfo,
@@ -318,6 +318,26 @@ class ControlService:
         )
         self.pending[reg.id] = reg
         return reg
+
+    def add_debug_registration(self, auth_id: str, hostinfo: dict[str, Any]) -> tuple[str, str]:
+        """`debug create-node`: a made-up machine waits under `auth_id` (no client polls
+        it); `auth register` turns it into a node. Its (machine, node) keys."""
+        from protocol.keys import PrivateKey
+
+        self._expire_pending()
+        if auth_id in self.pending:
+            raise InvalidInput(f"key: a login is already pending under {auth_id}")
+        machine = str(PrivateKey.generate().machine_public())
+        node_key = str(PrivateKey.generate().node_public())
+        self.pending[auth_id] = PendingRegistration(
+            id=auth_id,
+            machine_key=machine,
+            node_key=node_key,
+            hostinfo=hostinfo,
+            ephemeral=False,
+            created=utcnow(),
+        )
+        return machine, node_key
 
     def _expire_pending(self) -> None:
         now = utcnow()

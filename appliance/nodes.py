@@ -78,6 +78,7 @@ def create_node(store: Store, config: Config, machine_key: str, login: Login) ->
             expiry=login.expiry or key_expiry(config, now),
             created_at=now,
             approved=not config.node_require_approval,
+            last_seen=now,  # as headscale: a registered node was seen when it registered
         )
         if login.auth_key_id is not None:
             store.update_pre_auth_key(login.auth_key_id, used=1)

@@ -31,6 +31,10 @@ _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
 BCRYPT_SCHEME = "bcrypt"
 
 _KEY = re.compile(r"^hskey-(auth|api)-([0-9a-f]{12})-([0-9a-f]{64})$")
+# A pending interactive login's or SSH check's ID, as headscale's (types.AuthID): its
+# admin commands (`auth register/approve/reject`) answer 400 to any other shape.
+AUTH_ID_PREFIX = "hskey-authreq-"
+_AUTH_ID = re.compile(r"^hskey-authreq-[0-9a-f]{24}$")
 
 
 @dataclass(frozen=True)
@@ -99,4 +103,18 @@ def parse_prefix(kind: str, text: str) -> str:
     t = t.split("-", 1)[0]
     if not re.fullmatch(r"[0-9a-f]{12}", t):
         raise InvalidInput(f"malformed key prefix {text!r}: expected 12 hex characters")
+    return t
+
+
+def new_auth_id() -> str:
+    """A fresh `hskey-authreq-<24 hex>` ID (96 random bits) for a login or SSH check."""
+    return AUTH_ID_PREFIX + _random.token_hex(12)
+
+
+def parse_auth_id(text: str, field: str = "authId") -> str:
+    """An auth ID as sent (also the tail of its /register/<id> or /auth/<id> URL)."""
+    t = text.strip().rsplit("/", 1)[-1]
+    if not _AUTH_ID.match(t):
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        raise InvalidInput(f"{field}: malformed auth ID {shown!r}: expected hskey-authreq-<24 hex>")
     return t

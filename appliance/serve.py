@@ -70,7 +70,7 @@ class Server:
         self.metrics = Metrics()
         # Every connection, request and session runs inside this (appliance.boundary).
         self.boundary = Boundary(log.getChild("boundary"), self.metrics)
-        self.admin = Admin(self.store, online=self.is_online)
+        self.admin = Admin(self.store, online=self.is_online, config=config)
         self.routes: dict[str, RouteHandler] = {
             "/health": self.health,
             "/key": self.key,
@@ -123,6 +123,10 @@ class Server:
             self.control.ssh_checks.finish(reg_id, accept=False, by="by an administrator")
             return
         self.control.reject_registration(reg_id)
+
+    def add_debug_registration(self, auth_id: str, hostinfo: dict[str, Any]) -> tuple[str, str]:
+        assert self.control is not None
+        return self.control.add_debug_registration(auth_id, hostinfo)
 
     def approve_auth(self, auth_id: str) -> None:
         """`auth approve`: pass a pending SSH check (where no identity provider decides)."""

@@ -17,7 +17,6 @@ without a provider, by an admin running `homescale auth approve --auth-id ID`
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Any
 import trio
 
 from .errors import HomescaleError, NotFound
+from .secrets import new_auth_id
 
 CHECK_TTL = 15 * 60.0  # seconds a check waits for its verdict (headscale: auth cache 15 min)
 MAX_CHECKS = 1024  # pending checks kept; the oldest go first
@@ -93,7 +93,7 @@ class SSHChecks:
 
     def _hold(self, src: int, dst: int, local_user: str) -> dict[str, Any]:
         self._expire()
-        check = SSHCheck(secrets.token_urlsafe(18), src, dst)
+        check = SSHCheck(new_auth_id(), src, dst)
         self.pending[check.auth_id] = check
         self.log.info("SSH check %s: node %d -> node %d waits for sign-in", check.auth_id, src, dst)
         from urllib.parse import urlencode

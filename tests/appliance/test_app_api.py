@@ -155,7 +155,7 @@ async def test_errors_are_problem_json(site: Site, server: Server, api_key: str)
     assert r.status_code == 404
     assert "no node with id 99" in r.json()["detail"]
     r = await request(
-        site, "POST", "/api/v1/preauthkey", api_key, json={"user": "alice", "aclTags": ["web"]}
+        site, "POST", "/api/v1/preauthkey", api_key, json={"user": "1", "aclTags": ["web"]}
     )
     assert r.status_code == 400
     assert "malformed tag" in r.json()["detail"]

@@ -13,6 +13,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -343,7 +344,11 @@ async def test_apikeys(hs: Hs) -> None:
 
 async def test_apikeys_errors(hs: Hs) -> None:
     await hs.fails("apikeys", "expire", "--prefix", "0123456789ab", says="no API key")
-    await hs.fails("apikeys", "delete", "--prefix", "nothex", says="malformed key prefix")
+    # As headscale: a prefix no key has (well-formed or not) is not found.
+    await hs.fails("apikeys", "delete", "--prefix", "nothex", says="no API key")
+    await hs.fails(
+        "apikeys", "delete", "--prefix", "0123456789ab", "--id", "1", says="not both", local=True
+    )
     await hs.fails("apikeys", "create", "--expiration", "forever", says="--expiration", local=True)
     assert await hs.json("apikeys", "list") == []
 
@@ -351,7 +356,7 @@ async def test_apikeys_errors(hs: Hs) -> None:
 # ---------------------------------------------------------------- nodes
 
 
-async def test_nodes(hs: Hs) -> None:
+async def test_nodes(hs: Hs, tmp_path: Path) -> None:
     await hs.ok("users", "create", "alice")
     await hs.ok("users", "create", "bob")
     n1 = hs.add_node(1)
@@ -383,11 +388,19 @@ async def test_nodes(hs: Hs) -> None:
     renamed = await hs.json_object("nodes", "rename", "laptop", "--identifier", str(n1))
     assert renamed["givenName"] == "laptop"
 
+    # Only tags the policy's tagOwners define (as headscale); the node then belongs to them.
+    await hs.fails("nodes", "tag", "--identifier", str(n1), "--tags", "tag:web", says="tagOwners")
+    policy = tmp_path / "tags.hujson"
+    policy.write_text('{"tagOwners": {"tag:web": ["alice@"], "tag:db": ["alice@"]}}')
+    await hs.ok("policy", "set", "--file", str(policy))
     tagged = await hs.json_object(
         "nodes", "tag", "--identifier", str(n1), "--tags", "tag:web,tag:db"
     )
     assert tagged["tags"] == ["tag:db", "tag:web"]
-    assert tagged["user"]["name"] == "tagged-devices"
+    assert tagged["user"] is None  # a single node's answer, as headscale's
+    listed = await hs.json_list("nodes", "list")
+    assert listed[0]["user"]["name"] == "tagged-devices"
+    await hs.fails("nodes", "tag", "--identifier", str(n1), says="at least one tag")
 
     expired = await hs.json_object("nodes", "expire", "--identifier", str(n1))
     assert parse_time(expired["expiry"]) <= datetime.now(UTC)

@@ -53,32 +53,33 @@ BAD_BODIES = [
     ("POST", "/api/v1/user", {"name": ["bob"]}, "name: expected a string, got a list"),
     ("POST", "/api/v1/user", {"name": 5}, "name: expected a string, got a number"),
     ("POST", "/api/v1/user", {"name": "bob", "email": False}, "email: expected a string"),
-    ("POST", "/api/v1/preauthkey", {"user": "alice", "reusable": "false"}, "reusable: expected"),
-    ("POST", "/api/v1/preauthkey", {"user": "alice", "ephemeral": "no"}, "ephemeral: expected"),
-    ("POST", "/api/v1/preauthkey", {"user": "alice", "reusable": 1}, "reusable: expected"),
-    ("POST", "/api/v1/preauthkey", {"user": ["alice"]}, "user: expected an ID or a name"),
+    ("POST", "/api/v1/preauthkey", {"user": "1", "reusable": "false"}, "reusable: expected"),
+    ("POST", "/api/v1/preauthkey", {"user": "1", "ephemeral": "no"}, "ephemeral: expected"),
+    ("POST", "/api/v1/preauthkey", {"user": "1", "reusable": 1}, "reusable: expected"),
+    ("POST", "/api/v1/preauthkey", {"user": ["alice"]}, "user: expected a numeric ID"),
+    ("POST", "/api/v1/preauthkey", {"user": "alice"}, "user: expected a numeric ID"),
     ("POST", "/api/v1/preauthkey", {"user": 2**63}, "out of range"),
-    ("POST", "/api/v1/preauthkey", {"user": "alice", "aclTags": 5}, "aclTags: expected a list"),
-    ("POST", "/api/v1/preauthkey", {"user": "alice", "aclTags": [None]}, "aclTags[0]"),
+    ("POST", "/api/v1/preauthkey", {"user": "1", "aclTags": 5}, "aclTags: expected a list"),
+    ("POST", "/api/v1/preauthkey", {"user": "1", "aclTags": [None]}, "aclTags[0]"),
     (
         "POST",
         "/api/v1/preauthkey",
-        {"user": "alice", "expiration": "2030-01-01T00:00:00"},
+        {"user": "1", "expiration": "2030-01-01T00:00:00"},
         "with a timezone",
     ),
-    ("POST", "/api/v1/preauthkey", {"user": "alice", "expiration": 5}, "expiration: expected"),
+    ("POST", "/api/v1/preauthkey", {"user": "1", "expiration": 5}, "expiration: expected"),
     (
         "POST",
         "/api/v1/preauthkey",
-        {"user": "alice", "expiration": "0001-01-01T00:00:00Z"},
+        {"user": "1", "expiration": "0001-01-01T00:00:00Z"},
         "in the past",
     ),
     ("POST", "/api/v1/apikey", {"expiration": "2030-01-01"}, "with a timezone"),
     ("POST", "/api/v1/apikey", {"expiration": "20300101T000000Z"}, "with a timezone"),
     ("POST", "/api/v1/apikey", {"expiration": "0001-01-01T00:00:00+01:00"}, "expiration: "),
     ("POST", "/api/v1/apikey", {"expiration": "9999-12-31T23:59:59-01:00"}, "expiration: "),
-    ("POST", "/api/v1/apikey/expire", {"prefix": {"x": 1}}, "prefix: expected an ID or a name"),
-    ("POST", "/api/v1/preauthkey/expire", {"id": [1]}, "id: expected an ID or a name"),
+    ("POST", "/api/v1/apikey/expire", {"prefix": {"x": 1}}, "prefix: expected a string"),
+    ("POST", "/api/v1/preauthkey/expire", {"id": [1]}, "id: expected a numeric ID"),
     ("POST", "/api/v1/preauthkey/expire", {"id": "99999999999999999999"}, "out of range"),
     ("POST", "/api/v1/node/{nid}/tags", {"tags": 5}, "tags: expected a list"),
     ("POST", "/api/v1/node/{nid}/tags", {"tags": [None]}, "tags[0]: expected a string"),
@@ -194,7 +195,7 @@ async def test_strict_booleans_mean_what_they_say(
     api_key: str,  # noqa: F811
     node_id: int,
 ) -> None:
-    body = {"user": "alice", "reusable": False, "ephemeral": None, "aclTags": None}
+    body = {"user": "1", "reusable": False, "ephemeral": None, "aclTags": None}
     r = await request(site, "POST", "/api/v1/preauthkey", api_key, json=body)
     assert r.status_code == 200, r.text
     assert (r.json()["preAuthKey"]["reusable"], r.json()["preAuthKey"]["ephemeral"]) == (

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeGuard
 
+from netmap.nodes import EXIT_ROUTES, ZERO_DISCO
 from protocol.gojson import ZERO_TIME, is_zero_time
 
 from . import secrets
@@ -20,7 +21,6 @@ from .config import Config
 from .errors import InvalidInput, NotFound
 from .fields import is_numeric_id, parse_id
 from .store import ApiKeyRow, NodeRow, PreAuthKeyRow, Store, UserRow, to_iso, utcnow
-from .tailnet import EXIT_ROUTES
 
 # headscale lists tagged nodes as owned by this pseudo-user (hscontrol/types/users.go
 # TaggedDevices); a single node's answer has `user: null` (apiv1 nodeFromView).
@@ -34,8 +34,6 @@ TAGGED_DEVICES_USER = {
     "provider": "",
     "profilePicUrl": "",
 }
-# A node that has not connected yet has no disco key: Go renders the zero key.
-ZERO_DISCO_KEY = "discokey:" + "0" * 64
 _TAG = re.compile(r"^tag:[A-Za-z][A-Za-z0-9-]*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 REGISTER_METHODS = {
@@ -177,7 +175,7 @@ class Admin:
             "id": str(n.id),
             "machineKey": n.machine_key,
             "nodeKey": n.node_key,
-            "discoKey": n.disco_key or ZERO_DISCO_KEY,
+            "discoKey": n.disco_key or ZERO_DISCO,
             "ipAddresses": [a for a in (n.ipv4, n.ipv6) if a],
             "name": n.hostname,
             "user": user,
@@ -493,7 +491,7 @@ class Admin:
             "id": "0",
             "machineKey": machine,
             "nodeKey": node_key,
-            "discoKey": ZERO_DISCO_KEY,
+            "discoKey": ZERO_DISCO,
             "ipAddresses": [],
             "name": hostinfo.get("Hostname", ""),
             "user": self.user_json(owner),

@@ -20,7 +20,7 @@ import trio
 
 from netmap.dns import dns_config
 from netmap.mapsession import PATCH_HISTORY, MapSessionState, NodeEntry
-from netmap.nodes import PeerNode, cap_pairs, encode_node, patch_between
+from netmap.nodes import EXIT_ROUTES, PeerNode, cap_pairs, encode_node, patch_between
 from netmap.policy import CompiledPolicy, PolicyNode, PolicyUser, compile_policy, parse_policy
 
 from .boundary import Boundary
@@ -38,7 +38,6 @@ from .quarantine import RowProblem, node_row_problems
 from .store import NodeRow, UserRow, utcnow
 
 TAGGED_USER_ID = 2147455555  # headscale's TaggedDevices pseudo-user
-EXIT_ROUTES = ("0.0.0.0/0", "::/0")
 
 
 @dataclass(frozen=True)

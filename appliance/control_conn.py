@@ -61,9 +61,11 @@ REQUEST_TIMEOUT = 30.0
 # Request bodies buffered at once on one connection, over all its streams:
 # 250 streams each holding up to max_body would be 1 GiB.
 MAX_BUFFERED_BODIES = 2 * DEFAULT_MAX_BODY
-# The client must read what we queued (ACKs, responses) within this before we
-# read more from it: a peer that floods PINGs and never reads is dropped.
-WRITE_BACKLOG_TIMEOUT = 30.0
+# What we queued (ACKs, responses) is written before we read more, so a peer that
+# floods PINGs and never reads makes us buffer one read's worth of answers, not
+# more; if it reads nothing for this long it is dropped. Generous: a first map of
+# a few hundred KB to a phone on a bad link may take a while to drain.
+WRITE_BACKLOG_TIMEOUT = 120.0
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 

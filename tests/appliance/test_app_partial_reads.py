@@ -14,6 +14,7 @@ import h2.connection
 import h2.exceptions
 import pytest
 import trio
+import trio.testing
 from trio.testing import memory_stream_pair
 
 from appliance import control_conn, noise_stream
@@ -171,3 +172,39 @@ async def test_handler_crash_is_counted_and_logged_once(caplog: pytest.LogCaptur
 def test_h2_connection_defaults_are_what_the_tracker_assumes() -> None:
     cfg = h2.config.H2Configuration(client_side=False)
     assert h2.connection.H2Connection(config=cfg).max_inbound_frame_size == 16384
+
+
+async def test_peer_that_floods_pings_and_never_reads_is_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Our answers are written before we read more: a flooder gets one read's worth, then out."""
+    monkeypatch.setattr(control_conn, "WRITE_BACKLOG_TIMEOUT", 0.5)
+    key = PrivateKey.generate()
+    client_raw, server_raw = trio.testing.lockstep_stream_pair()  # writes wait for the reader
+    http = HttpServer(
+        routes={},
+        upgrades={
+            "/ts2021": partial(
+                control_conn.serve_ts2021,
+                server_private_key=key,
+                handler=Recorder(),
+                logger=logging.getLogger("test.cc"),
+            )
+        },
+        logger=logging.getLogger("test.http"),
+    )
+    ping = frame_header(8, ftype=6) + b"12345678"
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(http.handle_connection, server_raw)
+            ns, _, _, _ = await ts2021client.upgrade(client_raw, key.machine_public())
+            with pytest.raises(trio.BrokenResourceError):
+                await flood(ns, PREFACE + frame_header(0), ping * 100)
+            nursery.cancel_scope.cancel()
+
+
+async def flood(stream: trio.abc.Stream, first: bytes, again: bytes) -> None:
+    """Send `first`, then `again` forever, never reading: until the peer hangs up."""
+    await stream.send_all(first)
+    while True:
+        await stream.send_all(again)

@@ -90,3 +90,37 @@ async def test_expiry_from_token_and_extra_params(
     assert node.expiry is not None
     left = node.expiry.timestamp() - time.time()
     assert TOKEN_TTL - 120 < left <= TOKEN_TTL + 5, left
+
+
+@pytest.mark.parametrize(
+    ("query", "cookie", "status", "says"),
+    [
+        ("", "", 400, "missing code or state"),
+        ("code=x", "", 400, "missing code or state"),
+        ("code=x&state=" + "s" * 5000, "", 400, "too long"),
+        ("code=x&state=abcdefgh12345", "", 400, "no sign-in state cookie"),
+        # A cookie for this state, but the server never issued it: spent or forged.
+        (
+            "code=x&state=abcdefgh12345",
+            "homescale_oidc_abcdefgh=abcdefgh12345",
+            410,
+            "already used or has expired",
+        ),
+        ("error=access_denied&error_description=User+said+no", "", 403, "access_denied"),
+        ("error=" + "e" * 5000, "", 403, "answered eeee"),
+    ],
+)
+async def test_hostile_callbacks_register_nothing(
+    oidc_server: Server, site: Site, query: str, cookie: str, status: int, says: str
+) -> None:
+    import httpx
+
+    def get() -> httpx.Response:
+        headers = {"Cookie": cookie} if cookie else {}
+        return httpx.get(f"{site.url}/oidc/callback?{query}", headers=headers, timeout=10)
+
+    r = await trio.to_thread.run_sync(get)
+    assert r.status_code == status, r.text
+    assert says in r.text
+    assert len(r.text) < 2000  # the provider's text is capped, never echoed whole
+    assert oidc_server.store.nodes() == []

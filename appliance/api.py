@@ -298,6 +298,8 @@ class AdminApi:
         b = q.json()
         expiry = b.time("expiry") if b.has("expiry") else parse_time(q.arg("expiry"), "expiry")
         disable = b.boolean("disableExpiry") or parse_flag(q.arg("disableExpiry"), "disableExpiry")
+        if disable and expiry is not None:
+            raise InvalidInput("cannot set both disableExpiry and expiry")  # as headscale
         return await self.db(lambda: {"node": self.admin.expire_node(nid, expiry, disable)})
 
     def _logins(self) -> InteractiveLogins:

@@ -88,6 +88,12 @@ BAD_BODIES = [
     ("POST", "/api/v1/node/{nid}/approve_routes", {"routes": [{}]}, "routes[0]"),
     ("POST", "/api/v1/node/{nid}/expire", {"expiry": "yesterday"}, "expiry: expected"),
     ("POST", "/api/v1/node/{nid}/expire", {"disableExpiry": "true"}, "disableExpiry"),
+    (
+        "POST",
+        "/api/v1/node/{nid}/expire",
+        {"disableExpiry": True, "expiry": "2030-01-01T00:00:00Z"},
+        "cannot set both",
+    ),
     ("POST", "/api/v1/policy/check", {"policy": {"acls": []}}, "policy: expected a string"),
     ("POST", "/api/v1/auth/reject", {"authId": 5}, "authId: expected a string"),
 ]

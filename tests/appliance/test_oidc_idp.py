@@ -8,11 +8,15 @@ is played through the provider's pages.
 
 from __future__ import annotations
 
+import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import pytest
 import trio
 
@@ -113,8 +117,6 @@ async def test_expiry_from_token_and_extra_params(
 async def test_hostile_callbacks_register_nothing(
     oidc_server: Server, site: Site, query: str, cookie: str, status: int, says: str
 ) -> None:
-    import httpx
-
     def get() -> httpx.Response:
         headers = {"Cookie": cookie} if cookie else {}
         return httpx.get(f"{site.url}/oidc/callback?{query}", headers=headers, timeout=10)
@@ -124,3 +126,98 @@ async def test_hostile_callbacks_register_nothing(
     assert says in r.text
     assert len(r.text) < 2000  # the provider's text is capped, never echoed whole
     assert oidc_server.store.nodes() == []
+
+
+@dataclass
+class Proxied:
+    public: str  # server_url: https://localhost:PORT, the proxy's address
+    ca: ssl.SSLContext  # trusts the proxy's certificate
+    idp: oidcprovider.TestIdP
+
+
+@pytest.fixture
+def proxied(site: Site, tmp_path: Path) -> Iterator[Proxied]:
+    """A TLS-terminating reverse proxy (caddy, the binary the real-client tests use) in
+    front of the site's plain-http listener, and a provider whose client redirects to
+    the proxy's address."""
+    from tests import realclient, tiers
+
+    tiers.require_tier(
+        "realclient",
+        realclient.CADDY.exists(),
+        f"caddy missing at {realclient.CADDY}: run tests/fetch-realclient.sh",
+    )
+    oidcprovider.require_idp()
+    ca = realclient.make_test_ca(tmp_path / "tls")
+    port = realclient.free_port()
+    public = f"https://localhost:{port}"
+    caddyfile = tmp_path / "Caddyfile"
+    caddyfile.write_text(
+        "{\n\tadmin off\n\tauto_https disable_redirects\n}\n"
+        f"https://localhost:{port} {{\n\ttls {ca.cert_path} {ca.key_path}\n"
+        f"\treverse_proxy 127.0.0.1:{site.port}\n}}\n"
+    )
+    idp = oidcprovider.TestIdP(
+        tmp_path / "idp", public + "/oidc/callback", {"alice": dict(ALICE)}, pkce_required=True
+    )
+    idp.start()
+    with (tmp_path / "caddy.log").open("wb") as log:
+        caddy = subprocess.Popen(
+            [str(realclient.CADDY), "run", "--config", str(caddyfile), "--adapter", "caddyfile"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=realclient.client_env(tmp_path / "home"),
+        )
+        try:
+            text = site.config_path.read_text()
+            site.config_path.write_text(
+                text.replace(f"server_url: http://127.0.0.1:{site.port}", f"server_url: {public}")
+                + f"oidc:\n  issuer: {idp.issuer}\n  client_id: {oidcprovider.CLIENT_ID}\n"
+                + f"  client_secret: {oidcprovider.CLIENT_SECRET}\n  pkce:\n    enabled: true\n"
+            )
+            yield Proxied(public, ssl.create_default_context(cafile=str(ca.ca_path)), idp)
+        finally:
+            caddy.terminate()
+            caddy.wait(10)
+            idp.stop()
+
+
+async def test_login_behind_a_tls_reverse_proxy(site: Site, proxied: Proxied) -> None:
+    """homescale on plain http behind the proxy, server_url https://localhost:PORT: every
+    URL the flow hands out is built from server_url, and the state cookie is Secure."""
+    config = load_config(site.config_path, environ={})
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(START_TIMEOUT):
+            srv = await nursery.start(serve, config, LOG)
+        assert srv.control is not None
+        machine = "mkey:" + "12" * 32
+        login = srv.control._new_pending(machine, "nodekey:" + "34" * 32, {"Hostname": "px"}, False)
+        register = f"{proxied.public}/register/{login.id}"
+
+        def browse() -> tuple[httpx.Response, oidcprovider.SignIn]:
+            with httpx.Client(verify=proxied.ca, timeout=15) as browser:
+                deadline = time.monotonic() + 15  # the proxy may take a moment to listen
+                while True:
+                    try:
+                        first = browser.get(register, follow_redirects=False)
+                        break
+                    except httpx.ConnectError:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.2)
+                signed = oidcprovider.sign_in(register, "alice", idp=proxied.idp, client=browser)
+                return first, signed
+
+        first, result = await trio.to_thread.run_sync(browse)
+        assert first.status_code == 302, first.text
+        assert "; Secure" in first.headers["set-cookie"]
+        auth = parse_qs(urlsplit(first.headers["location"]).query)
+        assert auth["redirect_uri"] == [proxied.public + "/oidc/callback"]
+        assert result.final.status_code == 200, result.text
+        assert "is now registered" in result.text
+        assert str(result.final.url).startswith(proxied.public + "/register/confirm/")
+        node = srv.store.node_by("machine_key", machine)
+        assert node is not None
+        assert node.register_method == "oidc"
+        nursery.cancel_scope.cancel()

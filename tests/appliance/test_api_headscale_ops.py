@@ -1,0 +1,102 @@
+"""headscale's admin operations beyond its golden answers: debug nodes, IP backfill, exit
+routes approved as a pair, auth IDs in headscale's shape (issue 12)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from appliance.serve import Server
+
+from .conftest import Site, arun_cli
+
+
+async def cli_json(capsys: pytest.CaptureFixture[str], site: Site, *args: str) -> object:
+    res = await arun_cli(capsys, site, "-o", "json", *args)
+    assert res.code == 0, res.err
+    return json.loads(res.out)
+
+
+async def test_debug_node_waits_until_auth_register(
+    server: Server, site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await arun_cli(capsys, site, "users", "create", "alice")
+    echo = await cli_json(
+        capsys, site, "debug", "create-node", "--name", "dbg", "-u", "alice", "-r", "10.0.0.0/24"
+    )
+    assert isinstance(echo, dict)
+    assert echo["name"] == "dbg"
+    assert echo["availableRoutes"] == ["10.0.0.0/24"]
+    assert echo["registerMethod"] == "REGISTER_METHOD_UNSPECIFIED"
+    assert await cli_json(capsys, site, "nodes", "list") == []  # nothing stored yet
+    # The key it waits under, from `auth list` (headscale's shape).
+    pending = await cli_json(capsys, site, "auth", "list")
+    assert isinstance(pending, list)
+    (auth_id,) = [p["authId"] for p in pending if p["hostname"] == "dbg"]
+    assert re.fullmatch(r"hskey-authreq-[0-9a-f]{24}", auth_id)
+
+    node = await cli_json(capsys, site, "auth", "register", "-u", "alice", "--auth-id", auth_id)
+    assert isinstance(node, dict)
+    assert (node["name"], node["user"]["name"]) == ("dbg", "alice")
+    assert node["availableRoutes"] == ["10.0.0.0/24"]
+    assert node["lastSeen"] is not None  # as headscale: seen when it registered
+    # Spent: the same key is now unknown (404), a malformed one is a 400 naming it.
+    res = await arun_cli(capsys, site, "auth", "register", "-u", "alice", "--auth-id", auth_id)
+    assert res.code != 0
+    assert "no pending registration" in res.err
+    res = await arun_cli(capsys, site, "auth", "approve", "--auth-id", "not-an-id")
+    assert res.code != 0
+    assert "malformed auth ID" in res.err
+
+
+async def test_backfillips_gives_missing_addresses(
+    server: Server, site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def make() -> int:
+        u = server.store.create_user("alice")
+        return server.store.create_node(
+            user_id=u.id,
+            machine_key="mkey:" + "1" * 64,
+            node_key="nodekey:" + "1" * 64,
+            given_name="old",
+            hostname="old",
+            ipv4="100.64.0.7",
+            ipv6=None,  # made before prefixes.v6 was configured
+        ).id
+
+    nid = await server.run_db(make)
+    res = await arun_cli(capsys, site, "nodes", "backfillips")  # not a tty, no --force
+    assert res.code != 0
+    assert "--force" in res.err
+    out = await cli_json(capsys, site, "nodes", "backfillips", "--force")
+    assert out == {"changes": [f'assigned IPv6 "fd7a:115c:a1e0::1" to Node({nid}) "old"']}
+    (node,) = await cli_json(capsys, site, "nodes", "list")  # type: ignore[misc]
+    assert node["ipAddresses"] == ["100.64.0.7", "fd7a:115c:a1e0::1"]
+    # Nothing left to do the second time.
+    assert await cli_json(capsys, site, "nodes", "backfillips", "--force") == {"changes": []}
+
+
+async def test_one_exit_route_approves_both_families(
+    server: Server, site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def make() -> int:
+        u = server.store.create_user("alice")
+        return server.store.create_node(
+            user_id=u.id,
+            machine_key="mkey:" + "2" * 64,
+            node_key="nodekey:" + "2" * 64,
+            given_name="exit",
+            hostname="exit",
+            ipv4="100.64.0.2",
+            hostinfo={"RoutableIPs": ["0.0.0.0/0", "::/0"]},
+        ).id
+
+    nid = await server.run_db(make)
+    for route in ("0.0.0.0/0", "::/0"):
+        node = await cli_json(capsys, site, "nodes", "approve-routes", "-i", str(nid), "-r", route)
+        assert isinstance(node, dict)
+        assert node["approvedRoutes"] == ["0.0.0.0/0", "::/0"], route
+    # The tailnet serves both to peers: the node is an exit node.
+    assert server.tailnet.peers[nid].exit_routes == ("0.0.0.0/0", "::/0")

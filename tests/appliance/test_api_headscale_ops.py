@@ -72,8 +72,9 @@ async def test_backfillips_gives_missing_addresses(
     assert "--force" in res.err
     out = await cli_json(capsys, site, "nodes", "backfillips", "--force")
     assert out == {"changes": [f'assigned IPv6 "fd7a:115c:a1e0::1" to Node({nid}) "old"']}
-    (node,) = await cli_json(capsys, site, "nodes", "list")  # type: ignore[misc]
-    assert node["ipAddresses"] == ["100.64.0.7", "fd7a:115c:a1e0::1"]
+    listed = await cli_json(capsys, site, "nodes", "list")
+    assert isinstance(listed, list)
+    assert listed[0]["ipAddresses"] == ["100.64.0.7", "fd7a:115c:a1e0::1"]
     # Nothing left to do the second time.
     assert await cli_json(capsys, site, "nodes", "backfillips", "--force") == {"changes": []}
 

@@ -34,7 +34,7 @@ from .errors import HomescaleError
 from .httpserver import HttpServer, Request, Response, RouteHandler, Upgrade, UpgradeHandler
 from .metrics import Metrics
 from .policies import PolicyInvalid, check_policy_text, read_policy, recovery_steps
-from .store import STATE_DIR_MODE, Store
+from .store import STATE_DIR_MODE, Store, exposure_warning
 from .tailnet import Tailnet
 from .version import commit, version
 
@@ -58,6 +58,8 @@ class Server:
         self.config = config
         self.log = log
         self.store = Store(config.database_path, wal=config.write_ahead_log)
+        if (exposed := exposure_warning(config.database_path)) is not None:
+            log.warning("%s", exposed)
         self.db_limiter = trio.CapacityLimiter(1)  # one writer: one store call at a time
         try:
             config.noise_private_key_path.parent.mkdir(

@@ -60,6 +60,20 @@ def create_private_file(path: Path) -> None:
     os.close(fd)
 
 
+def exposure_warning(path: Path) -> str | None:
+    """A warning when a state file (made by an older version, or by hand) is world-readable."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return None
+    if not mode & 0o007:
+        return None
+    return (
+        f"{path}: readable by every local user (mode {mode:04o}), and it holds node keys "
+        f"and key hashes; make it private with: chmod 600 {path}"
+    )
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 

@@ -219,3 +219,16 @@ def test_state_files_are_private_and_folders_closed(tmp_path: Path) -> None:
         assert stat.S_IMODE(path.parent.stat().st_mode) == 0o750
     finally:
         store.close()
+
+
+def test_a_world_readable_database_is_named_with_the_fix(tmp_path: Path) -> None:
+    from appliance.store import exposure_warning
+
+    path = tmp_path / "db.sqlite"
+    Store(path).close()
+    assert exposure_warning(path) is None
+    path.chmod(0o644)  # as an older homescale created it
+    warning = exposure_warning(path)
+    assert warning is not None
+    assert "0644" in warning
+    assert f"chmod 600 {path}" in warning

@@ -108,6 +108,19 @@ def _go_duration_seconds(text: str) -> float | None:
     return sign * total if body else None
 
 
+def _go_duration(seconds: float) -> str:
+    """Whole seconds as Go's time.Duration.String() writes them ("-1m0s", "200h0m0s")."""
+    sign = "-" if seconds < 0 else ""
+    total = int(abs(seconds))
+    h, rest = divmod(total, 3600)
+    m, sec = divmod(rest, 60)
+    if h:
+        return f"{sign}{h}h{m}m{sec}s"
+    if m:
+        return f"{sign}{m}m{sec}s"
+    return f"{sign}{sec}s"
+
+
 def parse_alias(text: str) -> Alias:
     """Classify an alias the way headscale's parseAlias does.
 
@@ -178,7 +191,9 @@ def parse_ports(text: str) -> tuple[PortRange, ...]:
         bounds = part.split("-")
         if len(bounds) > 2 or not all(b.isdigit() for b in bounds):
             # Tailscale has no named ports: "tag:server:ssh" is refused (acl-err07).
-            raise ValueError(f"invalid port {part!r}: use a number, a range like 80-443, or *")
+            raise ValueError(
+                f'port range "{part}": invalid first integer (use a number, a range like 80-443, or *)'
+            )
         nums = [int(b) for b in bounds]
         if any(n > 65535 for n in nums):
             raise ValueError(f"port {part!r} is out of range (0-65535)")
@@ -186,7 +201,9 @@ def parse_ports(text: str) -> tuple[PortRange, ...]:
         if first > last:
             raise ValueError(f"port range {part!r} is inverted")
         if len(nums) == 1 and first == 0:
-            raise ValueError("port 0 is not valid; use * for all ports")
+            raise ValueError(
+                f"port range \"{part}\": first port must be >0, or use '*' for wildcard"
+            )
         out.append(PortRange(first, last))
     return tuple(out)
 
@@ -391,8 +408,10 @@ class _Context:
         self.tags = tags
         self.ipsets: dict[str, IPSet] = {}
 
-    def alias(self, text: str, path: str, line: int | None) -> Alias | None:
+    def alias(self, text: str, path: str, line: int | None, role: str = "") -> Alias | None:
         """Parse an alias and check that what it names is defined.
+
+        ``role`` ("src" or "dst") words an undefined tag as Tailscale does.
 
         Surrounding whitespace is ignored, as Tailscale does
         (ssh-src-leading-whitespace, ssh-dst-trailing-whitespace).
@@ -406,7 +425,10 @@ class _Context:
             self.r.problem(path, line, f'group "{alias.name}" is not defined in groups')
             return None
         if alias.kind is AliasKind.TAG and alias.name not in self.tags:
-            self.r.problem(path, line, f'tag "{alias.name}" is not defined in tagOwners')
+            where = {"src": "src=", "dst": f'dst="{text.strip()}": '}.get(role, "")
+            self.r.problem(
+                path, line, f'{where}tag not found: "{alias.name}" (define it in tagOwners)'
+            )
             return None
         if alias.kind is AliasKind.HOST and alias.name not in self.hosts:
             self.r.problem(path, line, f'host "{alias.name}" is not defined in hosts')
@@ -422,7 +444,8 @@ class _Context:
                 self.r.problem(
                     path,
                     line,
-                    f"{domain} is not associated with this Tailnet and cannot be used "
+                    ("[ssh] " if role == "ssh" else "")
+                    + f"{domain} is not associated with this Tailnet and cannot be used "
                     "in user:*@<domain> expressions",
                 )
                 return None
@@ -457,7 +480,8 @@ def _groups(r: _Reader, value: Any, path: str, line: int | None) -> dict[str, tu
                 r.problem(
                     mpath,
                     mline,
-                    f'group "{name}" contains group "{member}": groups cannot contain groups',
+                    f'groups["{name}"]: "{member}": group members cannot be recursive '
+                    "(groups cannot contain groups)",
                 )
             elif member.startswith(IDP_GROUP_PREFIX):
                 # homescale's extension: everyone the identity provider put in that
@@ -511,7 +535,7 @@ def _tag_owners(
             r.problem(
                 tpath,
                 tline,
-                f"tag {tag!r} must be 'tag:' followed by a name starting with a letter",
+                f"tag names must start with a letter, after 'tag:' ({tag!r})",
             )
             continue
         parsed = []
@@ -533,11 +557,13 @@ def _tag_owners(
 
 
 def _aliases(
-    ctx: _Context, entry: tuple[Any, str, int | None], what: str
+    ctx: _Context, entry: tuple[Any, str, int | None], what: str, role: str | None = None
 ) -> list[tuple[Alias, str, int | None]]:
     out = []
+    if role is None:
+        role = what if what in ("src", "dst") else ""
     for text, path, line in ctx.r.strings(*entry, what):
-        alias = ctx.alias(text, path, line)
+        alias = ctx.alias(text, path, line, role)
         if alias is not None:
             out.append((alias, path, line))
     return out
@@ -549,7 +575,9 @@ def _check_src_autogroup(
     if alias.kind is not AliasKind.AUTOGROUP or alias.name in allowed:
         return True
     if alias.name == AUTOGROUP_SELF:
-        ctx.r.problem(path, line, '"autogroup:self" is not valid as a source; use it in dst')
+        ctx.r.problem(
+            path, line, '"autogroup:self" not valid on the src side of a rule; use it in dst'
+        )
     elif alias.name == AUTOGROUP_INTERNET:
         ctx.r.problem(path, line, '"autogroup:internet" is only valid as a destination')
     else:
@@ -566,6 +594,9 @@ def _check_dst_autogroup(
 ) -> bool:
     if alias.kind is not AliasKind.AUTOGROUP or alias.name in allowed:
         return True
+    if alias.name == AUTOGROUP_DANGER_ALL:
+        ctx.r.problem(path, line, "cannot use autogroup:danger-all as a dst; use * or an IP range")
+        return False
     ctx.r.problem(
         path,
         line,
@@ -594,7 +625,8 @@ def _self_sources_ok(
             ctx.r.problem(
                 path,
                 pline,
-                f'"{alias.name}" cannot be a source for autogroup:self: use users, groups or autogroup:member',
+                "autogroup:self can only be used with users, groups, or supported autogroups "
+                f'("{alias.name}" is not one)',
             )
 
 
@@ -621,7 +653,7 @@ def _acl(ctx: _Context, item: Any, where: str, line: int | None) -> ACL | None:
         r.problem(
             _path(where, "action"),
             f["action"][2],
-            f'action {action!r} is not supported; the only ACL action is "accept"',
+            f'action="{action}" is not supported; the only ACL action is "accept"',
         )
         ok = False
     protos: tuple[int, ...] = ()
@@ -650,13 +682,16 @@ def _acl(ctx: _Context, item: Any, where: str, line: int | None) -> ACL | None:
             if text.count(":") == 1 and text.split(":")[0] in ("tag", "group", "autogroup"):
                 # "tag:server" split as alias "tag" port "server": the
                 # real mistake is the missing port.
-                message = f"{text!r} must be alias:ports, e.g. {text}:22 or {text}:*"
+                message = (
+                    f'dst="{text}": port range "{text.split(":")[1]}": invalid first integer '
+                    f"(write alias:ports, e.g. {text}:22 or {text}:*)"
+                )
             else:
-                message = str(exc)
+                message = f'dst="{text}": {exc}'
             r.problem(path, pline, message)
             ok = False
             continue
-        alias = ctx.alias(name, path, pline)
+        alias = ctx.alias(name, path, pline, "dst")
         if alias is None:
             ok = False
             continue
@@ -765,6 +800,9 @@ def _grant(ctx: _Context, item: Any, where: str, line: int | None) -> Grant | No
             if not text.startswith("tag:"):
                 r.problem(path, pline, "via can only be a tag")
                 ok = False
+            elif text not in ctx.tags:
+                r.problem(path, pline, f'tag "{text}" not found (define it in tagOwners)')
+                ok = False
             elif ctx.alias(text, path, pline) is None:
                 ok = False
             else:
@@ -823,15 +861,15 @@ def _ssh(ctx: _Context, item: Any, where: str, line: int | None) -> SSHRule | No
     action = r.string(*f.get("action", ("", _path(where, "action"), line)), "action")
     apath, aline = _path(where, "action"), f.get("action", (None, None, line))[2]
     if action is not None and action.strip() == "":
-        r.problem(apath, aline, 'action must be "accept" or "check"')
+        r.problem(apath, aline, 'action must be specified ("accept" or "check")')
         ok = False
     elif action is not None and action.strip() not in ("accept", "check"):
         # Case matters here: Tailscale refused "ACCEPT" (ssh-malformed-action-uppercase).
-        r.problem(apath, aline, f'action {action!r} is not valid; use "accept" or "check"')
+        r.problem(apath, aline, f'"{action}" is not a valid action; use "accept" or "check"')
         ok = False
     action = (action or "").strip()
 
-    srcs = _aliases(ctx, f.get("src", (LocList(), _path(where, "src"), line)), "src")
+    srcs = _aliases(ctx, f.get("src", (LocList(), _path(where, "src"), line)), "src", "ssh")
     for src, path, pline in srcs:
         if src.kind not in (
             AliasKind.USER,
@@ -869,7 +907,7 @@ def _ssh(ctx: _Context, item: Any, where: str, line: int | None) -> SSHRule | No
             r.problem(
                 path,
                 pline,
-                f'host "{alias.name}" is not valid as an SSH destination; use tags or users',
+                f'invalid dst "{alias.name}": hosts are not SSH destinations; use tags or users',
             )
             ok = False
         elif alias.kind not in (AliasKind.USER, AliasKind.TAG, AliasKind.AUTOGROUP):
@@ -893,7 +931,7 @@ def _ssh(ctx: _Context, item: Any, where: str, line: int | None) -> SSHRule | No
     else:
         entries = r.strings(*f["users"], "users")
         if not entries and isinstance(f["users"][0], LocList) and not f["users"][0]:
-            r.problem(upath, f["users"][2], "users must not be empty")
+            r.problem(upath, f["users"][2], "users must be specified (the list is empty)")
             ok = False
         for text, path, pline in entries:
             user = text.strip()
@@ -933,18 +971,29 @@ def _ssh(ctx: _Context, item: Any, where: str, line: int | None) -> SSHRule | No
                 seconds = _go_duration_seconds(period)
                 if seconds is None:
                     r.problem(
-                        path, pline, f"checkPeriod {period!r} is not a duration like 12h or 30m"
+                        path,
+                        pline,
+                        f'time: invalid duration "{period}" (write a duration like 12h or 30m)',
                     )
                     ok = False
-                elif seconds < 0 or seconds > _CHECK_PERIOD_MAX_S:
-                    r.problem(path, pline, f"checkPeriod {period!r} must be between 0 and 168h")
+                elif seconds < 0:
+                    r.problem(
+                        path,
+                        pline,
+                        f"checkPeriod {_go_duration(seconds)} must be a positive duration",
+                    )
+                    ok = False
+                elif seconds > _CHECK_PERIOD_MAX_S:
+                    r.problem(
+                        path, pline, f"checkPeriod {_go_duration(seconds)} is above the max (168h)"
+                    )
                     ok = False
             check_period = period
     accept_env: list[str] = []
     if "acceptEnv" in f:
         for text, path, pline in r.strings(*f["acceptEnv"], "acceptEnv"):
             if text == "":
-                r.problem(path, pline, "acceptEnv entries cannot be empty")
+                r.problem(path, pline, "acceptEnv values cannot be empty")
                 ok = False
             accept_env.append(text)
     if not ok:
@@ -1222,12 +1271,33 @@ def _node_attr(ctx: _Context, item: Any, where: str, line: int | None) -> NodeAt
         return None
     ok = True
     if "ipPool" in f:
+        reserved = [ipaddress.ip_network(n) for n in ("100.100.100.0/24", "100.115.92.0/23")]
+        for text, path, pline in r.strings(*f["ipPool"], "ipPool"):
+            try:
+                net = ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                continue
+            if any(net.overlaps(x) for x in reserved):
+                r.problem(path, pline, f"IPPool({text}): network within reserved range")
         r.problem(f["ipPool"][1], f["ipPool"][2], "ipPool is not supported by homescale")
         ok = False
     if "target" not in f:
         r.problem(_path(where, "target"), line, "target must be specified")
         return None
-    targets = _aliases(ctx, f["target"], "target")
+    targets: list[tuple[Alias, str, int | None]] = []
+    for text, path, pline in r.strings(*f["target"], "target"):
+        if _is_undefined_host(ctx, text):
+            # Tailscale's words (nodeattrs-error-e2-bad-target).
+            r.problem(
+                path, pline, f'"{text}": invalid address (not an IP, CIDR or host from hosts)'
+            )
+            ok = False
+            continue
+        alias = ctx.alias(text, path, pline)
+        if alias is None:
+            ok = False
+        else:
+            targets.append((alias, path, pline))
     for alias, path, pline in targets:
         if alias.kind is AliasKind.AUTOGROUP and alias.name not in (
             AUTOGROUP_MEMBER,
@@ -1352,3 +1422,12 @@ def _ssh_test(ctx: _Context, item: Any, where: str, line: int | None) -> SSHTest
         where,
         line,
     )
+
+
+def _is_undefined_host(ctx: _Context, text: Any) -> bool:
+    if not isinstance(text, str):
+        return False
+    try:
+        return parse_alias(text.strip()).kind is AliasKind.HOST and text.strip() not in ctx.hosts
+    except ValueError:
+        return False

@@ -11,7 +11,7 @@ import re
 import unicodedata
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from netmap.nodes import EXIT_ROUTES, ZERO_DISCO
 from protocol.gojson import ZERO_TIME, is_zero_time
@@ -36,6 +36,26 @@ TAGGED_DEVICES_USER = {
 }
 _TAG = re.compile(r"^tag:[A-Za-z][A-Za-z0-9-]*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+if TYPE_CHECKING:
+    from .tailnet import Tailnet
+
+# A node's (auto-approved, served) routes: what the tailnet decided (autoApprovers, the
+# HA election), for the API to show with the stored approvals.
+NodeRoutes = Callable[[int], tuple[tuple[str, ...], tuple[str, ...]]]
+
+
+def tailnet_routes(tailnet: Tailnet) -> NodeRoutes:
+    """The routes each node has in `tailnet`: served means sent to peers as its
+    primary (subnet) or exit routes -- the one rule, wherever routes are shown."""
+
+    def routes(node_id: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        peer = tailnet.peers.get(node_id)
+        served = (*peer.primary_routes, *peer.exit_routes) if peer is not None else ()
+        return tailnet.auto_approved.get(node_id, ()), served
+
+    return routes
+
+
 REGISTER_METHODS = {
     "authkey": "REGISTER_METHOD_AUTH_KEY",
     "cli": "REGISTER_METHOD_CLI",
@@ -46,6 +66,14 @@ REGISTER_METHODS = {
 def _expires(t: datetime | None) -> TypeGuard[datetime]:
     """Whether a key with this expiration expires at all (None and Go's zero time: never)."""
     return t is not None and not is_zero_time(t)
+
+
+def _route_order(route: str) -> tuple[int, Any]:
+    """Go's netip.Prefix.Compare order (IPv4 first, then address, then length)."""
+    import ipaddress
+
+    net = ipaddress.ip_network(route, strict=False)
+    return net.version, (net.network_address, net.prefixlen)
 
 
 def validate_username(name: str) -> str:
@@ -107,9 +135,11 @@ class Admin:
         *,
         online: Callable[[int], bool] | None = None,
         config: Config | None = None,
+        routes: NodeRoutes | None = None,
     ) -> None:
         self.store = store
         self._online = online or (lambda node_id: False)
+        self._routes = routes or (lambda node_id: ((), ()))
         self.config = config  # prefixes (backfill) and where the policy is (tags, file mode)
 
     # -- shapes
@@ -171,6 +201,7 @@ class Admin:
             except NotFound:
                 pak = None
         available = list(n.hostinfo.get("RoutableIPs") or [])
+        auto, served = self._routes(n.id)
         return {
             "id": str(n.id),
             "machineKey": n.machine_key,
@@ -188,9 +219,10 @@ class Admin:
             ),
             "givenName": n.given_name,
             "online": self._online(n.id),
-            "approvedRoutes": list(n.approved_routes),
+            # Approved by an admin or by the policy's autoApprovers.
+            "approvedRoutes": sorted({*n.approved_routes, *auto}, key=_route_order),
             "availableRoutes": available,
-            "subnetRoutes": [r for r in n.approved_routes if r in available],
+            "subnetRoutes": list(served),
             "tags": list(n.tags),
             # homescale's device approval (node.require_approval): false = pending.
             "approved": n.approved,
@@ -478,7 +510,8 @@ class Admin:
         clean = {self.parse_route(r) for r in routes if r.strip()}
         if clean & set(EXIT_ROUTES):
             clean |= set(EXIT_ROUTES)
-        out = self.node_json(self.store.update_node(n.id, approved_routes=sorted(clean)))
+        approved = sorted(clean, key=_route_order)
+        out = self.node_json(self.store.update_node(n.id, approved_routes=approved))
         return out
 
     def echo_node_json(

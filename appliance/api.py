@@ -194,13 +194,7 @@ class AdminApi:
             _NODE + "/tags",
             lambda q, nid: self.db(lambda: {"node": a.tag_node(nid, q.json().strings("tags"))}),
         )
-        r(
-            "POST",
-            _NODE + "/approve_routes",
-            lambda q, nid: self.db(
-                lambda: {"node": a.approve_routes(nid, q.json().strings("routes"))}
-            ),
-        )
+        r("POST", _NODE + "/approve_routes", self.approve_routes)
         r("GET", r"/api/v1/policy", lambda q: self.db(a.get_policy))
         r("PUT", r"/api/v1/policy", self.set_policy)
         r("POST", r"/api/v1/policy/check", self.check_policy)
@@ -238,6 +232,12 @@ class AdminApi:
         return await self.db(
             lambda: {"user": self.admin.create_user(name, display, email, picture)}
         )
+
+    async def approve_routes(self, q: ApiRequest, nid: str) -> dict[str, Any]:
+        routes = q.json().strings("routes")
+        await self.db(lambda: self.admin.approve_routes(nid, routes))
+        # Read back once the tailnet has the change: it decides what the node serves.
+        return await self.db(lambda: {"node": self.admin.get_node(nid)})
 
     async def list_users(self, q: ApiRequest) -> dict[str, Any]:
         uid = _opt_id(q.arg("id"), "id")  # headscale: a non-numeric id is a 400

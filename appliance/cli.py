@@ -136,19 +136,28 @@ class DirectTransport(Transport):
     """The API routes run in this process on the database (no server running)."""
 
     def __init__(self, config: Config) -> None:
-        from .admin import Admin
+        from .admin import Admin, tailnet_routes
         from .api import AdminApi
         from .policies import check_policy_text
         from .store import Store
         from .storethread import run_inline
+        from .tailnet import Tailnet, offline_tailnet
 
         self.store = Store(config.database_path, wal=config.write_ahead_log)
 
         # The server's rules, including policy.mode: in file mode a stored policy would be
         # ignored, so `policy set` is refused here as the running server refuses it.
         store = self.store
+        offline: list[Tailnet] = []  # built on first use: most commands show no routes
+
+        def routes(node_id: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+            # With no server, the routes are those it would serve on start (nobody online).
+            if not offline:
+                offline.append(offline_tailnet(config, store))
+            return tailnet_routes(offline[0])(node_id)
+
         self.api = AdminApi(
-            Admin(store, config=config),
+            Admin(store, config=config, routes=routes),
             run_inline,
             require_auth=False,
             policy_check=lambda text: check_policy_text(text, "policy", store),

@@ -24,7 +24,7 @@ import trio
 
 from derp.errors import DerpError
 
-from .admin import Admin
+from .admin import Admin, tailnet_routes
 from .api import AdminApi
 from .boundary import Boundary
 from .changes import PolicyChanged
@@ -72,7 +72,6 @@ class Server:
         self.metrics = Metrics()
         # Every connection, request and session runs inside this (appliance.boundary).
         self.boundary = Boundary(log.getChild("boundary"), self.metrics)
-        self.admin = Admin(self.store, online=self.is_online, config=config)
         self.routes: dict[str, RouteHandler] = {
             "/health": self.health,
             "/key": self.key,
@@ -82,6 +81,9 @@ class Server:
         self.routes["/register/"] = self.register_page
         self.routes["/auth/"] = self.auth_page
         self.tailnet = Tailnet(config=config, log=log.getChild("tailnet"), boundary=self.boundary)
+        self.admin = Admin(
+            self.store, online=self.is_online, config=config, routes=tailnet_routes(self.tailnet)
+        )
         self.control: ControlService | None = None
         self.oidc: OIDCLogin | None = None  # set by `serve` when oidc.issuer is configured
         self.metrics.gauge("homescale_nodes", lambda: len(self.tailnet.nodes), "registered nodes")

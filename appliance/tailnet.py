@@ -35,7 +35,7 @@ from .changes import (
 )
 from .config import Config
 from .quarantine import RowProblem, node_row_problems
-from .store import NodeRow, UserRow, utcnow
+from .store import NodeRow, Store, UserRow, utcnow
 
 TAGGED_USER_ID = 2147455555  # headscale's TaggedDevices pseudo-user
 
@@ -256,9 +256,12 @@ class Tailnet:
     # ------------------------------------------------------------ node conversion
 
     def _served(self, n: NodeRow) -> list[str]:
-        """Routes the node advertises and has approved (by an admin or autoApprovers)."""
-        approved = (*n.approved_routes, *self.auto_approved.get(n.id, ()))
-        return [r for r in approved if r in _advertised(n)]
+        """Routes the node advertises and has approved (by an admin or autoApprovers); one
+        approved exit route approves both (as headscale: rows approved before, imported)."""
+        approved = {*n.approved_routes, *self.auto_approved.get(n.id, ())}
+        if approved & set(EXIT_ROUTES):
+            approved |= set(EXIT_ROUTES)
+        return [r for r in _advertised(n) if r in approved]
 
     def _elect_primaries(self) -> None:
         """One primary router per subnet (online first, then lowest ID), as headscale does;
@@ -593,3 +596,13 @@ def policy_node(
 
 def node_is_expired(row: NodeRow, now: datetime | None = None) -> bool:
     return row.expiry is not None and row.expiry <= (now or utcnow())
+
+
+def offline_tailnet(config: Config, store: Store) -> Tailnet:
+    """The tailnet the stored state makes, with nobody online (for the CLI without a
+    server: the routes, approvals and elections a starting server would have)."""
+    from .policies import read_policy
+
+    tn = Tailnet(config=config, log=logging.getLogger("homescale.tailnet.offline"))
+    tn.load(store.users(), store.nodes(), read_policy(config, store)[0])
+    return tn

@@ -101,3 +101,48 @@ async def test_one_exit_route_approves_both_families(
         assert node["approvedRoutes"] == ["0.0.0.0/0", "::/0"], route
     # The tailnet serves both to peers: the node is an exit node.
     assert server.tailnet.peers[nid].exit_routes == ("0.0.0.0/0", "::/0")
+
+
+async def test_routes_show_what_the_tailnet_serves(
+    server: Server, site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Approved (by an admin or autoApprovers), available and serving routes, by the rule
+    the tailnet uses: one primary per subnet, exit routes from every approved exit node."""
+    policy = site.dir / "policy.hujson"
+    policy.write_text(
+        '{"autoApprovers": {"routes": {"10.9.0.0/16": ["alice@"]}},'
+        ' "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}'
+    )
+    await arun_cli(capsys, site, "users", "create", "alice")
+    assert (await arun_cli(capsys, site, "policy", "set", "--file", str(policy))).code == 0
+
+    def make(n: int) -> int:
+        u = server.store.user_by_name("alice")
+        assert u is not None
+        return server.store.create_node(
+            user_id=u.id,
+            machine_key=f"mkey:{n:064x}",
+            node_key=f"nodekey:{n:064x}",
+            given_name=f"router{n}",
+            hostname=f"router{n}",
+            ipv4=f"100.64.0.{n}",
+            hostinfo={"RoutableIPs": ["10.0.0.0/24", "10.9.0.0/16", "0.0.0.0/0", "::/0"]},
+        ).id
+
+    r1, r2 = await server.run_db(make, 1), await server.run_db(make, 2)
+    for nid in (r1, r2):
+        await cli_json(
+            capsys, site, "nodes", "approve-routes", "-i", str(nid), "-r", "10.0.0.0/24,0.0.0.0/0"
+        )
+    listed = await cli_json(capsys, site, "nodes", "list-routes")
+    assert isinstance(listed, list)
+    by_id = {int(n["id"]): n for n in listed}
+    for nid in (r1, r2):
+        # 10.9.0.0/16 is approved by autoApprovers, and shown so.
+        assert by_id[nid]["approvedRoutes"] == ["0.0.0.0/0", "10.0.0.0/24", "10.9.0.0/16", "::/0"]
+    # One primary per subnet (nobody online: the lowest ID); both are exit nodes.
+    assert by_id[r1]["subnetRoutes"] == ["10.0.0.0/24", "10.9.0.0/16", "0.0.0.0/0", "::/0"]
+    assert by_id[r2]["subnetRoutes"] == ["0.0.0.0/0", "::/0"]
+    single = await cli_json(capsys, site, "nodes", "list", "--user", "alice")
+    assert isinstance(single, list)
+    assert [n["subnetRoutes"] for n in single] == [n["subnetRoutes"] for n in listed]

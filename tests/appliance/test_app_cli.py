@@ -361,6 +361,8 @@ async def test_nodes(hs: Hs, tmp_path: Path) -> None:
     await hs.ok("users", "create", "bob")
     n1 = hs.add_node(1)
     n2 = hs.add_node(2, user="bob")
+    # Approved through the CLI, so a running server hears of the node and serves the route.
+    await hs.ok("nodes", "approve-routes", "-i", str(n1), "-r", "10.0.0.0/24")
 
     listed = await hs.json_list("nodes", "list")
     assert isinstance(listed, list)

@@ -143,6 +143,7 @@ class SimNode:
         self.source_ip = str(ipaddress.IPv4Address("127.100.0.0") + 1 + index)
         self.os_version = ""  # a Hostinfo detail no patch carries: set it to force a full node
         self.view = PeerView() if track else None
+        self.received: list[dict[str, Any]] | None = None  # set to [] to keep every message
         self.client: ts2021client.TS2021Client | None = None
         self.scope: trio.CancelScope | None = None
         self.done = trio.Event()  # the current session ended
@@ -267,8 +268,12 @@ class SimNode:
         if raw == KEEPALIVE_JSON:
             return
         self.messages += 1
-        if self.view is not None:
-            self.view.apply(json.loads(raw))
+        if self.view is not None or self.received is not None:
+            msg = json.loads(raw)
+            if self.view is not None:
+                self.view.apply(msg)
+            if self.received is not None:
+                self.received.append(msg)
         if not self.first.is_set():
             # The full map: only counted (a big tailnet's map is megabytes).
             self.first_at = t

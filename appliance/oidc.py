@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from joserfc import jwt
 from joserfc.errors import JoseError, MissingKeyError
@@ -39,7 +39,7 @@ from joserfc.jwk import KeySet
 from .admin import validate_username
 from .config import OIDCSettings
 from .errors import HomescaleError, InvalidInput
-from .httpclient import HttpClientError, request
+from .httpclient import HttpAnswer, HttpClientError, request
 from .httpserver import Request, Response
 from .sshcheck import SSHChecks
 from .store import Store, UserRow
@@ -400,6 +400,7 @@ class OIDCLogin:
         self.keys_fetched = 0.0
         self.in_flight: OrderedDict[str, _LoginInFlight] = OrderedDict()
         self.confirmations: dict[str, _Confirmation] = {}  # by pending login id
+        self.auth_style = ""  # how the token endpoint took the client secret last time
         # SSH check mode (set by `serve`): pending checks, and who owns a node (None:
         # tagged or unknown). A check passes only for the owner of the source machine.
         self.ssh_checks: SSHChecks | None = None
@@ -689,31 +690,45 @@ class OIDCLogin:
         form = {"grant_type": "authorization_code", "code": code, "redirect_uri": self.redirect_uri}
         if verifier:
             form["code_verifier"] = verifier
-        headers: dict[str, str] = {}
-        if (
-            "client_secret_basic" in provider.token_auth_methods
-            or "client_secret_post" not in provider.token_auth_methods
-        ):
-            # RFC 6749 2.3.1: both parts form-encoded, then joined and base64-encoded.
-            from urllib.parse import quote
+        # The client secret goes in a Basic header or in the form, whichever this client
+        # is registered for: like Go's oauth2 (AuthStyleAutoDetect, what headscale uses),
+        # try the header first and the form if the provider says invalid_client, then
+        # remember what worked. A failed client authentication does not spend the code.
+        styles = [
+            s
+            for s in (self.auth_style, "client_secret_basic", "client_secret_post")
+            if s and s in provider.token_auth_methods
+        ] or ["client_secret_basic"]
+        for style in dict.fromkeys(styles):
+            answer, body = await self._token_request(provider, dict(form), style)
+            if answer.status == 200:
+                self.auth_style = style
+                return body
+            if body.get("error") != "invalid_client":
+                break
+        err = _text(body.get("error"), 100) or f"HTTP {answer.status}"
+        desc = _text(body.get("error_description"), 300)
+        raise OIDCError(f"the provider refused the code ({err}{': ' + desc if desc else ''})", 403)
 
-            pair = f"{quote(self.settings.client_id, safe='')}:{quote(self.settings.client_secret, safe='')}"
-            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+    async def _token_request(
+        self, provider: ProviderMetadata, form: dict[str, str], style: str
+    ) -> tuple[HttpAnswer, dict[str, Any]]:
+        headers: dict[str, str] = {}
+        if style == "client_secret_basic":
+            # RFC 6749 2.3.1: both parts form-encoded, then joined and base64-encoded.
+            cid = quote(self.settings.client_id, safe="")
+            secret = quote(self.settings.client_secret, safe="")
+            headers["Authorization"] = (
+                "Basic " + base64.b64encode(f"{cid}:{secret}".encode()).decode()
+            )
         else:
             form["client_id"] = self.settings.client_id
             form["client_secret"] = self.settings.client_secret
         try:
             answer = await request("POST", provider.token_endpoint, headers=headers, form=form)
-            body = answer.json(provider.token_endpoint)
+            return answer, answer.json(provider.token_endpoint)
         except HttpClientError as e:
             raise OIDCError(f"exchanging the code for tokens: {e}") from None
-        if answer.status != 200:
-            err = _text(body.get("error"), 100) or f"HTTP {answer.status}"
-            desc = _text(body.get("error_description"), 300)
-            raise OIDCError(
-                f"the provider refused the code ({err}{': ' + desc if desc else ''})", 403
-            )
-        return body
 
     async def _verify_id_token(
         self, tokens: dict[str, Any], nonce: str

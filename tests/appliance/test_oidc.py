@@ -11,6 +11,8 @@ is tests/e2e/test_oidc_realclient.py.
 from __future__ import annotations
 
 import base64
+import dataclasses
+import functools
 import json
 import logging
 import time
@@ -352,3 +354,56 @@ def test_configtest_reports_an_unreachable_provider(
     assert r.code == 0  # the file is fine; the provider being down is reported
     assert "oidc: oidc.issuer: cannot reach the provider" in r.err
     assert "the server will refuse to start" in r.err
+
+
+# ---------------------------------------------------------------- the token endpoint
+
+
+async def test_client_secret_falls_back_from_header_to_form(
+    login: OIDCLogin, nursery: trio.Nursery
+) -> None:
+    """A provider whose client takes its secret only in the form (client_secret_post)
+    answers invalid_client to the Basic header; homescale then sends the form, as Go's
+    oauth2 AuthStyleAutoDetect does, and remembers it. Simulated here: npm's
+    oidc-provider accepts either style for every client, so it cannot show this."""
+    seen: list[str] = []
+
+    async def token_endpoint(stream: trio.SocketStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < int(
+            data.partition(b"content-length: ")[2].split(b"\r\n")[0] or 0
+        ):
+            data += await stream.receive_some(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        basic = b"authorization: basic" in head.lower()
+        seen.append("basic" if basic else "post")
+        if basic:
+            out = b'{"error":"invalid_client"}'
+            status = b"401 Unauthorized"
+        else:
+            assert b"client_secret=s" in body
+            out = b'{"id_token":"x","access_token":"y"}'
+            status = b"200 OK"
+        await stream.send_all(
+            b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(out)).encode() + b"\r\nConnection: close\r\n\r\n" + out
+        )
+        await stream.aclose()
+
+    listeners = await nursery.start(
+        functools.partial(trio.serve_tcp, token_endpoint, 0, host="127.0.0.1")
+    )
+    port = listeners[0].socket.getsockname()[1]
+    assert login.provider is not None
+    login.provider = dataclasses.replace(
+        login.provider,
+        token_endpoint=f"http://127.0.0.1:{port}/token",
+        token_auth_methods=("client_secret_basic", "client_secret_post"),
+    )
+    tokens = await login._exchange("code1", "")
+    assert tokens["access_token"] == "y"
+    assert seen == ["basic", "post"]
+    assert login.auth_style == "client_secret_post"
+    await login._exchange("code2", "")
+    assert seen == ["basic", "post", "post"]  # remembered
+    nursery.cancel_scope.cancel()

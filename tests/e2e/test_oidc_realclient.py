@@ -196,7 +196,7 @@ async def test_refused_login_says_why_and_registers_nothing(
         nursery.cancel_scope.cancel()
 
 
-async def test_tampered_state_and_replayed_callback_are_refused(oidcnet: OidcNet) -> None:
+async def test_tampered_state_replayed_callback_and_replayed_code_are_refused(oidcnet: OidcNet) -> None:
     async with trio.open_nursery() as nursery:
         peer = await connect_peer(oidcnet.server, nursery, "replayed")
         url = await auth_url_of(peer)
@@ -261,6 +261,18 @@ async def test_tampered_state_and_replayed_callback_are_refused(oidcnet: OidcNet
             )
             assert r.status_code == 200, r.text
             assert "is now registered" in r.text
+            # A spent code replayed in a fresh sign-in (its own valid state and cookie) is
+            # refused by the provider, and homescale says so.
+            other = await connect_peer(oidcnet.server, nursery, "replayed-code")
+            fresh = await sign_in(
+                oidcnet, await auth_url_of(other), "alice", client=browser, stop_at_callback=True
+            )
+            fresh_params = parse_qs(urlsplit(fresh.final.headers["location"]).query)
+            reused = {"code": params["code"], "state": fresh_params["state"][0]}
+            r = await trio.to_thread.run_sync(get, reused)
+            assert r.status_code == 403, r.text
+            assert "the provider refused the code (invalid_grant" in r.text
+            assert node_by_name(await oidcnet.server.anodes(), "replayed-code") is None
         nodes = await oidcnet.server.anodes()
         assert [n["givenName"] for n in nodes].count("replayed") == 1
         nursery.cancel_scope.cancel()

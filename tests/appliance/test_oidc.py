@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -406,4 +407,68 @@ async def test_client_secret_falls_back_from_header_to_form(
     assert login.auth_style == "client_secret_post"
     await login._exchange("code2", "")
     assert seen == ["basic", "post", "post"]  # remembered
+    nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------- what the provider sends
+
+
+def _discovery(**kw: Any) -> dict[str, Any]:
+    base = {
+        "issuer": ISSUER,
+        "authorization_endpoint": ISSUER + "/auth",
+        "token_endpoint": ISSUER + "/token",
+        "jwks_uri": ISSUER + "/jwks",
+        "userinfo_endpoint": ISSUER + "/me",
+        "id_token_signing_alg_values_supported": ["RS256"],
+    }
+    return {k: v for k, v in {**base, **kw}.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"issuer": ISSUER + "/"}, "the provider calls itself"),
+        ({"token_endpoint": None}, "token_endpoint is missing"),
+        ({"jwks_uri": "ftp://x/jwks"}, "jwks_uri is missing or not an http(s) URL"),
+        ({"id_token_signing_alg_values_supported": ["HS256", "none"]}, "no public-key"),
+        ({"id_token_signing_alg_values_supported": "RS256"}, "malformed"),
+    ],
+)
+def test_discovery_documents_refused(change: dict[str, Any], says: str) -> None:
+    with pytest.raises(OIDCError, match=re.escape(says)):
+        ProviderMetadata.from_json(_discovery(**change), ISSUER)
+
+
+def test_discovery_keeps_only_public_key_algorithms() -> None:
+    meta = ProviderMetadata.from_json(
+        _discovery(id_token_signing_alg_values_supported=["none", "HS256", "ES256", "RS256"]),
+        ISSUER,
+    )
+    assert meta.id_token_algs == ("ES256", "RS256")
+    assert meta.userinfo_endpoint == ISSUER + "/me"
+
+
+async def test_http_client_deadline_and_size_cap(nursery: trio.Nursery) -> None:
+    """A provider that stalls or floods cannot hold a login (or the server) hostage."""
+    from appliance import httpclient
+
+    async def stall(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    async def flood(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"x" * 65536
+        with trio.move_on_after(10):
+            while True:
+                await stream.send_all(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+
+    ports = []
+    for handler in (stall, flood):
+        ls = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        ports.append(ls[0].socket.getsockname()[1])
+    with pytest.raises(httpclient.HttpClientError, match=r"no answer within 0\.5 s"):
+        await httpclient.request("GET", f"http://127.0.0.1:{ports[0]}/", timeout=0.5)
+    with pytest.raises(httpclient.HttpClientError, match="answer larger than"):
+        await httpclient.request("GET", f"http://127.0.0.1:{ports[1]}/", timeout=10)
     nursery.cancel_scope.cancel()

@@ -196,7 +196,9 @@ async def test_refused_login_says_why_and_registers_nothing(
         nursery.cancel_scope.cancel()
 
 
-async def test_tampered_state_replayed_callback_and_replayed_code_are_refused(oidcnet: OidcNet) -> None:
+async def test_tampered_state_replayed_callback_and_replayed_code_are_refused(
+    oidcnet: OidcNet,
+) -> None:
     async with trio.open_nursery() as nursery:
         peer = await connect_peer(oidcnet.server, nursery, "replayed")
         url = await auth_url_of(peer)

@@ -25,7 +25,7 @@ from protocol import safejson, tailcfg
 from protocol.gojson import WireError, format_time, is_zero_time
 from protocol.mapframe import MapFrameEncoder
 
-from .admin import Admin
+from .admin import Admin, validate_tags
 from .changes import NodeOnline
 from .control_conn import ControlRequest, ControlResponse
 from .errors import HomescaleError, InvalidInput, NotFound
@@ -67,6 +67,7 @@ class PendingRegistration:
     done: trio.Event = field(default_factory=trio.Event)
     node: NodeRow | None = None
     rejected: bool = False
+    reason: str = "login rejected by an administrator of this homescale server"
 
 
 class ControlService:
@@ -366,9 +367,7 @@ class ControlService:
             await reg.done.wait()
         if reg.rejected:
             self.log.info("interactive login %s was rejected", reg.id)
-            await self._reply(
-                resp, 200, {"Error": "login rejected by an administrator of this homescale server"}
-            )
+            await self._reply(resp, 200, {"Error": reg.reason})
             return
         if reg.node is None:
             self.pending.pop(reg.id, None)
@@ -425,14 +424,16 @@ class ControlService:
         reg = self._pending(reg_id)
         if not user:
             raise InvalidInput("--user is required")
+        owner = await self.run_db(self.admin.resolve_user, user)
+        tags = self._requested_tags(reg, owner.id, owner.name)
 
         def create() -> NodeRow:
-            owner = self.admin.resolve_user(user)
             existing = self.store.node_by("machine_key", reg.machine_key)
             login = Login(
                 node_key=reg.node_key,
                 hostinfo=reg.hostinfo,
-                user_id=owner.id,
+                user_id=None if tags else owner.id,  # tagged: owned by its tags
+                tags=tags,
                 ephemeral=reg.ephemeral,
                 register_method=method,
                 expiry=expiry,
@@ -447,6 +448,32 @@ class ControlService:
             "node %d (%s) registered interactively for %s", node.id, node.given_name, user
         )
         return await self.run_db(self.admin.node_json, node)
+
+    def _requested_tags(self, reg: PendingRegistration, user_id: int, user: str) -> tuple[str, ...]:
+        """The tags the client asked for (`--advertise-tags`), if `user` owns each per the
+        policy's tagOwners (as headscale); else the login is refused, and the client and
+        the admin are told which tags and why."""
+        raw = reg.hostinfo.get("RequestTags") or []
+        if not raw:
+            return ()
+        compiled = self.tailnet.compiled
+        try:
+            tags = validate_tags([str(t) for t in raw])
+        except InvalidInput as e:
+            refused, why = [str(t) for t in raw], str(e)
+        else:
+            refused = [
+                t for t in tags if compiled is None or not compiled.user_owns_tag(user_id, t)
+            ]
+            why = f"{user} does not own {', '.join(refused)} in the policy's tagOwners"
+            if not refused:
+                return tuple(tags)
+        message = f"login refused: the machine asks for tags ({', '.join(refused)}); {why}"
+        reg.rejected, reg.reason = True, message
+        reg.done.set()
+        self.pending.pop(reg.id, None)
+        self.log.info("interactive login %s: %s", reg.id, message)
+        raise InvalidInput(message)
 
     # ------------------------------------------------------------ map
 

@@ -618,8 +618,10 @@ class TsnetClient:
         extra_env: dict[str, str] | None = None,
         netns: str = "",
         proxy_host: str = "127.0.0.1",
+        tags: tuple[str, ...] = (),
     ) -> None:
         self.name = name
+        self.tags = tags  # advertised (`tailscale up --advertise-tags`): Hostinfo.RequestTags
         # Run inside this named network namespace (`ip netns exec`); the proxy then
         # listens on an address of that namespace the test can reach.
         self.netns = netns
@@ -649,6 +651,8 @@ class TsnetClient:
         ]
         if self.auth_key:
             lines.append(f"\t\t\tauth_key {self.auth_key}")
+        if self.tags:
+            lines.append(f"\t\t\ttags {' '.join(self.tags)}")
         lines += [
             f"\t\t\thostname {self.name}",
             f"\t\t\tephemeral {'true' if self.ephemeral else 'false'}",

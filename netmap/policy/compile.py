@@ -822,6 +822,29 @@ class CompiledPolicy:
         self._ssh_src_cache[id(rule)] = (principals, tagged)
         return principals, tagged
 
+    # -- tag ownership ---------------------------------------------------------
+    def user_owns_tag(self, user_id: int, tag: str) -> bool:
+        """Whether tagOwners let this user's own devices take `tag` (a login's
+        --advertise-tags; headscale NodeCanHaveTag for a node being registered)."""
+        if self.policy is None:
+            return False
+        for owner in self.policy.tag_owners.get(tag, ()):
+            if owner.kind is AliasKind.USER and user_id in self._user_ids(owner.name):
+                return True
+            if owner.kind is AliasKind.GROUP and any(
+                user_id in self._user_ids(m) for m in self.policy.groups.get(owner.name, ())
+            ):
+                return True
+            if owner.kind is AliasKind.USER_DOMAIN:
+                domain = owner.name.rpartition("@")[2]
+                if any(
+                    u.id == user_id and u.email.rpartition("@")[2] == domain for u in self._users
+                ):
+                    return True
+            if owner.is_autogroup(AUTOGROUP_MEMBER):
+                return True
+        return False
+
     # -- auto approval ---------------------------------------------------------
     def _approver_nodes(self, approvers: Iterable[Alias]) -> set[int]:
         ips = EMPTY

@@ -1,0 +1,87 @@
+"""Issue 12: `--advertise-tags` on an interactive login, with real clients.
+
+A tsnet 1.90.9 node started with tags and no key asks for them in its
+RegisterRequest (Hostinfo.RequestTags). When the admin completes the login for a
+user who owns the tags per tagOwners, the node joins owned by its tags (as
+headscale); for a user who does not, the admin's command fails naming the tags and
+the waiting client is told why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import realclient
+from tests.e2e.conftest import ONLINE_WITHIN, node_by_name, wait_nodes
+from tests.realclient import msg_has
+
+pytestmark = [pytest.mark.realclient]
+
+POLICY = """{
+  "tagOwners": {"tag:web": ["alice@"]},
+  "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
+}
+"""
+
+
+@pytest.fixture
+def server(tmp_path: Path, realclient_ready: None) -> Iterator[realclient.HomescaleServer]:
+    policy = tmp_path / "policy.hujson"
+    policy.write_text(POLICY)
+    srv = realclient.HomescaleServer(tmp_path)
+    srv.set_policy_mode("file", policy)
+    srv.start()
+    try:
+        srv.cli("users", "create", "alice")
+        srv.cli("users", "create", "bob")
+        yield srv
+    finally:
+        srv.stop()
+
+
+async def auth_id_of(c: realclient.TsnetClient, server: realclient.HomescaleServer) -> str:
+    line = await c.log.wait_for(msg_has("/register/"), timeout=20, what="the AuthURL")
+    msg = str(line["msg"])
+    return msg[msg.index(server.url) :].split()[0].rsplit("/", 1)[-1]
+
+
+async def test_owner_gets_a_tagged_node(server: realclient.HomescaleServer, tmp_path: Path) -> None:
+    c = realclient.TsnetClient(tmp_path, "webby", server.url, tags=("tag:web",))
+    c.start()
+    try:
+        auth_id = await auth_id_of(c, server)
+        await server.acli("auth", "register", "-u", "alice", "--auth-id", auth_id)
+        nodes = await wait_nodes(server, ["webby"], timeout=ONLINE_WITHIN)
+        node = node_by_name(nodes, "webby")
+        assert node is not None
+        assert node["tags"] == ["tag:web"]
+        assert node["user"]["name"] == "tagged-devices"
+        # The client sees itself owned by its tag, not by alice.
+        await c.log.wait_for(msg_has("netmap: self:", "u=tagged-devices"), timeout=20)
+    finally:
+        c.stop()
+
+
+async def test_non_owner_is_refused_with_the_reason(
+    server: realclient.HomescaleServer, tmp_path: Path
+) -> None:
+    c = realclient.TsnetClient(tmp_path, "sneaky", server.url, tags=("tag:web",))
+    c.start()
+    try:
+        auth_id = await auth_id_of(c, server)
+        since = c.log.mark()
+        r = await server.acli("auth", "register", "-u", "bob", "--auth-id", auth_id, check=False)
+        assert r.returncode != 0
+        assert "bob does not own tag:web" in r.stderr
+        await c.log.wait_for(
+            msg_has("bob does not own tag:web"),
+            since=since,
+            timeout=20,
+            what="the client reporting the refusal",
+        )
+        assert node_by_name(await server.anodes(), "sneaky") is None
+    finally:
+        c.stop()

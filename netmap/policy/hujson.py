@@ -33,12 +33,19 @@ _ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r"
 _WS = " \t\r\n\ufeff"
 
 
+# Deeper nesting than any policy needs is refused before Python's recursion
+# limit is (found by tests/fuzz/test_fuzz_policy.py: 5,000 nested arrays in a
+# grant's app values).
+MAX_DEPTH = 64
+
+
 class _Parser:
     def __init__(self, text: str, source: str) -> None:
         self.text = text
         self.source = source
         self.pos = 0
         self.line = 1
+        self.depth = 0
 
     def fail(self, message: str) -> PolicyError:
         return PolicyError(f"invalid HuJSON: {message}", line=self.line, source=self.source)
@@ -69,10 +76,13 @@ class _Parser:
         if self.pos >= len(self.text):
             raise self.fail("unexpected end of input")
         c = self.text[self.pos]
-        if c == "{":
-            return self.obj()
-        if c == "[":
-            return self.arr()
+        if c in "{[":
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise self.fail(f"nested deeper than {MAX_DEPTH} levels")
+            out = self.obj() if c == "{" else self.arr()
+            self.depth -= 1
+            return out
         if c == '"':
             return self.string()
         for word, val in (("true", True), ("false", False), ("null", None)):

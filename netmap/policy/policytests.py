@@ -52,7 +52,7 @@ def _allowed(
         rule_protos = frozenset(rule.get("IPProto") or _DEFAULT_PROTOS)
         if not rule_protos & protos or not IPSet.of(rule["SrcIPs"]).contains(src):
             continue
-        for entry in rule["DstPorts"]:
+        for entry in rule.get("DstPorts") or ():  # CapGrant rules carry no ports
             ports = entry["Ports"]
             if ports["First"] <= port <= ports["Last"] and IPSet.of([entry["IP"]]).contains(dst):
                 return True

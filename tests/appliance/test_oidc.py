@@ -472,3 +472,11 @@ async def test_http_client_deadline_and_size_cap(nursery: trio.Nursery) -> None:
     with pytest.raises(httpclient.HttpClientError, match="answer larger than"):
         await httpclient.request("GET", f"http://127.0.0.1:{ports[1]}/", timeout=10)
     nursery.cancel_scope.cancel()
+
+
+def test_pkce_challenge_rfc7636_vector() -> None:
+    from appliance.oidc import _pkce_challenge
+
+    verifier = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"  # RFC 7636 appendix B
+    assert _pkce_challenge(verifier, "S256") == "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+    assert _pkce_challenge(verifier, "plain") == verifier

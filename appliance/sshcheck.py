@@ -30,6 +30,7 @@ from .secrets import new_auth_id
 
 CHECK_TTL = 15 * 60.0  # seconds a check waits for its verdict (headscale: auth cache 15 min)
 MAX_CHECKS = 1024  # pending checks kept; the oldest go first
+MAX_CHECK_PERIOD = 168 * 3600.0  # the longest checkPeriod a policy may set (parse.py)
 # What an accepted check allows, as headscale's sshAction answers.
 _ACCEPT = {
     "accept": True,
@@ -133,7 +134,11 @@ class SSHChecks:
             self.log.info("SSH check %s: rejected %s", auth_id, check.by or "(expired)")
             return {"reject": True, "message": "# homescale SSH check was refused.\n"}
         if period is not None:
-            self.passed[(src, dst)] = time.monotonic()
+            now = time.monotonic()
+            # Passes older than any checkPeriod can be are useless: drop them.
+            for pair in [p for p, t in self.passed.items() if now - t > MAX_CHECK_PERIOD]:
+                del self.passed[pair]
+            self.passed[(src, dst)] = now
         self.log.info("SSH check %s: node %d -> node %d accepted %s", auth_id, src, dst, check.by)
         return dict(_ACCEPT)
 

@@ -286,6 +286,8 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "log.level": (_level, "info"),
     "log.format": (_choice("text", "json"), "text"),
     "logtail.enabled": (_bool, False),
+    # Taildrop: clients may send files to their own devices (headscale's default: on).
+    "taildrop.enabled": (_bool, True),
     "node.expiry": (_duration, "0"),
     "node.require_approval": (_bool, False),
     "node.ephemeral.inactivity_timeout": (_duration, "120s"),
@@ -365,10 +367,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "database.postgres.": Unsupported("no PostgreSQL", inert=_always),
     "database.sqlite.wal_autocheckpoint": Unsupported(
         "homescale runs with SQLite's default (1000 pages)", inert=_off(1000, None)
-    ),
-    "taildrop.enabled": Unsupported(
-        "Taildrop (sending files between devices) is not offered to clients",
-        inert=_off(False, None),
     ),
     "auto_update.enabled": Unsupported(
         "clients are not offered automatic updates", inert=_off(False, None)
@@ -519,6 +517,7 @@ class Config:
     log_level: str
     log_format: str
     logtail_enabled: bool
+    taildrop_enabled: bool  # offer Taildrop (tailcfg.CapabilityFileSharing)
     node_expiry: timedelta  # 0: node keys never expire
     node_require_approval: bool  # device approval: new nodes wait for `nodes approve`
     ephemeral_inactivity_timeout: timedelta
@@ -813,6 +812,7 @@ def config_from_values(
         log_level=values["log.level"],
         log_format=values["log.format"],
         logtail_enabled=values["logtail.enabled"],
+        taildrop_enabled=values["taildrop.enabled"],
         node_expiry=values["node.expiry"],
         node_require_approval=values["node.require_approval"],
         ephemeral_inactivity_timeout=values["node.ephemeral.inactivity_timeout"],

@@ -20,7 +20,14 @@ import trio
 
 from netmap.dns import dns_config
 from netmap.mapsession import PATCH_HISTORY, MapSessionState, NodeEntry
-from netmap.nodes import EXIT_ROUTES, PeerNode, cap_pairs, encode_node, patch_between
+from netmap.nodes import (
+    EXIT_ROUTES,
+    FILE_SHARING_CAP,
+    PeerNode,
+    cap_pairs,
+    encode_node,
+    patch_between,
+)
 from netmap.policy import CompiledPolicy, PolicyNode, PolicyUser, compile_policy, parse_policy
 
 from .boundary import Boundary
@@ -320,9 +327,10 @@ class Tailnet:
     def _policy_caps(self, node_id: int, *, self_view: bool) -> tuple[tuple[str, str], ...]:
         """The node's CapMap entries from the policy (nodeAttrs), in its own or peers' view."""
         c = self.compiled
+        base: dict[str, Any] = {FILE_SHARING_CAP: []} if self.config.taildrop_enabled else {}
         if c is None or not c.knows(node_id):
-            return ()
-        return cap_pairs(c.cap_map(node_id) if self_view else c.peer_cap_map(node_id))
+            return cap_pairs(base)
+        return cap_pairs({**base, **(c.cap_map(node_id) if self_view else c.peer_cap_map(node_id))})
 
     def _policy_node(self, n: NodeRow) -> PolicyNode:
         return policy_node(n, self.users, self.auto_approved.get(n.id, ()))

@@ -28,6 +28,8 @@ DEFAULT_CAPMAP: dict[str, list[Any]] = {
     "https://tailscale.com/cap/ssh": [],
     "default-auto-update": [False],
 }
+# Taildrop, granted to every node when the server offers it (headscale: taildrop.enabled).
+FILE_SHARING_CAP = "https://tailscale.com/cap/file-sharing"
 
 
 @dataclass(frozen=True)

@@ -450,8 +450,8 @@ def test_headscale_config_example_loads(tmp_path: Path) -> None:
         "grpc_listen_addr",
         "node.routes.ha.probe_interval",
         "node.routes.ha.probe_timeout",
-        "taildrop.enabled",
     ]
+    assert config.taildrop_enabled is True
     assert config.acme is not None
     assert config.acme.hostname == "headscale.example.com"
     assert config.server_url == "https://headscale.example.net:443"

@@ -40,8 +40,6 @@ def test_configtest_names_exactly_the_unsupported_keys_of_headscales_example(
         "over when it goes offline, not when it stops answering",
         f"warning: {tmp_path / 'config.yaml'}:176: node.routes.ha.probe_timeout is not "
         "supported by homescale: subnet routers are not probed",
-        f"warning: {tmp_path / 'config.yaml'}:452: taildrop.enabled is not supported by "
-        "homescale: Taildrop (sending files between devices) is not offered to clients",
     ]
 
 

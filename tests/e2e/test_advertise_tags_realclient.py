@@ -1,4 +1,4 @@
-"""Issue 12: `--advertise-tags` on an interactive login, with real clients.
+"""Issue 12 with real clients: `--advertise-tags` on an interactive login; Taildrop.
 
 A tsnet 1.90.9 node started with tags and no key asks for them in its
 RegisterRequest (Hostinfo.RequestTags). When the admin completes the login for a
@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests import realclient
-from tests.e2e.conftest import ONLINE_WITHIN, node_by_name, wait_nodes
+from tests.e2e.conftest import ONLINE_WITHIN, RUNNING_WITHIN, node_by_name, wait_nodes
 from tests.realclient import msg_has
 
 pytestmark = [pytest.mark.realclient]
@@ -83,5 +84,25 @@ async def test_non_owner_is_refused_with_the_reason(
             what="the client reporting the refusal",
         )
         assert node_by_name(await server.anodes(), "sneaky") is None
+    finally:
+        c.stop()
+
+
+async def test_taildrop_capability_in_the_clients_netmap(
+    server: realclient.HomescaleServer, tmp_path: Path
+) -> None:
+    """taildrop.enabled (the default): the node's own netmap carries the file-sharing
+    capability the client needs to offer Taildrop; the client takes the map (Running)."""
+    key = await trio.to_thread.run_sync(server.create_key, "alice")
+    c = realclient.TsnetClient(tmp_path, "drop", server.url, auth_key=key)
+    c.start()
+    try:
+        nodes = await wait_nodes(server, ["drop"], timeout=ONLINE_WITHIN)
+        node = node_by_name(nodes, "drop")
+        assert node is not None
+        await c.log.wait_for(msg_has("Switching ipn state", "-> Running"), timeout=RUNNING_WITHIN)
+        full = [m for m in realclient.sent_maps(server.log.refresh(), node["id"]) if "Node" in m]
+        assert full, "no full map in the server's debug log"
+        assert full[0]["Node"]["CapMap"]["https://tailscale.com/cap/file-sharing"] == []
     finally:
         c.stop()

@@ -38,7 +38,7 @@ MINUTES_ENV = "HOMESCALE_FUZZ_MINUTES"
 # A bound on a long run, so a typo in the environment cannot fuzz for days.
 MAX_MINUTES = 120.0
 SHORT_EXAMPLES = 60
-LONG_BATCH = 2000
+LONG_BATCH = 500  # small: the time budget is checked between batches
 # A sans-IO parser has no reason to spend seconds on one input of a few KiB.
 HANG_SECONDS = 10
 

@@ -331,3 +331,33 @@ def test_config_after_the_command_is_headscales(
     )
     assert r.code == 0, r.err
     assert any("derp_key: no source key" in n for n in r.json()["notes"])
+
+
+def test_routes_table_of_older_headscale(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before 0.26 headscale kept routes in a table of their own: an enabled route is an
+    approved one, an advertised one joins the node's RoutableIPs; deleted rows are gone."""
+    src = headscale_db(
+        tmp_path / "hs",
+        "failing-node-preauth-constraint_dump.sql",
+        """
+INSERT INTO routes (id, created_at, updated_at, deleted_at, node_id, prefix, advertised,
+  enabled, is_primary) VALUES
+  (1, '2024-01-01 00:00:00+00:00', NULL, NULL, 1, '10.1.0.0/24', 1, 1, 1),
+  (2, '2024-01-01 00:00:00+00:00', NULL, NULL, 1, '10.2.0.0/24', 1, 0, 0),
+  (3, '2024-01-01 00:00:00+00:00', NULL, '2024-02-01 00:00:00+00:00', 2, '10.3.0.0/24', 1, 1, 0);
+""",
+    )
+    r = run_cli(capsys, site, "-o", "json", "migrate", "headscale", "--db", str(src))
+    assert r.code == 0, r.err
+    assert any("routes: 1 soft-deleted row(s) skipped" in n for n in r.json()["notes"])
+    store = site.store()
+    try:
+        n1, n2 = store.node(1), store.node(2)
+        assert n1.approved_routes == ["10.1.0.0/24"]
+        assert n1.hostinfo["RoutableIPs"] == ["10.1.0.0/24", "10.2.0.0/24"]
+        assert n2.approved_routes == []
+        assert "RoutableIPs" not in n2.hostinfo
+    finally:
+        store.close()

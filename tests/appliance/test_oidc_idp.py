@@ -221,3 +221,31 @@ async def test_login_behind_a_tls_reverse_proxy(site: Site, proxied: Proxied) ->
         assert node is not None
         assert node.register_method == "oidc"
         nursery.cancel_scope.cancel()
+
+
+async def test_device_approval_after_an_oidc_login(site: Site, idp: oidcprovider.TestIdP) -> None:
+    """node.require_approval holds a machine that signed in through the provider too."""
+    site.config_path.write_text(
+        site.config_path.read_text()
+        + f"oidc:\n  issuer: {idp.issuer}\n  client_id: {oidcprovider.CLIENT_ID}\n"
+        + f"  client_secret: {oidcprovider.CLIENT_SECRET}\n"
+        + "node:\n  require_approval: true\n"
+    )
+    config = load_config(site.config_path, environ={})
+    assert config.node_require_approval
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(START_TIMEOUT):
+            srv = await nursery.start(serve, config, LOG)
+        assert srv.control is not None
+        machine = "mkey:" + "56" * 32
+        login = srv.control._new_pending(machine, "nodekey:" + "78" * 32, {"Hostname": "ap"}, False)
+        result = await trio.to_thread.run_sync(
+            lambda: oidcprovider.sign_in(f"{site.url}/register/{login.id}", "alice", idp=idp)
+        )
+        assert result.final.status_code == 200, result.text
+        node = srv.store.node_by("machine_key", machine)
+        assert node is not None
+        assert node.approved is False
+        waiting = [p for p in srv.pending_auth() if p["kind"] == "device-approval"]
+        assert [(p["hostname"], p["user"]) for p in waiting] == [("ap", "alice")]
+        nursery.cancel_scope.cancel()

@@ -189,7 +189,7 @@ def _pkce_method(v: Any) -> str:
     return s
 
 
-def _records_file(path: Path) -> list[dict[str, str]]:
+def read_records_file(path: Path) -> list[dict[str, str]]:
     """headscale's extra records file: JSON, Go's case-insensitive field names."""
     import json
 
@@ -448,7 +448,11 @@ class DNSSettings:
     nameservers_global: list[str]
     nameservers_split: dict[str, list[str]]
     search_domains: list[str]
-    extra_records: list[dict[str, str]]
+    extra_records: list[dict[str, str]]  # in effect at start: the config's, then the file's
+    # dns.extra_records_path, watched by the server (the file's records replace its own);
+    # `config_records` are the ones written in the config itself.
+    extra_records_path: Path | None = None
+    config_records: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -686,16 +690,13 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
 
     base = path.parent.resolve() if path is not None else Path.cwd()
     if values["dns.extra_records_path"]:
-        origin = where
-        if "dns.extra_records_path" in flat and flat["dns.extra_records_path"][1]:
-            origin = f"{where}:{flat['dns.extra_records_path'][1]}"
-        values["dns.extra_records"] = values["dns.extra_records"] + _records_file(
+        # Watched by the server (serve._watch_records_file): an edit reaches clients live.
+        values["dns.config_records"] = values["dns.extra_records"]
+        values["dns.extra_records_path"] = (
             base / Path(values["dns.extra_records_path"]).expanduser()
         )
-        warnings.append(
-            f"{origin}: dns.extra_records_path is read at start: restart homescale after "
-            f"changing the file (headscale watches it)"
-        )
+        file_records = read_records_file(values["dns.extra_records_path"])
+        values["dns.extra_records"] = values["dns.extra_records"] + file_records
     return config_from_values(values, source=path, base=base, warnings=warnings)
 
 
@@ -789,6 +790,8 @@ def config_from_values(
         nameservers_split=values["dns.nameservers.split"],
         search_domains=values["dns.search_domains"],
         extra_records=values["dns.extra_records"],
+        extra_records_path=values["dns.extra_records_path"] or None,
+        config_records=values.get("dns.config_records", values["dns.extra_records"]),
     )
     return Config(
         source=source,

@@ -522,6 +522,8 @@ async def serve(
             await nursery.start(run_map_updates, derp_maps, config, derp_map_changed)
             if config.policy_mode == "file" and config.policy_path is not None:
                 nursery.start_soon(_watch_policy_file, server, config.policy_path)
+            if config.dns.extra_records_path is not None:
+                nursery.start_soon(_watch_records_file, server, config.dns.extra_records_path)
             if relay is not None:
                 await nursery.start(relay.serve_stun)
             await nursery.start(main.serve, main_listeners)
@@ -604,6 +606,37 @@ async def _watch_policy_file(server: Server, path: Path) -> None:
             last = now
             server.log.info("policy file %s changed: reloading", path)
             await server.reload_policy(f"{path} changed")
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+async def _watch_records_file(server: Server, path: Path) -> None:
+    """dns.extra_records_path: when the file changes, its records reach every node as a
+    new DNSConfig (as headscale watches it); a file that does not read keeps the old
+    records and says why."""
+    from .config import read_records_file
+    from .errors import ConfigError
+
+    last = _file_stamp(path)
+    while True:
+        await trio.sleep(POLICY_POLL_INTERVAL)
+        now = _file_stamp(path)
+        if now == last or now is None:
+            continue
+        last = now
+        try:
+            records = await trio.to_thread.run_sync(read_records_file, path)
+        except ConfigError as e:
+            server.log.warning("dns.extra_records_path: %s; keeping the records in use", e)
+            continue
+        server.log.info("%s changed: %d extra DNS records", path, len(records))
+        server.tailnet.set_extra_records(records)
 
 
 async def _watch_signals(server: Server, scope: trio.CancelScope, shutdown: trio.Event) -> None:

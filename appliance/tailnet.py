@@ -173,6 +173,15 @@ class Tailnet:
         """The quarantine record of the node with this key, if it is quarantined."""
         return next((q for q in self.quarantined.values() if q.row.node_key == node_key), None)
 
+    def set_extra_records(self, file_records: list[dict[str, str]]) -> None:
+        """dns.extra_records_path changed: its records replace the file's old ones, and
+        every node gets the new DNSConfig (a delta)."""
+        d = self.config.dns
+        self.config = dataclasses.replace(
+            self.config, dns=dataclasses.replace(d, extra_records=d.config_records + file_records)
+        )
+        self.set_dns()
+
     def set_dns(self) -> None:
         d = self.config.dns
         prefixes = [str(p) for p in (self.config.prefix_v4, self.config.prefix_v6) if p]

@@ -401,3 +401,22 @@ def test_primary_router_fails_over_when_it_goes_offline() -> None:
     assert "10.1.0.0/16" in changed[other]["AllowedIPs"]
     assert "10.1.0.0/16" in changed[other]["PrimaryRoutes"]
     assert "10.1.0.0/16" not in changed[owner]["AllowedIPs"]
+
+
+def test_extra_records_file_change_is_a_dns_delta() -> None:
+    """dns.extra_records_path edited: the config's own records stay, the file's are
+    replaced, and every open session gets the new DNSConfig (nothing else)."""
+    mine = {"name": "a.corp.example", "type": "A", "value": "100.64.0.7"}
+    config = make_config(extra_records=[mine], config_records=[mine])
+    tn = make_tailnet(USERS, [node(1), node(2)], config=config)
+    handles = [connect(tn, 1)[0], connect(tn, 2)[0]]
+    new = {"name": "grafana.corp.example", "type": "A", "value": "100.64.0.3"}
+    tn.set_extra_records([new])
+    for h in handles:
+        msg = compose(tn, h)
+        assert msg is not None
+        assert set(msg) - {"ControlTime"} == {"DNSConfig"}
+        assert msg["DNSConfig"]["ExtraRecords"] == [
+            {"Name": "a.corp.example", "Type": "A", "Value": "100.64.0.7"},
+            {"Name": "grafana.corp.example", "Type": "A", "Value": "100.64.0.3"},
+        ]

@@ -9,6 +9,7 @@ the waiting client is told why.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,3 +107,55 @@ async def test_taildrop_capability_in_the_clients_netmap(
         assert full[0]["Node"]["CapMap"]["https://tailscale.com/cap/file-sharing"] == []
     finally:
         c.stop()
+
+
+async def test_extra_records_file_edit_reaches_the_client(tmp_path: Path) -> None:
+    """dns.extra_records_path is watched: an edit reaches a connected real client as a new
+    DNSConfig, and the client applies it (its DNS then holds the new host)."""
+    realclient.require_realclient()
+    records = tmp_path / "records.json"
+    records.write_text('[{"name": "old.example.internal", "type": "A", "value": "100.64.0.50"}]')
+    srv = realclient.HomescaleServer(tmp_path)
+    text = srv.config.read_text()
+    assert "  extra_records: []\n" in text
+    srv.config.write_text(
+        text.replace(
+            "  extra_records: []\n", f"  extra_records: []\n  extra_records_path: {records}\n"
+        )
+    )
+    srv.start()
+    try:
+        srv.cli("users", "create", "alice")
+        key = await trio.to_thread.run_sync(srv.create_key, "alice")
+        c = realclient.TsnetClient(tmp_path, "dnsy", srv.url, auth_key=key)
+        c.start()
+        try:
+            node = node_by_name(await wait_nodes(srv, ["dnsy"], timeout=ONLINE_WITHIN), "dnsy")
+            assert node is not None
+            await c.log.wait_for(
+                msg_has("Switching ipn state", "-> Running"), timeout=RUNNING_WITHIN
+            )
+            server_mark, client_mark = srv.log.mark(), c.log.mark()
+            # One record more: the client's DNS then holds one host more (itself, old, new).
+            records.write_text(
+                '[{"name": "old.example.internal", "type": "A", "value": "100.64.0.50"},'
+                ' {"name": "grafana.example.internal", "type": "A", "value": "100.64.0.3"}]'
+            )
+
+            def dns_delta(line: dict[str, object]) -> bool:
+                return any(
+                    "grafana.example.internal" in json.dumps(m.get("DNSConfig"))
+                    for m in realclient.sent_maps([line], node["id"])
+                )
+
+            await srv.log.wait_for(dns_delta, since=server_mark, timeout=10, what="the DNS delta")
+            await c.log.wait_for(
+                msg_has("dns: Set:", "Hosts:3"),
+                since=client_mark,
+                timeout=10,
+                what="the client's DNS holding the new record",
+            )
+        finally:
+            c.stop()
+    finally:
+        srv.stop()

@@ -13,15 +13,11 @@ in without a restart.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import shutil
 import socket
 import ssl
-import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,8 +27,8 @@ from cryptography import x509
 from appliance.acme import CertManager
 from appliance.config import load_config
 from appliance.serve import serve
-from appliance.tlscerts import make_ca, make_server_cert
 from tests import tiers
+from tests.pebble import HOSTNAME, Pebble, run_pebble
 
 from .conftest import DERP_MAP, LOG, START_TIMEOUT, free_port
 
@@ -40,104 +36,13 @@ pytestmark = tiers.mark(
     "acme", shutil.which("pebble") is not None, "pebble missing (apt-get install pebble)"
 )
 
-HOSTNAME = "hs.homescale.test"
-
-
-@dataclass
-class Pebble:
-    directory: str
-    http_port: int  # where pebble validates HTTP-01
-    tls_port: int  # where pebble validates TLS-ALPN-01
-    ca_bundle: Path  # pebble's own HTTPS certificate's CA (for the ACME client)
-    management: int
-
-    def root(self) -> bytes:
-        """The root pebble issues under (made fresh at each start)."""
-        ctx = ssl.create_default_context(cafile=str(self.ca_bundle))
-        with urllib.request.urlopen(
-            f"https://127.0.0.1:{self.management}/roots/0", context=ctx, timeout=10
-        ) as r:
-            data: bytes = r.read()
-            return data
-
-
-def _wait_tcp(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    pytest.fail(f"nothing listens on {port}:\n{log.read_text()}")
-
 
 @pytest.fixture
 def pebble(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pebble]:
-    d = tmp_path / "pebble"
-    d.mkdir()
-    ca_pem, ca_key = make_ca()
-    cert_pem, key_pem = make_server_cert(
-        ["localhost", "127.0.0.1"], ca_cert_pem=ca_pem, ca_key_pem=ca_key
-    )
-    (d / "ca.pem").write_bytes(ca_pem)
-    (d / "cert.pem").write_bytes(cert_pem)
-    (d / "key.pem").write_bytes(key_pem)
-    dns, dir_port, mgmt, http_port, tls_port = (free_port() for _ in range(5))
-    (d / "config.json").write_text(
-        json.dumps(
-            {
-                "pebble": {
-                    "listenAddress": f"127.0.0.1:{dir_port}",
-                    "managementListenAddress": f"127.0.0.1:{mgmt}",
-                    "certificate": str(d / "cert.pem"),
-                    "privateKey": str(d / "key.pem"),
-                    "httpPort": http_port,
-                    "tlsPort": tls_port,
-                    "ocspResponderURL": "",
-                    "externalAccountBindingRequired": False,
-                }
-            }
-        )
-    )
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        dns_log = (d / "dns.log").open("wb")
-        procs.append(
-            subprocess.Popen(
-                # Every name resolves to 127.0.0.1, and to no IPv6 address.
-                ["pebble-challtestsrv", "-dns01", f"127.0.0.1:{dns}", "-http01", "",
-                 "-https01", "", "-tlsalpn01", "", "-management", f"127.0.0.1:{free_port()}",
-                 "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""],
-                stdout=dns_log, stderr=subprocess.STDOUT,
-            )
-        )  # fmt: skip
-        log = d / "pebble.log"
-        procs.append(
-            subprocess.Popen(
-                ["pebble", "-config", str(d / "config.json"), "-dnsserver", f"127.0.0.1:{dns}"],
-                stdout=log.open("wb"),
-                stderr=subprocess.STDOUT,
-                # No random sleeps before validation, no random nonce rejections.
-                env={
-                    "PATH": "/usr/bin:/bin",
-                    "PEBBLE_VA_NOSLEEP": "1",
-                    "PEBBLE_WFE_NONCEREJECT": "0",
-                },
-            )
-        )
-        _wait_tcp(dir_port, procs[1], log)
+    with run_pebble(tmp_path / "pebble") as p:
         # The ACME client checks pebble's HTTPS certificate against this bundle.
-        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(d / "ca.pem"))
-        yield Pebble(f"https://127.0.0.1:{dir_port}/dir", http_port, tls_port, d / "ca.pem", mgmt)
-    finally:
-        for p in procs:
-            p.terminate()
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(p.ca_bundle))
+        yield p
 
 
 def acme_config(tmp_path: Path, pebble: Pebble, challenge: str, port: int) -> Path:

@@ -515,7 +515,7 @@ class HomescaleServer:
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.log.find(msg_has("listening on"), since):
+            if self.log.find(msg_has("listening on", "server_url"), since):
                 return
             if self.proc.poll() is not None:
                 break
@@ -619,6 +619,7 @@ class TsnetClient:
         netns: str = "",
         proxy_host: str = "127.0.0.1",
         tags: tuple[str, ...] = (),
+        wrapper: list[str] | None = None,
     ) -> None:
         self.name = name
         self.tags = tags  # advertised (`tailscale up --advertise-tags`): Hostinfo.RequestTags
@@ -626,6 +627,9 @@ class TsnetClient:
         # listens on an address of that namespace the test can reach.
         self.netns = netns
         self.proxy_host = proxy_host
+        # A command the client runs under (e.g. a private mount namespace with its own
+        # /etc/hosts), before any `ip netns exec`.
+        self.wrapper = list(wrapper or [])
         self.dir = directory / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.state_dir = self.dir / "state"
@@ -681,7 +685,7 @@ class TsnetClient:
         home = self.dir / "home"
         home.mkdir(exist_ok=True)
         with self.log.path.open("ab") as out:
-            prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+            prefix = [*self.wrapper, *(["ip", "netns", "exec", self.netns] if self.netns else [])]
             self.proc = subprocess.Popen(
                 [*prefix, str(CADDY), "run", "--config", str(caddyfile), "--adapter", "caddyfile"],
                 stdin=subprocess.DEVNULL,

@@ -115,7 +115,7 @@ def default_server(tmp_path: Path, isolated_namespaces: dict[str, str]) -> Itera
         )
     try:
         deadline = time.monotonic() + 20
-        while not log.find(msg_has("listening on")):
+        while not log.find(msg_has("listening on", "server_url")):
             assert proc.poll() is None, log.tail()
             assert time.monotonic() < deadline, log.tail()
             time.sleep(0.1)

@@ -288,6 +288,8 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "logtail.enabled": (_bool, False),
     # Taildrop: clients may send files to their own devices (headscale's default: on).
     "taildrop.enabled": (_bool, True),
+    # Tell clients they may update themselves (their default-auto-update node attribute).
+    "auto_update.enabled": (_bool, False),
     "node.expiry": (_duration, "0"),
     "node.require_approval": (_bool, False),
     "node.ephemeral.inactivity_timeout": (_duration, "120s"),
@@ -367,9 +369,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "database.postgres.": Unsupported("no PostgreSQL", inert=_always),
     "database.sqlite.wal_autocheckpoint": Unsupported(
         "homescale runs with SQLite's default (1000 pages)", inert=_off(1000, None)
-    ),
-    "auto_update.enabled": Unsupported(
-        "clients are not offered automatic updates", inert=_off(False, None)
     ),
     "node.routes.ha.probe_interval": Unsupported(
         "subnet routers are not probed: a primary router fails over when it goes offline, "
@@ -522,6 +521,7 @@ class Config:
     log_format: str
     logtail_enabled: bool
     taildrop_enabled: bool  # offer Taildrop (tailcfg.CapabilityFileSharing)
+    auto_update_enabled: bool  # clients' default-auto-update attribute (headscale's auto_update)
     node_expiry: timedelta  # 0: node keys never expire
     node_require_approval: bool  # device approval: new nodes wait for `nodes approve`
     ephemeral_inactivity_timeout: timedelta
@@ -816,6 +816,7 @@ def config_from_values(
         log_format=values["log.format"],
         logtail_enabled=values["logtail.enabled"],
         taildrop_enabled=values["taildrop.enabled"],
+        auto_update_enabled=values["auto_update.enabled"],
         node_expiry=values["node.expiry"],
         node_require_approval=values["node.require_approval"],
         ephemeral_inactivity_timeout=values["node.ephemeral.inactivity_timeout"],

@@ -21,6 +21,7 @@ import trio
 from netmap.dns import dns_config
 from netmap.mapsession import PATCH_HISTORY, MapSessionState, NodeEntry
 from netmap.nodes import (
+    AUTO_UPDATE_CAP,
     EXIT_ROUTES,
     FILE_SHARING_CAP,
     PeerNode,
@@ -337,6 +338,8 @@ class Tailnet:
         """The node's CapMap entries from the policy (nodeAttrs), in its own or peers' view."""
         c = self.compiled
         base: dict[str, Any] = {FILE_SHARING_CAP: []} if self.config.taildrop_enabled else {}
+        if self.config.auto_update_enabled:
+            base[AUTO_UPDATE_CAP] = [True]  # over the baseline's [False]
         if c is None or not c.knows(node_id):
             return cap_pairs(base)
         return cap_pairs({**base, **(c.cap_map(node_id) if self_view else c.peer_cap_map(node_id))})

@@ -22,11 +22,14 @@ EXIT_ROUTES = ("0.0.0.0/0", "::/0")
 # Tailscale's legacy DERP address form: clients before capver 111 read the home
 # region from `DERP: "127.3.3.40:<region>"` (tailcfg.DerpMagicIP).
 DERP_MAGIC_IP = "127.3.3.40"
+# The client's default for automatic updates (tailcfg.NodeAttrDefaultAutoUpdate): a JSON
+# bool, true when the server offers them (headscale: auto_update.enabled).
+AUTO_UPDATE_CAP = "default-auto-update"
 # Node attributes headscale grants every node (hscontrol/types/node.go TailNode).
 DEFAULT_CAPMAP: dict[str, list[Any]] = {
     "https://tailscale.com/cap/is-admin": [],
     "https://tailscale.com/cap/ssh": [],
-    "default-auto-update": [False],
+    AUTO_UPDATE_CAP: [False],
 }
 # Taildrop, granted to every node when the server offers it (headscale: taildrop.enabled).
 FILE_SHARING_CAP = "https://tailscale.com/cap/file-sharing"

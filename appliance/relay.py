@@ -7,7 +7,9 @@ to the tailnet (which node keys may connect) and to the main listener.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,12 +20,86 @@ from derp import endpoints
 from derp.derpmap import DerpMapBuilder, embedded_region, stun_port_of
 from derp.errors import DerpConfigError
 from derp.server import DerpServer, load_or_create_server_key, open_stun_socket
+from protocol import safejson
+from protocol.keys import KeyParseError, NodePublic
 
 from .config import Config
 from .errors import ConfigError
 from .httpserver import Request, Response, RouteHandler
 from .store import STATE_DIR_MODE
 from .tailnet import Tailnet, node_is_expired
+
+# headscale's verifyBodyLimit: a DERPAdmitClientRequest is a few hundred bytes.
+VERIFY_BODY_LIMIT = 4 * 1024
+BOOTSTRAP_DNS_TTL = 60.0  # seconds an answer is reused (headscale resolves per request)
+BOOTSTRAP_DNS_LOOKUP_TIMEOUT = 5.0
+BOOTSTRAP_DNS_MAX_NAMES = 64
+
+
+def node_key_admitted(tailnet: Tailnet, node_key: str) -> bool:
+    """Whether a relay lets this node key in: a registered, unexpired node's."""
+    node_id = tailnet.by_node_key.get(node_key)
+    row = tailnet.nodes.get(node_id) if node_id is not None else None
+    return row is not None and not node_is_expired(row)
+
+
+def verify_route(tailnet: Tailnet) -> RouteHandler:
+    """`POST /verify`: an external derper run with `--verify-client-url` asks whether a
+    node key may connect (tailcfg.DERPAdmitClientRequest -> DERPAdmitClientResponse)."""
+
+    async def verify(req: Request) -> Response:
+        if req.method != "POST":
+            return Response.text("method not allowed; use POST\n", 405)
+        if len(req.body) > VERIFY_BODY_LIMIT:
+            return Response.text("request body too large\n", 413)
+        try:
+            obj = safejson.loads(req.body, max_bytes=VERIFY_BODY_LIMIT)
+            if not isinstance(obj, dict) or not isinstance(obj.get("NodePublic"), str):
+                raise ValueError("NodePublic: expected a nodekey:<64 hex> string")
+            key = NodePublic.parse(obj["NodePublic"])
+        except (safejson.JSONInputError, KeyParseError, ValueError) as e:
+            return Response.text(f"Bad Request: invalid JSON: {e}\n", 400)
+        return Response.json({"Allow": node_key_admitted(tailnet, str(key))})
+
+    return verify
+
+
+class BootstrapDNS:
+    """`/bootstrap-dns`: the addresses of the DERP map's hostnames, for clients whose own
+    DNS is broken (as headscale's DERPBootstrapDNSHandler). Resolved at most once a
+    minute, each name within a few seconds, so requests cannot make lookups pile up."""
+
+    def __init__(self, tailnet: Tailnet) -> None:
+        self.tailnet = tailnet
+        self.lock = trio.Lock()
+        self.cached: tuple[float, int, dict[str, list[str]]] = (-BOOTSTRAP_DNS_TTL, -1, {})
+
+    def names(self) -> list[str]:
+        regions = (json.loads(self.tailnet.derp_map[1]) or {}).get("Regions") or {}
+        found = {
+            str(n["HostName"])
+            for r in regions.values()
+            for n in r.get("Nodes") or []
+            if n.get("HostName")
+        }
+        return sorted(found)[:BOOTSTRAP_DNS_MAX_NAMES]
+
+    async def answer(self) -> dict[str, list[str]]:
+        async with self.lock:
+            when, version, names = self.cached
+            now = trio.current_time()
+            if now - when < BOOTSTRAP_DNS_TTL and version == self.tailnet.derp_map[0]:
+                return names
+            out: dict[str, list[str]] = {}
+            for name in self.names():
+                with trio.move_on_after(BOOTSTRAP_DNS_LOOKUP_TIMEOUT):
+                    try:
+                        infos = await trio.socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+                    except OSError:
+                        continue
+                    out[name] = sorted({str(i[4][0]) for i in infos})
+            self.cached = (now, self.tailnet.derp_map[0], out)
+            return out
 
 
 def _response(r: endpoints.Response) -> Response:
@@ -51,9 +127,7 @@ class EmbeddedRelay:
 
     async def verify(self, node_key_raw: bytes) -> bool:
         """verify_clients: only registered, unexpired node keys may use the relay."""
-        node_id = self.tailnet.by_node_key.get("nodekey:" + node_key_raw.hex())
-        row = self.tailnet.nodes.get(node_id) if node_id is not None else None
-        return row is not None and not node_is_expired(row)
+        return node_key_admitted(self.tailnet, "nodekey:" + node_key_raw.hex())
 
     def routes(self) -> dict[str, RouteHandler]:
         async def probe(req: Request) -> Response:
@@ -62,8 +136,11 @@ class EmbeddedRelay:
         async def generate_204(req: Request) -> Response:
             return _response(endpoints.generate_204(req.headers.get("x-tailscale-challenge")))
 
+        resolver = BootstrapDNS(self.tailnet)
+
         async def bootstrap_dns(req: Request) -> Response:
-            return _response(endpoints.bootstrap_dns({}, req.arg("q") or None))
+            names = await resolver.answer()
+            return _response(endpoints.bootstrap_dns(names, req.arg("q") or None))
 
         return {
             "/derp/probe": probe,

@@ -34,6 +34,7 @@ from .errors import HomescaleError
 from .httpserver import HttpServer, Request, Response, RouteHandler, Upgrade, UpgradeHandler
 from .metrics import Metrics
 from .policies import PolicyInvalid, check_policy_text, read_policy, recovery_steps
+from .relay import verify_route
 from .store import STATE_DIR_MODE, Store, exposure_warning
 from .tailnet import Tailnet
 from .version import commit, version
@@ -84,6 +85,7 @@ class Server:
         self.admin = Admin(
             self.store, online=self.is_online, config=config, routes=tailnet_routes(self.tailnet)
         )
+        self.routes["/verify"] = verify_route(self.tailnet)  # for an external derper
         self.control: ControlService | None = None
         self.oidc: OIDCLogin | None = None  # set by `serve` when oidc.issuer is configured
         self.metrics.gauge("homescale_nodes", lambda: len(self.tailnet.nodes), "registered nodes")

@@ -159,3 +159,47 @@ async def test_extra_records_file_edit_reaches_the_client(tmp_path: Path) -> Non
             c.stop()
     finally:
         srv.stop()
+
+
+def http(method: str, url: str, body: bytes | None = None) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+async def test_verify_and_bootstrap_dns(server: realclient.HomescaleServer, tmp_path: Path) -> None:
+    """`POST /verify` (an external derper's --verify-client-url) admits a real client's
+    node key and no other; `/bootstrap-dns` gives the DERP map's hostnames' addresses."""
+    key = await trio.to_thread.run_sync(server.create_key, "alice")
+    c = realclient.TsnetClient(tmp_path, "verified", server.url, auth_key=key)
+    c.start()
+    try:
+        node = node_by_name(
+            await wait_nodes(server, ["verified"], timeout=ONLINE_WITHIN), "verified"
+        )
+        assert node is not None
+
+        async def verify(body: bytes) -> tuple[int, bytes]:
+            return await trio.to_thread.run_sync(http, "POST", f"{server.url}/verify", body)
+
+        ok = json.dumps({"NodePublic": node["nodeKey"], "Source": "127.0.0.1"}).encode()
+        assert await verify(ok) == (200, b'{"Allow": true}')
+        other = json.dumps({"NodePublic": "nodekey:" + "ab" * 32}).encode()
+        assert await verify(other) == (200, b'{"Allow": false}')
+        assert (await verify(b'{"NodePublic": 5}'))[0] == 400
+        assert (await verify(b"{" * 5000))[0] == 413
+        get = await trio.to_thread.run_sync(http, "GET", f"{server.url}/verify")
+        assert get[0] == 405
+    finally:
+        c.stop()
+    status, body = await trio.to_thread.run_sync(
+        http, "GET", f"{server.url}/bootstrap-dns?q=127.0.0.1"
+    )
+    assert status == 200
+    assert json.loads(body) == {"127.0.0.1": ["127.0.0.1"]}

@@ -1014,10 +1014,15 @@ def migrate_headscale(
     derp_key: Annotated[
         str, Parameter(name=["--derp-key"], help="headscale's derp_server_private.key")
     ] = "",
-    dry_run: Annotated[bool, Parameter(name=["--dry-run"], negative="")] = False,
+    dry_run: Annotated[
+        bool, Parameter(name=["--dry-run"], negative="", help="Check and report; write nothing")
+    ] = False,
 ) -> None:
     """Import a stopped headscale (users, nodes, keys, policy, Noise key): devices keep
-    working without logging in again. The headscale database is only read."""
+    working without logging in again. The headscale database is only read.
+
+    homescale -c /etc/homescale/config.yaml migrate headscale --config /etc/headscale/config.yaml
+    (after `migrate headscale`, --config and -c name headscale's config)."""
     from .migrate_headscale import import_headscale, source_from_headscale_config
 
     config = _config()

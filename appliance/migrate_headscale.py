@@ -160,16 +160,19 @@ def _private_copy(db: Path) -> Iterator[sqlite3.Connection]:
     """The source opened from a private copy: headscale's file is only ever read."""
     with tempfile.TemporaryDirectory(prefix="homescale-import-") as tmp:
         copy = Path(tmp) / "headscale.sqlite"
-        try:
-            shutil.copyfile(db, copy)
-        except OSError as e:
-            raise ImportRefused(f"{db}: cannot read: {e.strerror}") from None
         conn = sqlite3.connect(copy)
         try:
+            # SQLite's backup from a read-only connection: a consistent snapshot (under
+            # SQLite's own read lock) that never writes to headscale's file.
+            source = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
             try:
-                conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-            except sqlite3.DatabaseError as e:
-                raise ImportRefused(f"{db}: not an sqlite database ({e})") from None
+                source.backup(conn)
+            finally:
+                source.close()
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            raise ImportRefused(f"{db}: cannot read it as an sqlite database ({e})") from None
+        try:
             yield conn
         finally:
             conn.close()

@@ -361,3 +361,15 @@ INSERT INTO routes (id, created_at, updated_at, deleted_at, node_id, prefix, adv
         assert "RoutableIPs" not in n2.hostinfo
     finally:
         store.close()
+
+
+def test_not_a_database_is_named(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "dir with space" / "db.sqlite"
+    src.parent.mkdir()
+    src.write_text("headscale: not really\n")
+    r = run_cli(capsys, site, "migrate", "headscale", "--db", str(src))
+    assert r.code != 0
+    assert f"{src}: cannot read it as an sqlite database (file is not a database)" in r.err
+    assert src.read_text() == "headscale: not really\n"

@@ -30,6 +30,7 @@ from .boundary import Boundary
 from .changes import PolicyChanged
 from .config import Config, OIDCSettings, split_hostport
 from .control import ControlService
+from .debugviews import debug_routes
 from .errors import HomescaleError
 from .httpserver import HttpServer, Request, Response, RouteHandler, Upgrade, UpgradeHandler
 from .metrics import Metrics
@@ -485,7 +486,7 @@ async def serve(
             "connections refused because their IP already held limits.max_*connections_per_ip",
         )
         metrics = HttpServer(
-            routes={"/metrics": server.metrics_route},
+            routes={"/metrics": server.metrics_route, **debug_routes(server)},
             upgrades={},
             logger=log.getChild("metrics"),
             boundary=server.boundary,

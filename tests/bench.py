@@ -365,10 +365,11 @@ async def bench_derp_relay() -> list[Figure]:
 
 
 def _more_benchmarks() -> list[Callable[[], Awaitable[list[Figure]]]]:
+    from tests.bench_migrate import bench_migrate_headscale
     from tests.bench_netmap import bench_netmap_deltas
     from tests.bench_policy import bench_policy_propagation
 
-    return [bench_netmap_deltas, bench_policy_propagation]
+    return [bench_netmap_deltas, bench_policy_propagation, bench_migrate_headscale]
 
 
 BENCHMARKS: list[Callable[[], Awaitable[list[Figure]]]] = [bench_derp_relay, *_more_benchmarks()]

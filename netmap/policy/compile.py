@@ -639,6 +639,40 @@ class CompiledPolicy:
         """Whether a and b are peers of each other (symmetric)."""
         return a != b and b in self.visible_peers(a)
 
+    # -- route steering ----------------------------------------------------------
+    def via_routes(self, viewer_id: int) -> dict[IPNetwork, list[int]]:
+        """Routes a via grant steers for this viewer: route -> the routers that
+        should serve it to the viewer (lowest ID first, the HA order), in place
+        of the tailnet-wide primary (via-grant-v37, -v44)."""
+        info = self._info(viewer_id)
+        out: dict[IPNetwork, list[int]] = {}
+        for g in self._grants:
+            via = g.via
+            if via is None or not IPSet.of(via.src_ips).contains_any(info.addrs):
+                continue
+            for nid, router in sorted(self._nodes.items()):
+                if nid == viewer_id:
+                    continue
+                for net in self._via_serves(via, router):
+                    for route in router.subnet_routes:
+                        if route in info.subnet_routes or not route.overlaps(net):
+                            continue  # a router serves its own routes itself
+                        if nid not in out.setdefault(route, []):
+                            out[route].append(nid)
+        # A plain grant to the same route from this viewer keeps the
+        # tailnet-wide primary (via-grant-v43, -v45).
+        plain = [
+            r
+            for g in self._grants
+            for r in g.rules
+            if not r.caps and IPSet.of(r.src_ips).contains_any(info.addrs)
+        ]
+        return {
+            route: routers
+            for route, routers in out.items()
+            if not any(d.ips.overlaps(route) for r in plain for d in r.dsts)
+        }
+
     # -- node attributes -------------------------------------------------------
     def cap_map(self, node_id: int) -> dict[str, list[Any] | None]:
         """The capabilities the policy gives a node (its own CapMap entries).

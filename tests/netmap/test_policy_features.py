@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
 from netmap.policy import CompiledPolicy, PolicyError, compile_policy, load_policy, parse_policy
@@ -89,6 +91,9 @@ def test_via_grant_steers_to_the_tagged_router_only() -> None:
     assert c.filter_for(other.id) == []
     assert c.may_see(BOB.id, ROUTER.id)
     assert not c.may_see(BOB.id, other.id)
+    # bob's map must route 10.1.0.0/16 through the via router, not router2.
+    assert c.via_routes(BOB.id) == {ipaddress.ip_network("10.1.0.0/16"): [ROUTER.id]}
+    assert c.via_routes(ALICE1.id) == {}
     with pytest.raises(PolicyError, match="via can only be a tag"):
         parse_policy('{"grants": [{"src": ["*"], "dst": ["*"], "ip": ["*"], "via": ["bob@"]}]}')
 

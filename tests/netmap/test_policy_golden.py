@@ -243,6 +243,18 @@ def check_scenario(path: Path) -> list[str]:
             got_ssh = normalise_ssh(compiled.ssh_for(node.id))
             if want_ssh != got_ssh:
                 problems.append(f"{name}: ssh {got_ssh} != {want_ssh}")
+        for route, routers in compiled.via_routes(node.id).items():
+            # A via grant: the steered router carries the route in this viewer's map.
+            owners = [
+                p["Name"].split(".")[0]
+                for p in peers
+                if str(route) in (p.get("AllowedIPs") or p.get("PrimaryRoutes") or [])
+            ]
+            want_owner = nodes[routers[0] - 1].hostname
+            if "AllowedIPs" in str(peers) and owners != [want_owner]:
+                problems.append(
+                    f"{name}: {route} served by {owners}, homescale steers to {want_owner}"
+                )
         self_node = capture["netmap"].get("SelfNode") or {}
         if "CapMap" in self_node:
             want_caps = policy_caps(self_node["CapMap"])

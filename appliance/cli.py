@@ -14,7 +14,7 @@ import os
 import socket
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -294,7 +294,7 @@ def api(
 # ---------------------------------------------------------------- output
 
 
-def emit(obj: Any, table: list[tuple[str, str]] | None = None, message: str | None = None) -> None:
+def emit(obj: Any, table: Sequence[Column] | None = None, message: str | None = None) -> None:
     """Print per `-o`: json, json-line, yaml, or (default) a table / message."""
     fmt = OPTS.output
     if fmt == "json":
@@ -316,7 +316,13 @@ def emit(obj: Any, table: list[tuple[str, str]] | None = None, message: str | No
         print(json.dumps(obj, indent=2))
 
 
-def _cell(row: dict[str, Any], key: str) -> str:
+# A table column: a title, and the (dotted) field it shows or how to compute the cell.
+Column = tuple[str, str | Callable[[dict[str, Any]], str]]
+
+
+def _cell(row: dict[str, Any], key: str | Callable[[dict[str, Any]], str]) -> str:
+    if callable(key):
+        return key(row)
     v: Any = row
     for part in key.split("."):
         v = v.get(part) if isinstance(v, dict) else None
@@ -329,7 +335,7 @@ def _cell(row: dict[str, Any], key: str) -> str:
     return str(v)
 
 
-def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> None:
+def print_table(rows: list[dict[str, Any]], columns: Sequence[Column]) -> None:
     cells = [[title for title, _ in columns]] + [[_cell(r, k) for _, k in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     for row in cells:
@@ -389,18 +395,60 @@ APIKEY_COLS = [
     ("Created", "createdAt"),
     ("Last seen", "lastSeen"),
 ]
-NODE_COLS = [
+
+
+def _short_key(field: str) -> Callable[[dict[str, Any]], str]:
+    """A key as headscale's table shows it: Go's ShortString, `[abcde]`."""
+    from protocol.keys import KeyParseError, MachinePublic, NodePublic
+
+    cls = MachinePublic if field == "machineKey" else NodePublic
+
+    def cell(row: dict[str, Any]) -> str:
+        try:
+            return cls.parse(str(row.get(field) or "")).short()
+        except KeyParseError:
+            return str(row.get(field) or "")
+
+    return cell
+
+
+def _table_time(value: Any, none: str = "") -> str:
+    """headscale's table time format (HeadscaleDateTimeFormat), in UTC."""
+    from protocol.gojson import WireError, parse_time
+
+    if not value:
+        return none
+    try:
+        return parse_time(str(value)).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    except WireError:
+        return str(value)
+
+
+def _expired(row: dict[str, Any]) -> str:
+    from protocol.gojson import WireError, parse_time
+
+    try:
+        expired = bool(row.get("expiry")) and parse_time(str(row["expiry"])) < datetime.now(UTC)
+    except WireError:
+        expired = False
+    return "yes" if expired else "no"
+
+
+# headscale's `nodes list` columns, then homescale's device approval.
+NODE_COLS: list[Column] = [
     ("ID", "id"),
     ("Hostname", "name"),
     ("Name", "givenName"),
-    ("MachineKey", "machineKey"),
-    ("NodeKey", "nodeKey"),
+    ("MachineKey", _short_key("machineKey")),
+    ("NodeKey", _short_key("nodeKey")),
     ("User", "user.name"),
     ("Tags", "tags"),
     ("IP addresses", "ipAddresses"),
-    ("Online", "online"),
-    ("Last seen", "lastSeen"),
-    ("Expiry", "expiry"),
+    ("Ephemeral", lambda n: "true" if (n.get("preAuthKey") or {}).get("ephemeral") else "false"),
+    ("Last seen", lambda n: _table_time(n.get("lastSeen"))),
+    ("Expiration", lambda n: _table_time(n.get("expiry"), "N/A")),
+    ("Connected", lambda n: "online" if n.get("online") else "offline"),
+    ("Expired", _expired),
     ("Approved", "approved"),
 ]
 

@@ -385,7 +385,17 @@ async def test_nodes(hs: Hs, tmp_path: Path) -> None:
     assert node["subnetRoutes"] == ["10.0.0.0/24"]
     assert node["expiry"] is None
     assert [n["id"] for n in await hs.json_list("nodes", "list", "--user", "bob")] == [str(n2)]
-    assert "node1" in (await hs.ok("nodes", "list")).out
+    table = (await hs.ok("nodes", "list")).out.splitlines()
+    # headscale's columns (then device approval), short keys, its time format.
+    assert [c.strip() for c in table[0].split("|")] == [
+        "ID", "Hostname", "Name", "MachineKey", "NodeKey", "User", "Tags", "IP addresses",
+        "Ephemeral", "Last seen", "Expiration", "Connected", "Expired", "Approved",
+    ]  # fmt: skip
+    row = [c.strip() for c in table[1].split("|")]
+    assert row[2] == "node1"
+    assert re.fullmatch(r"\[[A-Za-z0-9+/]{5}\]", row[3])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", row[9])
+    assert row[8:] == ["false", row[9], "N/A", "offline", "no", "true"]
 
     renamed = await hs.json_object("nodes", "rename", "laptop", "--identifier", str(n1))
     assert renamed["givenName"] == "laptop"

@@ -731,6 +731,28 @@ def apikeys_delete(
     emit({}, message="Key deleted")
 
 
+# -- web console
+
+web = App(name="web", help="The web console at server_url/admin.")
+app.command(web)
+
+
+@web.command(name="login-url")
+def web_login_url() -> None:
+    """Print a sign-in link for the web console: valid 10 minutes, opens one session."""
+    t = transport()
+    try:
+        if isinstance(t, DirectTransport):
+            raise CliError(
+                "the web console runs in the server: start it (homescale serve), then "
+                "run this again"
+            )
+        obj = t.call("POST", "/api/v1/web/loginurl")
+    finally:
+        t.close()
+    emit(obj, message=f"{obj['url']}\n(valid until {obj['expiration']}, opens one session)")
+
+
 # -- nodes
 
 nodes = App(name="nodes", alias="node", help="Manage nodes.")

@@ -42,6 +42,7 @@ from .version import commit, version
 
 if TYPE_CHECKING:
     from .oidc import OIDCLogin
+    from .web import Console
 
 R = TypeVar("R")
 Ts = TypeVarTuple("Ts")
@@ -89,6 +90,7 @@ class Server:
         self.routes["/verify"] = verify_route(self.tailnet)  # for an external derper
         self.control: ControlService | None = None
         self.oidc: OIDCLogin | None = None  # set by `serve` when oidc.issuer is configured
+        self.console: Console | None = None  # the web console (appliance.web), set by `serve`
         self.metrics.gauge("homescale_nodes", lambda: len(self.tailnet.nodes), "registered nodes")
         self.metrics.gauge(
             "homescale_nodes_online",
@@ -466,6 +468,7 @@ async def serve(
             logins=server,
             boundary=server.boundary,
         )
+        server.console = _start_console(server, policy_check, api_socket, api_remote)
         main = HttpServer(
             routes=server.routes,
             upgrades=server.upgrades,
@@ -562,6 +565,33 @@ async def serve(
         except OSError:
             pass
         log.info("stopped")
+
+
+def _start_console(
+    server: Server, policy_check: Callable[[str], None], *cli_apis: AdminApi
+) -> Console:
+    """The web console at server_url/admin (appliance.web), live from the change path."""
+    from .web import Console
+
+    config = server.config
+    console = Console(
+        config,
+        AdminApi(
+            server.admin,
+            server.run_db,
+            require_auth=False,  # the console authorises each request itself
+            policy_check=policy_check,
+            policy_mode=config.policy_mode,
+            logins=server,
+            boundary=server.boundary,
+        ),
+        server.log.getChild("web"),
+    )
+    console.install(server.routes, server.upgrades)
+    for api in cli_apis:
+        console.add_cli_routes(api)
+    server.tailnet.observers.append(console.changed)
+    return console
 
 
 async def _start_oidc(server: Server, settings: OIDCSettings, log: logging.Logger) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, assert_never
@@ -98,6 +98,8 @@ class Tailnet:
     by_node_key: dict[str, int] = field(default_factory=dict)  # for DERP's verify_clients
     primaries: dict[str, int] = field(default_factory=dict)  # subnet route -> primary router
     quarantined: dict[int, Quarantined] = field(default_factory=dict)  # rows not served
+    # Told every change after it is applied (the web console's live updates); must not block.
+    observers: list[Callable[[Change], None]] = field(default_factory=list)
     boundary: Boundary = field(default=None)  # type: ignore[assignment]  # set in __post_init__
 
     def __post_init__(self) -> None:
@@ -392,6 +394,9 @@ class Tailnet:
         for change in changes:
             with self.boundary.guard("change", str(change)):
                 self._apply(change)
+            for observe in self.observers:
+                with self.boundary.guard("change observer", str(change)):
+                    observe(change)
 
     def _apply(self, change: Change) -> None:
         match change:

@@ -107,6 +107,19 @@ def _prefix(version: int) -> Callable[[Any], ipaddress.IPv4Network | ipaddress.I
     return parse
 
 
+def _networks(v: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """A list of IPs or CIDRs (headscale's `trusted_proxies`); host bits must be zero."""
+    nets = []
+    for item in _str_list(v):
+        try:
+            nets.append(ipaddress.ip_network(item, strict=True))
+        except ValueError as e:
+            raise ValueError(
+                f"expected IPs or CIDRs like 127.0.0.1 or 10.0.0.0/8, got {item!r} ({e})"
+            ) from None
+    return tuple(nets)
+
+
 def _ip(version: int) -> Callable[[Any], str]:
     def parse(v: Any) -> str:
         if v in (None, ""):
@@ -325,6 +338,9 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     # homescale's own (headscale has no such key): per-IP caps on open connections.
     "limits.max_connections_per_ip": (_count, 256),
     "limits.max_derp_connections_per_ip": (_count, 64),
+    # headscale's reverse proxies: every client behind one shares its address, so the
+    # per-IP caps above do not apply to them (X-Forwarded-For is not read; see below).
+    "trusted_proxies": (_networks, []),
 }
 
 
@@ -353,9 +369,6 @@ _GORM = "a setting of headscale's Go ORM (gorm); homescale has no such layer"
 # (its `inert` test) passes quietly; any other gets a warning naming the key, its file
 # and line, and what is lost. (None is unsafe to ignore: TLS and OIDC are built in.)
 UNSUPPORTED: dict[str, Unsupported] = {
-    "trusted_proxies": Unsupported(
-        "X-Forwarded-For is not read: logs show the proxy's address", inert=_off([], None, "")
-    ),
     "grpc_listen_addr": Unsupported(_GRPC, inert=_off("", None)),
     "grpc_allow_insecure": Unsupported(_GRPC, inert=_off(False, None)),
     "database.debug": Unsupported("SQL statements are not logged", inert=_off(False, None)),
@@ -529,6 +542,8 @@ class Config:
     cli: CliSettings
     max_connections_per_ip: int = 256  # 0: no limit
     max_derp_connections_per_ip: int = 64
+    # Exempt from the per-IP caps (a reverse proxy carries every client's connection).
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     warnings: list[str] = field(default_factory=list)
     oidc: OIDCSettings | None = None  # None: no identity provider, logins by the CLI only
     acme: AcmeSettings | None = None  # None: no Let's Encrypt
@@ -829,6 +844,7 @@ def config_from_values(
         ),
         max_connections_per_ip=values["limits.max_connections_per_ip"],
         max_derp_connections_per_ip=values["limits.max_derp_connections_per_ip"],
+        trusted_proxies=values["trusted_proxies"],
         warnings=warnings,
         oidc=_oidc_settings(values, resolve),
         acme=_acme_settings(values, resolve),

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -104,8 +105,17 @@ class PerIpCap:
     everyone else; the limit is per IP because a NAT may put many honest clients behind one.
     """
 
-    def __init__(self, limit: int, what: str, log: logging.Logger, key: str) -> None:
+    def __init__(
+        self,
+        limit: int,
+        what: str,
+        log: logging.Logger,
+        key: str,
+        exempt: Sequence[IPv4Network | IPv6Network] = (),
+    ) -> None:
         self.limit = limit
+        # trusted_proxies: a reverse proxy carries every client's connection from one address.
+        self.exempt = tuple(exempt)
         self.what = what
         self.key = key  # the config key that sets `limit`, for the log line
         self.log = log
@@ -115,21 +125,31 @@ class PerIpCap:
 
     def acquire(self, ip: str) -> bool:
         n = self.open.get(ip, 0)
-        if self.limit and n >= self.limit:
+        if self.limit and n >= self.limit and not self._exempt(ip):
             self.refused += 1
             now = trio.current_time()
             if now - self._logged.get(ip, -CAP_LOG_INTERVAL) >= CAP_LOG_INTERVAL:
                 self._logged[ip] = now
                 self.log.warning(
-                    "%s from %s refused: %d already open (limit %d, limits.max_connections_per_ip)",
+                    "%s from %s refused: %d already open (limit %d, %s)",
                     self.what,
                     ip,
                     n,
                     self.limit,
+                    self.key,
                 )
             return False
         self.open[ip] = n + 1
         return True
+
+    def _exempt(self, ip: str) -> bool:
+        if not self.exempt:
+            return False
+        try:
+            addr = ip_address(ip)
+        except ValueError:  # "local" (a unix socket)
+            return False
+        return any(addr in net for net in self.exempt)
 
     def release(self, ip: str) -> None:
         n = self.open.get(ip, 0) - 1
@@ -156,6 +176,7 @@ class HttpServer:
         boundary: Boundary | None = None,
         max_connections_per_ip: int = 0,
         upgrade_caps: dict[str, tuple[int, str]] | None = None,
+        trusted_proxies: Sequence[IPv4Network | IPv6Network] = (),
     ) -> None:
         self.routes = routes
         self.upgrades = upgrades
@@ -169,11 +190,15 @@ class HttpServer:
         self.log = logger
         self.boundary = boundary or Boundary(logger)
         self.conn_cap = PerIpCap(
-            max_connections_per_ip, "connection", logger, "limits.max_connections_per_ip"
+            max_connections_per_ip,
+            "connection",
+            logger,
+            "limits.max_connections_per_ip",
+            trusted_proxies,
         )
         # Upgrades that hold a connection for long (DERP) get a tighter cap of their own.
         self.upgrade_caps = {
-            path: PerIpCap(limit, f"{path} connection", logger, key)
+            path: PerIpCap(limit, f"{path} connection", logger, key, trusted_proxies)
             for path, (limit, key) in (upgrade_caps or {}).items()
         }
 

@@ -482,6 +482,7 @@ async def serve(
             upgrade_caps={
                 "/derp": (config.max_derp_connections_per_ip, "limits.max_derp_connections_per_ip")
             },
+            trusted_proxies=config.trusted_proxies,
         )
         server.metrics.gauge(
             "homescale_connections_refused_total",

@@ -7,6 +7,7 @@ and a counter in /metrics.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 
 import httpx
@@ -181,6 +182,34 @@ async def test_per_ip_cap_refuses_the_excess_and_frees_on_close() -> None:
                 r = await client.get(f"http://127.0.0.1:{port}/")
             assert r.status_code == 200
             nursery.cancel_scope.cancel()
+
+
+async def test_trusted_proxy_is_not_capped() -> None:
+    """trusted_proxies: a reverse proxy carries every client's connection from one IP."""
+    http = HttpServer(
+        routes={},
+        upgrades={},
+        logger=logging.getLogger("test.http"),
+        max_connections_per_ip=1,
+        upgrade_caps={"/derp": (1, "limits.max_derp_connections_per_ip")},
+        trusted_proxies=[ipaddress.ip_network("127.0.0.0/8")],
+    )
+    assert all(http.conn_cap.acquire("127.0.0.1") for _ in range(5))
+    assert all(http.upgrade_caps["/derp"].acquire("127.0.0.2") for _ in range(5))
+    assert http.conn_cap.acquire("192.0.2.1")
+    assert not http.conn_cap.acquire("192.0.2.1")  # others keep their cap
+    assert http.conn_cap.refused == 1
+
+
+def test_trusted_proxies_in_the_config(site: Site) -> None:
+    from appliance.config import load_config
+    from appliance.errors import ConfigError
+
+    env = {"HOMESCALE_TRUSTED_PROXIES": "127.0.0.1,10.0.0.0/8"}
+    config = load_config(site.config_path, environ=env)
+    assert [str(n) for n in config.trusted_proxies] == ["127.0.0.1/32", "10.0.0.0/8"]
+    with pytest.raises(ConfigError, match=r"trusted_proxies.*10\.0\.0\.1/8"):
+        load_config(site.config_path, environ={"HOMESCALE_TRUSTED_PROXIES": "10.0.0.1/8"})
 
 
 def test_limits_are_in_the_config(site: Site) -> None:

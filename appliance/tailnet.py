@@ -9,9 +9,10 @@ every node's map, and nothing here waits on a client.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, assert_never
@@ -97,6 +98,8 @@ class Tailnet:
     auto_approved: dict[int, tuple[str, ...]] = field(default_factory=dict)
     by_node_key: dict[str, int] = field(default_factory=dict)  # for DERP's verify_clients
     primaries: dict[str, int] = field(default_factory=dict)  # subnet route -> primary router
+    # A router's last reduced encoding (appliance.tailnet._routes_for_viewer).
+    _reduced: dict[int, tuple[int, dict[Hashable, bytes]]] = field(default_factory=dict)
     quarantined: dict[int, Quarantined] = field(default_factory=dict)  # rows not served
     # Told every change after it is applied (the web console's live updates); must not block.
     observers: list[Callable[[Change], None]] = field(default_factory=list)
@@ -380,8 +383,37 @@ class Tailnet:
                 if new.self_caps != new.peer_caps
                 else None
             ),
+            for_viewer=(
+                functools.partial(self._routes_for_viewer, n.id)
+                if new.primary_routes or new.exit_routes
+                else None
+            ),
         )
         return True
+
+    def _routes_for_viewer(self, router_id: int, viewer_id: int) -> tuple[Hashable, bytes]:
+        """The router as `viewer_id` gets it: only the routes the viewer's policy lets it
+        use (headscale's ReduceRoutes); the exit routes stay a pair (a client needs both).
+        Viewers with the same routes share one encoding."""
+        peer, entry = self.peers[router_id], self.entries[router_id]
+        c = self.compiled
+        if c is None or not c.knows(viewer_id):
+            return (), entry.json
+        primary = tuple(r for r in peer.primary_routes if c.can_access_route(viewer_id, r))
+        exits = peer.exit_routes
+        if exits and not any(c.can_access_route(viewer_id, r) for r in exits):
+            exits = ()
+        if primary == peer.primary_routes and exits == peer.exit_routes:
+            return (), entry.json
+        version, variants = self._reduced.get(router_id, (entry.version, {}))
+        if version != entry.version:
+            variants = {}
+        data = variants.get((primary, exits))
+        if data is None:
+            reduced = dataclasses.replace(peer, primary_routes=primary, exit_routes=exits)
+            data = variants[(primary, exits)] = encode_node(reduced, self.config.dns.base_domain)
+        self._reduced[router_id] = (entry.version, variants)
+        return (primary, exits), data
 
     # ------------------------------------------------------------ changes
 
@@ -480,6 +512,9 @@ class Tailnet:
                     s.state.mark_visibility()
                     s.state.mark_peer(node_id)
                     s.notify()
+            own = self.sessions.get(node_id)
+            if own is not None:
+                own.state.mark_all()  # which routers' routes it may use can change too
         elif changed:
             self._mark_peer(self.visible_peers(node_id), node_id)
         else:

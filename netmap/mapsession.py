@@ -11,7 +11,7 @@ node (encoded once by the coordinator, spliced here).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -36,6 +36,9 @@ class NodeEntry:
     )  # version -> patch from version-1
     # The node as it sees itself (its own policy CapMap); None: same as json.
     self_json: bytes | None = None
+    # A router's JSON as one viewer gets it, with the routes that viewer may use
+    # (headscale's ReduceRoutes): (variant key, json); None: `json` for everyone.
+    for_viewer: Callable[[int], tuple[Hashable, bytes]] | None = None
 
 
 class TailnetView(Protocol):
@@ -74,6 +77,7 @@ class MapSessionState:
     sent_derp: int = -1
     sent_dns: int = -1
     sent_users: set[int] = field(default_factory=set)
+    sent_variants: dict[int, Hashable] = field(default_factory=dict)  # router id -> variant
     pending_peers: set[int] = field(default_factory=set)
     pending_all: bool = True  # re-check every peer (first map, policy change)
     pending_visibility: bool = False  # compare the visible set with what was sent
@@ -140,6 +144,7 @@ class MapSessionState:
             if not show:
                 if pid in self.sent_peers:
                     del self.sent_peers[pid]
+                    self.sent_variants.pop(pid, None)
                     removed.append(pid)
                 continue
             assert entry is not None
@@ -148,16 +153,26 @@ class MapSessionState:
                 # renamed users' profiles go out again.
                 new_users.add(entry.user_id)
             have = self.sent_peers.get(pid)
-            if have == entry.version:
+            variant = entry.for_viewer(self.node_id) if entry.for_viewer is not None else None
+            if have == entry.version and (
+                variant is None or self.sent_variants.get(pid) == variant[0]
+            ):
                 continue
-            patch = _merge_patches(entry, have) if have is not None else None
+            if variant is not None and self.sent_variants.get(pid) != variant[0]:
+                patch = None  # the routes this viewer may use changed: the whole node
+            else:
+                patch = _merge_patches(entry, have) if have is not None else None
             if patch is not None:
                 patch.pop("NodeID", None)
                 if patch:  # empty: only unpatchable detail changed (NetInfo latencies)
                     patches.append({"NodeID": pid, **patch})
             else:
-                changed.append(entry.json)
+                changed.append(entry.json if variant is None else variant[1])
             self.sent_peers[pid] = entry.version
+            if variant is not None:
+                self.sent_variants[pid] = variant[0]
+            else:
+                self.sent_variants.pop(pid, None)
         if me.user_id not in self.sent_users:
             new_users.add(me.user_id)
 

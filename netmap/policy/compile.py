@@ -269,6 +269,9 @@ class CompiledPolicy:
         self.allow_all = policy is None
         self._grants: list[_CompiledGrant] = []
         self._matchers: list[_Matcher] = []
+        # The same matchers by address (headscale's matcher.Match), for route access.
+        self._ip_matchers: list[tuple[IPSet, IPSet]] = []
+        self._route_access: dict[tuple[int, str], bool] = {}
         self._sends_on: dict[int, list[int]] = {nid: [] for nid in self._nodes}
         self._receives_on: dict[int, list[int]] = {nid: [] for nid in self._nodes}
         if not self.allow_all:
@@ -536,6 +539,8 @@ class CompiledPolicy:
         }
 
     def _add_matcher(self, src: IPSet, dst: IPSet, dst_nodes: set[int] | None = None) -> None:
+        if dst:
+            self._ip_matchers.append((src, dst))
         m = _Matcher(
             self._members(src, as_dst=False),
             self._members(dst, as_dst=True) if dst_nodes is None else dst_nodes,
@@ -638,6 +643,30 @@ class CompiledPolicy:
     def may_see(self, a: int, b: int) -> bool:
         """Whether a and b are peers of each other (symmetric)."""
         return a != b and b in self.visible_peers(a)
+
+    # -- route reduction ---------------------------------------------------------
+    def can_access_route(self, node_id: int, route: str) -> bool:
+        """Whether the policy lets this node use a peer's route (headscale's
+        CanAccessRoute, which ReduceRoutes applies to each peer's routes): it may send
+        into the route or receive from it, itself or for the subnets it routes."""
+        if self.allow_all:
+            return True
+        key = (node_id, route)
+        known = self._route_access.get(key)
+        if known is not None:
+            return known
+        info = self._info(node_id)
+        net = ipaddress.ip_network(route, strict=False)
+        subnets = info.subnet_routes
+        ok = any(
+            (src.contains_any(info.addrs) and dst.overlaps(net))
+            or (src.overlaps(net) and dst.contains_any(info.addrs))
+            or (subnets and src.overlaps_any(subnets) and dst.overlaps(net))
+            or (subnets and src.overlaps(net) and dst.overlaps_any(subnets))
+            for src, dst in self._ip_matchers
+        )
+        self._route_access[key] = ok
+        return ok
 
     # -- route steering ----------------------------------------------------------
     def via_routes(self, viewer_id: int) -> dict[IPNetwork, list[int]]:

@@ -73,6 +73,9 @@ def compact(data: dict[str, Any]) -> dict[str, Any]:
         peers = []
         for p in netmap.get("Peers") or []:
             entry = {"Name": p["Name"]}
+            routes = [a for a in p.get("AllowedIPs") or [] if a not in (p.get("Addresses") or [])]
+            if routes:  # the routes this peer serves to the node (via steering)
+                entry["AllowedIPs"] = routes
             if p.get("CapMap"):
                 entry["CapMap"] = p["CapMap"]
             peers.append(entry)

@@ -251,7 +251,7 @@ def check_scenario(path: Path) -> list[str]:
                 if str(route) in (p.get("AllowedIPs") or p.get("PrimaryRoutes") or [])
             ]
             want_owner = nodes[routers[0] - 1].hostname
-            if "AllowedIPs" in str(peers) and owners != [want_owner]:
+            if owners != [want_owner]:
                 problems.append(
                     f"{name}: {route} served by {owners}, homescale steers to {want_owner}"
                 )

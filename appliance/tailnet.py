@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import ipaddress
 import json
 import logging
 from collections.abc import Callable, Hashable, Iterable
@@ -334,6 +335,7 @@ class Tailnet:
             online=n.id in self.online,
             primary_routes=tuple(r for r in served if self.primaries.get(r) == n.id),
             exit_routes=tuple(r for r in served if r in EXIT_ROUTES),
+            served_routes=tuple(r for r in served if r not in EXIT_ROUTES),
             self_caps=self._policy_caps(n.id, self_view=True),
             peer_caps=self._policy_caps(n.id, self_view=False),
             authorized=n.approved,
@@ -385,7 +387,7 @@ class Tailnet:
             ),
             for_viewer=(
                 functools.partial(self._routes_for_viewer, n.id)
-                if new.primary_routes or new.exit_routes
+                if new.primary_routes or new.exit_routes or new.served_routes
                 else None
             ),
         )
@@ -400,11 +402,19 @@ class Tailnet:
         if c is None or not c.knows(viewer_id):
             return (), entry.json
         primary = tuple(r for r in peer.primary_routes if c.can_access_route(viewer_id, r))
+        steered = self._steered_routes(viewer_id)
+        if steered:
+            # via grants: the route goes through the router picked for this viewer.
+            primary = tuple(r for r in primary if steered.get(r, router_id) == router_id)
+            primary += tuple(
+                r for r in peer.served_routes if steered.get(r) == router_id and r not in primary
+            )
         exits = peer.exit_routes
         if exits and not any(c.can_access_route(viewer_id, r) for r in exits):
             exits = ()
         if primary == peer.primary_routes and exits == peer.exit_routes:
             return (), entry.json
+        primary = tuple(sorted(primary, key=lambda r: ipaddress.ip_network(r, strict=False)))
         version, variants = self._reduced.get(router_id, (entry.version, {}))
         if version != entry.version:
             variants = {}
@@ -414,6 +424,18 @@ class Tailnet:
             data = variants[(primary, exits)] = encode_node(reduced, self.config.dns.base_domain)
         self._reduced[router_id] = (entry.version, variants)
         return (primary, exits), data
+
+    def _steered_routes(self, viewer_id: int) -> dict[str, int]:
+        """Subnet route -> the router a via grant sends this viewer through: the first
+        online of the via-tagged routers serving it, else the first (HA order)."""
+        c = self.compiled
+        if c is None or not c.knows(viewer_id):
+            return {}
+        out = {}
+        for route, routers in c.via_routes(viewer_id).items():
+            online = [r for r in routers if r in self.online]
+            out[str(route)] = (online or routers)[0]
+        return out
 
     # ------------------------------------------------------------ changes
 

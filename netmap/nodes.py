@@ -57,6 +57,9 @@ class PeerNode:
     online: bool = False
     primary_routes: tuple[str, ...] = ()
     exit_routes: tuple[str, ...] = ()
+    # Approved subnet routes, primary or not (a via grant may steer a viewer to a
+    # router that is not the tailnet-wide primary). Not sent as such.
+    served_routes: tuple[str, ...] = ()
     capver: int = 0
     # Capabilities the policy gives the node (nodeAttrs, randomizeClientPort):
     # ``self_caps`` in its own view, ``peer_caps`` in its peers' (as sorted

@@ -257,6 +257,7 @@ class CompiledPolicy:
         self._ssh: dict[int, list[dict[str, Any]]] = {}
         self._peers: dict[int, frozenset[int]] = {}
         self._caps: dict[int, dict[str, list[Any] | None]] = {}
+        self._via_cache: dict[int, dict[IPNetwork, list[int]]] = {}
         self._alias_cache: dict[Alias, IPSet] = {}
         # Keyed by id() of rules owned by self.policy, which outlives us.
         self._ssh_src_cache: dict[
@@ -673,6 +674,9 @@ class CompiledPolicy:
         """Routes a via grant steers for this viewer: route -> the routers that
         should serve it to the viewer (lowest ID first, the HA order), in place
         of the tailnet-wide primary (via-grant-v37, -v44)."""
+        cached = self._via_cache.get(viewer_id)
+        if cached is not None:
+            return cached
         info = self._info(viewer_id)
         out: dict[IPNetwork, list[int]] = {}
         for g in self._grants:
@@ -696,11 +700,13 @@ class CompiledPolicy:
             for r in g.rules
             if not r.caps and IPSet.of(r.src_ips).contains_any(info.addrs)
         ]
-        return {
+        result = {
             route: routers
             for route, routers in out.items()
             if not any(d.ips.overlaps(route) for r in plain for d in r.dsts)
         }
+        self._via_cache[viewer_id] = result
+        return result
 
     # -- node attributes -------------------------------------------------------
     def cap_map(self, node_id: int) -> dict[str, list[Any] | None]:

@@ -65,3 +65,47 @@ def test_policy_change_resends_the_router_to_whom_it_concerns() -> None:
 def test_no_policy_everyone_gets_every_route() -> None:
     tn = setup(None)  # type: ignore[arg-type]
     assert router_as_seen_by(connect(tn, B)[1])["PrimaryRoutes"] == ROUTES
+
+
+def test_via_grant_steers_a_viewer_to_the_tagged_router() -> None:
+    """Two routers serve 10.1.0.0/24; the first is the tailnet-wide primary. A via
+    grant sends bob through the second: only in bob's map does it carry the route."""
+    r1, r2 = 1, 4
+    policy = """{
+      "tagOwners": {"tag:one": ["alice@"], "tag:two": ["alice@"]},
+      "grants": [
+        {"src": ["alice@"], "dst": ["10.1.0.0/24"], "ip": ["*"]},
+        {"src": ["bob@"], "dst": ["10.1.0.0/24"], "ip": ["*"], "via": ["tag:two"]},
+        {"src": ["*"], "dst": ["tag:one", "tag:two"], "ip": ["*"]}
+      ]
+    }"""
+    routes = ["10.1.0.0/24"]
+    tn = make_tailnet(
+        USERS,
+        [
+            node(
+                r1,
+                hostinfo={"Hostname": "r1", "RoutableIPs": routes},
+                approved_routes=routes,
+                tags=["tag:one"],
+            ),
+            node(
+                r2,
+                hostinfo={"Hostname": "r2", "RoutableIPs": routes},
+                approved_routes=routes,
+                tags=["tag:two"],
+            ),
+            node(A),
+            node(B, user_id=2),
+        ],
+        policy,
+    )
+
+    def owners(msg: dict[str, Any]) -> dict[int, list[str]]:
+        peers = msg.get("Peers") or []
+        return {p["ID"]: p.get("PrimaryRoutes") or [] for p in peers if p["ID"] in (r1, r2)}
+
+    assert owners(connect(tn, B)[1]) == {r1: [], r2: routes}
+    assert owners(connect(tn, A)[1]) == {r1: routes, r2: []}
+    seen_b = next(p for p in connect(tn, B)[1]["Peers"] if p["ID"] == r2)
+    assert "10.1.0.0/24" in seen_b["AllowedIPs"]

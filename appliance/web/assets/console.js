@@ -112,7 +112,14 @@ function nodeCard(n) {
         act(`delete ${name}`, () => api("DELETE", `/node/${n.id}`));
     } } }, "Delete"));
 
-  return el("article", { class: "node", "data-id": n.id, "data-name": name },
+  // While someone edits a card, live refreshes leave it alone (renderNodes); acting on
+  // it (a submit or a button) hands it back to them.
+  const edited = (ev) => { ev.currentTarget.dataset.dirty = "1"; };
+  const acted = (ev) => { delete ev.currentTarget.dataset.dirty; };
+  return el("article", { class: "node", "data-id": n.id, "data-name": name,
+    on: { input: edited, change: edited, submit: acted, click: (ev) => {
+      if (ev.target.closest("button")) acted(ev);
+    } } },
     el("div", { class: "node-head" },
       el("span", { class: "dot" + (n.online ? " on" : ""), title: n.online ? "online" : "offline" }),
       el("span", { class: "node-name" }, name),
@@ -127,15 +134,17 @@ function nodeCard(n) {
       fact("client", n.clientVersion),
       fact("last seen", n.online ? "now" : when(n.lastSeen)),
       fact("expires", when(n.expiry)),
-      fact("routes", (n.subnetRoutes || []).join(", ") || (n.availableRoutes || []).length
-        ? `${(n.approvedRoutes || []).length}/${(n.availableRoutes || []).length} approved` : "")),
+      fact("routes", [...routes.map((r) => r + (approved.has(r) ? " ✓" : " (not approved)")),
+        ...(offersExit ? ["exit node" + (isExit ? " ✓" : " (not approved)")] : [])].join(", "))),
     actions);
 }
 
 function renderNodes() {
   const nodes = state.overview ? state.overview.nodes : [];
   $("#node-count").textContent = `${nodes.filter((n) => n.online).length} of ${nodes.length} online`;
-  $("#nodes").replaceChildren(...nodes.map(nodeCard));
+  const editing = new Map([...document.querySelectorAll("#nodes article[data-dirty]")]
+    .map((a) => [a.dataset.id, a]));
+  $("#nodes").replaceChildren(...nodes.map((n) => editing.get(String(n.id)) || nodeCard(n)));
   if (!nodes.length) $("#nodes").append(el("p", {}, "No nodes yet. Create a pre-auth key and run tailscale up --login-server " + state.serverUrl));
 }
 
@@ -188,23 +197,38 @@ async function renderApiKeys() {
       act(`delete API key ${k.prefix}`, () => api("DELETE", `/apikey/?id=${k.id}`)) } }, "Delete")))));
 }
 
+function pendingCard(p) {
+  const actions = el("div", { class: "actions" });
+  if (p.kind === "login") {
+    actions.append(el("form", { class: "register", on: { submit: (ev) => {
+      ev.preventDefault();
+      const user = ev.target.elements.user.value.trim();
+      act(`register ${p.hostname}`, () => api("POST", "/auth/register", { user, authId: p.authId }));
+    } } }, el("input", { name: "user", placeholder: "for user", required: true, "aria-label": "user" }),
+    el("button", {}, "Register")),
+    el("button", { class: "danger", on: { click: () =>
+      act(`reject ${p.hostname}`, () => api("POST", "/auth/reject", { authId: p.authId })) } }, "Reject"));
+  } else if (p.kind === "device-approval") {
+    actions.append(el("button", { on: { click: () =>
+      act(`approve ${p.hostname}`, () => api("POST", `/node/${p.nodeId}/approve`)) } }, "Approve"),
+    el("button", { class: "danger", on: { click: () =>
+      act(`reject ${p.hostname}`, () => api("POST", `/node/${p.nodeId}/reject`)) } }, "Reject"));
+  } else if (p.kind === "ssh-check") {
+    actions.append(el("button", { on: { click: () =>
+      act(`approve SSH ${p.hostname}`, () => api("POST", "/auth/approve", { authId: p.authId })) } }, "Approve"));
+  }
+  return el("article", { class: "node pending", "data-kind": p.kind, "data-name": p.hostname },
+    el("div", { class: "node-head" }, el("span", { class: "node-name" }, p.hostname || "(unnamed)"),
+      el("span", { class: "tag" }, p.kind), p.user ? el("span", {}, "user " + p.user) : null,
+      el("span", { class: "muted" }, "since " + when(p.createdAt))),
+    el("div", { class: "facts" }, el("span", {}, "machine key ", el("b", {}, p.machineKey || ""))),
+    actions);
+}
+
 async function renderPending() {
-  let pending = [];
-  try { ({ pending } = await api("GET", "/auth")); } catch (e) { pending = []; }
-  $("#pending").replaceChildren(...(pending.length ? pending.map((p) => el("div", { class: "node" },
-    el("b", {}, p.hostname || p.name || p.authId || ""), " ", el("code", {}, p.authId || p.id || ""), " ",
-    el("span", {}, p.user ? `(${typeof p.user === "string" ? p.user : p.user.name})` : ""),
-    el("div", { class: "actions" },
-      el("form", { on: { submit: (ev) => {
-        ev.preventDefault();
-        const user = ev.target.elements.user.value.trim();
-        act("register", () => api("POST", "/auth/register", { user, authId: p.authId }));
-      } } }, el("input", { name: "user", placeholder: "user name", required: true }), el("button", {}, "Register")),
-      el("button", { class: "danger", on: { click: () =>
-        act("reject", () => api("POST", "/auth/reject", { authId: p.authId })) } }, "Reject"))))
-    : [el("p", {}, "No interactive logins are waiting.")]));
-  const waiting = (state.overview ? state.overview.nodes : []).filter((n) => n.approved === false);
-  $("#unapproved").replaceChildren(...(waiting.length ? waiting.map(nodeCard) : [el("p", {}, "None.")]));
+  const { pending } = await api("GET", "/auth");
+  $("#pending").replaceChildren(...(pending.length ? pending.map(pendingCard)
+    : [el("p", {}, "Nothing is waiting: no logins, SSH checks or device approvals.")]));
 }
 
 async function renderAudit() {

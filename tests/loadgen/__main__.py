@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,8 @@ class Bench:
             "register",
             wall,
             cpu,
-            f"{len(first) / wall:.1f} nodes/s; register {_ms(reg)}; first map since the start {_ms(first)}"
+            f"{len(first) / wall:.1f} nodes/s, server CPU per join "
+            f"{1000 * (cpu_seconds(self.pid) - cpu[0]) / max(len(first), 1):.0f} ms; register {_ms(reg)}; first map since the start {_ms(first)}"
             + _missing(missing, res),
         )
 
@@ -266,10 +268,15 @@ async def run(args: argparse.Namespace) -> None:
                     flush=True,
                 )
                 await bench.register(key)
-                await bench.churn()
-                await bench.policy_edit(api_key)
-                await bench.storm()
-                await bench.idle()
+                phases: dict[str, Callable[[], Awaitable[None]]] = {
+                    "churn": bench.churn,
+                    "policy-edit": partial(bench.policy_edit, api_key),
+                    "storm": bench.storm,
+                    "idle": bench.idle,
+                }
+                for name, phase in phases.items():
+                    if name in args.phases:
+                        await phase()
                 for p in procs:
                     assert p.stdin is not None
                     await p.stdin.aclose()
@@ -286,6 +293,12 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10, help="churn: duration")
     p.add_argument("--grace", type=float, default=5, help="churn: wait for the last changes")
     p.add_argument("--idle", type=float, default=10, help="idle phase seconds")
+    p.add_argument(
+        "--phases",
+        type=lambda s: s.split(","),
+        default=["churn", "policy-edit", "storm", "idle"],
+        help="phases after register (default: churn,policy-edit,storm,idle)",
+    )
     p.add_argument("--phase-timeout", type=float, default=120, help="bound for waiting phases")
     args = p.parse_args()
     trio.run(run, args)

@@ -427,9 +427,11 @@ class Fleet:
         final = {}
         for seq in range(count):
             final[seq % churn.total] = seq
+        # Nodes whose stream is up (the others are reported missing by register/storm).
+        live = [n for n in self.nodes if n.first.is_set() and not n.done.is_set()]
         lost = sum(
             1
-            for n in self.nodes
+            for n in live
             for peer, seq in final.items()
             if peer != n.index and n.latest.get(peer, -1) != seq
         )
@@ -450,7 +452,8 @@ class Fleet:
         """When each node got a new PacketFilter (absolute), waiting until ``deadline``."""
         with trio.move_on_after(max(0.0, deadline - now())):
             for n in self.nodes:
-                await n.policy_seen.wait()
+                if n.first.is_set() and not n.done.is_set():  # a live stream
+                    await n.policy_seen.wait()
         return [n.policy_seen_at for n in self.nodes if not n.policy_armed]
 
     def views(self) -> dict[str, dict[str, tuple[tuple[str, ...], bool]]]:

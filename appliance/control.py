@@ -49,6 +49,8 @@ MAX_BODY = 1024 * 1024
 COALESCE_BASE = 0.1
 COALESCE_PER_STREAM = 0.1 / 1000
 COALESCE_MAX = 1.0
+# Full maps built at once in a reconnect storm (each holds the loop for milliseconds).
+FIRST_MAPS_AT_ONCE = 4
 # Distinct small messages kept framed (compressed) for every stream to reuse.
 FRAME_CACHE = 4096
 ZERO_NODE_KEY = "nodekey:" + "0" * 64
@@ -97,6 +99,7 @@ class ControlService:
         # One encoder for every stream: one compression context, each delta compressed once.
         self.frames = MapFrameEncoder(cache_entries=FRAME_CACHE)
         self.clock = CoalescingClock(lambda: len(self.tailnet.sessions))
+        self.first_maps = trio.CapacityLimiter(FIRST_MAPS_AT_ONCE)
         nursery.start_soon(self.clock.run)
 
     # ------------------------------------------------------------ dispatch
@@ -570,23 +573,36 @@ class ControlService:
     async def _stream_loop(
         self, handle: SessionHandle, encoder: MapFrameEncoder, resp: ControlResponse
     ) -> None:
+        first = True
         while True:
             handle.wake = trio.Event()  # before composing: a mark after it wakes us again
-            msg = handle.state.next_message(self.tailnet, utcnow())
-            if msg is not None:
-                frame = encoder.encode(msg)
-                self.stats["map_messages"] += 1
-                self.stats["map_bytes"] += len(frame)
-                if self.log.isEnabledFor(logging.DEBUG):
-                    self.log.debug(
-                        "node %d <- %d bytes: %s", handle.node_id, len(msg), msg.decode()
-                    )
+            if first:
+                # In a reconnect storm the full maps are built a few at a time, so the
+                # handshakes of connections still arriving run in between, not behind all.
+                async with self.first_maps:
+                    frame = self._compose(handle, encoder)
+                first = False
+            else:
+                frame = self._compose(handle, encoder)
+            if frame is not None:
                 await resp.send_data(frame)
                 await self.clock.next_tick()
             with trio.move_on_after(KEEPALIVE_BASE + random.uniform(0, KEEPALIVE_JITTER)):
                 await handle.wake.wait()
                 continue
             await resp.send_data(encoder.encode(keepalive_message()))
+
+    def _compose(self, handle: SessionHandle, encoder: MapFrameEncoder) -> bytes | None:
+        """The session's next message, framed; None when its client is up to date."""
+        msg = handle.state.next_message(self.tailnet, utcnow())
+        if msg is None:
+            return None
+        frame = encoder.encode(msg)
+        self.stats["map_messages"] += 1
+        self.stats["map_bytes"] += len(frame)
+        if self.log.isEnabledFor(logging.DEBUG):
+            self.log.debug("node %d <- %d bytes: %s", handle.node_id, len(msg), msg.decode())
+        return frame
 
     async def _reap_ephemeral(self, node_id: int) -> None:
         """Delete an ephemeral node once it has been offline for the inactivity timeout.

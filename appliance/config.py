@@ -304,6 +304,10 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     # Tell clients they may update themselves (their default-auto-update node attribute).
     "auto_update.enabled": (_bool, False),
     "node.expiry": (_duration, "0"),
+    # HA subnet routers are pinged this often (0: never) and fail over when one does not
+    # answer within probe_timeout while still connected (a hung router).
+    "node.routes.ha.probe_interval": (_duration, "10s"),
+    "node.routes.ha.probe_timeout": (_duration, "5s"),
     "node.require_approval": (_bool, False),
     "node.ephemeral.inactivity_timeout": (_duration, "120s"),
     "disable_check_updates": (_bool, False),
@@ -383,11 +387,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "database.sqlite.wal_autocheckpoint": Unsupported(
         "homescale runs with SQLite's default (1000 pages)", inert=_off(1000, None)
     ),
-    "node.routes.ha.probe_interval": Unsupported(
-        "subnet routers are not probed: a primary router fails over when it goes offline, "
-        "not when it stops answering"
-    ),
-    "node.routes.ha.probe_timeout": Unsupported("subnet routers are not probed"),
     "preauth_keys.revoked_retention": Unsupported(
         "expired pre-auth keys are kept until deleted (homescale preauthkeys delete)"
     ),
@@ -537,6 +536,8 @@ class Config:
     auto_update_enabled: bool  # clients' default-auto-update attribute (headscale's auto_update)
     node_expiry: timedelta  # 0: node keys never expire
     node_require_approval: bool  # device approval: new nodes wait for `nodes approve`
+    ha_probe_interval: timedelta  # 0: HA subnet routers are not probed
+    ha_probe_timeout: timedelta
     ephemeral_inactivity_timeout: timedelta
     disable_check_updates: bool
     cli: CliSettings
@@ -763,6 +764,19 @@ def config_from_values(
 
     if values["prefixes.v4"] is None and values["prefixes.v6"] is None:
         raise ConfigError("prefixes: set at least one of prefixes.v4 and prefixes.v6")
+    interval, timeout = (
+        values["node.routes.ha.probe_interval"],
+        values["node.routes.ha.probe_timeout"],
+    )
+    if interval and interval < timedelta(seconds=2):
+        raise ConfigError(
+            f"node.routes.ha.probe_interval: {interval} is under 2s (0 turns probing off)"
+        )
+    if interval and not timedelta(seconds=1) <= timeout < interval:
+        raise ConfigError(
+            f"node.routes.ha.probe_timeout: {timeout} must be at least 1s and less than "
+            f"probe_interval ({interval})"
+        )
     if bool(values["tls_cert_path"]) != bool(values["tls_key_path"]):
         raise ConfigError("tls_cert_path and tls_key_path: set both (TLS) or neither (plain HTTP)")
     if values["dns.magic_dns"] and not values["dns.base_domain"]:
@@ -834,6 +848,8 @@ def config_from_values(
         auto_update_enabled=values["auto_update.enabled"],
         node_expiry=values["node.expiry"],
         node_require_approval=values["node.require_approval"],
+        ha_probe_interval=values["node.routes.ha.probe_interval"],
+        ha_probe_timeout=values["node.routes.ha.probe_timeout"],
         ephemeral_inactivity_timeout=values["node.ephemeral.inactivity_timeout"],
         disable_check_updates=values["disable_check_updates"],
         cli=CliSettings(

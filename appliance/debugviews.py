@@ -153,11 +153,23 @@ def debug_routes(server: Server) -> dict[str, RouteHandler]:
         ids = sorted(tn.nodes)[:MAX_MAP_RESPONSES]
         return _json({str(nid): map_response(nid) for nid in ids})
 
+    async def ping(req: Request) -> Response:
+        """`/debug/ping?node=ID`: send the node a PingRequest and say whether it answered."""
+        if not debug_access(req.peer):
+            return Response.text("debug access denied\n", 403)
+        try:
+            nid = parse_id(req.arg("node"), "node")
+        except InvalidInput as e:
+            return Response.text(f"{e}\n", 400)
+        latency, session = await server.ha_prober.ping(nid)
+        return _json({"node": nid, "connected": session is not None, "latency": latency})
+
     def index(req: Request) -> Response:
         if req.path != "/debug/":
             return Response.text("404 page not found\n", 404)
         links = {f"/debug/{name}": what for name, (what, _) in views.items()}
         links["/debug/mapresponses"] = "Map response of each node (?node=ID for one)"
+        links["/debug/ping"] = "Ping a node (?node=ID): whether and how fast it answers"
         links["/metrics"] = "Prometheus metrics"
         return _json(links)
 
@@ -165,5 +177,6 @@ def debug_routes(server: Server) -> dict[str, RouteHandler]:
         f"/debug/{name}": one(fn) for name, (_, fn) in views.items()
     }
     routes_out["/debug/mapresponses"] = guarded(map_responses)
+    routes_out["/debug/ping"] = ping
     routes_out["/debug/"] = guarded(index)
     return routes_out

@@ -32,6 +32,7 @@ from .config import Config, OIDCSettings, split_hostport
 from .control import ControlService
 from .debugviews import debug_routes
 from .errors import HomescaleError
+from .haprobe import HAProber
 from .httpserver import HttpServer, Request, Response, RouteHandler, Upgrade, UpgradeHandler
 from .metrics import Metrics
 from .policies import PolicyInvalid, check_policy_text, read_policy, recovery_steps
@@ -88,6 +89,14 @@ class Server:
             self.store, online=self.is_online, config=config, routes=tailnet_routes(self.tailnet)
         )
         self.routes["/verify"] = verify_route(self.tailnet)  # for an external derper
+        self.ha_prober = HAProber(
+            self.tailnet,
+            config.server_url,
+            config.ha_probe_interval.total_seconds(),
+            config.ha_probe_timeout.total_seconds(),
+            log.getChild("ha"),
+        )
+        self.routes["/machine/ping-response"] = self.ha_prober.ping_response
         self.control: ControlService | None = None
         self.oidc: OIDCLogin | None = None  # set by `serve` when oidc.issuer is configured
         self.console: Console | None = None  # the web console (appliance.web), set by `serve`
@@ -531,6 +540,8 @@ async def serve(
                 nursery.start_soon(_watch_policy_file, server, config.policy_path)
             if config.dns.extra_records_path is not None:
                 nursery.start_soon(_watch_records_file, server, config.dns.extra_records_path)
+            if config.ha_probe_interval:
+                nursery.start_soon(server.ha_prober.run)
             if relay is not None:
                 await nursery.start(relay.serve_stun)
             await nursery.start(main.serve, main_listeners)

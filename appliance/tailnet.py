@@ -99,6 +99,7 @@ class Tailnet:
     auto_approved: dict[int, tuple[str, ...]] = field(default_factory=dict)
     by_node_key: dict[str, int] = field(default_factory=dict)  # for DERP's verify_clients
     primaries: dict[str, int] = field(default_factory=dict)  # subnet route -> primary router
+    unhealthy: set[int] = field(default_factory=set)  # routers that missed an HA probe
     # A router's last reduced encoding (appliance.tailnet._routes_for_viewer).
     _reduced: dict[int, tuple[int, dict[Hashable, bytes]]] = field(default_factory=dict)
     quarantined: dict[int, Quarantined] = field(default_factory=dict)  # rows not served
@@ -287,16 +288,27 @@ class Tailnet:
         return [r for r in _advertised(n) if r in approved]
 
     def _elect_primaries(self) -> None:
-        """One primary router per subnet (online first, then lowest ID), as headscale does;
-        re-encode the routers whose primary routes changed (HA failover when one goes)."""
-        elected: dict[str, int] = {}
+        """One primary router per subnet, as headscale's electPrimaryRoutes: the current
+        primary while it is up (online, answering probes: no flapping back), else the
+        lowest-ID router that is up; with none up, the current one or the lowest ID.
+        Re-encode the routers whose primary routes changed (HA failover)."""
+
+        def up(nid: int) -> bool:
+            return nid in self.online and nid not in self.unhealthy
+
+        candidates: dict[str, list[int]] = {}
         for nid in sorted(self.nodes):
             for r in self._served(self.nodes[nid]):
-                if r in EXIT_ROUTES:
-                    continue  # every exit node offers them; no election
-                cur = elected.get(r)
-                if cur is None or (nid in self.online and cur not in self.online):
-                    elected[r] = nid
+                if r not in EXIT_ROUTES:  # every exit node offers them; no election
+                    candidates.setdefault(r, []).append(nid)
+        elected: dict[str, int] = {}
+        for r, ids in candidates.items():
+            cur = self.primaries.get(r)
+            if cur in ids and up(cur):
+                elected[r] = cur
+                continue
+            first_up = next((n for n in ids if up(n)), None)
+            elected[r] = first_up if first_up is not None else (cur if cur in ids else ids[0])
         moved = {
             nid
             for r in elected.keys() | self.primaries.keys()
@@ -309,6 +321,35 @@ class Tailnet:
             row = self.nodes.get(nid)
             if row is not None and self._encode(row):
                 self._mark_peer(self.visible_peers(nid), nid)
+
+    def ha_routers(self) -> set[int]:
+        """Online routers sharing a subnet route with another router (the ones to probe)."""
+        serving: dict[str, list[int]] = {}
+        for nid, row in self.nodes.items():
+            for r in self._served(row):
+                if r not in EXIT_ROUTES:
+                    serving.setdefault(r, []).append(nid)
+        return {n for ids in serving.values() if len(ids) > 1 for n in ids if n in self.online}
+
+    def set_router_health(self, node_id: int, healthy: bool) -> None:
+        """A probe's verdict: an unhealthy router is passed over in the election (it does
+        not take its routes back when it answers again, unless it is the only one)."""
+        if healthy == (node_id not in self.unhealthy):
+            return
+        if healthy:
+            self.unhealthy.discard(node_id)
+        else:
+            self.unhealthy.add(node_id)
+        self._elect_primaries()
+
+    def send_ping(self, node_id: int, ping: dict[str, Any]) -> SessionHandle | None:
+        """Send the node a tailcfg.PingRequest with its next message; its session (None:
+        not connected)."""
+        session = self.sessions.get(node_id)
+        if session is not None:
+            session.state.ping = json.dumps(ping, separators=(",", ":")).encode()
+            session.notify()
+        return session
 
     def _is_router(self, n: NodeRow) -> bool:
         return bool(self._served(n)) or n.id in self.primaries.values()
@@ -556,6 +597,7 @@ class Tailnet:
             self.online.add(node_id)
         else:
             self.online.discard(node_id)
+            self.unhealthy.discard(node_id)  # a new session starts trusted
         if last_seen is not None:
             row = dataclasses.replace(row, last_seen=last_seen)
         self._node_changed(node_id, row)

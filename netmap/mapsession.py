@@ -83,6 +83,7 @@ class MapSessionState:
     pending_visibility: bool = False  # compare the visible set with what was sent
     pending_self: bool = True
     started: bool = False
+    ping: bytes | None = None  # a tailcfg.PingRequest to send with the next message
 
     # -- marks (called by the coordinator; cheap, never blocking)
 
@@ -214,6 +215,9 @@ class MapSessionState:
         self.pending_all = False
         self.pending_visibility = False
         self.pending_self = False
+        if self.ping is not None:
+            fields.append(("PingRequest", self.ping))
+            self.ping = None
         if not fields and self.started:
             return None
         if first:

@@ -448,9 +448,11 @@ def test_headscale_config_example_loads(tmp_path: Path) -> None:
     # Every key homescale does not implement is named (tests/appliance/test_migrate_config.py).
     assert [w.split(": ")[1].split()[0] for w in config.warnings] == [
         "grpc_listen_addr",
-        "node.routes.ha.probe_interval",
-        "node.routes.ha.probe_timeout",
     ]
+    assert (config.ha_probe_interval, config.ha_probe_timeout) == (
+        timedelta(seconds=10),
+        timedelta(seconds=5),
+    )
     assert config.taildrop_enabled is True
     assert config.acme is not None
     assert config.acme.hostname == "headscale.example.com"
@@ -503,3 +505,24 @@ def test_configtest_malformed_yaml(site: Site, capsys: pytest.CaptureFixture[str
     assert res.code == 2
     assert f"{site.config_path}:" in res.err
     assert "malformed YAML" in res.err
+
+
+@pytest.mark.parametrize(
+    ("interval", "timeout", "says"),
+    [
+        ("1s", "500ms", "probe_interval: 0:00:01 is under 2s"),
+        ("10s", "10s", "probe_timeout: 0:00:10 must be at least 1s and less than"),
+        ("10s", "500ms", "probe_timeout: 0:00:00.500000 must be at least 1s"),
+    ],
+)
+def test_ha_probe_timings_checked(tmp_path: Path, interval: str, timeout: str, says: str) -> None:
+    text = (
+        BASE
+        + f"node:\n  routes:\n    ha:\n      probe_interval: {interval}\n      probe_timeout: {timeout}\n"
+    )
+    assert says in load_error(write(tmp_path, text))
+
+
+def test_ha_probes_off(tmp_path: Path) -> None:
+    text = BASE + "node:\n  routes:\n    ha:\n      probe_interval: 0\n"
+    assert load_config(write(tmp_path, text), {}).ha_probe_interval == timedelta(0)

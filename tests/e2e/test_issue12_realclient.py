@@ -203,3 +203,36 @@ async def test_verify_and_bootstrap_dns(server: realclient.HomescaleServer, tmp_
     )
     assert status == 200
     assert json.loads(body) == {"127.0.0.1": ["127.0.0.1"]}
+
+
+async def test_ping_request_answered_then_a_hung_client_does_not(
+    server: realclient.HomescaleServer, tmp_path: Path
+) -> None:
+    """The HA probe's PingRequest (/debug/ping sends the same one): a real client answers
+    with HEAD /machine/ping-response; frozen (SIGSTOP) it stays connected but does not
+    answer -- the case HA probing fails a primary router over for."""
+    import signal
+
+    key = await trio.to_thread.run_sync(server.create_key, "alice")
+    c = realclient.TsnetClient(tmp_path, "pingy", server.url, auth_key=key)
+    c.start()
+    try:
+        node = node_by_name(await wait_nodes(server, ["pingy"], timeout=ONLINE_WITHIN), "pingy")
+        assert node is not None
+        await c.log.wait_for(msg_has("Switching ipn state", "-> Running"), timeout=RUNNING_WITHIN)
+        url = f"http://127.0.0.1:{server.metrics_port}/debug/ping?node={node['id']}"
+        status, body = await trio.to_thread.run_sync(http, "GET", url)
+        answer = json.loads(body)
+        assert status == 200
+        assert answer["connected"] is True
+        assert answer["latency"] is not None
+        assert c.proc is not None
+        c.proc.send_signal(signal.SIGSTOP)
+        try:
+            status, body = await trio.to_thread.run_sync(http, "GET", url)
+            answer = json.loads(body)
+            assert (answer["connected"], answer["latency"]) == (True, None)
+        finally:
+            c.proc.send_signal(signal.SIGCONT)
+    finally:
+        c.stop()

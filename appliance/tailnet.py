@@ -601,6 +601,13 @@ class Tailnet:
         if last_seen is not None:
             row = dataclasses.replace(row, last_seen=last_seen)
         self._node_changed(node_id, row)
+        served = set(self._served(row)) - set(EXIT_ROUTES)
+        if served and self.compiled is not None and self.compiled.steers_routes:
+            # A via router came or went: the viewers it serves may switch to another
+            # router of the same routes (HA), so those are re-checked too.
+            for other in self.nodes.values():
+                if other.id != node_id and served & set(self._served(other)):
+                    self._mark_peer(self.visible_peers(other.id), other.id)
 
     def _users_changed(self, users: dict[int, UserRow]) -> None:
         if users == self.users:

@@ -670,6 +670,11 @@ class CompiledPolicy:
         return ok
 
     # -- route steering ----------------------------------------------------------
+    @property
+    def steers_routes(self) -> bool:
+        """Whether any grant has ``via`` (route choice then depends on the viewer)."""
+        return any(g.via is not None for g in self._grants)
+
     def via_routes(self, viewer_id: int) -> dict[IPNetwork, list[int]]:
         """Routes a via grant steers for this viewer: route -> the routers that
         should serve it to the viewer (lowest ID first, the HA order), in place

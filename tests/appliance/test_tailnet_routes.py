@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from appliance.changes import PolicyChanged
+from appliance.changes import NodeOnline, PolicyChanged
 from tests.appliance.test_tailnet_support import compose, connect, make_tailnet, node, user
 
 USERS = [user(1, "alice"), user(2, "bob")]
@@ -109,3 +109,34 @@ def test_via_grant_steers_a_viewer_to_the_tagged_router() -> None:
     assert owners(connect(tn, A)[1]) == {r1: routes, r2: []}
     seen_b = next(p for p in connect(tn, B)[1]["Peers"] if p["ID"] == r2)
     assert "10.1.0.0/24" in seen_b["AllowedIPs"]
+
+
+def test_via_steering_fails_over_between_tagged_routers() -> None:
+    """Two tag:two routers: bob goes through the first online; when it goes
+    offline his map moves the route to the other one. Router 1 (no via tag)
+    stays the tailnet-wide primary throughout, so nothing else moves."""
+    r1, r2a, r2b = 1, 4, 5
+    routes = ["10.1.0.0/24"]
+    policy = """{
+      "tagOwners": {"tag:one": ["alice@"], "tag:two": ["alice@"]},
+      "grants": [
+        {"src": ["bob@"], "dst": ["10.1.0.0/24"], "ip": ["*"], "via": ["tag:two"]},
+        {"src": ["*"], "dst": ["tag:one", "tag:two"], "ip": ["*"]}
+      ]
+    }"""
+
+    def router(i: int, tag: str) -> Any:
+        info = {"Hostname": f"r{i}", "RoutableIPs": routes}
+        return node(i, hostinfo=info, approved_routes=routes, tags=[tag])
+
+    nodes = [router(r1, "tag:one"), router(r2a, "tag:two"), router(r2b, "tag:two")]
+    tn = make_tailnet(USERS, [*nodes, node(A), node(B, user_id=2)], policy)
+    tn.apply([NodeOnline(r1, True), NodeOnline(r2a, True), NodeOnline(r2b, True)])
+    hb, first = connect(tn, B)
+    seen = {p["ID"]: p.get("PrimaryRoutes") or [] for p in first["Peers"]}
+    assert seen == {r1: [], r2a: routes, r2b: []}
+    tn.apply([NodeOnline(r2a, False)])
+    msg = compose(tn, hb)
+    assert msg is not None
+    changed = {p["ID"]: p.get("PrimaryRoutes") or [] for p in msg.get("PeersChanged") or []}
+    assert changed.get(r2b) == routes, msg

@@ -301,6 +301,9 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "logtail.enabled": (_bool, False),
     # Taildrop: clients may send files to their own devices (headscale's default: on).
     "taildrop.enabled": (_bool, True),
+    # The web console (/admin): who signs in through OIDC as an admin (emails, IdP groups).
+    "web.admins": (_str_list, []),
+    "web.admin_groups": (_str_list, []),
     # Tell clients they may update themselves (their default-auto-update node attribute).
     "auto_update.enabled": (_bool, False),
     "node.expiry": (_duration, "0"),
@@ -547,6 +550,8 @@ class Config:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     warnings: list[str] = field(default_factory=list)
     oidc: OIDCSettings | None = None  # None: no identity provider, logins by the CLI only
+    web_admins: tuple[str, ...] = ()  # emails that sign in to the console as admins (OIDC)
+    web_admin_groups: tuple[str, ...] = ()  # ... or the IdP groups whose members do
     acme: AcmeSettings | None = None  # None: no Let's Encrypt
 
 
@@ -861,6 +866,8 @@ def config_from_values(
         max_connections_per_ip=values["limits.max_connections_per_ip"],
         max_derp_connections_per_ip=values["limits.max_derp_connections_per_ip"],
         trusted_proxies=values["trusted_proxies"],
+        web_admins=tuple(a.lower() for a in values["web.admins"]),
+        web_admin_groups=tuple(values["web.admin_groups"]),
         warnings=warnings,
         oidc=_oidc_settings(values, resolve),
         acme=_acme_settings(values, resolve),

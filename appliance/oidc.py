@@ -370,7 +370,7 @@ class _LoginInFlight:
     reg_id: str  # a pending login's id, or an SSH check's auth_id (kind "ssh")
     nonce: str
     verifier: str
-    kind: str = "register"  # register | ssh
+    kind: str = "register"  # register | ssh | console
     started: float = field(default_factory=time.monotonic)
 
 
@@ -405,6 +405,8 @@ class OIDCLogin:
         # tagged or unknown). A check passes only for the owner of the source machine.
         self.ssh_checks: SSHChecks | None = None
         self.node_owner: Callable[[int], int | None] = lambda node_id: None
+        # The web console's sign-in (set by `serve`): who signed in -> the console's answer.
+        self.console_signed_in: Callable[[UserRow, Claims], Response] | None = None
 
     # -- provider
 
@@ -471,6 +473,10 @@ class OIDCLogin:
                 404,
             )
         return await self._redirect(auth_id, "ssh")
+
+    async def console_page(self, req: Request) -> Response:
+        """Send the browser to the provider to sign in to the web console (/admin/signin)."""
+        return await self._redirect("", "console")
 
     async def _redirect(self, reg_id: str, kind: str) -> Response:
         try:
@@ -562,6 +568,10 @@ class OIDCLogin:
         )
         if flight.kind == "ssh":
             return self._finish_ssh_check(flight.reg_id, user)
+        if flight.kind == "console":
+            if self.console_signed_in is None:
+                raise OIDCError("the web console is not running", 503)
+            return self.console_signed_in(user, claims)
         expiry = id_exp if self.settings.use_expiry_from_token else None
         host = self.logins.pending_hostname(flight.reg_id)
         if host is None:

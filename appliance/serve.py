@@ -603,6 +603,9 @@ def _start_console(
     for api in cli_apis:
         console.add_cli_routes(api)
     server.tailnet.observers.append(console.changed)
+    if server.oidc is not None:  # sign in to the console through the provider too
+        console.oidc_start = server.oidc.console_page
+        server.oidc.console_signed_in = console.oidc_signed_in
     return console
 
 

@@ -9,13 +9,14 @@ the permission check of appliance.web.permissions, and the audit log.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from ..api import AdminApi, ApiRequest
@@ -23,11 +24,13 @@ from ..changes import Change
 from ..config import Config
 from ..errors import HomescaleError
 from ..httpserver import Request, Response, RouteHandler, Upgrade, UpgradeHandler
+from ..store import UserRow
 from .audit import AuditLog
 from .permissions import decide
 from .sessions import (
     ADMIN,
     COOKIE,
+    USER,
     RateLimit,
     Session,
     Sessions,
@@ -35,6 +38,9 @@ from .sessions import (
     set_cookie,
 )
 from .sse import Broker
+
+if TYPE_CHECKING:
+    from ..oidc import Claims
 
 PREFIX = "/admin"
 CSP = (
@@ -150,8 +156,22 @@ class Console:
         self.audit.record(s.who, "sign in", f"session {s.id} ({role})")
         return self._signed_in(cookie)
 
-    async def login(self, req: Request) -> Response:
+    def client_ip(self, req: Request) -> str:
+        """The sign-in's address: the peer's, or behind a trusted_proxies proxy the last
+        address it added to X-Forwarded-For."""
         ip = req.peer.rpartition(":")[0].strip("[]") or req.peer
+        forwarded = req.headers.get("x-forwarded-for", "").rpartition(",")[2].strip()
+        if forwarded and self.config.trusted_proxies:
+            try:
+                peer = ipaddress.ip_address(ip)
+            except ValueError:
+                return ip
+            if any(peer in net for net in self.config.trusted_proxies):
+                return forwarded[:64]
+        return ip
+
+    async def login(self, req: Request) -> Response:
+        ip = self.client_ip(req)
         if not self.signin_limit.allow(ip):
             self.audit.record(f"anonymous from {ip}", "sign in", outcome="refused: rate limit")
             return page("Too many attempts", "Too many sign-in attempts; wait a minute.", 429)
@@ -184,10 +204,22 @@ class Console:
             )
         )
 
+    def oidc_signed_in(self, user: UserRow, claims: Claims) -> Response:
+        """The provider vouched for `user`: an admin if named in web.admins (by email) or a
+        member of a web.admin_groups group, else a user who manages their own devices."""
+        email = claims.email.lower()
+        admin = (bool(email) and claims.email_verified and email in self.config.web_admins) or (
+            bool(set(claims.groups) & set(self.config.web_admin_groups))
+        )
+        who = f"{user.name} ({claims.email or claims.identifier})"
+        if admin:
+            return self.open_session(who, ADMIN)
+        return self.open_session(who, USER, user.id)
+
     def signin_hint(self) -> str:
         how = "Run `homescale web login-url` on the server and open the link it prints"
         if self.oidc_start is not None:
-            how += ", or sign in with your identity provider at /admin/signin"
+            how += ", or sign in with your identity provider"
         return how + "."
 
     async def logout(self, req: Request, s: Session, cookie: str) -> Response:
@@ -215,8 +247,7 @@ class Console:
         if sub == "/login":
             return await self.login(req)
         if sub == "/signin" and self.oidc_start is not None:
-            ip = req.peer.rpartition(":")[0].strip("[]") or req.peer
-            if not self.signin_limit.allow(ip):
+            if not self.signin_limit.allow(self.client_ip(req)):
                 return page("Too many attempts", "Too many sign-in attempts; wait a minute.", 429)
             return await self.oidc_start(req)
         if sub == "/":

@@ -575,6 +575,16 @@ async def serve_ts2021(
 ) -> None:
     """Upgrade handler for ``/ts2021``: handshake, then serve HTTP/2 until the node leaves."""
     peer = upgrade.peer
+    if _request_header(upgrade, "upgrade").lower() == "websocket":
+        await _serve_websocket(
+            upgrade,
+            server_private_key,
+            handler,
+            logger=logger,
+            max_body=max_body,
+            boundary=boundary,
+        )
+        return
     method = upgrade.request.method.decode("latin-1").upper()
     if method not in ("POST", "GET"):
         await _refuse(upgrade, 405, "Method Not Allowed", "ts2021 needs POST (or GET)\n", logger)
@@ -662,6 +672,95 @@ async def serve_ts2021(
             server.boundary.record("ts2021", peer, cause)
         else:
             logger.debug("ts2021 %s: connection ended: %s", peer, cause or first)
+
+
+WS_FRAME_TIMEOUT = 30.0  # a WebSocket frame that starts must finish within this
+
+
+async def _serve_websocket(
+    upgrade: Upgrade,
+    server_private_key: PrivateKey,
+    handler: ControlHandler,
+    *,
+    logger: logging.Logger,
+    max_body: int,
+    boundary: Boundary | None,
+) -> None:
+    """``/ts2021`` over WebSocket, as browser and WASM clients speak it (controlhttp
+    acceptWebsocket): subprotocol ``tailscale-control-protocol``, the Noise initiation
+    in the ``X-Tailscale-Handshake`` query parameter, then binary messages carry the
+    Noise stream (no early payload), and HTTP/2 runs inside as on the plain upgrade."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from trio_websocket import ConnectionClosed, wrap_server_stream
+
+    from derp.server import WebSocketByteStream, WebSocketFrameDeadline
+    from derp.streams import PrefixedStream
+
+    peer = upgrade.peer
+    query = parse_qs(urlsplit(upgrade.request.target.decode("latin-1")).query)
+    init_b64 = (query.get("X-Tailscale-Handshake") or [""])[0]
+    try:
+        initiation = base64.b64decode(init_b64, validate=True) if init_b64 else b""
+    except (binascii.Error, ValueError):
+        initiation = b""
+    replay = WebSocketFrameDeadline(
+        PrefixedStream(upgrade.stream, upgrade.head + upgrade.trailing),
+        upgrade.head,
+        WS_FRAME_TIMEOUT,
+    )
+    async with trio.open_nursery() as nursery:
+        with trio.move_on_after(PREFACE_TIMEOUT) as hs:
+            request = await wrap_server_stream(nursery, replay, max_message_size=1 << 21)
+            if UPGRADE_VALUE not in request.proposed_subprotocols:
+                await request.reject(400, body=b"client must speak the control subprotocol\n")
+                nursery.cancel_scope.cancel()
+                return
+            if not initiation:
+                await request.reject(
+                    400, body=b"X-Tailscale-Handshake must hold the base64 Noise initiation\n"
+                )
+                nursery.cancel_scope.cancel()
+                return
+            ws = await request.accept(subprotocol=UPGRADE_VALUE)
+        if hs.cancelled_caught:
+            logger.info("ts2021 %s: websocket handshake timed out", peer)
+            nursery.cancel_scope.cancel()
+            return
+        stream = WebSocketByteStream(ws, ConnectionClosed)
+        try:
+            try:
+                accepted = noise.respond(server_private_key, initiation)
+            except noise.NoiseError as e:
+                logger.info("ts2021 %s (websocket): handshake failed: %s", peer, e)
+                return
+            with trio.move_on_after(PREFACE_TIMEOUT):
+                await stream.send_all(accepted.response)
+            logger.info(
+                "ts2021 %s: noise handshake ok over websocket, machine %s, capver %d",
+                peer,
+                accepted.machine_key.short(),
+                accepted.version,
+            )
+            server = _H2Server(
+                NoiseStream(stream, accepted.transport),
+                handler,
+                machine_key=accepted.machine_key,
+                version=accepted.version,
+                peer=peer,
+                logger=logger,
+                max_body=max_body,
+                boundary=boundary,
+            )
+            try:
+                await server.run()
+            except* (trio.BrokenResourceError, trio.ClosedResourceError) as eg:
+                logger.debug("ts2021 %s (websocket): connection ended: %s", peer, eg.exceptions[0])
+        finally:
+            with trio.move_on_after(2) as cs:
+                cs.shield = True
+                await ws.aclose()
+            nursery.cancel_scope.cancel()
 
 
 async def _refuse(

@@ -341,3 +341,66 @@ async def test_garbage_after_handshake_closes_connection_quietly() -> None:
                 pass
     assert rec.requests == []
     del ns
+
+
+# ---------------------------------------------------------------- over WebSocket
+
+
+async def ws_connect(
+    nursery: trio.Nursery, raw: trio.abc.Stream, key: PrivateKey, machine: PrivateKey, **kw: object
+) -> ts2021client.TS2021Client:
+    """A browser/WASM client's /ts2021 (controlhttp client_js.go): the Noise initiation
+    in the URL, subprotocol tailscale-control-protocol, binary messages after."""
+    from urllib.parse import quote
+
+    from trio_websocket import ConnectionClosed, wrap_client_stream
+
+    from appliance.noise_stream import NoiseStream
+    from derp.server import WebSocketByteStream
+
+    ini = noise.Initiator(machine, key.machine_public(), 130)
+    resource = "/ts2021?X-Tailscale-Handshake=" + quote(base64.b64encode(ini.initiation).decode())
+    ws = await wrap_client_stream(nursery, raw, "127.0.0.1", resource, **kw)  # type: ignore[arg-type]
+    stream = WebSocketByteStream(ws, ConnectionClosed)
+    data, transport = b"", None
+    while transport is None:
+        data += await stream.receive_some()
+        transport = ini.receive_data(data)
+    return ts2021client.TS2021Client(NoiseStream(stream, transport), None, b"", 65535)
+
+
+async def test_websocket_ts2021_serves_http2_over_noise() -> None:
+    rec = Recorder()
+    key, machine = PrivateKey.generate(), PrivateKey.generate()
+    with trio.fail_after(10):
+        async with served(rec, key) as raw, trio.open_nursery() as nursery:
+            c = await ws_connect(
+                nursery, raw, key, machine, subprotocols=["tailscale-control-protocol"]
+            )
+            await nursery.start(c.run)
+            status, body = await c.request("POST", "/echo", b'{"Version":130}')
+            assert (status, body) == (200, b'{"Version":130}')
+            nursery.cancel_scope.cancel()
+    assert rec.requests[0].machine_key == machine.machine_public()
+    assert rec.requests[0].version == 130
+
+
+def _leaves(e: BaseException) -> list[BaseException]:
+    if isinstance(e, BaseExceptionGroup):
+        return [leaf for sub in e.exceptions for leaf in _leaves(sub)]
+    return [e]
+
+
+async def test_websocket_ts2021_needs_the_subprotocol_and_the_handshake() -> None:
+    from trio_websocket import ConnectionRejected
+
+    key, machine = PrivateKey.generate(), PrivateKey.generate()
+    rejected: list[ConnectionRejected] = []
+    with trio.fail_after(10):
+        try:
+            async with served(Recorder(), key) as raw, trio.open_nursery() as nursery:
+                await ws_connect(nursery, raw, key, machine, subprotocols=["derp"])
+        except* ConnectionRejected as eg:
+            rejected = [e for e in _leaves(eg) if isinstance(e, ConnectionRejected)]
+    assert [r.status_code for r in rejected] == [400]
+    assert rejected[0].body == b"client must speak the control subprotocol\n"

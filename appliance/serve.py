@@ -101,6 +101,10 @@ class Server:
         self.oidc: OIDCLogin | None = None  # set by `serve` when oidc.issuer is configured
         self.console: Console | None = None  # the web console (appliance.web), set by `serve`
         self.metrics.gauge("homescale_nodes", lambda: len(self.tailnet.nodes), "registered nodes")
+        # headscale's name for the same number, which its dashboards graph.
+        self.metrics.gauge(
+            "headscale_nodestore_nodes", lambda: len(self.tailnet.nodes), "nodes (headscale's name)"
+        )
         self.metrics.gauge(
             "homescale_nodes_online",
             lambda: len(self.tailnet.online),

@@ -146,3 +146,21 @@ async def test_routes_show_what_the_tailnet_serves(
     single = await cli_json(capsys, site, "nodes", "list", "--user", "alice")
     assert isinstance(single, list)
     assert [n["subnetRoutes"] for n in single] == [n["subnetRoutes"] for n in listed]
+
+
+def test_policy_get_in_file_mode(site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    """As headscale: `policy get` returns the policy file's text in file mode."""
+    from .conftest import run_cli
+
+    policy = site.dir / "policy.hujson"
+    policy.write_text(
+        '// the file\n{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}\n'
+    )
+    site.config_path.write_text(
+        site.config_path.read_text().replace(
+            "policy:\n  mode: database\n", f"policy:\n  mode: file\n  path: {policy}\n"
+        )
+    )
+    res = run_cli(capsys, site, "-o", "json", "policy", "get")
+    assert res.code == 0, res.err
+    assert json.loads(res.out)["policy"] == policy.read_text()

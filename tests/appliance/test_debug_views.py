@@ -58,8 +58,10 @@ async def test_views_show_the_tailnet(
     assert maps[str(nid)]["Node"]["ID"] == nid
     assert (await get(site, "/debug/mapresponses?node=abc")).status_code == 400
     assert (await get(site, "/debug/mapresponses?node=99")).status_code == 404
-    # The metrics are still there, and nothing else answers.
-    assert (await get(site, "/metrics")).status_code == 200
+    # The metrics are still there (also under headscale's name), nothing else answers.
+    metrics = (await get(site, "/metrics")).text
+    assert "homescale_nodes 1" in metrics
+    assert "headscale_nodestore_nodes 1" in metrics  # headscale's dashboards' name
     assert (await get(site, "/debug/nope")).status_code == 404
 
 

@@ -196,7 +196,7 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 # ---------------------------------------------------------------- rows
 
 
-@dataclass
+@dataclass(frozen=True)
 class UserRow:
     id: int
     name: str
@@ -233,8 +233,10 @@ class ApiKeyRow:
     created_at: datetime | None
 
 
-@dataclass
+@dataclass(frozen=True)
 class NodeRow:
+    """A stored node as read: immutable; a write returns a new row (`Store.update_node`)."""
+
     id: int
     machine_key: str
     node_key: str

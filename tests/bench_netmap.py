@@ -8,6 +8,7 @@ worst case: everyone sees everyone).
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -70,8 +71,7 @@ async def bench_netmap_deltas() -> list:
     delta_bytes = 0
     t0 = time.perf_counter()
     for r in range(rounds):
-        row = tn.nodes[1]
-        row.endpoints = [f"198.51.100.{r + 1}:41641"]
+        row = dataclasses.replace(tn.nodes[1], endpoints=[f"198.51.100.{r + 1}:41641"])
         tn.apply([NodeChanged(row)])
         for h in handles:
             if h.wake.is_set():

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeGuard
 
-from netmap.nodes import EXIT_ROUTES, ZERO_DISCO
+from netmap.nodes import ZERO_DISCO
+from netmap.routes import EXIT_ROUTES
 from protocol.gojson import ZERO_TIME, is_zero_time
 
 from . import secrets
@@ -21,19 +22,8 @@ from .config import Config
 from .errors import InvalidInput, NotFound
 from .fields import is_numeric_id, parse_id
 from .store import ApiKeyRow, NodeRow, PreAuthKeyRow, Store, UserRow, to_iso, utcnow
+from .users import tagged_devices_json
 
-# headscale lists tagged nodes as owned by this pseudo-user (hscontrol/types/users.go
-# TaggedDevices); a single node's answer has `user: null` (apiv1 nodeFromView).
-TAGGED_DEVICES_USER = {
-    "id": "2147455555",
-    "name": "tagged-devices",
-    "createdAt": to_iso(ZERO_TIME),
-    "displayName": "Tagged Devices",
-    "email": "",
-    "providerId": "",
-    "provider": "",
-    "profilePicUrl": "",
-}
 _TAG = re.compile(r"^tag:[A-Za-z][A-Za-z0-9-]*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 if TYPE_CHECKING:
@@ -49,9 +39,9 @@ def tailnet_routes(tailnet: Tailnet) -> NodeRoutes:
     primary (subnet) or exit routes -- the one rule, wherever routes are shown."""
 
     def routes(node_id: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        peer = tailnet.peers.get(node_id)
+        peer = tailnet.entries.peers.get(node_id)
         served = (*peer.primary_routes, *peer.exit_routes) if peer is not None else ()
-        return tailnet.auto_approved.get(node_id, ()), served
+        return tailnet.policy.auto_approved.get(node_id, ()), served
 
     return routes
 
@@ -191,7 +181,7 @@ class Admin:
         tagged-devices pseudo-user, a single node's answer as null (as headscale does)."""
         user: dict[str, Any] | None = None
         if n.tags:
-            user = dict(TAGGED_DEVICES_USER) if listed else None
+            user = tagged_devices_json() if listed else None
         elif n.user_id is not None:
             user = self.user_json(self.store.user(n.user_id))
         pak = None

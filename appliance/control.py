@@ -31,10 +31,12 @@ from .control_conn import ControlRequest, ControlResponse
 from .errors import HomescaleError, InvalidInput, NotFound
 from .nodes import Login, log_in
 from .secrets import new_auth_id
+from .sessions import SessionHandle
 from .sshcheck import SSHCheckError, SSHChecks
 from .store import NodeRow, Store, utcnow
 from .storethread import RunDb
-from .tailnet import TAGGED_USER_ID, SessionHandle, Tailnet, node_is_expired
+from .tailnet import Tailnet, node_is_expired
+from .users import TAGGED_USER_ID, TAGGED_USER_NAME
 
 REGISTRATION_TTL = timedelta(minutes=15)  # pending interactive logins expire
 # Keep-alive cadence: the client cancels a poll after 120 s of silence (controlclient);
@@ -144,7 +146,7 @@ class ControlService:
 
     async def _success(self, node: NodeRow) -> dict[str, Any]:
         if node.tags or node.user_id is None:
-            uid, name, created = TAGGED_USER_ID, "tagged-devices", None
+            uid, name, created = TAGGED_USER_ID, TAGGED_USER_NAME, None
         else:
             u = self.tailnet.users.get(node.user_id)
             if u is None:
@@ -534,7 +536,7 @@ class ControlService:
         return await self.run_db(lambda: self.store.update_node(node.id, **values))
 
     async def _stream(self, node: NodeRow, mr: tailcfg.MapRequest, resp: ControlResponse) -> None:
-        handle = self.tailnet.open_session(node.id)
+        handle = self.tailnet.sessions.open(node.id)
         encoder = self.frames
         # Online before the report is stored: the disco key a joining node reports first
         # then shows it to its peers already online, in one message (not as offline and
@@ -552,7 +554,7 @@ class ControlService:
                     await resp.send_data(encoder.encode(handle.last_words))
         finally:
             with trio.CancelScope(shield=True):
-                if self.tailnet.close_session(handle):
+                if self.tailnet.sessions.close(handle):
                     now = utcnow()
                     # Offline first: the stored last_seen then changes nothing peers see.
                     self.tailnet.apply([NodeOnline(node.id, False, now)])

@@ -16,7 +16,8 @@ import secrets
 import trio
 
 from .httpserver import Request, Response
-from .tailnet import SessionHandle, Tailnet
+from .sessions import SessionHandle
+from .tailnet import Tailnet
 
 MAX_WAITING = 10_000  # pings outstanding at once (bounded by the HA routers probed)
 

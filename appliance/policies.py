@@ -29,15 +29,15 @@ def check_policy_text(text: str, source: str = "<policy>", store: Store | None =
     """Parse, validate and compile a policy and run its `tests`, against the tailnet in
     `store` when given (so users, tags and hosts resolve as they will); PolicyInvalid
     names what is wrong, with its JSON path and line."""
-    from netmap.policy import PolicyError, PolicyUser, load_policy
+    from netmap.policy import PolicyError, load_policy
 
+    from .policystate import policy_node, policy_users
     from .quarantine import node_row_problems
-    from .tailnet import policy_node
 
     users, nodes = [], []
     if store is not None:
         rows = {u.id: u for u in store.users()}
-        users = [PolicyUser(id=u.id, name=u.name, email=u.email) for u in rows.values()]
+        users = policy_users(rows.values())
         # Rows the server quarantines (appliance.quarantine) are not checked against either.
         nodes = [policy_node(n, rows) for n in store.nodes() if not node_row_problems(n)]
     try:

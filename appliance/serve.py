@@ -39,6 +39,7 @@ from .policies import PolicyInvalid, check_policy_text, read_policy, recovery_st
 from .relay import verify_route
 from .store import STATE_DIR_MODE, Store, exposure_warning
 from .tailnet import Tailnet
+from .users import TAGGED_USER_NAME
 from .version import commit, version
 
 if TYPE_CHECKING:
@@ -208,7 +209,7 @@ class Server:
                         "kind": "device-approval",
                         "hostname": n.given_name,
                         "machineKey": n.machine_key,
-                        "user": owner_name(n.id) or ("tagged-devices" if n.tags else ""),
+                        "user": owner_name(n.id) or (TAGGED_USER_NAME if n.tags else ""),
                         "createdAt": format_time(n.updated_at) if n.updated_at else "",
                     }
                 )

@@ -1,9 +1,11 @@
 """The live tailnet: nodes, users and policy in memory, turning each change into deltas.
 
-Every change arrives through `apply` (typed changes from `appliance.changes`): the
-node's JSON is encoded once, and only the sessions of nodes that can see it are
-marked; their tasks compose their own (coalesced) messages. Nothing here rebuilds
-every node's map, and nothing here waits on a client.
+Every change arrives through `apply` (typed changes from `appliance.changes`); the
+coordinator decides who is affected and delegates the rest: `PolicyState` (the
+policy, parsed once, compiled per membership), `NodeEntries` (each node encoded
+once per change, with versions and patches), `netmap.routes` (served routes and
+primary routers, pure) and `SessionRegistry` (the live map streams, marked and
+woken). Nothing here rebuilds every node's map, and nothing here waits on a client.
 """
 
 from __future__ import annotations
@@ -14,24 +16,21 @@ import ipaddress
 import json
 import logging
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, assert_never
 
-import trio
-
 from netmap.dns import dns_config
-from netmap.mapsession import PATCH_HISTORY, MapSessionState, NodeEntry
-from netmap.nodes import (
-    AUTO_UPDATE_CAP,
+from netmap.mapsession import NodeEntry
+from netmap.nodes import AUTO_UPDATE_CAP, FILE_SHARING_CAP, PeerNode
+from netmap.policy import CompiledPolicy
+from netmap.routes import (
     EXIT_ROUTES,
-    FILE_SHARING_CAP,
-    PeerNode,
-    cap_pairs,
-    encode_node,
-    patch_between,
+    elect_primaries,
+    routers_moved,
+    served_routes,
+    subnet_routers,
 )
-from netmap.policy import CompiledPolicy, PolicyNode, PolicyUser, compile_policy, parse_policy
 
 from .boundary import Boundary
 from .changes import (
@@ -44,10 +43,12 @@ from .changes import (
     UserRemoved,
 )
 from .config import Config
+from .nodeentries import NodeEntries
+from .policystate import PolicyState, advertised
 from .quarantine import RowProblem, node_row_problems
+from .sessions import SessionHandle, SessionRegistry
 from .store import NodeRow, Store, UserRow, utcnow
-
-TAGGED_USER_ID = 2147455555  # headscale's TaggedDevices pseudo-user
+from .users import TAGGED_USER_ID, tagged_devices_profile
 
 
 @dataclass(frozen=True)
@@ -58,58 +59,41 @@ class Quarantined:
     problems: tuple[RowProblem, ...]
 
 
-class SessionHandle:
-    """One node's live map stream as the coordinator sees it: state plus a wake-up."""
-
-    def __init__(self, node_id: int, state: MapSessionState) -> None:
-        self.node_id = node_id
-        self.state = state
-        self.wake = trio.Event()
-        self.cancel_scope: trio.CancelScope | None = None
-        self.closed_reason = ""
-        self.last_words: bytes | None = None  # a final MapResponse to send before closing
-
-    def notify(self) -> None:
-        self.wake.set()
-
-    def close(self, reason: str, last_words: bytes | None = None) -> None:
-        self.closed_reason = reason
-        self.last_words = last_words
-        if self.cancel_scope is not None:
-            self.cancel_scope.cancel()
-
-
-@dataclass
 class Tailnet:
-    config: Config
-    log: logging.Logger
-    nodes: dict[int, NodeRow] = field(default_factory=dict)
-    users: dict[int, UserRow] = field(default_factory=dict)
-    peers: dict[int, PeerNode] = field(default_factory=dict)
-    entries: dict[int, NodeEntry] = field(default_factory=dict)
-    sessions: dict[int, SessionHandle] = field(default_factory=dict)
-    online: set[int] = field(default_factory=set)
-    policy_text: str | None = None
-    compiled: CompiledPolicy | None = None
-    derp_map: tuple[int, bytes] = (0, b"null")
-    dns: tuple[int, bytes] = (0, b"null")
-    _visible: dict[int, frozenset[int]] = field(default_factory=dict)
-    _filters: dict[int, bytes] = field(default_factory=dict)
-    _ssh: dict[int, bytes | None] = field(default_factory=dict)
-    auto_approved: dict[int, tuple[str, ...]] = field(default_factory=dict)
-    by_node_key: dict[str, int] = field(default_factory=dict)  # for DERP's verify_clients
-    primaries: dict[str, int] = field(default_factory=dict)  # subnet route -> primary router
-    unhealthy: set[int] = field(default_factory=set)  # routers that missed an HA probe
-    # A router's last reduced encoding (appliance.tailnet._routes_for_viewer).
-    _reduced: dict[int, tuple[int, dict[Hashable, bytes]]] = field(default_factory=dict)
-    quarantined: dict[int, Quarantined] = field(default_factory=dict)  # rows not served
-    # Told every change after it is applied (the web console's live updates); must not block.
-    observers: list[Callable[[Change], None]] = field(default_factory=list)
-    boundary: Boundary = field(default=None)  # type: ignore[assignment]  # set in __post_init__
+    """The coordinator: what the store holds, in memory, and who must hear of a change."""
 
-    def __post_init__(self) -> None:
-        if self.boundary is None:
-            self.boundary = Boundary(self.log)
+    def __init__(
+        self, *, config: Config, log: logging.Logger, boundary: Boundary | None = None
+    ) -> None:
+        self.config = config
+        self.log = log
+        self.boundary = boundary or Boundary(log)
+        self.nodes: dict[int, NodeRow] = {}  # the nodes served (quarantined ones are not)
+        self.users: dict[int, UserRow] = {}
+        self.online: set[int] = set()  # nodes with an open map stream
+        self.by_node_key: dict[str, int] = {}  # map requests and DERP's verify_clients
+        self.primaries: dict[str, int] = {}  # subnet route -> primary router
+        self.unhealthy: set[int] = set()  # routers that missed an HA probe
+        self.quarantined: dict[int, Quarantined] = {}
+        self.policy = PolicyState(config.server_url, base_caps=_config_caps(config))
+        self.entries = NodeEntries(config.dns.base_domain)
+        self.sessions = SessionRegistry(
+            domain=config.dns.base_domain, disable_logtail=not config.logtail_enabled
+        )
+        self.derp_map: tuple[int, bytes] = (0, b"null")
+        self.dns: tuple[int, bytes] = (0, b"null")
+        # A router's last reduced encodings (`_routes_for_viewer`): version, variant -> JSON.
+        self._reduced: dict[int, tuple[int, dict[Hashable, bytes]]] = {}
+        # Told every change after it is applied (the web console's live updates); must not block.
+        self.observers: list[Callable[[Change], None]] = []
+
+    @property
+    def policy_text(self) -> str | None:
+        return self.policy.text
+
+    @property
+    def compiled(self) -> CompiledPolicy | None:
+        return self.policy.compiled
 
     # ------------------------------------------------------------ loading
 
@@ -122,64 +106,18 @@ class Tailnet:
         self.by_node_key = {n.node_key: n.id for n in servable}
         for n in servable:
             self._encode(n)
-        self.policy_text = policy_text
+        self.policy.set_text(policy_text)
         try:
             self._recompile()
         except Exception:
             # Fields all valid, yet the policy does not compile: find the rows it fails on.
-            for n in self._rows_the_policy_refuses():
-                self._drop(n.id)
+            for n in list(self.nodes.values()):
+                refusal = self.policy.refusal(n, self.users)
+                if refusal is not None:
+                    self._quarantine(n, [refusal])
+                    self._drop(n.id)
             self._recompile()
         self.set_dns()
-
-    def _quarantine_if_bad(self, row: NodeRow) -> bool:
-        problems = node_row_problems(row)
-        if problems:
-            self._quarantine(row, problems)
-        return bool(problems)
-
-    def _quarantine(self, row: NodeRow, problems: list[RowProblem]) -> None:
-        self.quarantined[row.id] = Quarantined(row, tuple(problems))
-        for p in problems:
-            self.log.warning(
-                "quarantined %s; the node is not served until repaired (homescale doctor --fix)", p
-            )
-
-    def _rows_the_policy_refuses(self) -> list[NodeRow]:
-        """(start only) The nodes the policy fails to compile with, each quarantined."""
-        refused = []
-        for n in self.nodes.values():
-            refusal = self._policy_refusal(n)
-            if refusal is not None:
-                self._quarantine(n, [refusal])
-                refused.append(n)
-        return refused
-
-    def _policy_refusal(self, row: NodeRow) -> RowProblem | None:
-        """Why the policy does not compile with this node alone (None: it does). Raises
-        when it does not compile without any node either: then the policy is at fault."""
-        policy = parse_policy(self.policy_text, "policy") if self.policy_text else None
-        users = [PolicyUser(id=u.id, name=u.name, email=u.email) for u in self.users.values()]
-        compile_policy(policy, users, [], server_url=self.config.server_url)
-        try:
-            compile_policy(
-                policy, users, [self._policy_node(row)], server_url=self.config.server_url
-            )
-        except Exception as e:
-            why = f"the policy does not compile with this node: {e}"
-            return RowProblem(row.id, row.given_name, "policy", "", why)
-        return None
-
-    def _drop(self, node_id: int) -> None:
-        row = self.nodes.pop(node_id)
-        self.by_node_key.pop(row.node_key, None)
-        self.peers.pop(node_id, None)
-        self.entries.pop(node_id, None)
-        self.online.discard(node_id)
-
-    def quarantine_of(self, node_key: str) -> Quarantined | None:
-        """The quarantine record of the node with this key, if it is quarantined."""
-        return next((q for q in self.quarantined.values() if q.row.node_key == node_key), None)
 
     def set_extra_records(self, file_records: list[dict[str, str]]) -> None:
         """dns.extra_records_path changed: its records replace the file's old ones, and
@@ -204,11 +142,30 @@ class Tailnet:
             prefixes=prefixes,
         )
         self.dns = (self.dns[0] + 1, json.dumps(cfg, separators=(",", ":")).encode())
-        self._wake_all()
+        self.sessions.wake_all()
 
     def set_derp_map(self, derp_map: dict[str, Any]) -> None:
         self.derp_map = (self.derp_map[0] + 1, json.dumps(derp_map, separators=(",", ":")).encode())
-        self._wake_all()
+        self.sessions.wake_all()
+
+    # ------------------------------------------------------------ quarantine
+
+    def _quarantine_if_bad(self, row: NodeRow) -> bool:
+        problems = node_row_problems(row)
+        if problems:
+            self._quarantine(row, problems)
+        return bool(problems)
+
+    def _quarantine(self, row: NodeRow, problems: list[RowProblem]) -> None:
+        self.quarantined[row.id] = Quarantined(row, tuple(problems))
+        for p in problems:
+            self.log.warning(
+                "quarantined %s; the node is not served until repaired (homescale doctor --fix)", p
+            )
+
+    def quarantine_of(self, node_key: str) -> Quarantined | None:
+        """The quarantine record of the node with this key, if it is quarantined."""
+        return next((q for q in self.quarantined.values() if q.row.node_key == node_key), None)
 
     # ------------------------------------------------------------ TailnetView (for sessions)
 
@@ -216,49 +173,20 @@ class Tailnet:
         return self.entries.get(node_id)
 
     def in_policy(self, node_id: int) -> bool:
-        """Whether the compiled policy holds the node (known and, if need be, approved)."""
-        return self.compiled is not None and self.compiled.knows(node_id)
+        return self.policy.knows(node_id)
 
     def visible_peers(self, node_id: int) -> frozenset[int]:
-        v = self._visible.get(node_id)
-        if v is None:
-            v = (
-                self.compiled.visible_peers(node_id)
-                if self.compiled and self.in_policy(node_id)
-                else frozenset()
-            )
-            self._visible[node_id] = v
-        return v
+        return self.policy.visible_peers(node_id)
 
     def filter_json(self, node_id: int) -> bytes:
-        f = self._filters.get(node_id)
-        if f is None:
-            rules = (
-                self.compiled.filter_for(node_id)
-                if self.compiled and self.in_policy(node_id)
-                else []
-            )
-            f = json.dumps(rules, separators=(",", ":")).encode()
-            self._filters[node_id] = f
-        return f
+        return self.policy.filter_json(node_id)
 
     def ssh_json(self, node_id: int) -> bytes | None:
-        if node_id not in self._ssh:
-            rules = (
-                self.compiled.ssh_for(node_id) if self.compiled and self.in_policy(node_id) else []
-            )
-            self._ssh[node_id] = (
-                json.dumps({"rules": rules}, separators=(",", ":")).encode() if rules else None
-            )
-        return self._ssh[node_id]
+        return self.policy.ssh_json(node_id)
 
     def user_profile(self, user_id: int) -> dict[str, Any] | None:
         if user_id == TAGGED_USER_ID:
-            return {
-                "ID": TAGGED_USER_ID,
-                "LoginName": "tagged-devices",
-                "DisplayName": "Tagged Devices",
-            }
+            return tagged_devices_profile()
         u = self.users.get(user_id)
         if u is None:
             return None
@@ -280,55 +208,29 @@ class Tailnet:
     # ------------------------------------------------------------ node conversion
 
     def _served(self, n: NodeRow) -> list[str]:
-        """Routes the node advertises and has approved (by an admin or autoApprovers); one
-        approved exit route approves both (as headscale: rows approved before, imported)."""
-        approved = {*n.approved_routes, *self.auto_approved.get(n.id, ())}
-        if approved & set(EXIT_ROUTES):
-            approved |= set(EXIT_ROUTES)
-        return [r for r in _advertised(n) if r in approved]
+        """Routes the node advertises and has approved (by an admin or autoApprovers)."""
+        return served_routes(
+            advertised(n), (*n.approved_routes, *self.policy.auto_approved.get(n.id, ()))
+        )
 
     def _elect_primaries(self) -> None:
-        """One primary router per subnet, as headscale's electPrimaryRoutes: the current
-        primary while it is up (online, answering probes: no flapping back), else the
-        lowest-ID router that is up; with none up, the current one or the lowest ID.
-        Re-encode the routers whose primary routes changed (HA failover)."""
-
-        def up(nid: int) -> bool:
-            return nid in self.online and nid not in self.unhealthy
-
-        candidates: dict[str, list[int]] = {}
-        for nid in sorted(self.nodes):
-            for r in self._served(self.nodes[nid]):
-                if r not in EXIT_ROUTES:  # every exit node offers them; no election
-                    candidates.setdefault(r, []).append(nid)
-        elected: dict[str, int] = {}
-        for r, ids in candidates.items():
-            cur = self.primaries.get(r)
-            if cur in ids and up(cur):
-                elected[r] = cur
-                continue
-            first_up = next((n for n in ids if up(n)), None)
-            elected[r] = first_up if first_up is not None else (cur if cur in ids else ids[0])
-        moved = {
-            nid
-            for r in elected.keys() | self.primaries.keys()
-            if elected.get(r) != self.primaries.get(r)
-            for nid in (elected.get(r), self.primaries.get(r))
-            if nid is not None
-        }
+        """One primary router per subnet, as headscale elects it (netmap.routes); re-encode
+        the routers whose primary routes changed (HA failover)."""
+        elected = elect_primaries(
+            {nid: self._served(n) for nid, n in self.nodes.items()},
+            up=self.online - self.unhealthy,
+            current=self.primaries,
+        )
+        moved = routers_moved(self.primaries, elected)
         self.primaries = elected
         for nid in moved:
             row = self.nodes.get(nid)
             if row is not None and self._encode(row):
-                self._mark_peer(self.visible_peers(nid), nid)
+                self.sessions.mark_peer(self.visible_peers(nid), nid)
 
     def ha_routers(self) -> set[int]:
         """Online routers sharing a subnet route with another router (the ones to probe)."""
-        serving: dict[str, list[int]] = {}
-        for nid, row in self.nodes.items():
-            for r in self._served(row):
-                if r not in EXIT_ROUTES:
-                    serving.setdefault(r, []).append(nid)
+        serving = subnet_routers({nid: self._served(n) for nid, n in self.nodes.items()})
         return {n for ids in serving.values() if len(ids) > 1 for n in ids if n in self.online}
 
     def set_router_health(self, node_id: int, healthy: bool) -> None:
@@ -377,68 +279,24 @@ class Tailnet:
             primary_routes=tuple(r for r in served if self.primaries.get(r) == n.id),
             exit_routes=tuple(r for r in served if r in EXIT_ROUTES),
             served_routes=tuple(r for r in served if r not in EXIT_ROUTES),
-            self_caps=self._policy_caps(n.id, self_view=True),
-            peer_caps=self._policy_caps(n.id, self_view=False),
+            self_caps=self.policy.caps(n.id, self_view=True),
+            peer_caps=self.policy.caps(n.id, self_view=False),
             authorized=n.approved,
         )
 
-    def _policy_caps(self, node_id: int, *, self_view: bool) -> tuple[tuple[str, str], ...]:
-        """The node's CapMap entries from the policy (nodeAttrs), in its own or peers' view."""
-        c = self.compiled
-        base: dict[str, Any] = {FILE_SHARING_CAP: []} if self.config.taildrop_enabled else {}
-        if self.config.auto_update_enabled:
-            base[AUTO_UPDATE_CAP] = [True]  # over the baseline's [False]
-        if c is None or not c.knows(node_id):
-            return cap_pairs(base)
-        return cap_pairs({**base, **(c.cap_map(node_id) if self_view else c.peer_cap_map(node_id))})
-
-    def _policy_node(self, n: NodeRow) -> PolicyNode:
-        return policy_node(n, self.users, self.auto_approved.get(n.id, ()))
-
     def _encode(self, n: NodeRow) -> bool:
         """Encode the node if what peers see of it changed; False when nothing did."""
-        old = self.peers.get(n.id)
-        new = self._peer_node(n)
-        if old == new and n.id in self.entries:
-            # A write that changed nothing peers see (a second stream marking the node
-            # online again, a re-login with the same key): no version, so no empty patch.
-            return False
-        self.peers[n.id] = new
-        prev = self.entries.get(n.id)
-        version = prev.version + 1 if prev else 1
-        patches = dict(prev.patches) if prev else {}
-        patch = patch_between(old, new) if old is not None else None
-        if patch is not None:
-            patches[version] = patch
-        else:
-            patches = {}
-        for v in [v for v in patches if v <= version - PATCH_HISTORY]:
-            del patches[v]
-        self.entries[n.id] = NodeEntry(
-            id=n.id,
-            user_id=new.user_id,
-            version=version,
-            json=encode_node(new, self.config.dns.base_domain),
-            visible_to_peers=new.has_disco,
-            patches=patches,
-            self_json=(
-                encode_node(new, self.config.dns.base_domain, self_view=True)
-                if new.self_caps != new.peer_caps
-                else None
-            ),
-            for_viewer=(
-                functools.partial(self._routes_for_viewer, n.id)
-                if new.primary_routes or new.exit_routes or new.served_routes
-                else None
-            ),
-        )
-        return True
+        peer = self._peer_node(n)
+        router = peer.primary_routes or peer.exit_routes or peer.served_routes
+        for_viewer = functools.partial(self._routes_for_viewer, n.id) if router else None
+        return self.entries.update(peer, for_viewer=for_viewer)
 
     def _routes_for_viewer(self, router_id: int, viewer_id: int) -> tuple[Hashable, bytes]:
         """The router as `viewer_id` gets it: only the routes the viewer's policy lets it
         use (headscale's ReduceRoutes); the exit routes stay a pair (a client needs both).
         Viewers with the same routes share one encoding."""
-        peer, entry = self.peers[router_id], self.entries[router_id]
+        peer, entry = self.entries.peers[router_id], self.entries.get(router_id)
+        assert entry is not None
         c = self.compiled
         if c is None or not c.knows(viewer_id):
             return (), entry.json
@@ -462,7 +320,7 @@ class Tailnet:
         data = variants.get((primary, exits))
         if data is None:
             reduced = dataclasses.replace(peer, primary_routes=primary, exit_routes=exits)
-            data = variants[(primary, exits)] = encode_node(reduced, self.config.dns.base_domain)
+            data = variants[(primary, exits)] = self.entries.encode(reduced)
         self._reduced[router_id] = (entry.version, variants)
         return (primary, exits), data
 
@@ -483,8 +341,8 @@ class Tailnet:
     def apply(self, changes: Iterable[Change]) -> None:
         """Announce committed changes to every session they affect: the one way in.
 
-        Each change is applied on its own: one that fails (a bug, a row the policy cannot
-        place) is logged with the change and skipped, and the rest still reach clients.
+        Each change is applied inside the fault boundary: one that fails (a bug) is
+        logged with the change and counted, and the rest still reach clients.
         """
         for change in changes:
             with self.boundary.guard("change", str(change)):
@@ -514,42 +372,40 @@ class Tailnet:
         """The node's stored record changed (None: deleted); tell whoever can see it."""
         if row is None:
             self.quarantined.pop(node_id, None)
-        elif self._quarantine_if_bad(row):
-            self._node_removed(node_id, "quarantined: its stored record cannot be served")
-            return
-        elif self.quarantined.pop(node_id, None) is not None:
-            self.log.info("node %d (%s) is served again", node_id, row.given_name)
-        if row is None:
             self._node_removed(node_id, "node deleted", last_words=True)
             return
+        if self._quarantine_if_bad(row):
+            self._node_removed(node_id, "quarantined: its stored record cannot be served")
+            return
+        if self.quarantined.pop(node_id, None) is not None:
+            self.log.info("node %d (%s) is served again", node_id, row.given_name)
         try:
             self._node_stored(node_id, row)
         except Exception:
-            refusal = self._policy_refusal(row)
+            refusal = self.policy.refusal(row, self.users)
             if refusal is None:
                 raise  # not the row's fault: a bug, for the boundary to report
             # Its values are valid, yet the policy cannot place it: hide it, serve the rest.
             self._quarantine(row, [refusal])
             self._node_removed(node_id, "quarantined: the policy cannot place it")
 
+    def _drop(self, node_id: int) -> PeerNode | None:
+        row = self.nodes.pop(node_id)
+        self.by_node_key.pop(row.node_key, None)
+        self.online.discard(node_id)
+        return self.entries.remove(node_id)
+
     def _node_removed(self, node_id: int, reason: str, *, last_words: bool = False) -> None:
         """The node leaves the tailnet (deleted, or quarantined); its watchers are told."""
         if node_id not in self.nodes:
             return
         watchers = self.visible_peers(node_id)
-        peer = self.peers.get(node_id)
-        self._drop(node_id)
-        session = self.sessions.pop(node_id, None)
-        if session is not None:
-            # Tell a deleted node's client before hanging up: its own node with an expired
-            # key sends it to NeedsLogin, instead of polling on with a stale netmap.
-            expired = None
-            if peer is not None and last_words:
-                gone = dataclasses.replace(peer, key_expiry=utcnow())
-                expired = b'{"Node":' + encode_node(gone, self.config.dns.base_domain) + b"}"
-            session.close(reason, expired)
+        peer = self._drop(node_id)
+        # A deleted node's client hears that its key expired before the stream ends.
+        words = self.entries.expired_message(peer, utcnow()) if peer and last_words else None
+        self.sessions.hang_up(node_id, reason, words)
         self._recompile()
-        self._mark_peer(watchers, node_id)
+        self.sessions.mark_peer(watchers, node_id)
 
     def _node_stored(self, node_id: int, row: NodeRow) -> None:
         old_row = self.nodes.get(node_id)
@@ -561,33 +417,24 @@ class Tailnet:
         if (
             old_row is None
             or old_row.approved != row.approved
-            or self._policy_node(old_row) != self._policy_node(row)
+            or self.policy.node(old_row, self.users) != self.policy.node(row, self.users)
         ):
             # Membership, tags, addresses or routes changed: the policy resolves differently.
             before = self.visible_peers(node_id) if old_row is not None else frozenset()
             self._recompile()
-            affected = before | self.visible_peers(node_id) | {node_id}
             # Only these can have a different view now: a node's filter admits the node only
             # if traffic may flow between them, and then they see each other (before or after).
-            for nid in affected:
-                s = self.sessions.get(nid)
-                if s is not None:
-                    s.state.mark_visibility()
-                    s.state.mark_peer(node_id)
-                    s.notify()
-            own = self.sessions.get(node_id)
-            if own is not None:
-                own.state.mark_all()  # which routers' routes it may use can change too
+            affected = before | self.visible_peers(node_id) | {node_id}
+            self.sessions.mark_visibility(affected, node_id)
+            # Which routers' routes the node may use can change too.
+            self.sessions.mark_all(only=node_id)
         elif changed:
-            self._mark_peer(self.visible_peers(node_id), node_id)
+            self.sessions.mark_peer(self.visible_peers(node_id), node_id)
         else:
             return
         if self._is_router(row) or (old_row is not None and self._is_router(old_row)):
             self._elect_primaries()
-        session = self.sessions.get(node_id)
-        if session is not None:
-            session.state.mark_self()
-            session.notify()
+        self.sessions.mark_self(node_id)
 
     def _set_online(self, node_id: int, online: bool, last_seen: datetime | None) -> None:
         row = self.nodes.get(node_id)
@@ -613,116 +460,34 @@ class Tailnet:
         if users == self.users:
             return
         self.users = users
-        for s in self.sessions.values():
-            s.state.sent_users.clear()  # resend profiles: names may have changed
         self._recompile()
-        self._mark_all_sessions()
+        self.sessions.mark_all(resend_profiles=True)
 
     def _set_policy(self, text: str | None) -> None:
-        self.policy_text = text
+        self.policy.set_text(text)
         self._recompile()
-        self._mark_all_sessions()
+        self.sessions.mark_all()
 
     def _recompile(self) -> None:
-        policy = parse_policy(self.policy_text, "policy") if self.policy_text else None
-        users = [
-            PolicyUser(id=u.id, name=u.name, email=u.email, groups=tuple(u.groups))
-            for u in self.users.values()
-        ]
-        before = self.auto_approved
-        self.auto_approved = {}
-        nodes = [self._policy_node(n) for n in self.nodes.values() if n.approved]
-        compiled = compile_policy(policy, users, nodes, server_url=self.config.server_url)
-        # autoApprovers: advertised routes the policy approves count as approved. They
-        # change what others may reach, so compile once more when there are any.
-        for n in self.nodes.values():
-            if not n.approved:
-                continue
-            pending = [
-                r
-                for r in _advertised(n)
-                if r not in n.approved_routes and compiled.can_auto_approve(n.id, r)
-            ]
-            if pending:
-                self.auto_approved[n.id] = tuple(pending)
-        if self.auto_approved:
-            nodes = [self._policy_node(n) for n in self.nodes.values() if n.approved]
-            compiled = compile_policy(policy, users, nodes, server_url=self.config.server_url)
+        """Compile the policy against the current nodes and re-encode what it changed."""
         # Re-encode the nodes whose auto-approved routes changed either way: a revoked
         # approval must leave their AllowedIPs/PrimaryRoutes too.
-        for nid in before.keys() | self.auto_approved.keys():
-            if before.get(nid) != self.auto_approved.get(nid) and nid in self.nodes:
+        for nid in self.policy.compile(self.users, self.nodes):
+            if nid in self.nodes:
                 self._encode(self.nodes[nid])
-        self.compiled = compiled
         self._elect_primaries()
-        self._visible.clear()
-        self._filters.clear()
-        self._ssh.clear()
         # nodeAttrs may have changed what a node's CapMap holds: it and its peers hear.
         for n in list(self.nodes.values()):
             if self._encode(n):
-                self._mark_peer(self.visible_peers(n.id) | {n.id}, n.id)
-
-    def _mark_peer(self, watchers: frozenset[int] | set[int], node_id: int) -> None:
-        for w in watchers:
-            s = self.sessions.get(w)
-            if s is not None:
-                s.state.mark_peer(node_id)
-                s.notify()
-
-    def _mark_all_sessions(self) -> None:
-        for s in self.sessions.values():
-            s.state.mark_all()
-            s.notify()
-
-    def _wake_all(self) -> None:
-        for s in self.sessions.values():
-            s.state.mark_self()
-            s.notify()
-
-    # ------------------------------------------------------------ sessions
-
-    def open_session(self, node_id: int) -> SessionHandle:
-        """A new map stream for the node; it replaces (closes) the previous one."""
-        old = self.sessions.get(node_id)
-        if old is not None:
-            old.close("replaced by a new map stream")
-        state = MapSessionState(
-            node_id=node_id,
-            domain=self.config.dns.base_domain,
-            disable_logtail=not self.config.logtail_enabled,
-        )
-        handle = SessionHandle(node_id, state)
-        self.sessions[node_id] = handle
-        return handle
-
-    def close_session(self, handle: SessionHandle) -> bool:
-        """Forget the session; True if it was the node's current one (the node goes offline)."""
-        if self.sessions.get(handle.node_id) is handle:
-            del self.sessions[handle.node_id]
-            return True
-        return False
+                self.sessions.mark_peer(self.visible_peers(n.id) | {n.id}, n.id)
 
 
-def _advertised(n: NodeRow) -> list[str]:
-    return [str(r) for r in (n.hostinfo.get("RoutableIPs") or [])]
-
-
-def policy_node(
-    n: NodeRow, users: dict[int, UserRow], auto_approved: tuple[str, ...] = ()
-) -> PolicyNode:
-    """A node as the policy sees it: tagged nodes are owned by their tags, not a user."""
-    owner = users.get(n.user_id) if n.user_id is not None and not n.tags else None
-    return PolicyNode(
-        id=n.id,
-        hostname=n.given_name,
-        user=owner.name if owner else None,
-        tags=tuple(n.tags),
-        ipv4=n.ipv4,
-        ipv6=n.ipv6,
-        routable_ips=tuple(_advertised(n)),
-        approved_routes=(*n.approved_routes, *auto_approved),
-    )
+def _config_caps(config: Config) -> dict[str, Any]:
+    """CapMap entries every node gets from the config, under the policy's nodeAttrs."""
+    base: dict[str, Any] = {FILE_SHARING_CAP: []} if config.taildrop_enabled else {}
+    if config.auto_update_enabled:
+        base[AUTO_UPDATE_CAP] = [True]  # over the baseline's [False]
+    return base
 
 
 def node_is_expired(row: NodeRow, now: datetime | None = None) -> bool:

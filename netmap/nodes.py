@@ -17,8 +17,6 @@ from protocol.gojson import format_time
 
 ZERO_TIME = "0001-01-01T00:00:00Z"
 ZERO_DISCO = "discokey:" + "0" * 64
-# The exit routes; a client takes a peer as an exit node only when it routes both.
-EXIT_ROUTES = ("0.0.0.0/0", "::/0")
 # Tailscale's legacy DERP address form: clients before capver 111 read the home
 # region from `DERP: "127.3.3.40:<region>"` (tailcfg.DerpMagicIP).
 DERP_MAGIC_IP = "127.3.3.40"

@@ -59,7 +59,7 @@ async def bench_netmap_deltas() -> list:
     from tests.bench import Figure
 
     tn = _tailnet(NODES)
-    handles = [tn.open_session(nid) for nid in tn.nodes]
+    handles = [tn.sessions.open(nid) for nid in tn.nodes]
     t0 = time.perf_counter()
     full_bytes = 0
     for h in handles:

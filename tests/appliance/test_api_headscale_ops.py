@@ -100,7 +100,7 @@ async def test_one_exit_route_approves_both_families(
         assert isinstance(node, dict)
         assert node["approvedRoutes"] == ["0.0.0.0/0", "::/0"], route
     # The tailnet serves both to peers: the node is an exit node.
-    assert server.tailnet.peers[nid].exit_routes == ("0.0.0.0/0", "::/0")
+    assert server.tailnet.entries.peers[nid].exit_routes == ("0.0.0.0/0", "::/0")
 
 
 async def test_routes_show_what_the_tailnet_serves(

@@ -96,7 +96,7 @@ def test_one_failing_change_is_logged_and_the_rest_still_apply(
             raise RuntimeError("a bug encoding node 2")
         return real(n, domain)
 
-    monkeypatch.setattr("appliance.tailnet.encode_node", encode_node)
+    monkeypatch.setattr("appliance.nodeentries.encode_node", encode_node)
     bad = NodeChanged(node(2, endpoints=["192.0.2.9:1"]))
     good = NodeChanged(node(3, endpoints=["192.0.2.7:41641"]))
     with caplog.at_level(logging.ERROR):

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from appliance.changes import NodeChanged, NodeOnline, NodeRemoved, PolicyChanged, UserChanged
-from appliance.tailnet import TAGGED_USER_ID, Tailnet
+from appliance.tailnet import Tailnet
+from appliance.users import TAGGED_USER_ID
 from netmap.policy.ipset import IPSet
 from protocol import tailcfg
 from tests.appliance.test_tailnet_support import (
@@ -170,8 +171,8 @@ def test_new_stream_replaces_the_old_one() -> None:
     assert old.closed_reason
     assert "Peers" in first  # the new stream starts over with a full map
     assert tn.sessions[1] is new
-    assert tn.close_session(old) is False  # the old stream ending does not take the node offline
-    assert tn.close_session(new) is True
+    assert tn.sessions.close(old) is False  # the old stream ending does not take the node offline
+    assert tn.sessions.close(new) is True
 
 
 def test_new_peer_appears_with_its_profile() -> None:

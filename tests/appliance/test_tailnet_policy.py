@@ -6,7 +6,8 @@ import ipaddress
 import json
 
 from appliance.changes import NodeRemoved, PolicyChanged
-from appliance.tailnet import SessionHandle, Tailnet
+from appliance.sessions import SessionHandle
+from appliance.tailnet import Tailnet
 from netmap.policy.ipset import IPSet
 from tests.appliance.test_tailnet_support import (
     change,

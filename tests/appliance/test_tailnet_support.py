@@ -20,9 +20,10 @@ import trio
 
 from appliance.changes import NodeChanged
 from appliance.config import Config, load_config
+from appliance.sessions import SessionHandle
 from appliance.setup import render_config
 from appliance.store import NodeRow, UserRow
-from appliance.tailnet import SessionHandle, Tailnet
+from appliance.tailnet import Tailnet
 from protocol import tailcfg
 
 NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
@@ -102,7 +103,7 @@ def compose(tn: Tailnet, h: SessionHandle) -> dict[str, Any] | None:
 
 def connect(tn: Tailnet, node_id: int) -> tuple[SessionHandle, dict[str, Any]]:
     """Open a stream and take its first (full) map."""
-    h = tn.open_session(node_id)
+    h = tn.sessions.open(node_id)
     first = compose(tn, h)
     assert first is not None
     return h, first

@@ -95,6 +95,16 @@ class Tailnet:
     def compiled(self) -> CompiledPolicy | None:
         return self.policy.compiled
 
+    @property
+    def peers(self) -> dict[int, PeerNode]:
+        """What peers see of each node (read-only; `NodeEntries` keeps it)."""
+        return self.entries.peers
+
+    @property
+    def auto_approved(self) -> dict[int, tuple[str, ...]]:
+        """node -> the advertised routes the policy's autoApprovers approve (read-only)."""
+        return self.policy.auto_approved
+
     # ------------------------------------------------------------ loading
 
     def load(self, users: list[UserRow], nodes: list[NodeRow], policy_text: str | None) -> None:
@@ -454,7 +464,7 @@ class Tailnet:
             # router of the same routes (HA), so those are re-checked too.
             for other in self.nodes.values():
                 if other.id != node_id and served & set(self._served(other)):
-                    self._mark_peer(self.visible_peers(other.id), other.id)
+                    self.sessions.mark_peer(self.visible_peers(other.id), other.id)
 
     def _users_changed(self, users: dict[int, UserRow]) -> None:
         if users == self.users:

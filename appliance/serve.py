@@ -482,7 +482,13 @@ async def serve(
             logins=server,
             boundary=server.boundary,
         )
-        server.console = _start_console(server, policy_check, api_socket, api_remote)
+        server.console = _start_console(
+            server,
+            policy_check,
+            api_socket,
+            api_remote,
+            cert_not_after=certs.not_after if certs is not None else None,
+        )
         main = HttpServer(
             routes=server.routes,
             upgrades=server.upgrades,
@@ -585,7 +591,10 @@ async def serve(
 
 
 def _start_console(
-    server: Server, policy_check: Callable[[str], None], *cli_apis: AdminApi
+    server: Server,
+    policy_check: Callable[[str], None],
+    *cli_apis: AdminApi,
+    cert_not_after: Callable[[], datetime | None] | None = None,
 ) -> Console:
     """The web console at server_url/admin (appliance.web), live from the change path."""
     from .web import Console
@@ -608,6 +617,9 @@ def _start_console(
     for api in cli_apis:
         console.add_cli_routes(api)
     server.tailnet.observers.append(console.changed)
+    from .web.health import HealthSources
+
+    console.health = HealthSources(config, server.tailnet, server.metrics, cert_not_after)
     if server.oidc is not None:  # sign in to the console through the provider too
         console.oidc_start = server.oidc.console_page
         server.oidc.console_signed_in = console.oidc_signed_in

@@ -26,6 +26,7 @@ from ..errors import HomescaleError
 from ..httpserver import Request, Response, RouteHandler, Upgrade, UpgradeHandler
 from ..store import UserRow
 from .audit import AuditLog
+from .health import HealthSources, report
 from .permissions import decide
 from .sessions import (
     ADMIN,
@@ -120,6 +121,7 @@ class Console:
         self.audit = AuditLog(audit_path, log.getChild("audit"))
         self.events = Broker(log.getChild("events"))
         self.oidc_start: RouteHandler | None = None  # set when OIDC sign-in is configured
+        self.health: HealthSources | None = None  # set by `serve`: the health view's sources
 
     # -- wiring
 
@@ -272,6 +274,11 @@ class Console:
             if who.role != ADMIN:
                 return _problem(403, "only admins may read the audit log")
             return _json({"entries": self.audit.entries()})
+        if sub == "/health" and req.method == "GET" and self.health is not None:
+            if who.role != ADMIN:
+                return _problem(403, "only admins may read the server's health")
+            status, _ = await self.api.handle(ApiRequest("GET", "/api/v1/health", {}, {}, b""))
+            return _json({**report(self.health), "database": status == 200})
         if sub == "/overview" and req.method == "GET":
             return _json(await self.overview(who))
         if sub.startswith("/api/v1/"):
@@ -323,6 +330,14 @@ class Console:
                 j["osVersion"] = str(hi.get("OSVersion") or "")
                 j["clientVersion"] = str(hi.get("IPNVersion") or "")
                 j["magicDns"] = f"{row.given_name}.{base}" if base else ""
+                net = _dict(hi.get("NetInfo"))
+                j["derpRegion"] = net.get("PreferredDERP") or 0
+                home = [
+                    v
+                    for k, v in _dict(net.get("DERPLatency")).items()
+                    if str(k).split("-")[0] == str(j["derpRegion"]) and isinstance(v, int | float)
+                ]
+                j["derpLatencyMs"] = round(min(home) * 1000, 1) if home else None
                 nodes.append(j)
             users = admin.list_users() if s.role == ADMIN else []
             return {"nodes": nodes, "users": users}
@@ -379,6 +394,10 @@ class Console:
             return _problem(403, "only admins may create tagged keys")
         obj["user"] = str(uid)
         return json.dumps(obj).encode()
+
+
+def _dict(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
 
 
 def _node_owner(admin: Any, node_id: int) -> int | None:

@@ -276,3 +276,17 @@ async def test_event_stream_needs_a_session_and_carries_changes(site: Site, serv
                     if line.startswith("data: {") and '"user"' in line:
                         break
                 assert any('"kind": "user"' in x for x in seen)
+
+
+async def test_health_view_is_for_admins(site: Site, server: Server) -> None:
+    async with browser(site) as admin:
+        await signed_in(admin, server)
+        h = (await admin.get("/admin/health")).json()
+        assert h["database"] is True
+        assert h["nodes"] == 0
+        assert "homescale_nodes" in h["metrics"]
+    uid = (await server.run_db(server.store.create_user, "bob")).id
+    cookie, _ = console(server).sessions.open("bob", USER, user_id=uid)
+    async with browser(site) as user:
+        r = await user.get("/admin/health", headers={"Cookie": f"homescale_console={cookie}"})
+        assert r.status_code == 403

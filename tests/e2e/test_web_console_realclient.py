@@ -106,6 +106,7 @@ def test_console_runs_the_tailnet_from_a_browser(
             console_net["client"]("webnode")
             card = page.locator('article[data-name="webnode"]')
             expect(card.locator(".status")).to_have_text("online", timeout=40_000)
+            expect(card).to_contain_text("DERP region 999")
             assert page.evaluate("window.__same_page") is True
             page.screenshot(path=str(shots / "nodes.png"), full_page=True)
 
@@ -182,6 +183,14 @@ def test_console_runs_the_tailnet_from_a_browser(
             assert status == 403
             assert "mallory" not in server.cli("users", "list").stdout
             other.close()
+
+            # Health: nodes online, the embedded relay's region as the nodes' home, STUN.
+            page.goto(server.url + "/admin/#health")
+            expect(page.locator("#health-summary")).to_contain_text("2 of 3 online")
+            expect(page.locator("#health-summary")).to_contain_text("database reachable")
+            expect(page.locator("#health-regions")).to_contain_text("2 nodes")
+            expect(page.locator("#health-metrics")).to_contain_text("homescale_stun_requests_total")
+            page.screenshot(path=str(shots / "health.png"), full_page=True)
 
             # The audit view names who renamed what.
             page.goto(server.url + "/admin/#audit")

@@ -132,6 +132,8 @@ function nodeCard(n) {
       fact("user", owner),
       fact("OS", [n.os, n.osVersion].filter(Boolean).join(" ")),
       fact("client", n.clientVersion),
+      fact("DERP", n.derpRegion ? `region ${n.derpRegion}` +
+        (n.derpLatencyMs != null ? ` (${n.derpLatencyMs} ms)` : "") : ""),
       fact("last seen", n.online ? "now" : when(n.lastSeen)),
       fact("expires", when(n.expiry)),
       fact("routes", [...routes.map((r) => r + (approved.has(r) ? " ✓" : " (not approved)")),
@@ -152,9 +154,16 @@ function renderNodes() {
 
 function renderUsers() {
   const users = state.overview ? state.overview.users : [];
+  if ($("#users").contains(document.activeElement)) return;  // someone is typing a new name
   $("#users").replaceChildren(...users.map((u) => el("tr", {},
     el("td", {}, u.id), el("td", {}, u.name), el("td", {}, u.displayName || ""), el("td", {}, u.email || ""),
-    el("td", {}, el("button", { class: "danger", on: { click: () => {
+    el("td", {}, el("form", { class: "rename-user", on: { submit: (ev) => {
+      ev.preventDefault();
+      const v = ev.target.elements.name.value.trim();
+      act(`rename user ${u.name}`, () => api("POST", `/user/${u.id}/rename/${encodeURIComponent(v)}`));
+    } } }, el("input", { name: "name", value: u.name, "aria-label": "new name", required: true }),
+    el("button", { class: "secondary" }, "Rename")),
+    el("button", { class: "danger", on: { click: () => {
       if (confirm(`Delete user ${u.name}?`)) act(`delete user ${u.name}`, () => api("DELETE", `/user/${u.id}`));
     } } }, "Delete")))));
   const sel = $("#key-create select[name=user]");
@@ -231,6 +240,26 @@ async function renderPending() {
     : [el("p", {}, "Nothing is waiting: no logins, SSH checks or device approvals.")]));
 }
 
+async function renderHealth() {
+  const h = await call("GET", "health");
+  const fact = (label, value) => el("span", {}, label + " ", el("b", {}, value));
+  const cert = h.certificate.notAfter
+    ? `${when(h.certificate.notAfter)} (${h.certificate.daysLeft} days)` : "none (TLS off or by a proxy)";
+  $("#health-summary").replaceChildren(
+    fact("database", h.database ? "reachable" : "UNREACHABLE"),
+    fact("nodes", `${h.online} of ${h.nodes} online`),
+    fact("quarantined rows", String(h.quarantined)),
+    fact("policy", h.policy),
+    fact("embedded DERP", h.derp.embedded ? `on (region ${h.derp.region})` : "off"),
+    fact("STUN", h.derp.stun || "off"),
+    fact("certificate expires", cert));
+  $("#health-regions").replaceChildren(...h.derp.regions.map((r) => el("tr", {},
+    el("td", {}, r.id), el("td", {}, r.code), el("td", {}, r.name),
+    el("td", {}, r.relays.join(", ")), el("td", {}, `${r.homeOf} nodes`))));
+  $("#health-metrics").replaceChildren(...Object.entries(h.metrics).map(([k, v]) =>
+    el("tr", {}, el("td", {}, el("code", {}, k)), el("td", {}, String(v)))));
+}
+
 async function renderAudit() {
   const { entries } = await call("GET", "audit");
   $("#audit").replaceChildren(...entries.map((a) => el("tr", {},
@@ -287,7 +316,7 @@ async function policyAction(save) {
 
 const renderers = {
   nodes: renderNodes, users: renderUsers, keys: renderKeys, apikeys: renderApiKeys,
-  pending: renderPending, audit: renderAudit, policy: async () => {},
+  pending: renderPending, audit: renderAudit, health: renderHealth, policy: async () => {},
 };
 
 async function refresh() {

@@ -279,6 +279,8 @@ class Console:
                 return _problem(403, "only admins may read the server's health")
             status, _ = await self.api.handle(ApiRequest("GET", "/api/v1/health", {}, {}, b""))
             return _json({**report(self.health), "database": status == 200})
+        if sub == "/qr" and req.method == "POST":
+            return qr_code(req.body)
         if sub == "/overview" and req.method == "GET":
             return _json(await self.overview(who))
         if sub.startswith("/api/v1/"):
@@ -394,6 +396,25 @@ class Console:
             return _problem(403, "only admins may create tagged keys")
         obj["user"] = str(uid)
         return json.dumps(obj).encode()
+
+
+MAX_QR_TEXT = 512  # a pre-auth key or a URL; QR codes of more are unreadable on a screen
+
+
+def qr_code(body: bytes) -> Response:
+    """`{"text": ...}` as a QR code (an SVG data: URI), made on the server so that the page
+    needs no third-party code and the secret never travels in a URL."""
+    import segno
+
+    try:
+        obj = json.loads(body or b"{}")
+    except ValueError:
+        return _problem(400, "request body is not JSON")
+    text = obj.get("text") if isinstance(obj, dict) else None
+    if not isinstance(text, str) or not text or len(text) > MAX_QR_TEXT:
+        return _problem(400, f"text: a string of 1 to {MAX_QR_TEXT} characters")
+    uri = segno.make(text, error="m").svg_data_uri(scale=5, border=2)
+    return _json({"svg": uri})
 
 
 def _dict(v: Any) -> dict[str, Any]:

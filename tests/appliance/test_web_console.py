@@ -290,3 +290,14 @@ async def test_health_view_is_for_admins(site: Site, server: Server) -> None:
     async with browser(site) as user:
         r = await user.get("/admin/health", headers={"Cookie": f"homescale_console={cookie}"})
         assert r.status_code == 403
+
+
+async def test_qr_code_of_a_key_is_made_by_the_server(site: Site, server: Server) -> None:
+    async with browser(site) as c:
+        csrf = await signed_in(c, server)
+        h = {"X-CSRF-Token": csrf}
+        r = await c.post("/admin/qr", json={"text": "hskey-auth-x-y"}, headers=h)
+        assert r.status_code == 200
+        assert r.json()["svg"].startswith("data:image/svg+xml")
+        assert (await c.post("/admin/qr", json={"text": "x" * 513}, headers=h)).status_code == 400
+        assert (await c.post("/admin/qr", json={"text": "x"})).status_code == 403  # no CSRF

@@ -53,8 +53,8 @@ def console_net(realclient_ready: None, tmp_path: Path) -> Iterator[dict[str, An
         server.cli("users", "create", "alice")
         key = server.create_key("alice", "--reusable")
 
-        def client(name: str) -> realclient.TsnetClient:
-            c = realclient.TsnetClient(tmp_path, name, server.url, auth_key=key)
+        def client(name: str, auth_key: str = key) -> realclient.TsnetClient:
+            c = realclient.TsnetClient(tmp_path, name, server.url, auth_key=auth_key)
             clients.append(c)
             c.start()
             return c
@@ -101,9 +101,21 @@ def test_console_runs_the_tailnet_from_a_browser(
             expect(page.locator("#live")).not_to_have_class("live off")
             expect(page.locator('article[data-name="watcher"] .status')).to_have_text("online")
 
-            # A node registers: its card appears and turns online without a reload.
+            # A pre-auth key made in the page (shown once, with a QR code) ...
+            page.goto(server.url + "/admin/#keys")
+            page.locator("#key-create select[name=user]").select_option(label="alice")
+            page.locator("#key-create button").click()
+            expect(page.locator("#new-key-qr")).to_be_visible()
+            new_key = page.locator("#new-key-value").input_value()
+            assert new_key.startswith("hskey-auth-")
+            qr = page.locator("#new-key-qr").evaluate("img => img.naturalWidth")
+            assert qr > 100  # the image decoded: a QR code of the key
+            page.screenshot(path=str(shots / "keys.png"), full_page=True)
+
+            # ... registers a real node: its card appears and turns online without a reload.
+            page.goto(server.url + "/admin/#nodes")
             page.evaluate("window.__same_page = true")
-            console_net["client"]("webnode")
+            console_net["client"]("webnode", new_key)
             card = page.locator('article[data-name="webnode"]')
             expect(card.locator(".status")).to_have_text("online", timeout=40_000)
             expect(card).to_contain_text("DERP region 999")

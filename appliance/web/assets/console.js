@@ -408,6 +408,9 @@ document.addEventListener("DOMContentLoaded", () => {
       const { preAuthKey } = await api("POST", "/preauthkey", body);
       $("#new-key-value").value = preAuthKey.key;
       $("#new-key").hidden = false;
+      const { svg } = await call("POST", "qr", { text: preAuthKey.key });
+      $("#new-key-qr").src = svg;
+      $("#new-key-qr").hidden = false;
       await refresh();
     } catch (e) { flash("create key: " + e.message, true); }
   });

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import Config
 from .errors import HomescaleError
 from .store import Store
+
+if TYPE_CHECKING:
+    from netmap.policy import CompiledPolicy
 
 
 class PolicyInvalid(HomescaleError):
@@ -29,6 +33,13 @@ def check_policy_text(text: str, source: str = "<policy>", store: Store | None =
     """Parse, validate and compile a policy and run its `tests`, against the tailnet in
     `store` when given (so users, tags and hosts resolve as they will); PolicyInvalid
     names what is wrong, with its JSON path and line."""
+    compile_policy_text(text, source, store)
+
+
+def compile_policy_text(
+    text: str, source: str = "<policy>", store: Store | None = None
+) -> CompiledPolicy:
+    """`check_policy_text`, returning the compiled policy (the console's preview)."""
     from netmap.policy import PolicyError, load_policy
 
     from .policystate import policy_node, policy_users
@@ -41,7 +52,7 @@ def check_policy_text(text: str, source: str = "<policy>", store: Store | None =
         # Rows the server quarantines (appliance.quarantine) are not checked against either.
         nodes = [policy_node(n, rows) for n in store.nodes() if not node_row_problems(n)]
     try:
-        load_policy(text, users, nodes, source)
+        return load_policy(text, users, nodes, source)
     except PolicyError as e:
         raise PolicyInvalid(str(e)) from None
 

@@ -24,10 +24,12 @@ from ..changes import Change
 from ..config import Config
 from ..errors import HomescaleError
 from ..httpserver import Request, Response, RouteHandler, Upgrade, UpgradeHandler
+from ..policies import PolicyInvalid
 from ..store import UserRow
 from .audit import AuditLog
 from .health import HealthSources, report
 from .permissions import decide
+from .preview import reachability
 from .sessions import (
     ADMIN,
     COOKIE,
@@ -279,6 +281,10 @@ class Console:
                 return _problem(403, "only admins may read the server's health")
             status, _ = await self.api.handle(ApiRequest("GET", "/api/v1/health", {}, {}, b""))
             return _json({**report(self.health), "database": status == 200})
+        if sub == "/policy/preview" and req.method == "POST":
+            if who.role != ADMIN:
+                return _problem(403, "only admins may preview policies")
+            return await self.preview(req.body)
         if sub == "/qr" and req.method == "POST":
             return qr_code(req.body)
         if sub == "/overview" and req.method == "GET":
@@ -315,6 +321,22 @@ class Console:
             "serverUrl": self.server_url,
             "baseDomain": self.config.dns.base_domain if self.config.dns.magic_dns else "",
         }
+
+    async def preview(self, body: bytes) -> Response:
+        """Who could reach each node under the draft policy in `{"policy": ...}`."""
+        try:
+            obj = json.loads(body or b"{}")
+        except ValueError:
+            return _problem(400, "request body is not JSON")
+        text = obj.get("policy") if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            return _problem(400, "policy: a string (the draft policy's text)")
+        store = self.api.admin.store
+        try:
+            nodes = await self.api.run_db(lambda: reachability(text, store))
+        except PolicyInvalid as e:
+            return _problem(400, str(e))
+        return _json({"nodes": nodes})
 
     async def overview(self, s: Session) -> dict[str, Any]:
         """Every node (a user's own only) with what the page shows beyond headscale's Node."""

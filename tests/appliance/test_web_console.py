@@ -301,3 +301,17 @@ async def test_qr_code_of_a_key_is_made_by_the_server(site: Site, server: Server
         assert r.json()["svg"].startswith("data:image/svg+xml")
         assert (await c.post("/admin/qr", json={"text": "x" * 513}, headers=h)).status_code == 400
         assert (await c.post("/admin/qr", json={"text": "x"})).status_code == 403  # no CSRF
+
+
+async def test_policy_preview_names_the_bad_line_and_stores_nothing(
+    site: Site, server: Server
+) -> None:
+    async with browser(site) as c:
+        h = {"X-CSRF-Token": await signed_in(c, server)}
+        bad = await c.post("/admin/policy/preview", json={"policy": '{\n"acls": [1]}'}, headers=h)
+        assert bad.status_code == 400
+        assert "(line 2)" in bad.json()["detail"]
+        ok = await c.post("/admin/policy/preview", json={"policy": '{"acls": []}'}, headers=h)
+        assert ok.status_code == 200
+        assert ok.json() == {"nodes": []}
+        assert await server.run_db(server.store.policy) is None

@@ -36,6 +36,14 @@ BAD_POLICY = """{
   ]
 }
 """
+GOOD_POLICY = """{
+  // only watcher may open connections, and only to renamedweb's web server
+  "acls": [
+    {"action": "accept", "src": ["watcher"], "dst": ["renamedweb:80"]}
+  ],
+  "hosts": {"watcher": "100.64.0.1/32", "renamedweb": "100.64.0.2/32"}
+}
+"""
 
 
 @pytest.fixture
@@ -172,11 +180,24 @@ def test_console_runs_the_tailnet_from_a_browser(
             expect(result).to_contain_text("line 3")
             expect(result).to_contain_text("nowhere")
             assert result.get_attribute("data-line") == "3"
+            expect(page.locator("#policy-highlight .hl-bad")).to_contain_text('"nowhere"')
             page.locator("#policy-save").click()
             expect(result).to_contain_text("line 3")
             page.screenshot(path=str(shots / "policy.png"), full_page=True)
             stored = server.cli("policy", "get", check=False)
             assert "nowhere" not in stored.stdout
+
+            # A good draft previewed before saving: who may reach each node, on which ports.
+            page.locator("#policy-text").fill(GOOD_POLICY)
+            page.locator("#policy-preview").click()
+            reach = page.locator("#policy-reach")
+            expect(reach.locator('tr[data-node="renamedweb"]')).to_contain_text("watcher (80)")
+            expect(reach.locator('tr[data-node="watcher"]')).to_contain_text("nobody")
+            assert "renamedweb" not in server.cli("policy", "get", check=False).stdout
+            page.screenshot(path=str(shots / "policy-preview.png"), full_page=True)
+            page.locator("#policy-save").click()
+            expect(result).to_contain_text("Saved")
+            assert "renamedweb" in server.cli("policy", "get").stdout
 
             # A change sent with a second session's CSRF token is refused.
             other = browser.new_context()

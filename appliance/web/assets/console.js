@@ -282,6 +282,48 @@ async function loadPolicy() {
   } catch (e) {
     if (e.status === 404) text.value = ""; else throw e;
   }
+  highlight(0);
+}
+
+// HuJSON highlighting: strings (keys apart), numbers, true/false/null, comments.
+const TOKENS = /("(?:[^"\\\n]|\\.)*"?)(\s*:)?|(\/\/[^\n]*|\/\*[\s\S]*?(?:\*\/|$))|(-?\b\d+(?:\.\d+)?(?:[eE][+-]?\d+)?\b)|\b(true|false|null)\b/g;
+
+function highlight(badLine) {
+  const text = $("#policy-text").value;
+  const out = [];
+  const lines = text.split("\n");
+  lines.forEach((line, i) => {
+    const span = el("span", { class: i + 1 === badLine ? "hl-bad" : null });
+    let last = 0;
+    for (const m of line.matchAll(TOKENS)) {
+      if (m.index > last) span.append(line.slice(last, m.index));
+      const cls = m[1] ? (m[2] ? "hl-key" : "hl-str") : m[3] ? "hl-com" : m[4] ? "hl-num" : "hl-kw";
+      span.append(el("span", { class: cls }, m[1] || m[0]));
+      if (m[1] && m[2]) span.append(m[2]);
+      last = m.index + m[0].length;
+    }
+    span.append(line.slice(last));
+    out.push(span, i < lines.length - 1 ? "\n" : "\n ");
+  });
+  $("#policy-highlight").replaceChildren(...out);
+  $("#policy-highlight").scrollTop = $("#policy-text").scrollTop;
+}
+
+async function policyPreview() {
+  const policy = $("#policy-text").value;
+  try {
+    const { nodes } = await call("POST", "policy/preview", { policy });
+    const table = $("#policy-reach");
+    table.querySelector("tbody").replaceChildren(...nodes.map((n) => el("tr", { "data-node": n.node },
+      el("td", {}, n.node),
+      el("td", {}, n.from.length ? n.from.map((f) => `${f.node} (${f.ports.join(", ")})`).join("; ")
+        : "nobody"))));
+    table.hidden = false;
+    showPolicyResult(true, "Preview of the draft (nothing saved): who may open connections to each node.");
+  } catch (e) {
+    $("#policy-reach").hidden = true;
+    showPolicyResult(false, e.message);
+  }
 }
 
 function showPolicyResult(ok, message) {
@@ -290,6 +332,7 @@ function showPolicyResult(ok, message) {
   out.className = ok ? "" : "error";
   out.textContent = message;
   const m = /\(line (\d+)\)/.exec(message);
+  highlight(!ok && m ? Number(m[1]) : 0);
   if (!ok && m) {  // put the cursor on the named line
     const text = $("#policy-text");
     const line = Number(m[1]);
@@ -391,6 +434,11 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("#policy-check").addEventListener("click", () => policyAction(false));
   $("#policy-save").addEventListener("click", () => policyAction(true));
+  $("#policy-preview").addEventListener("click", policyPreview);
+  $("#policy-text").addEventListener("input", () => highlight(0));
+  $("#policy-text").addEventListener("scroll", () => {
+    $("#policy-highlight").scrollTop = $("#policy-text").scrollTop;
+  });
   $("#user-create").addEventListener("submit", (ev) => {
     ev.preventDefault();
     const name = ev.target.elements.name.value.trim();

@@ -127,11 +127,12 @@ class Bench:
         first = [x for r in res for x in r["first_map_s"]]
         reg = [x for r in res for x in r["register_s"]]
         missing = sum(r["missing"] for r in res)
+        msgs = sum(r["messages"] for r in res)
         self.line(
             "register",
             wall,
             cpu,
-            f"{len(first) / wall:.1f} nodes/s, server CPU per join "
+            f"{len(first) / wall:.1f} nodes/s, {msgs} map messages delivered, server CPU per join "
             f"{1000 * (cpu_seconds(self.pid) - cpu[0]) / max(len(first), 1):.0f} ms; register {_ms(reg)}; first map since the start {_ms(first)}"
             + _missing(missing, res),
         )
@@ -190,6 +191,7 @@ class Bench:
 
     async def storm(self) -> None:
         t0, cpu = self.mark()
+        before = sum(r["messages"] for r in await self.all("messages"))
         await self.all("drop")
         # Let the server see every hang-up (offline deltas) before all return.
         await trio.sleep(2.0)
@@ -199,11 +201,13 @@ class Bench:
         first = [x for r in res for x in r["first_map_s"]]
         hs = [x for r in res for x in r["handshake_s"]]
         missing = sum(r["missing"] for r in res)
+        msgs = sum(r["messages"] for r in res) - before
         self.line(
             "storm",
             wall,
             cpu,
-            f"all back with full maps in {max(first, default=math.nan):.1f} s; first map "
+            f"all back with full maps in {max(first, default=math.nan):.1f} s, {msgs} map "
+            f"messages delivered; first map "
             f"{_ms(first)}; handshake {_ms(hs)}" + _missing(missing, res),
         )
 

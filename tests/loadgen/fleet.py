@@ -371,7 +371,12 @@ class Fleet:
             "first_map_s": [n.first_at - t0 for n in ok],
             "missing": len(self.nodes) - len(ok),
             "errors": self.errors[-5:],
+            "messages": self.messages(),
         }
+
+    def messages(self) -> int:
+        """Map messages (not keep-alives) received so far by this fleet's nodes."""
+        return sum(n.messages for n in self.nodes)
 
     async def drop(self, nodes: list[SimNode] | None = None, timeout: float = 60.0) -> None:
         """Hang up abruptly (as a crash or a network loss would)."""
@@ -397,6 +402,7 @@ class Fleet:
             "handshake_s": [n.handshake_s for n in ok],
             "missing": len(nodes) - len(ok),
             "errors": self.errors[-5:],
+            "messages": self.messages(),
         }
 
     async def churn_phase(self, churn: Churn, duration: float, grace: float) -> dict[str, Any]:

@@ -65,6 +65,8 @@ async def serve(args: argparse.Namespace) -> None:
                 reply({})
             elif c == "reconnect":
                 reply(await fleet.reconnect(cmd["t0"]))
+            elif c == "messages":
+                reply({"messages": fleet.messages()})
             elif c == "now":
                 reply({"now": now()})
             else:

@@ -228,6 +228,7 @@ class Console:
 
     async def logout(self, req: Request, s: Session, cookie: str) -> Response:
         self.sessions.close(cookie)
+        self.events.recheck()  # its open event streams end now, before anything else is sent
         self.audit.record(s.who, "sign out", f"session {s.id}")
         return _secure(
             Response(204, b"", [("Set-Cookie", set_cookie("", secure=self.secure, max_age=0))])

@@ -51,9 +51,14 @@ class Broker:
 
     def publish(self, change: Change) -> None:
         """Called synchronously from `Tailnet.apply`; never blocks, never raises."""
-        if not self.streams:
-            return
-        data = b"event: change\ndata: " + json.dumps(summary(change)).encode() + b"\n\n"
+        if self.streams:
+            self._send(b"event: change\ndata: " + json.dumps(summary(change)).encode() + b"\n\n")
+
+    def recheck(self) -> None:
+        """Every stream checks its session now (a sign-out ends its streams at once)."""
+        self._send(b": session check\n\n")
+
+    def _send(self, data: bytes) -> None:
         for s in list(self.streams):
             try:
                 s.send_nowait(data)

@@ -315,3 +315,19 @@ async def test_policy_preview_names_the_bad_line_and_stores_nothing(
         assert ok.status_code == 200
         assert ok.json() == {"nodes": []}
         assert await server.run_db(server.store.policy) is None
+
+
+async def test_sign_out_ends_the_sessions_event_stream(site: Site, server: Server) -> None:
+    async with browser(site) as client:
+        csrf = await signed_in(client, server)
+        with trio.fail_after(CALL_TIMEOUT):
+            async with client.stream("GET", "/admin/events") as stream:
+                lines = stream.aiter_lines()
+                assert await anext(lines) == "retry: 2000"
+                async with browser(site) as other:
+                    other.cookies = client.cookies
+                    out = await other.post("/admin/logout", headers={"X-CSRF-Token": csrf})
+                    assert out.status_code == 204
+                await server.run_db(server.store.create_user, "after-sign-out")
+                rest = [line async for line in lines]  # the stream ends (no timeout)
+        assert not any("after-sign-out" in x or '"kind": "user"' in x for x in rest)

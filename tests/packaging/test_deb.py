@@ -420,6 +420,14 @@ def test_serve_runs_as_unit_describes_and_answers_health(
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.2)
     assert status == 200, f"no answer on /health within 30 s:\n{log_path.read_text()}"
+    # The web console's assets are package data the binary carries (issue 15).
+    for path, needle in [
+        ("/admin/", b"homescale console"),
+        ("/admin/assets/console.js", b"EventSource"),
+    ]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            assert r.status == 200, path
+            assert needle in r.read(), path
 
     # The chroot/setpriv/env chain execs, so this PID is the server's
     # bootloader; it and the Python process it unpacked run as the user.

@@ -97,6 +97,7 @@ class ControlService:
         self.boundary = tailnet.boundary
         self.pending: dict[str, PendingRegistration] = {}
         self.stats = {"map_messages": 0, "map_bytes": 0, "registrations": 0}
+        self.metrics = tailnet.boundary.metrics  # None in tests that build no server
         self.ssh_checks = SSHChecks(server_url=self.config.server_url, log=log.getChild("ssh"))
         # One encoder for every stream: one compression context, each delta compressed once.
         self.frames = MapFrameEncoder(cache_entries=FRAME_CACHE)
@@ -527,6 +528,7 @@ class ControlService:
             values["disco_key"] = disco
         if mr.Endpoints is not None and list(mr.Endpoints) != node.endpoints:
             values["endpoints"] = list(mr.Endpoints)
+            self._count('headscale_mapresponse_endpoint_updates_total{status="ok"}')
         if mr.Hostinfo is not None:
             hi = mr.Hostinfo.to_json()
             if hi != node.hostinfo:
@@ -571,6 +573,9 @@ class ControlService:
                     node.id,
                     f" ({handle.closed_reason})" if handle.closed_reason else "",
                 )
+                # headscale: "cancelled" when the server ends it, "done" when the client does.
+                reason = "cancelled" if handle.closed_reason else "done"
+                self._count(f'headscale_mapresponse_ended_total{{reason="{reason}"}}')
 
     async def _stream_loop(
         self, handle: SessionHandle, encoder: MapFrameEncoder, resp: ControlResponse
@@ -593,6 +598,13 @@ class ControlService:
                 await handle.wake.wait()
                 continue
             await resp.send_data(encoder.encode(keepalive_message()))
+            self._count('headscale_mapresponse_sent_total{status="ok",type="keepalive"}')
+
+    def _count(self, name: str) -> None:
+        """A counter under headscale's metric names (hscontrol/metrics.go), which its
+        dashboards graph."""
+        if self.metrics is not None:
+            self.metrics.inc(name)
 
     def _compose(self, handle: SessionHandle, encoder: MapFrameEncoder) -> bytes | None:
         """The session's next message, framed; None when its client is up to date."""

@@ -105,8 +105,16 @@ async def test_taildrop_capability_in_the_clients_netmap(
         full = [m for m in realclient.sent_maps(server.log.refresh(), node["id"]) if "Node" in m]
         assert full, "no full map in the server's debug log"
         assert full[0]["Node"]["CapMap"]["https://tailscale.com/cap/file-sharing"] == []
+        # headscale's metric names, which its dashboards graph, count this session too.
+        metrics = await trio.to_thread.run_sync(server.metrics)
+        assert metrics['headscale_mapresponse_endpoint_updates_total{status="ok"}'] >= 1
+        assert metrics["headscale_nodestore_nodes"] == 1
     finally:
         c.stop()
+    ended = 'headscale_mapresponse_ended_total{reason="done"}'
+    with trio.fail_after(15):
+        while (await trio.to_thread.run_sync(server.metrics)).get(ended, 0) < 1:
+            await trio.sleep(0.2)
 
 
 async def test_extra_records_file_edit_reaches_the_client(tmp_path: Path) -> None:

@@ -96,6 +96,8 @@ class ControlService:
         self.nursery = nursery
         self.boundary = tailnet.boundary
         self.pending: dict[str, PendingRegistration] = {}
+        # Told when a login starts waiting (the web console's Pending view, live).
+        self.pending_added: Callable[[], None] = lambda: None
         self.stats = {"map_messages": 0, "map_bytes": 0, "registrations": 0}
         self.metrics = tailnet.boundary.metrics  # None in tests that build no server
         self.ssh_checks = SSHChecks(server_url=self.config.server_url, log=log.getChild("ssh"))
@@ -330,6 +332,7 @@ class ControlService:
             created=utcnow(),
         )
         self.pending[reg.id] = reg
+        self.pending_added()
         return reg
 
     def add_debug_registration(self, auth_id: str, hostinfo: dict[str, Any]) -> tuple[str, str]:
@@ -350,6 +353,7 @@ class ControlService:
             ephemeral=False,
             created=utcnow(),
         )
+        self.pending_added()
         return machine, node_key
 
     def _expire_pending(self) -> None:

@@ -541,6 +541,8 @@ async def serve(
                 log=log.getChild("control"),
                 nursery=nursery,
             )
+            if server.console is not None:
+                server.control.pending_added = server.console.events.pending
             if server.oidc is not None:
                 server.oidc.ssh_checks = server.control.ssh_checks
                 server.oidc.node_owner = server.node_owner

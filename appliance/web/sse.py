@@ -54,6 +54,11 @@ class Broker:
         if self.streams:
             self._send(b"event: change\ndata: " + json.dumps(summary(change)).encode() + b"\n\n")
 
+    def pending(self) -> None:
+        """A login started waiting (not a stored change: it lives in the control service)."""
+        if self.streams:
+            self._send(b'event: change\ndata: {"kind": "pending"}\n\n')
+
     def recheck(self) -> None:
         """Every stream checks its session now (a sign-out ends its streams at once)."""
         self._send(b": session check\n\n")

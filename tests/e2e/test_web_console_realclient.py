@@ -149,12 +149,13 @@ def test_console_runs_the_tailnet_from_a_browser(
             # the tsnet harness cannot advertise routes) is registered from the Pending
             # view, then its subnet route and exit node (one switch) approved on its card.
             auth_id = "hskey-authreq-" + "ab" * 12
+            page.goto(server.url + "/admin/#pending")
+            expect(page.locator("#pending")).to_contain_text("Nothing is waiting")
             server.cli(
                 "debug", "create-node", "--name", "routed", "--user", "alice", "--key", auth_id,
                 "--route", "10.9.0.0/24,0.0.0.0/0,::/0",
             )  # fmt: skip
-            page.goto(server.url + "/admin/#pending")
-            waiting = page.locator('#pending article[data-name="routed"]')
+            waiting = page.locator('#pending article[data-name="routed"]')  # appears live
             waiting.locator("input[name=user]").fill("alice")
             waiting.locator("button", has_text="Register").click()
             expect(waiting).to_have_count(0)

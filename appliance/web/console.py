@@ -25,6 +25,7 @@ from ..config import Config
 from ..errors import HomescaleError
 from ..httpserver import Request, Response, RouteHandler, Upgrade, UpgradeHandler
 from ..policies import PolicyInvalid
+from ..secrets import display_prefix, split_key
 from ..store import UserRow
 from .audit import AuditLog
 from .health import HealthSources, report
@@ -310,7 +311,8 @@ class Console:
         ok = await self.api.run_db(lambda: self.api.admin.check_api_key(token))
         if not ok:
             return None
-        return Session(f"API key {token[:10]}", ADMIN, "", 0.0, 0.0, id="apikey")
+        prefix, _ = split_key("api", token)  # checked above: well-formed
+        return Session(f"API key {display_prefix('api', prefix)}", ADMIN, "", 0.0, 0.0, id="apikey")
 
     def session_json(self, s: Session) -> dict[str, Any]:
         return {

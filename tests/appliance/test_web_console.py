@@ -223,6 +223,8 @@ async def test_api_key_works_for_scripts(site: Site, server: Server) -> None:
         )
         assert r.status_code == 200, r.text
         bad = await c.get("/admin/overview", headers={"Authorization": "Bearer hskey-api-nope"})
+        prefix = key.split("-")[2]
+        assert console(server).audit.entries()[0]["who"] == f"API key hskey-api-{prefix}-***"
         assert bad.status_code == 401
 
 

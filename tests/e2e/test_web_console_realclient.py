@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,8 @@ def test_console_runs_the_tailnet_from_a_browser(
                 "--route", "10.9.0.0/24,0.0.0.0/0,::/0",
             )  # fmt: skip
             waiting = page.locator('#pending article[data-name="routed"]')  # appears live
+            expect(waiting).to_contain_text("login")
+            page.screenshot(path=str(shots / "pending.png"), full_page=True)
             waiting.locator("input[name=user]").fill("alice")
             waiting.locator("button", has_text="Register").click()
             expect(waiting).to_have_count(0)
@@ -225,6 +228,24 @@ def test_console_runs_the_tailnet_from_a_browser(
             expect(page.locator("#health-regions")).to_contain_text("2 nodes")
             expect(page.locator("#health-metrics")).to_contain_text("homescale_stun_requests_total")
             page.screenshot(path=str(shots / "health.png"), full_page=True)
+
+            # An API key made in the page works for scripts (shown once).
+            page.goto(server.url + "/admin/#apikeys")
+            page.locator("#apikey-create button").click()
+            expect(page.locator("#new-apikey")).to_be_visible()
+            api_key = page.locator("#new-apikey-value").input_value()
+            with urllib.request.urlopen(
+                urllib.request.Request(
+                    server.url + "/api/v1/node", headers={"Authorization": f"Bearer {api_key}"}
+                ),
+                timeout=10,
+            ) as r:
+                assert "renamedweb" in r.read().decode()
+            expect(page.locator("#apikeys tr")).to_have_count(1)
+            page.screenshot(path=str(shots / "apikeys.png"), full_page=True)
+            page.goto(server.url + "/admin/#users")
+            expect(page.locator("#users")).to_contain_text("alice")
+            page.screenshot(path=str(shots / "users.png"), full_page=True)
 
             # The audit view names who renamed what.
             page.goto(server.url + "/admin/#audit")

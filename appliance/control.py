@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import trio
 
-from netmap.mapsession import MapSessionState, keepalive_message
+from netmap.mapsession import MapSessionState
 from protocol import safejson, tailcfg
 from protocol.gojson import WireError, format_time, is_zero_time
 from protocol.mapframe import MapFrameEncoder
@@ -98,7 +98,6 @@ class ControlService:
         self.pending: dict[str, PendingRegistration] = {}
         # Told when a login starts waiting (the web console's Pending view, live).
         self.pending_added: Callable[[], None] = lambda: None
-        self.stats = {"map_messages": 0, "map_bytes": 0, "registrations": 0}
         self.metrics = tailnet.boundary.metrics  # None in tests that build no server
         self.ssh_checks = SSHChecks(server_url=self.config.server_url, log=log.getChild("ssh"))
         # One encoder for every stream: one compression context, each delta compressed once.
@@ -601,7 +600,7 @@ class ControlService:
             with trio.move_on_after(KEEPALIVE_BASE + random.uniform(0, KEEPALIVE_JITTER)):
                 await handle.wake.wait()
                 continue
-            await resp.send_data(encoder.encode(keepalive_message()))
+            await resp.send_data(encoder.keepalive())
             self._count('headscale_mapresponse_sent_total{status="ok",type="keepalive"}')
 
     def _count(self, name: str) -> None:
@@ -616,8 +615,6 @@ class ControlService:
         if msg is None:
             return None
         frame = encoder.encode(msg)
-        self.stats["map_messages"] += 1
-        self.stats["map_bytes"] += len(frame)
         if self.log.isEnabledFor(logging.DEBUG):
             self.log.debug("node %d <- %d bytes: %s", handle.node_id, len(msg), msg.decode())
         return frame

@@ -8,14 +8,22 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Metrics:
-    """Named samples: counters are incremented in place, gauges are read at scrape time."""
+    """Named samples: counters are incremented in place (or read, when another part keeps
+    the count: `counter`), gauges are read at scrape time."""
 
     counters: dict[str, float] = field(default_factory=dict)
+    read_counters: dict[str, Callable[[], float]] = field(default_factory=dict)
     gauges: dict[str, Callable[[], float]] = field(default_factory=dict)
     help: dict[str, str] = field(default_factory=dict)
 
     def inc(self, name: str, by: float = 1.0) -> None:
         self.counters[name] = self.counters.get(name, 0.0) + by
+
+    def counter(self, name: str, read: Callable[[], float], help: str = "") -> None:
+        """A counter another part keeps (the DERP relay's totals), read at scrape time."""
+        self.read_counters[name] = read
+        if help:
+            self.help[name] = help
 
     def gauge(self, name: str, read: Callable[[], float], help: str = "") -> None:
         self.gauges[name] = read
@@ -24,8 +32,12 @@ class Metrics:
 
     def render(self) -> str:
         """The text format: each family's HELP and TYPE once, then its samples."""
-        # Copies first: render may run in a worker thread while the trio thread counts.
         counters, gauges = dict(self.counters), dict(self.gauges)
+        for name, read in self.read_counters.items():
+            try:
+                counters[name] = float(read())
+            except Exception:
+                continue
         lines: list[str] = []
         seen: set[str] = set()
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple
 import trio
 
 from derp.errors import DerpError
+from protocol import tailcfg
 
 from .admin import Admin, tailnet_routes
 from .api import AdminApi
@@ -299,9 +300,13 @@ class Server:
         # ASCII digits only ("²".isdigit() is true), and a size an int holds.
         if not (v.isascii() and v.isdigit()) or len(v) > 9:
             return Response.text(f"malformed capability version {v[:40]!r}\n", 400)
-        # NoiseCapabilityVersion (tailcfg): clients older than this speak no Noise.
-        if int(v) < 39:
-            return Response.text("client too old: capability version 39 or newer required\n", 400)
+        # Older clients than homescale supports are told so here, before they try Noise.
+        if int(v) < tailcfg.MIN_SUPPORTED_CAPABILITY_VERSION:
+            return Response.text(
+                f"client too old: capability version "
+                f"{tailcfg.MIN_SUPPORTED_CAPABILITY_VERSION} or newer required (Tailscale 1.56)\n",
+                400,
+            )
         return Response.json(
             {
                 "legacyPublicKey": "mkey:" + "0" * 64,
@@ -313,7 +318,8 @@ class Server:
         return Response.json({"version": version(), "commit": commit()})
 
     async def metrics_route(self, req: Request) -> Response:
-        text = await self.run_db(self.metrics.render)
+        # Every sample is read from memory: no reason to queue behind store writes.
+        text = self.metrics.render()
         return Response.text(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -435,7 +441,11 @@ async def serve(
             server.upgrades["/derp"] = relay.server.handle_upgrade
             server.routes.update(relay.routes())
             for name, read in relay.metrics().items():
-                server.metrics.gauge(name, read)
+                # Prometheus naming: a `_total` only ever grows (a counter), the rest are levels.
+                if name.endswith("_total"):
+                    server.metrics.counter(name, read)
+                else:
+                    server.metrics.gauge(name, read)
         from .relay import map_builder, run_map_updates
 
         if config.oidc is not None:

@@ -20,10 +20,6 @@ class RemoteDerpError(DerpError):
     """The peer sent something the protocol does not allow."""
 
 
-class ClientRefused(RemoteDerpError):
-    """A client was refused admission (``verify_clients`` said no)."""
-
-
 class FrameStalled(RemoteDerpError):
     """A DERP or WebSocket frame started and then stopped arriving (a timeout)."""
 

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import random
-import secrets
 import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -50,6 +49,7 @@ from derp.codec import (
 )
 from derp.errors import DerpConfigError, DerpError, FrameStalled, RemoteDerpError
 from derp.streams import PrefixedStream
+from protocol.keys import KeyParseError, load_or_create_private_key
 
 # derpserver.go defaultPerClientSendQueueDepth is 32 packets, but there the
 # reader and the writers run in parallel. Here one reader task routes a whole
@@ -604,10 +604,6 @@ class DerpServer:
     def is_connected(self, key: bytes) -> bool:
         return key in self._clients
 
-    @property
-    def connected_keys(self) -> frozenset[bytes]:
-        return frozenset(self._clients)
-
     def health(self, problem: str) -> None:
         """Send a Health frame (``""`` = healthy again) to every client."""
         for c in self._all:
@@ -821,29 +817,17 @@ def load_or_create_server_key(path: str | os.PathLike[str]) -> bytes:
     """The DERP server's private key from ``derp.server.private_key_path``.
 
     headscale's format (hscontrol/app.go readOrCreatePrivateKey): the text
-    ``privkey:<64 hex>``, file mode 0600, created on first start.
+    ``privkey:<64 hex>``, file mode 0600, created on first start -- by the same
+    (atomic) loader as the Noise key, `protocol.keys.load_or_create_private_key`.
     """
-    p = Path(path)
     try:
-        text = p.read_text().strip()
-    except FileNotFoundError:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        key = secrets.token_bytes(32)
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write("privkey:" + key.hex())
-        return bytes(PrivateKey(key))
-    prefix, _, hexkey = text.partition(":")
-    try:
-        key = bytes.fromhex(hexkey)
-    except ValueError:
-        key = b""
-    if prefix != "privkey" or len(key) != 32:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return load_or_create_private_key(path).raw
+    except KeyParseError:
         raise DerpConfigError(
-            f"{p}: not a DERP private key (want 'privkey:' and 64 hex digits); "
+            f"{os.fspath(path)}: not a DERP private key (want 'privkey:' and 64 hex digits); "
             "move it away to have a new one generated"
-        )
-    return key
+        ) from None
 
 
 __all__ = [

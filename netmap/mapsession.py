@@ -102,15 +102,6 @@ class MapSessionState:
     def mark_self(self) -> None:
         self.pending_self = True
 
-    @property
-    def has_pending(self) -> bool:
-        return (
-            self.pending_all
-            or self.pending_self
-            or self.pending_visibility
-            or bool(self.pending_peers)
-        )
-
     # -- composing
 
     def next_message(self, view: TailnetView, now: datetime) -> bytes | None:
@@ -234,7 +225,3 @@ class MapSessionState:
 
 def _j(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
-
-
-def keepalive_message() -> bytes:
-    return b'{"KeepAlive":true}'

@@ -51,7 +51,7 @@ async def test_key_matches_the_key_file(site: Site, server: Server) -> None:
     assert body["publicKey"] == str(read_private_key_file(site.key_path).machine_public())
 
 
-@pytest.mark.parametrize("query", ["", "?v=", "?v=abc", "?x=130", "?v=38"])
+@pytest.mark.parametrize("query", ["", "?v=", "?v=abc", "?x=130", "?v=38", "?v=81"])
 async def test_key_without_capability_version_400(site: Site, server: Server, query: str) -> None:
     r = await get(site, "/key" + query)
     assert r.status_code == 400

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests import oidcprovider, realclient
+from tests.e2e.test_web_console_realclient import ARTIFACTS
 
 ACCOUNTS: dict[str, dict[str, Any]] = {
     "alice": {
@@ -30,6 +31,13 @@ ACCOUNTS: dict[str, dict[str, Any]] = {
         "email_verified": True,
         "preferred_username": "olga",
         "groups": ["tailnet", "ops"],
+    },
+    "carol": {
+        "sub": "carol-subject-1",
+        "email": "carol@example.com",
+        "email_verified": True,
+        "preferred_username": "carol",
+        "groups": ["tailnet"],
     },
     "bob": {
         "sub": "bob-subject-1",
@@ -169,3 +177,47 @@ def test_console_sign_in_page_offers_the_provider(net: realclient.HomescaleServe
     r = httpx.get(net.url + "/admin/session", timeout=15)
     assert r.status_code == 401
     assert "identity provider" in r.json()["detail"]
+
+
+def test_a_user_manages_their_own_device_in_the_browser(net: realclient.HomescaleServer) -> None:
+    """Sign in through the provider's pages in chromium; the Strict session cookie set at
+    the end of the cross-site redirect chain is used by the page (same-origin fetches)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    chromium = oidcprovider.require_browser()
+    idp = IDPS[net.url]
+    key = "hskey-authreq-" + "12" * 12
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 390, "height": 844})
+            page.set_default_timeout(20_000)
+            page.goto(net.url + "/admin/")
+            expect(page.locator("#signin-oidc")).to_be_visible()
+            page.locator("#signin-oidc a").click()
+            page.fill('input[name="login"]', idp.accounts["carol"]["sub"])
+            page.fill('input[name="password"]', "any password")
+            page.click('button[type="submit"]')
+            page.wait_for_selector('button[type="submit"]:has-text("Continue")')
+            page.click('button[type="submit"]')
+            expect(page.locator("#whoami")).to_contain_text("carol")
+            expect(page.locator("#whoami")).to_contain_text("(user)")
+            assert page.url == net.url + "/admin/"
+            # carol exists now: a phone waits for her, is registered, and only it is listed.
+            net.cli(
+                "debug", "create-node", "--name", "carols-phone", "--user", "carol", "--key", key
+            )
+            net.cli("auth", "register", "--user", "carol", "--auth-id", key)
+            card = page.locator('#nodes article[data-name="carols-phone"]')
+            expect(card).to_be_visible()  # live: no reload
+            expect(page.locator("#nodes article")).to_have_count(1)
+            for admin_only in ("Users", "Policy", "Audit", "API keys"):
+                expect(page.locator("#tabs a", has_text=admin_only)).to_be_hidden()
+            expect(card.locator("form.tags")).to_have_count(0)
+            card.locator("form.rename input").fill("carols-new-phone")
+            card.locator("form.rename button").click()
+            expect(page.locator('#nodes article[data-name="carols-new-phone"]')).to_be_visible()
+            page.screenshot(path=str(ARTIFACTS / "console" / "self-service-phone.png"))
+            assert "carols-new-phone" in {n["givenName"] for n in net.nodes()}
+        finally:
+            browser.close()

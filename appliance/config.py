@@ -343,8 +343,8 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "acme_url": (_url, "https://acme-v02.api.letsencrypt.org/directory"),
     "acme_email": (_str, ""),
     # homescale's own (headscale has no such key): per-IP caps on open connections.
-    "limits.max_connections_per_ip": (_count, 256),
-    "limits.max_derp_connections_per_ip": (_count, 64),
+    "limits.max_connections_per_ip": (_count, 1024),
+    "limits.max_derp_connections_per_ip": (_count, 512),
     # headscale's reverse proxies: every client behind one shares its address, so the
     # per-IP caps above do not apply to them (X-Forwarded-For is not read; see below).
     "trusted_proxies": (_networks, []),
@@ -544,8 +544,8 @@ class Config:
     ephemeral_inactivity_timeout: timedelta
     disable_check_updates: bool
     cli: CliSettings
-    max_connections_per_ip: int = 256  # 0: no limit
-    max_derp_connections_per_ip: int = 64
+    max_connections_per_ip: int = 1024  # 0: no limit
+    max_derp_connections_per_ip: int = 512
     # Exempt from the per-IP caps (a reverse proxy carries every client's connection).
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     warnings: list[str] = field(default_factory=list)

@@ -12,6 +12,7 @@ import errno
 import html
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -387,6 +388,22 @@ def _first_start_cert(config: Config, log: logging.Logger) -> None:
         log.info("generated %s for the DERP relay (clients pin it)", config.tls_cert_path)
 
 
+def raise_open_files_limit(log: logging.Logger) -> int:
+    """Lift the soft RLIMIT_NOFILE to the hard limit, as Go's runtime does at start.
+
+    Every node holds two sockets (control + DERP); systemd's default soft limit of 1024
+    would cap the tailnet near 500 nodes while the hard limit allows far more.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as e:
+            log.warning("open files limit stays at %d (raising it to %d failed: %s)", soft, hard, e)
+    return soft
+
+
 async def serve(
     config: Config,
     log: logging.Logger,
@@ -399,6 +416,7 @@ async def serve(
 
     for w in config.warnings:
         log.warning("%s", w)
+    raise_open_files_limit(log)
     server = Server(config, log)
     relay = None
     socket_ours = False  # never remove a socket another running server owns

@@ -494,6 +494,9 @@ class HomescaleServer:
             ("inactivity_timeout: 30m", f"inactivity_timeout: {ephemeral_timeout}"),
             ("verify_clients: true", f"verify_clients: {'true' if verify_clients else 'false'}"),
             ("level: info", f"level: {log_level}"),
+            # Below the default, so the flood test (tests/e2e/test_adversarial.py) passes
+            # it with a few hundred sockets, well inside the test process's open-files limit.
+            ("max_connections_per_ip: 1024", "max_connections_per_ip: 256"),
         ]:
             assert old in text, f"homescale init config lacks {old!r}"
             text = text.replace(old, new)

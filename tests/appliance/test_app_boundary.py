@@ -216,8 +216,8 @@ def test_limits_are_in_the_config(site: Site) -> None:
     from appliance.config import load_config
 
     config = load_config(site.config_path, environ={})
-    assert config.max_connections_per_ip == 256
-    assert config.max_derp_connections_per_ip == 64
+    assert config.max_connections_per_ip == 1024
+    assert config.max_derp_connections_per_ip == 512
     env = {"HOMESCALE_LIMITS_MAX_CONNECTIONS_PER_IP": "10"}
     assert load_config(site.config_path, environ=env).max_connections_per_ip == 10
 

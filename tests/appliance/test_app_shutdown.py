@@ -153,3 +153,20 @@ async def test_refused_second_server_leaves_the_first_alone(
     site: Site, capsys: pytest.CaptureFixture[str]
 ) -> None:
     await run_second_server(site, capsys, check_first=True)
+
+
+def test_serve_lifts_the_open_files_limit_to_the_hard_limit() -> None:
+    """Two sockets per node: a soft limit of 1024 would cap the tailnet near 500 nodes."""
+    import logging
+    import resource
+
+    from appliance.serve import raise_open_files_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowered = min(256, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+    try:
+        assert raise_open_files_limit(logging.getLogger("test")) == hard
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -513,7 +513,7 @@ async def test_connection_flood_from_one_ip(tailnet: Tailnet, pair: Pair) -> Non
     held: list[trio.SocketStream] = []
     try:
         # The real nodes hold a few connections from this address too; 300 is past the
-        # default cap of 256 either way. Each flood connection stays open, sending nothing.
+        # cap of 256 (tests/realclient.py sets it) either way. Each flood connection stays open, sending nothing.
         refused = 0
         for _ in range(300):
             s = await trio.open_tcp_stream("127.0.0.1", server.port)

@@ -24,6 +24,7 @@ HEARTBEAT = 20.0  # a comment line this often keeps proxies from closing an idle
 SEND_TIMEOUT = 10.0  # a browser that does not read its stream within this is dropped
 QUEUE = 64  # events waiting for one slow stream; past this it is closed (it reconnects)
 MAX_STREAMS = 256
+MAX_PER_SESSION = 8  # tabs of one browser; one session cannot take every stream
 
 
 def summary(change: Change) -> dict[str, Any]:
@@ -48,6 +49,7 @@ class Broker:
     def __init__(self, log: logging.Logger) -> None:
         self.log = log
         self.streams: set[trio.MemorySendChannel[bytes]] = set()
+        self.per_session: dict[str, int] = {}
 
     def publish(self, change: Change) -> None:
         """Called synchronously from `Tailnet.apply`; never blocks, never raises."""
@@ -78,9 +80,14 @@ class Broker:
             if name.lower() == b"cookie":
                 cookie = cookie_value(value.decode("latin-1"))
         token = cookie
-        if session_of(token) is None or len(self.streams) >= MAX_STREAMS:
-            status = b"401 Unauthorized" if session_of(token) is None else b"503 Busy"
-            body = b"sign in first\n" if status.startswith(b"401") else b"too many streams\n"
+        session = session_of(token)
+        if (
+            session is None
+            or len(self.streams) >= MAX_STREAMS
+            or self.per_session.get(session.id, 0) >= MAX_PER_SESSION
+        ):
+            status = b"401 Unauthorized" if session is None else b"503 Service Unavailable"
+            body = b"sign in first\n" if session is None else b"too many event streams\n"
             with trio.move_on_after(SEND_TIMEOUT):
                 await up.stream.send_all(
                     b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain\r\n"
@@ -89,6 +96,7 @@ class Broker:
             return
         send, receive = trio.open_memory_channel[bytes](QUEUE)
         self.streams.add(send)
+        self.per_session[session.id] = self.per_session.get(session.id, 0) + 1
         try:
             with trio.fail_after(SEND_TIMEOUT):
                 await up.stream.send_all(
@@ -113,3 +121,6 @@ class Broker:
         finally:
             self.streams.discard(send)
             send.close()
+            left = self.per_session.pop(session.id, 1) - 1
+            if left:
+                self.per_session[session.id] = left

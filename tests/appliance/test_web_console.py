@@ -333,3 +333,22 @@ async def test_sign_out_ends_the_sessions_event_stream(site: Site, server: Serve
                 await server.run_db(server.store.create_user, "after-sign-out")
                 rest = [line async for line in lines]  # the stream ends (no timeout)
         assert not any("after-sign-out" in x or '"kind": "user"' in x for x in rest)
+
+
+async def test_one_session_cannot_take_every_event_stream(site: Site, server: Server) -> None:
+    from contextlib import AsyncExitStack
+
+    from appliance.web.sse import MAX_PER_SESSION
+
+    async with browser(site) as client, AsyncExitStack() as streams:
+        await signed_in(client, server)
+        with trio.fail_after(CALL_TIMEOUT):
+            for _ in range(MAX_PER_SESSION):
+                s = await streams.enter_async_context(client.stream("GET", "/admin/events"))
+                assert s.status_code == 200
+            over = await client.get("/admin/events")
+            assert over.status_code == 503
+            async with browser(site) as other:
+                await signed_in(other, server)
+                async with other.stream("GET", "/admin/events") as s:
+                    assert s.status_code == 200  # another session still gets one

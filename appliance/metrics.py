@@ -30,14 +30,25 @@ class Metrics:
         if help:
             self.help[name] = help
 
-    def render(self) -> str:
-        """The text format: each family's HELP and TYPE once, then its samples."""
-        counters, gauges = dict(self.counters), dict(self.gauges)
-        for name, read in self.read_counters.items():
+    def samples(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Every sample's value now: (counters, gauges). One that cannot be read is left out.
+        Copies first: this may run in a worker thread while the trio thread counts."""
+        counters, gauges = dict(self.counters), {}
+        for name, read in list(self.read_counters.items()):
             try:
                 counters[name] = float(read())
             except Exception:
                 continue
+        for name, read in list(self.gauges.items()):
+            try:
+                gauges[name] = float(read())
+            except Exception:
+                continue
+        return counters, gauges
+
+    def render(self) -> str:
+        """The text format: each family's HELP and TYPE once, then its samples."""
+        counters, gauges = self.samples()
         lines: list[str] = []
         seen: set[str] = set()
 
@@ -54,10 +65,6 @@ class Metrics:
             family(name, "counter")
             lines.append(f"{name} {counters[name]:g}")
         for name in sorted(gauges):
-            try:
-                value = float(gauges[name]())
-            except Exception:
-                continue
             family(name, "gauge")
-            lines.append(f"{name} {value:g}")
+            lines.append(f"{name} {gauges[name]:g}")
         return "\n".join(lines) + "\n"

@@ -38,12 +38,8 @@ def _file_not_after(config: Config) -> dt.datetime | None:
 
 def report(src: HealthSources) -> dict[str, Any]:
     config, tailnet = src.config, src.tailnet
-    samples: dict[str, float] = dict(src.metrics.counters)
-    for name, read in list(src.metrics.gauges.items()):
-        try:
-            samples[name] = float(read())
-        except Exception:  # a gauge that cannot be read is left out, as /metrics does
-            continue
+    counters, gauges = src.metrics.samples()
+    samples = {**counters, **gauges}
     try:
         derp_map = json.loads(tailnet.derp_map[1]) or {}
     except ValueError:

@@ -101,6 +101,13 @@ def test_console_runs_the_tailnet_from_a_browser(
             page = ctx.new_page()
             page.set_default_timeout(20_000)
             page.on("dialog", lambda d: d.accept())
+            # Every script error and Content-Security-Policy violation of the page is kept.
+            problems: list[str] = []
+            page.on("pageerror", lambda e: problems.append(f"script error: {e}"))
+            page.on(
+                "console",
+                lambda m: problems.append(m.text) if "Content Security Policy" in m.text else None,
+            )
 
             # Sign in with the one-time link; the address bar keeps no secret.
             page.goto(login_url(server))
@@ -260,6 +267,8 @@ def test_console_runs_the_tailnet_from_a_browser(
             expect(phone_page.locator('article[data-name="renamedweb"]')).to_be_visible()
             phone_page.screenshot(path=str(shots / "nodes-phone.png"), full_page=True)
             phone.close()
+
+            assert problems == []
 
             # Sign out: the page asks to sign in again, and the session is gone.
             page.goto(server.url + "/admin/#nodes")

@@ -13,8 +13,7 @@ import logging
 import random
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -22,15 +21,15 @@ import trio
 
 from netmap.mapsession import MapSessionState
 from protocol import safejson, tailcfg
-from protocol.gojson import WireError, format_time, is_zero_time
+from protocol.gojson import ZERO_TIME, WireError, is_zero_time
 from protocol.mapframe import MapFrameEncoder
 
 from .admin import Admin, validate_tags
 from .changes import NodeOnline
 from .control_conn import ControlRequest, ControlResponse
 from .errors import HomescaleError, InvalidInput, NotFound
+from .logins import PendingLogins, PendingRegistration
 from .nodes import Login, log_in
-from .secrets import new_auth_id
 from .sessions import SessionHandle
 from .sshcheck import SSHCheckError, SSHChecks
 from .store import NodeRow, Store, utcnow
@@ -38,7 +37,6 @@ from .storethread import RunDb
 from .tailnet import Tailnet, node_is_expired
 from .users import TAGGED_USER_ID, TAGGED_USER_NAME
 
-REGISTRATION_TTL = timedelta(minutes=15)  # pending interactive logins expire
 # Keep-alive cadence: the client cancels a poll after 120 s of silence (controlclient);
 # Tailscale and headscale send one every 50 s plus jitter.
 KEEPALIVE_BASE = 50.0
@@ -58,22 +56,6 @@ FRAME_CACHE = 4096
 ZERO_NODE_KEY = "nodekey:" + "0" * 64
 
 
-@dataclass
-class PendingRegistration:
-    """An interactive login waiting for `homescale nodes register --key <id>`."""
-
-    id: str
-    machine_key: str
-    node_key: str
-    hostinfo: dict[str, Any]
-    ephemeral: bool
-    created: datetime
-    done: trio.Event = field(default_factory=trio.Event)
-    node: NodeRow | None = None
-    rejected: bool = False
-    reason: str = "login rejected by an administrator of this homescale server"
-
-
 class ControlService:
     """Answers the Noise HTTP/2 requests of every connected node."""
 
@@ -86,6 +68,7 @@ class ControlService:
         run_db: RunDb,
         log: logging.Logger,
         nursery: trio.Nursery,
+        logins: PendingLogins,
     ) -> None:
         self.store = store
         self.admin = admin
@@ -95,9 +78,7 @@ class ControlService:
         self.log = log
         self.nursery = nursery
         self.boundary = tailnet.boundary
-        self.pending: dict[str, PendingRegistration] = {}
-        # Told when a login starts waiting (the web console's Pending view, live).
-        self.pending_added: Callable[[], None] = lambda: None
+        self.logins = logins
         self.metrics = tailnet.boundary.metrics  # None in tests that build no server
         self.ssh_checks = SSHChecks(server_url=self.config.server_url, log=log.getChild("ssh"))
         # One encoder for every stream: one compression context, each delta compressed once.
@@ -146,32 +127,24 @@ class ControlService:
 
     # ------------------------------------------------------------ registration
 
-    async def _success(self, node: NodeRow) -> dict[str, Any]:
+    async def _success(self, node: NodeRow) -> tailcfg.RegisterResponse:
         if node.tags or node.user_id is None:
-            uid, name, created = TAGGED_USER_ID, TAGGED_USER_NAME, None
+            uid, name, created = TAGGED_USER_ID, TAGGED_USER_NAME, ZERO_TIME
         else:
             u = self.tailnet.users.get(node.user_id)
             if u is None:
                 u = await self.run_db(self.store.user, node.user_id)
-            uid, name, created = u.id, u.name, u.created_at
-        return {
-            "User": {
-                "ID": uid,
-                "DisplayName": name,
-                "ProfilePicURL": "",
-                "Created": format_time(created) if created else "0001-01-01T00:00:00Z",
-            },
-            "Login": {
-                "ID": uid,
-                "Provider": "",
-                "LoginName": name,
-                "DisplayName": name,
-                "ProfilePicURL": "",
-            },
+            uid, name, created = u.id, u.name, u.created_at or ZERO_TIME
+        return tailcfg.RegisterResponse(
+            User=tailcfg.User(ID=uid, DisplayName=name, Created=created),
+            Login=tailcfg.Login(ID=uid, LoginName=name, DisplayName=name),
             # False under device approval: the client waits (NeedsMachineAuth) until an admin
             # approves; the approval reaches it as its own node in the map stream.
-            "MachineAuthorized": node.approved,
-        }
+            MachineAuthorized=node.approved,
+        )
+
+    async def _register_reply(self, resp: ControlResponse, rr: tailcfg.RegisterResponse) -> None:
+        await self._reply(resp, 200, rr.to_json())
 
     async def ssh_action(self, req: ControlRequest, resp: ControlResponse) -> None:
         """Tailscale SSH on `dst` asks whether `src` may connect (an `action: check` rule)."""
@@ -218,7 +191,7 @@ class ControlService:
         # 1. Logout: an expiry in the past (Tailscale sends Unix 123).
         if not is_zero_time(rr.Expiry) and rr.Expiry <= utcnow():
             await self._logout(node or by_machine)
-            await self._reply(resp, 200, {"NodeKeyExpired": True})
+            await self._register_reply(resp, tailcfg.RegisterResponse(NodeKeyExpired=True))
             return
         # 2. Follow-up of an interactive login: wait until an admin completes it.
         if rr.Followup:
@@ -239,20 +212,20 @@ class ControlService:
                 )
             except InvalidInput as e:
                 self.log.info("registration of %s refused: %s", machine, e)
-                await self._reply(resp, 200, {"Error": str(e)})
+                await self._register_reply(resp, tailcfg.RegisterResponse(Error=str(e)))
                 return
             self.log.info("node %d (%s) registered with an auth key", done.id, done.given_name)
-            await self._reply(resp, 200, await self._success(done))
+            await self._register_reply(resp, await self._success(done))
             return
         # 4. A known node restarting with its stored key.
         if node is not None:
             if node_is_expired(node):
-                await self._reply(resp, 200, {"NodeKeyExpired": True})
+                await self._register_reply(resp, tailcfg.RegisterResponse(NodeKeyExpired=True))
                 return
             if hostinfo and hostinfo != node.hostinfo:
                 nid = node.id
                 node = await self.run_db(lambda: self.store.update_node(nid, hostinfo=hostinfo))
-            await self._reply(resp, 200, await self._success(node))
+            await self._register_reply(resp, await self._success(node))
             return
         # 5. Key rotation: OldNodeKey names this machine's node.
         old_key = str(rr.OldNodeKey)
@@ -266,16 +239,18 @@ class ControlService:
                 lambda: self.store.update_node(by_machine.id, node_key=node_key)
             )
             self.log.info("node %d rotated its key", rotated.id)
-            await self._reply(resp, 200, await self._success(rotated))
+            await self._register_reply(resp, await self._success(rotated))
             return
         # 6. Interactive login.
-        pending = self._new_pending(machine, node_key, hostinfo, rr.Ephemeral)
+        pending = self.logins.start(machine, node_key, hostinfo, rr.Ephemeral)
         self.log.info(
             "interactive login %s for %s: waiting for `homescale nodes register`",
             pending.id,
             hostinfo.get("Hostname", "?"),
         )
-        await self._reply(resp, 200, {"AuthURL": self.auth_url(pending.id)})
+        await self._register_reply(
+            resp, tailcfg.RegisterResponse(AuthURL=self.auth_url(pending.id))
+        )
 
     def auth_url(self, reg_id: str) -> str:
         return f"{self.config.server_url}/register/{reg_id}"
@@ -315,122 +290,45 @@ class ControlService:
         await self.run_db(lambda: self.store.update_node(node.id, expiry=utcnow()))
         self.log.info("node %d logged out", node.id)
 
-    def _new_pending(
-        self, machine: str, node_key: str, hostinfo: dict[str, Any], ephemeral: bool
-    ) -> PendingRegistration:
-        self._expire_pending()
-        for p in self.pending.values():
-            if p.machine_key == machine and p.node_key == node_key and p.node is None:
-                return p  # the same client asking again keeps its URL
-        reg = PendingRegistration(
-            id=new_auth_id(),
-            machine_key=machine,
-            node_key=node_key,
-            hostinfo=hostinfo,
-            ephemeral=ephemeral,
-            created=utcnow(),
-        )
-        self.pending[reg.id] = reg
-        self.pending_added()
-        return reg
-
     def add_debug_registration(self, auth_id: str, hostinfo: dict[str, Any]) -> tuple[str, str]:
-        """`debug create-node`: a made-up machine waits under `auth_id` (no client polls
-        it); `auth register` turns it into a node. Its (machine, node) keys."""
-        from protocol.keys import PrivateKey
-
-        self._expire_pending()
-        if auth_id in self.pending:
-            raise InvalidInput(f"key: a login is already pending under {auth_id}")
-        machine = str(PrivateKey.generate().machine_public())
-        node_key = str(PrivateKey.generate().node_public())
-        self.pending[auth_id] = PendingRegistration(
-            id=auth_id,
-            machine_key=machine,
-            node_key=node_key,
-            hostinfo=hostinfo,
-            ephemeral=False,
-            created=utcnow(),
-        )
-        self.pending_added()
-        return machine, node_key
-
-    def _expire_pending(self) -> None:
-        now = utcnow()
-        for rid in [r for r, p in self.pending.items() if now - p.created > REGISTRATION_TTL]:
-            del self.pending[rid]
+        return self.logins.add_debug(auth_id, hostinfo)
 
     async def _followup(self, url: str, node_key: str, machine: str, resp: ControlResponse) -> None:
-        reg_id = url.rstrip("/").rsplit("/", 1)[-1]
-        reg = self.pending.get(reg_id)
+        reg = self.logins.get(url)
         if reg is None or reg.machine_key != machine:
             node = await self.run_db(self.store.node_by, "node_key", node_key)
             if node is not None and node.machine_key == machine and not node_is_expired(node):
-                await self._reply(resp, 200, await self._success(node))
+                await self._register_reply(resp, await self._success(node))
                 return
-            fresh = self._new_pending(machine, node_key, {}, False)
-            await self._reply(resp, 200, {"AuthURL": self.auth_url(fresh.id)})
+            fresh = self.logins.start(machine, node_key, {}, False)
+            await self._register_reply(
+                resp, tailcfg.RegisterResponse(AuthURL=self.auth_url(fresh.id))
+            )
             return
-        remaining = (reg.created + REGISTRATION_TTL - utcnow()).total_seconds()
-        with trio.move_on_after(max(remaining, 0)):
-            await reg.done.wait()
+        await self.logins.wait(reg)
         if reg.rejected:
             self.log.info("interactive login %s was rejected", reg.id)
-            await self._reply(resp, 200, {"Error": reg.reason})
+            await self._register_reply(resp, tailcfg.RegisterResponse(Error=reg.reason))
             return
         if reg.node is None:
-            self.pending.pop(reg.id, None)
-            fresh = self._new_pending(machine, node_key, reg.hostinfo, reg.ephemeral)
-            await self._reply(resp, 200, {"AuthURL": self.auth_url(fresh.id)})
-            return
-        await self._reply(resp, 200, await self._success(reg.node))
-
-    def _pending(self, reg_id: str) -> PendingRegistration:
-        self._expire_pending()
-        reg = self.pending.get(reg_id.strip().rsplit("/", 1)[-1])
-        if reg is None:
-            raise NotFound(
-                f"no pending registration {reg_id!r} (it may have expired after "
-                f"{int(REGISTRATION_TTL.total_seconds() // 60)} minutes; restart the "
-                f"client's login)"
+            self.logins.forget(reg)
+            fresh = self.logins.start(machine, node_key, reg.hostinfo, reg.ephemeral)
+            await self._register_reply(
+                resp, tailcfg.RegisterResponse(AuthURL=self.auth_url(fresh.id))
             )
-        return reg
+            return
+        await self._register_reply(resp, await self._success(reg.node))
 
     def reject_registration(self, reg_id: str) -> None:
         """`homescale auth reject --auth-id ID`: the waiting client is told it was refused."""
-        reg = self._pending(reg_id)
-        reg.rejected = True
-        reg.done.set()
-        del self.pending[reg.id]
-
-    def pending_logins(self) -> list[dict[str, Any]]:
-        """Interactive logins waiting for a sign-in or `nodes register` (for `auth list`)."""
-        self._expire_pending()
-        return [
-            {
-                "authId": p.id,
-                "kind": "login",
-                "hostname": str(p.hostinfo.get("Hostname") or ""),
-                "machineKey": p.machine_key,
-                "user": "",
-                "createdAt": format_time(p.created),
-            }
-            for p in self.pending.values()
-            if p.node is None and not p.rejected
-        ]
-
-    def pending_hostname(self, reg_id: str) -> str | None:
-        """The hostname of a pending login (for the sign-in pages), None if unknown/expired."""
-        self._expire_pending()
-        reg = self.pending.get(reg_id)
-        return None if reg is None else str(reg.hostinfo.get("Hostname") or "this machine")
+        self.logins.reject(self.logins.require(reg_id))
 
     async def complete_registration(
         self, user: str, reg_id: str, *, expiry: datetime | None = None, method: str = "cli"
     ) -> dict[str, Any]:
         """`homescale nodes register --user U --key ID` (or an OIDC sign-in): create the
         node, release the client."""
-        reg = self._pending(reg_id)
+        reg = self.logins.require(reg_id)
         if not user:
             raise InvalidInput("--user is required")
         owner = await self.run_db(self.admin.resolve_user, user)
@@ -450,9 +348,7 @@ class ControlService:
             return log_in(self.store, self.config, reg.machine_key, existing, login)
 
         node = await self.run_db(create)
-        reg.node = node
-        reg.done.set()
-        del self.pending[reg.id]
+        self.logins.complete(reg, node)
         self.log.info(
             "node %d (%s) registered interactively for %s", node.id, node.given_name, user
         )
@@ -478,9 +374,7 @@ class ControlService:
             if not refused:
                 return tuple(tags)
         message = f"login refused: the machine asks for tags ({', '.join(refused)}); {why}"
-        reg.rejected, reg.reason = True, message
-        reg.done.set()
-        self.pending.pop(reg.id, None)
+        self.logins.reject(reg, message)
         self.log.info("interactive login %s: %s", reg.id, message)
         raise InvalidInput(message)
 

@@ -97,7 +97,7 @@ def debug_routes(server: Server) -> dict[str, RouteHandler]:
         return json.loads(tn.derp_map[1])
 
     def registration_cache() -> Any:
-        return server.control.pending_logins() if server.control is not None else []
+        return server.logins.listing()
 
     def overview() -> Any:
         return {

@@ -36,6 +36,7 @@ from .debugviews import debug_routes
 from .errors import HomescaleError
 from .haprobe import HAProber
 from .httpserver import HttpServer, Request, Response, RouteHandler, Upgrade, UpgradeHandler
+from .logins import PendingLogins
 from .metrics import Metrics
 from .policies import PolicyInvalid, check_policy_text, read_policy, recovery_steps
 from .relay import verify_route
@@ -101,6 +102,8 @@ class Server:
         )
         self.routes["/machine/ping-response"] = self.ha_prober.ping_response
         self.control: ControlService | None = None
+        # Interactive logins waiting for an admin or the OIDC provider (appliance.logins).
+        self.logins = PendingLogins()
         self.oidc: OIDCLogin | None = None  # set by `serve` when oidc.issuer is configured
         self.console: Console | None = None  # the web console (appliance.web), set by `serve`
         self.metrics.gauge("homescale_nodes", lambda: len(self.tailnet.nodes), "registered nodes")
@@ -139,7 +142,7 @@ class Server:
         return await self.control.complete_registration(user, reg_id, expiry=expiry, method=method)
 
     def pending_hostname(self, reg_id: str) -> str | None:
-        return self.control.pending_hostname(reg_id) if self.control else None
+        return self.logins.hostname(reg_id)
 
     def reject_registration(self, reg_id: str) -> None:
         """`auth reject`: a pending login, or a pending SSH check."""
@@ -181,7 +184,7 @@ class Server:
 
         if self.control is None:
             return []
-        out = self.control.pending_logins()
+        out = self.logins.listing()
 
         def owner_name(node_id: int) -> str:
             uid = self.node_owner(node_id)
@@ -242,7 +245,7 @@ class Server:
             if req.path.startswith(CONFIRM_PATH):
                 return await self.oidc.confirm(req, reg_id)
             return await self.oidc.register_page(req, reg_id)
-        pending = self.control.pending.get(reg_id) if self.control else None
+        pending = self.logins.get(reg_id)
         if pending is None:
             return Response.text(
                 "unknown or expired registration; restart the login on the client\n", 404
@@ -568,9 +571,10 @@ async def serve(
                 run_db=server.run_db,
                 log=log.getChild("control"),
                 nursery=nursery,
+                logins=server.logins,
             )
             if server.console is not None:
-                server.control.pending_added = server.console.events.pending
+                server.logins.added = server.console.events.pending
             if server.oidc is not None:
                 server.oidc.ssh_checks = server.control.ssh_checks
                 server.oidc.node_owner = server.node_owner

@@ -116,7 +116,7 @@ class Seeder:
         assert control is not None
         machine = str(PrivateKey.generate().machine_public())
         node_key = str(PrivateKey.generate().node_public())
-        reg = control._new_pending(machine, node_key, {"Hostname": hostname}, False)
+        reg = self.server.logins.start(machine, node_key, {"Hostname": hostname}, False)
         self.values["auth_id"] = reg.id
 
 

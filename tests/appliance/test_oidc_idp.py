@@ -77,7 +77,7 @@ async def test_expiry_from_token_and_extra_params(
 ) -> None:
     assert oidc_server.control is not None
     machine, node_key = "mkey:" + "ab" * 32, "nodekey:" + "cd" * 32
-    login = oidc_server.control._new_pending(machine, node_key, {"Hostname": "exp1"}, False)
+    login = oidc_server.logins.start(machine, node_key, {"Hostname": "exp1"}, False)
     result = await trio.to_thread.run_sync(
         lambda: oidcprovider.sign_in(f"{site.url}/register/{login.id}", "alice", idp=idp)
     )

@@ -59,6 +59,9 @@ TIERS: dict[str, str] = {
 }
 
 REQUIRE_ALL_ENV = "HOMESCALE_REQUIRE_ALL"
+# Set by .ci/run for the whole suite: a tier that no test checked fails the run too
+# (a test file dropped or deselected by mistake must not leave a tier silently untested).
+EVERY_TIER_ENV = "HOMESCALE_EXPECT_EVERY_TIER"
 
 
 def required() -> bool:
@@ -116,3 +119,10 @@ def summary_lines() -> list[str]:
         else:
             out.append(f"{tier}: available ({seen.available} checks)")
     return out
+
+
+def unchecked() -> list[str]:
+    """Tiers no test of this run checked, when the run must check every one (CI)."""
+    if os.environ.get(EVERY_TIER_ENV) != "1":
+        return []
+    return [t for t in TIERS if SEEN.get(t) is None or SEEN[t].available == 0]

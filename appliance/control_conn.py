@@ -675,6 +675,7 @@ async def serve_ts2021(
 
 
 WS_FRAME_TIMEOUT = 30.0  # a WebSocket frame that starts must finish within this
+_REASONS = {400: "Bad Request", 405: "Method Not Allowed", 426: "Upgrade Required"}
 
 
 async def _serve_websocket(
@@ -694,16 +695,35 @@ async def _serve_websocket(
 
     from trio_websocket import ConnectionClosed, wrap_server_stream
 
-    from derp.server import WebSocketByteStream, WebSocketFrameDeadline
+    from derp.server import (
+        WebSocketByteStream,
+        WebSocketFrameDeadline,
+        websocket_request_problem,
+    )
     from derp.streams import PrefixedStream
 
     peer = upgrade.peer
+    problem = websocket_request_problem(upgrade.head, UPGRADE_VALUE)
+    if problem is not None:
+        status, why = problem
+        reason = _REASONS.get(status, "Bad Request")
+        await _refuse(upgrade, status, reason, f"bad WebSocket upgrade: {why}\n", logger)
+        return
     query = parse_qs(urlsplit(upgrade.request.target.decode("latin-1")).query)
     init_b64 = (query.get("X-Tailscale-Handshake") or [""])[0]
     try:
         initiation = base64.b64decode(init_b64, validate=True) if init_b64 else b""
     except (binascii.Error, ValueError):
         initiation = b""
+    if not initiation:
+        await _refuse(
+            upgrade,
+            400,
+            "Bad Request",
+            "X-Tailscale-Handshake must hold the base64 Noise initiation\n",
+            logger,
+        )
+        return
     replay = WebSocketFrameDeadline(
         PrefixedStream(upgrade.stream, upgrade.head + upgrade.trailing),
         upgrade.head,
@@ -712,16 +732,6 @@ async def _serve_websocket(
     async with trio.open_nursery() as nursery:
         with trio.move_on_after(PREFACE_TIMEOUT) as hs:
             request = await wrap_server_stream(nursery, replay, max_message_size=1 << 21)
-            if UPGRADE_VALUE not in request.proposed_subprotocols:
-                await request.reject(400, body=b"client must speak the control subprotocol\n")
-                nursery.cancel_scope.cancel()
-                return
-            if not initiation:
-                await request.reject(
-                    400, body=b"X-Tailscale-Handshake must hold the base64 Noise initiation\n"
-                )
-                nursery.cancel_scope.cancel()
-                return
             ws = await request.accept(subprotocol=UPGRADE_VALUE)
         if hs.cancelled_caught:
             logger.info("ts2021 %s: websocket handshake timed out", peer)

@@ -263,6 +263,14 @@ class DerpServer:
         """DERP over WebSocket (subprotocol ``derp``, binary messages, no compression)."""
         from trio_websocket import ConnectionClosed, wrap_server_stream
 
+        problem = websocket_request_problem(upgrade.head, "derp")
+        if problem is not None:
+            status, why = problem
+            self._log.info(
+                "derp: %s: websocket upgrade refused (%d): %s", upgrade.peer, status, why
+            )
+            await self._send_plain_response(upgrade.stream, status, why.encode() + b"\n")
+            return
         replay = WebSocketFrameDeadline(
             PrefixedStream(upgrade.stream, upgrade.head + upgrade.trailing),
             upgrade.head,
@@ -271,10 +279,6 @@ class DerpServer:
         async with trio.open_nursery() as nursery:
             with trio.move_on_after(HANDSHAKE_TIMEOUT) as hs:
                 request = await wrap_server_stream(nursery, replay, max_message_size=1 << 21)
-                if "derp" not in request.proposed_subprotocols:
-                    await request.reject(400, body=b"client must speak the derp subprotocol")
-                    nursery.cancel_scope.cancel()
-                    return
                 ws = await request.accept(subprotocol="derp")
             if hs.cancelled_caught:
                 self._log.info("derp: %s: websocket handshake timed out", upgrade.peer)
@@ -295,7 +299,9 @@ class DerpServer:
                 nursery.cancel_scope.cancel()
 
     async def _send_plain_response(self, stream: trio.abc.Stream, status: int, body: bytes) -> None:
-        reason = {426: b"Upgrade Required", 400: b"Bad Request"}.get(status, b"Error")
+        reason = {426: b"Upgrade Required", 400: b"Bad Request", 405: b"Method Not Allowed"}.get(
+            status, b"Error"
+        )
         data = (
             b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
@@ -708,6 +714,35 @@ class WebSocketByteStream(trio.abc.Stream):
         await self._ws.aclose()
 
 
+def websocket_request_problem(head: bytes, subprotocol: str = "") -> tuple[int, str] | None:
+    """Why this WebSocket opening handshake (the raw request head) is refused, as
+    (HTTP status, reason), or None when it is a valid one offering ``subprotocol``.
+
+    wsproto's own checks (RFC 6455 4.2.1: GET, Connection/Upgrade, version 13, a key),
+    run before trio-websocket sees the request: on a bad one it writes the refusal but
+    then waits for a request that never comes, so the caller refuses at once instead
+    and says why."""
+    from wsproto import ConnectionType
+    from wsproto.events import RejectConnection, Request
+    from wsproto.handshake import H11Handshake
+    from wsproto.utilities import RemoteProtocolError
+
+    handshake = H11Handshake(ConnectionType.SERVER)
+    try:
+        handshake.receive_data(head)
+        events = list(handshake.events())
+    except RemoteProtocolError as e:
+        hint = e.event_hint
+        status = hint.status_code if isinstance(hint, RejectConnection) else 400
+        return status, str(e)
+    requests = [ev for ev in events if isinstance(ev, Request)]
+    if not requests:
+        return 400, "not a whole WebSocket opening handshake"
+    if subprotocol and subprotocol not in requests[0].subprotocols:
+        return 400, f"client must speak the {subprotocol} subprotocol"
+    return None
+
+
 class WebSocketFrameTracker:
     """Follows the client's WebSocket frame boundaries (RFC 6455 5.2) in the raw bytes.
 
@@ -838,4 +873,5 @@ __all__ = [
     "WebSocketByteStream",
     "load_or_create_server_key",
     "open_stun_socket",
+    "websocket_request_problem",
 ]

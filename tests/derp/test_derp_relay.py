@@ -265,6 +265,28 @@ async def test_plain_get_without_upgrade_gets_426(server: DerpServer) -> None:
     assert data.endswith(b"DERP requires connection upgrade")
 
 
+async def test_malformed_websocket_upgrade_is_refused_at_once(server: DerpServer) -> None:
+    """``Upgrade: websocket`` with the derp subprotocol but no valid opening handshake
+    (no Sec-WebSocket-Key): a 400 naming what is missing, not a wait for the timeout."""
+    from tests.derp.derp_harness import front_end
+
+    client_end, server_end = trio.testing.memory_stream_pair()
+    with trio.fail_after(2):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(front_end, server_end, "127.0.0.1:1", server.handle_upgrade)
+            await client_end.send_all(
+                b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                b"Sec-WebSocket-Protocol: derp\r\n\r\n"
+            )
+            data = b""
+            while chunk := await client_end.receive_some():
+                data += chunk
+    assert data.startswith(b"HTTP/1.1 400 "), data
+    assert b"Sec-WebSocket-Key" in data, data
+    assert server.stats.websocket_accepts == 0
+
+
 async def test_health_and_restarting_reach_clients(server: DerpServer) -> None:
     from derp.codec import Restarting
 

@@ -155,6 +155,21 @@ def upgrade_head(extra: str = "", handshake: str | None = None) -> bytes:
     ).encode()
 
 
+def websocket_head(
+    method: str = "GET", protocol: str = "tailscale-control-protocol", handshake: bool = True
+) -> bytes:
+    """A browser/WASM client's /ts2021 opening handshake (controlhttp client_js.go)."""
+    from urllib.parse import quote
+
+    hs = "?X-Tailscale-Handshake=" + quote(base64.b64encode(os.urandom(101)).decode())
+    return (
+        f"{method} /ts2021{hs if handshake else ''} HTTP/1.1\r\nHost: x\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+        f"Sec-WebSocket-Protocol: {protocol}\r\n\r\n"
+    ).encode()
+
+
 # --- 1. the HTTP/1 front: anyone can send these ------------------------------------
 
 CLOSE = b"Connection: close\r\n\r\n"
@@ -189,9 +204,19 @@ FRONT: list[tuple[str, bytes, bytes | None]] = [
         b"GET /key?v=" + b"9" * 5000 + b" HTTP/1.1\r\nHost: x\r\n" + CLOSE,
         b"400",
     ),
-    ("bad Upgrade", upgrade_head().replace(b"tailscale-control-protocol", b"websocket"), b"400"),
+    ("bad Upgrade", upgrade_head().replace(b"tailscale-control-protocol", b"h2c"), b"400"),
     ("handshake not base64", upgrade_head(handshake="!!not base64!!"), b"400"),
     ("garbage handshake", upgrade_head(), None),
+    # WebSocket /ts2021 (browser and WASM clients) is served; a bad one is refused.
+    (
+        "half a WebSocket upgrade",
+        upgrade_head().replace(b"tailscale-control-protocol", b"websocket"),
+        b"400",
+    ),
+    ("WebSocket by POST", websocket_head(method="POST"), b"400"),
+    ("WebSocket, other subprotocol", websocket_head(protocol="chat"), b"400"),
+    ("WebSocket, no Noise initiation", websocket_head(handshake=False), b"400"),
+    ("WebSocket, garbage handshake", websocket_head(), None),
     ("TLS junk", b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00", None),
 ]
 

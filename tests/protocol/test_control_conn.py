@@ -403,4 +403,33 @@ async def test_websocket_ts2021_needs_the_subprotocol_and_the_handshake() -> Non
         except* ConnectionRejected as eg:
             rejected = [e for e in _leaves(eg) if isinstance(e, ConnectionRejected)]
     assert [r.status_code for r in rejected] == [400]
-    assert rejected[0].body == b"client must speak the control subprotocol\n"
+    assert rejected[0].body == (
+        b"bad WebSocket upgrade: client must speak the tailscale-control-protocol subprotocol\n"
+    )
+
+
+async def test_malformed_websocket_upgrade_is_refused_at_once() -> None:
+    """A request that says ``Upgrade: websocket`` but is no valid opening handshake gets
+    a refusal naming the problem and the close right away (not after the handshake
+    timeout)."""
+    key = PrivateKey.generate()
+    get, post = "GET /ts2021 HTTP/1.1\r\nHost: x\r\n", "POST /ts2021 HTTP/1.1\r\nHost: x\r\n"
+    ws = "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+    wskey = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    proto = "Sec-WebSocket-Protocol: tailscale-control-protocol\r\n"
+    v13 = "Sec-WebSocket-Version: 13\r\n"
+    cases = [
+        (post + ws + wskey + proto + v13, 400, b"method must be GET"),
+        (get + ws + wskey + proto + "Sec-WebSocket-Version: 8\r\n", 426, b"Sec-WebSocket-Version"),
+        (get + ws + proto + v13, 400, b"Sec-WebSocket-Key"),
+        (get + ws + wskey + proto + v13, 400, b"X-Tailscale-Handshake"),  # no initiation
+    ]
+    for head, status, why in cases:
+        reply = b""
+        with trio.fail_after(2):
+            async with served(Recorder(), key) as raw:
+                await raw.send_all((head + "\r\n").encode())
+                while chunk := await raw.receive_some(65536):
+                    reply += chunk
+        assert reply.startswith(f"HTTP/1.1 {status} ".encode()), (head, reply)
+        assert why in reply, (head, reply)

@@ -95,10 +95,20 @@ async def test_capability_grant_and_node_attrs_reach_tsnet(tmp_path: Path) -> No
         def has_grant(m: dict[str, Any]) -> bool:
             return any(r.get("CapGrant") for r in m.get("PacketFilter") or [])
 
-        filt = (await wait_for_map(web, has_grant, "a CapGrant in its packet filter"))[
-            "PacketFilter"
-        ]
-        grants = [(r["SrcIPs"], g) for r in filt for g in r.get("CapGrant") or []]
+        def grants_of(m: dict[str, Any]) -> list[tuple[list[str], dict[str, Any]]]:
+            filt = m.get("PacketFilter") or []
+            return [(r["SrcIPs"], g) for r in filt for g in r.get("CapGrant") or []]
+
+        # When web registers before alicepc, its first filter already carries the
+        # grant with no sources yet (as Tailscale sends it, grant-h6); the one to
+        # check is the filter web gets once alicepc's address is a source.
+        grants = grants_of(
+            await wait_for_map(
+                web,
+                lambda m: any(ip["alicepc"] in srcs for srcs, _ in grants_of(m)),
+                "a CapGrant from alicepc's address in its packet filter",
+            )
+        )
         assert any(
             ip["alicepc"] in srcs and g["CapMap"].get(CAP) == VALUES for srcs, g in grants
         ), grants

@@ -48,7 +48,7 @@ from derp.codec import (
     WatchConns,
 )
 from derp.errors import DerpConfigError, DerpError, FrameStalled, RemoteDerpError
-from derp.streams import PrefixedStream
+from derp.streams import PrefixedStream, ReadWrapper
 from protocol.keys import KeyParseError, load_or_create_private_key
 
 # derpserver.go defaultPerClientSendQueueDepth is 32 packets, but there the
@@ -804,7 +804,7 @@ class WebSocketFrameTracker:
             self.frames += 1
 
 
-class WebSocketFrameDeadline(trio.abc.Stream):
+class WebSocketFrameDeadline(ReadWrapper):
     """The stream under trio-websocket: while a frame is in progress, bytes must keep
     coming (``timeout`` from the last completed frame), else the stream breaks."""
 
@@ -830,19 +830,6 @@ class WebSocketFrameDeadline(trio.abc.Stream):
             return data
         self.timed_out = f"a WebSocket frame got no more bytes for {self._timeout:g} s; closing"
         raise trio.BrokenResourceError(self.timed_out)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        if isinstance(self.inner, trio.abc.HalfCloseableStream):
-            await self.inner.send_eof()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 # ---------------------------------------------------------------- key file

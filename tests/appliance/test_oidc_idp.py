@@ -192,7 +192,7 @@ async def test_login_behind_a_tls_reverse_proxy(site: Site, proxied: Proxied) ->
             srv = await nursery.start(serve, config, LOG)
         assert srv.control is not None
         machine = "mkey:" + "12" * 32
-        login = srv.control._new_pending(machine, "nodekey:" + "34" * 32, {"Hostname": "px"}, False)
+        login = srv.control.logins.start(machine, "nodekey:" + "34" * 32, {"Hostname": "px"}, False)
         register = f"{proxied.public}/register/{login.id}"
 
         def browse() -> tuple[httpx.Response, oidcprovider.SignIn]:
@@ -238,7 +238,7 @@ async def test_device_approval_after_an_oidc_login(site: Site, idp: oidcprovider
             srv = await nursery.start(serve, config, LOG)
         assert srv.control is not None
         machine = "mkey:" + "56" * 32
-        login = srv.control._new_pending(machine, "nodekey:" + "78" * 32, {"Hostname": "ap"}, False)
+        login = srv.control.logins.start(machine, "nodekey:" + "78" * 32, {"Hostname": "ap"}, False)
         result = await trio.to_thread.run_sync(
             lambda: oidcprovider.sign_in(f"{site.url}/register/{login.id}", "alice", idp=idp)
         )

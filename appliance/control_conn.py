@@ -651,6 +651,20 @@ async def serve_ts2021(
         logger.info("ts2021 %s: could not send the handshake response in time", peer)
         return
     ns = NoiseStream(upgrade.stream, transport, initial_ciphertext=upgrade.trailing)
+    await _run_h2(ns, accepted, handler, peer, logger=logger, max_body=max_body, boundary=boundary)
+
+
+async def _run_h2(
+    ns: NoiseStream,
+    accepted: noise.Accepted,
+    handler: ControlHandler,
+    peer: str,
+    *,
+    logger: logging.Logger,
+    max_body: int,
+    boundary: Boundary | None,
+) -> None:
+    """HTTP/2 over an established Noise stream, for the plain and the WebSocket upgrade."""
     server = _H2Server(
         ns,
         handler,
@@ -752,20 +766,15 @@ async def _serve_websocket(
                 accepted.machine_key.short(),
                 accepted.version,
             )
-            server = _H2Server(
+            await _run_h2(
                 NoiseStream(stream, accepted.transport),
+                accepted,
                 handler,
-                machine_key=accepted.machine_key,
-                version=accepted.version,
-                peer=peer,
+                peer,
                 logger=logger,
                 max_body=max_body,
                 boundary=boundary,
             )
-            try:
-                await server.run()
-            except* (trio.BrokenResourceError, trio.ClosedResourceError) as eg:
-                logger.debug("ts2021 %s (websocket): connection ended: %s", peer, eg.exceptions[0])
         finally:
             with trio.move_on_after(2) as cs:
                 cs.shield = True

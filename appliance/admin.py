@@ -534,7 +534,7 @@ class Admin:
     def backfill_ips(self) -> list[str]:
         """Give every node an address from each configured prefix it lacks, and take away
         those of a prefix no longer configured (headscale's BackfillNodeIPs)."""
-        from netmap.addresses import PrefixExhausted, allocate
+        from netmap.addresses import PrefixExhausted
 
         if self.config is None:
             raise InvalidInput("backfilling addresses needs the server's configuration")
@@ -543,15 +543,14 @@ class Admin:
         with self.store.transaction():
             for n in self.store.nodes():
                 values: dict[str, Any] = {}
-                used4, used6 = self.store.used_addresses()
-                for fam, prefix, have, used in (
-                    ("ipv4", c.prefix_v4, n.ipv4, used4),
-                    ("ipv6", c.prefix_v6, n.ipv6, used6),
+                for fam, prefix, have in (
+                    ("ipv4", c.prefix_v4, n.ipv4),
+                    ("ipv6", c.prefix_v6, n.ipv6),
                 ):
                     name = "IPv4" if fam == "ipv4" else "IPv6"
                     if prefix is not None and not have:
                         try:
-                            values[fam] = allocate(prefix, used, c.ip_allocation)
+                            values[fam] = self.store.fresh_address(prefix, c.ip_allocation)
                         except PrefixExhausted as e:
                             raise InvalidInput(f"cannot backfill node {n.id}: {e}") from None
                         changes.append(

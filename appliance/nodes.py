@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from netmap.addresses import PrefixExhausted, allocate
+from netmap.addresses import PrefixExhausted
 
 from .admin import sanitize_hostname
 from .config import Config
@@ -53,10 +53,10 @@ def key_expiry(config: Config, now: datetime) -> datetime | None:
 
 def create_node(store: Store, config: Config, machine_key: str, login: Login) -> NodeRow:
     """Insert a node with fresh addresses; the caller then announces it."""
-    used4, used6 = store.used_addresses()
+    v4, v6, how = config.prefix_v4, config.prefix_v6, config.ip_allocation
     try:
-        ipv4 = allocate(config.prefix_v4, used4, config.ip_allocation) if config.prefix_v4 else None
-        ipv6 = allocate(config.prefix_v6, used6, config.ip_allocation) if config.prefix_v6 else None
+        ipv4 = store.fresh_address(v4, how) if v4 else None
+        ipv6 = store.fresh_address(v6, how) if v6 else None
     except PrefixExhausted as e:
         raise InvalidInput(f"cannot register the node: {e}") from None
     now = utcnow()

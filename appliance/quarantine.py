@@ -187,7 +187,7 @@ class DoctorReport:
 
 def doctor(store: Store, config: Config, *, fix: bool) -> DoctorReport:
     """(store thread or CLI) Every stored node the server would quarantine, and the repair."""
-    from netmap.addresses import PrefixExhausted, allocate
+    from netmap.addresses import PrefixExhausted
 
     report = DoctorReport([], [], [])
     rows = store.nodes()
@@ -204,14 +204,10 @@ def doctor(store: Store, config: Config, *, fix: bool) -> DoctorReport:
         if left and not values:
             continue
         with store.transaction():
-            used4, used6 = store.used_addresses()
-            for key, prefix, used in (
-                ("ipv4", config.prefix_v4, used4),
-                ("ipv6", config.prefix_v6, used6),
-            ):
+            for key, prefix in (("ipv4", config.prefix_v4), ("ipv6", config.prefix_v6)):
                 if key in values and prefix is not None:
                     try:
-                        values[key] = allocate(prefix, used, config.ip_allocation)
+                        values[key] = store.fresh_address(prefix, config.ip_allocation)
                     except PrefixExhausted as e:
                         report.left.append(f"node {row.id}: no free {key} address: {e}")
                         values.pop(key)

@@ -17,6 +17,7 @@ import re
 import shutil
 import sqlite3
 from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ from typing import Any, ParamSpec, TypeVar
 import outcome
 import sqlite_utils
 
+from netmap.addresses import IPNet, allocate
 from protocol.gojson import format_time
 
 from .changes import (
@@ -337,6 +339,9 @@ def _node_values(fields: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the store
 
+Addresses = tuple[str | None, str | None]  # a node's (ipv4, ipv6)
+NO_ADDRESSES: Addresses = (None, None)
+
 
 class Store:
     """The database file. Opening it applies pending migrations (after a backup copy)."""
@@ -344,6 +349,11 @@ class Store:
     def __init__(self, path: Path, *, wal: bool = True) -> None:
         self.path = path
         self._journal: list[Change] = []  # committed changes not yet handed out
+        # Node addresses in use (IPv4, IPv6), built from the rows on first use and then
+        # kept in step by every node write: a join no longer reads every node.
+        self._used: tuple[set[str], set[str]] | None = None
+        self._used_version = 0  # PRAGMA data_version when `_used` was built
+        self._after: dict[int, str] = {}  # per IP version: the address handed out last
         create_private_file(path)
         self._conn = sqlite3.connect(
             str(path), check_same_thread=False, isolation_level=None, timeout=10
@@ -422,6 +432,7 @@ class Store:
         except BaseException:
             self._conn.execute("ROLLBACK")
             del self._journal[mark:]  # rolled back: nothing to announce
+            self._used = None  # it may hold rolled-back addresses: rebuilt on next use
             raise
         self._conn.execute("COMMIT")
 
@@ -642,6 +653,7 @@ class Store:
         values["updated_at"] = now
         nid = self._insert("nodes", _node_values(values))
         row = self.node(nid)
+        self._track_addresses(NO_ADDRESSES, (row.ipv4, row.ipv6))
         self._journal.append(NodeChanged(row))
         return row
 
@@ -666,25 +678,69 @@ class Store:
         ]
 
     def update_node(self, node_id: int, **values: Any) -> NodeRow:
+        readdressed = self._used is not None and not values.keys().isdisjoint(("ipv4", "ipv6"))
+        before = self._node_addresses(node_id) if readdressed else NO_ADDRESSES
         values["updated_at"] = utcnow()
         self._update("nodes", node_id, _node_values(values))
         row = self.node(node_id)
+        if readdressed:
+            self._track_addresses(before, (row.ipv4, row.ipv6))
         self._journal.append(NodeChanged(row))
         return row
 
     def delete_node(self, node_id: int) -> None:
-        self.node(node_id)
+        row = self.node(node_id)
         self.db.execute("DELETE FROM nodes WHERE id = ?", [node_id])
+        self._track_addresses((row.ipv4, row.ipv6), NO_ADDRESSES)
         self._journal.append(NodeRemoved(node_id))
 
-    def used_addresses(self) -> tuple[set[str], set[str]]:
-        v4, v6 = set(), set()
-        for a, b in self.db.execute("SELECT ipv4, ipv6 FROM nodes").fetchall():
-            if a:
-                v4.add(a)
-            if b:
-                v6.add(b)
-        return v4, v6
+    # -- node addresses
+
+    def used_addresses(self) -> tuple[AbstractSet[str], AbstractSet[str]]:
+        """The IPv4 and IPv6 addresses nodes hold: live sets, no SQL scan (store thread)."""
+        return self._addresses()
+
+    def fresh_address(self, net: IPNet, strategy: str) -> str:
+        """A free node address in `net` (PrefixExhausted when none is left).
+
+        Sequential allocation continues after the address handed out last, as headscale's
+        allocator does; like its cursor, ours lives in memory, so a restarted server scans
+        from the start of the prefix again (and reuses freed addresses there).
+        """
+        used = self._addresses()[0 if net.version == 4 else 1]
+        addr = allocate(net, used, strategy, after=self._after.get(net.version))
+        self._after[net.version] = addr
+        return addr
+
+    def _addresses(self) -> tuple[set[str], set[str]]:
+        """Built from the rows on first use (a migrated or restored file is read as it is),
+        and again when another connection committed since (`homescale doctor --fix` runs
+        beside the server)."""
+        version = int(self.db.execute("PRAGMA data_version").fetchone()[0])
+        if self._used is None or version != self._used_version:
+            v4: set[str] = set()
+            v6: set[str] = set()
+            for a, b in self.db.execute("SELECT ipv4, ipv6 FROM nodes").fetchall():
+                if a:
+                    v4.add(a)
+                if b:
+                    v6.add(b)
+            self._used, self._used_version = (v4, v6), version
+        return self._used
+
+    def _node_addresses(self, node_id: int) -> Addresses:
+        row = self.db.execute("SELECT ipv4, ipv6 FROM nodes WHERE id = ?", [node_id]).fetchone()
+        return (row[0], row[1]) if row is not None else NO_ADDRESSES
+
+    def _track_addresses(self, gone: Addresses, came: Addresses) -> None:
+        """Keep the in-memory addresses in step with a node write that succeeded."""
+        if self._used is None:
+            return
+        for addrs, old, new in zip(self._used, gone, came, strict=True):
+            if old:
+                addrs.discard(old)
+            if new:
+                addrs.add(new)
 
     # -- policy
 

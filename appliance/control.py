@@ -49,6 +49,8 @@ MAX_BODY = 1024 * 1024
 COALESCE_BASE = 0.1
 COALESCE_PER_STREAM = 0.1 / 1000
 COALESCE_MAX = 1.0
+# The longest a first map waits for the policy compile of its tick (then it compiles).
+SETTLE_WAIT = 2.0
 # Full maps built at once in a reconnect storm (each holds the loop for milliseconds).
 FIRST_MAPS_AT_ONCE = 4
 # Distinct small messages kept framed (compressed) for every stream to reuse.
@@ -86,6 +88,15 @@ class ControlService:
         self.clock = CoalescingClock(lambda: len(self.tailnet.sessions))
         self.first_maps = trio.CapacityLimiter(FIRST_MAPS_AT_ONCE)
         nursery.start_soon(self.clock.run)
+        # The policy is compiled once per tick for whatever joined or moved meanwhile, not
+        # once per join (a compile is O(nodes)); see Tailnet.settle.
+        self._stale = trio.Event()
+        self._settled = trio.Event()
+        tailnet.defer_settle = True
+        tailnet.on_stale = lambda: self._stale.set()
+        if tailnet.stale:
+            self._stale.set()
+        nursery.start_soon(self._settler)
 
     # ------------------------------------------------------------ dispatch
 
@@ -474,6 +485,22 @@ class ControlService:
                 reason = "cancelled" if handle.closed_reason else "done"
                 self._count(f'headscale_mapresponse_ended_total{{reason="{reason}"}}')
 
+    async def _settler(self) -> None:
+        while True:
+            await self._stale.wait()
+            self._stale = trio.Event()
+            await self.clock.next_tick()
+            self.tailnet.settle()  # guarded inside: a failing compile is logged, not raised
+            self._settled.set()
+            self._settled = trio.Event()
+
+    async def _settled_view(self) -> None:
+        """Wait (a tick at most) for the next compile if nodes moved: a joining node's
+        first map then comes from the compile that also placed the nodes joining with it."""
+        with trio.move_on_after(SETTLE_WAIT):
+            while self.tailnet.stale:
+                await self._settled.wait()
+
     async def _stream_loop(
         self, handle: SessionHandle, encoder: MapFrameEncoder, resp: ControlResponse
     ) -> None:
@@ -481,6 +508,7 @@ class ControlService:
         while True:
             handle.wake = trio.Event()  # before composing: a mark after it wakes us again
             if first:
+                await self._settled_view()
                 # In a reconnect storm the full maps are built a few at a time, so the
                 # handshakes of connections still arriving run in between, not behind all.
                 async with self.first_maps:

@@ -64,8 +64,10 @@ class PolicyState:
         self._parsed: Policy | None = None
         self.compiled: CompiledPolicy | None = None
         self.auto_approved: dict[int, tuple[str, ...]] = {}  # node -> routes the policy approves
-        self._visible: dict[int, frozenset[int]] = {}
         self._filters: dict[int, bytes] = {}
+        # node -> (row, owner name, auto-approved, PolicyNode): rows are immutable values,
+        # so an unchanged row needs no new PolicyNode on the next compile (each join).
+        self._pnodes: dict[int, tuple[NodeRow, str | None, tuple[str, ...], PolicyNode]] = {}
         self._ssh: dict[int, bytes | None] = {}
 
     def set_text(self, text: str | None) -> None:
@@ -80,28 +82,57 @@ class PolicyState:
         """Compile against the tailnet; the nodes whose auto-approved routes changed."""
         pusers = policy_users(users.values())
         members = [n for n in nodes.values() if n.approved]
+        pnodes: dict[int, tuple[NodeRow, str | None, tuple[str, ...], PolicyNode]] = {}
+        previous = self.compiled
+
+        def pnode(n: NodeRow, auto: tuple[str, ...]) -> PolicyNode:
+            owner = users.get(n.user_id) if n.user_id is not None and not n.tags else None
+            name = owner.name if owner else None
+            hit = self._pnodes.get(n.id)
+            if hit is not None and hit[0] is n and hit[1] == name and hit[2] == auto:
+                pnodes[n.id] = hit
+                return hit[3]
+            p = policy_node(n, users, auto)
+            pnodes[n.id] = (n, name, auto, p)
+            return p
 
         def compiled_with(auto: Mapping[int, tuple[str, ...]]) -> CompiledPolicy:
-            pnodes = [policy_node(n, users, auto.get(n.id, ())) for n in members]
-            return compile_policy(self._parsed, pusers, pnodes, server_url=self.server_url)
+            return compile_policy(
+                self._parsed,
+                pusers,
+                [pnode(n, auto.get(n.id, ())) for n in members],
+                server_url=self.server_url,
+                node_cache=previous.node_cache if previous is not None else None,
+            )
 
         compiled = compiled_with({})
         # autoApprovers: advertised routes the policy approves count as approved. They
         # change what others may reach, so compile once more when there are any.
         auto: dict[int, tuple[str, ...]] = {}
-        for n in members:
-            pending = [
-                r
-                for r in advertised(n)
-                if r not in n.approved_routes and compiled.can_auto_approve(n.id, r)
-            ]
-            if pending:
-                auto[n.id] = tuple(pending)
+        if compiled.has_auto_approvers:
+            for n in members:
+                if not n.hostinfo.get("RoutableIPs"):
+                    continue
+                pending = [
+                    r
+                    for r in advertised(n)
+                    if r not in n.approved_routes and compiled.can_auto_approve(n.id, r)
+                ]
+                if pending:
+                    auto[n.id] = tuple(pending)
         if auto:
             compiled = compiled_with(auto)
         before, self.auto_approved, self.compiled = self.auto_approved, auto, compiled
-        self._visible.clear()
-        self._filters.clear()
+        self._pnodes = pnodes
+        # A join under a policy whose rules did not change leaves every other node's
+        # filter as it was: keep those (re-encoding 5,000 filters per join cost more
+        # than the compile).
+        if previous is not None and compiled.same_filters(previous):
+            self._filters = {
+                nid: f for nid, f in self._filters.items() if compiled.same_node(previous, nid)
+            }
+        else:
+            self._filters = {}
         self._ssh.clear()
         return {nid for nid in before.keys() | auto.keys() if before.get(nid) != auto.get(nid)}
 
@@ -125,12 +156,10 @@ class PolicyState:
         return self.compiled is not None and self.compiled.knows(node_id)
 
     def visible_peers(self, node_id: int) -> frozenset[int]:
-        v = self._visible.get(node_id)
-        if v is None:
-            c = self.compiled
-            v = c.visible_peers(node_id) if c is not None and c.knows(node_id) else frozenset()
-            self._visible[node_id] = v
-        return v
+        """The node's peers, possibly with the node itself (`CompiledPolicy.reach`: one
+        set shared by the nodes with the same view)."""
+        c = self.compiled
+        return c.reach(node_id) if c is not None and c.knows(node_id) else frozenset()
 
     def filter_json(self, node_id: int) -> bytes:
         f = self._filters.get(node_id)

@@ -93,13 +93,13 @@ class SessionRegistry:
                 s.state.mark_peer(node_id)
                 s.notify()
 
-    def mark_visibility(self, affected: Iterable[int], node_id: int) -> None:
-        """Who sees whom may have changed around `node_id`: these re-check their peers."""
-        for nid in affected:
-            s = self._by_node.get(nid)
+    def mark_peers(self, watchers: Iterable[int], node_ids: Iterable[int]) -> None:
+        """These nodes changed: the sessions of `watchers` re-check them (one wake each)."""
+        ids = list(node_ids)
+        for w in watchers:
+            s = self._by_node.get(w)
             if s is not None:
-                s.state.mark_visibility()
-                s.state.mark_peer(node_id)
+                s.state.pending_peers.update(ids)
                 s.notify()
 
     def mark_self(self, node_id: int) -> None:

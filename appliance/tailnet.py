@@ -86,6 +86,15 @@ class Tailnet:
         self._reduced: dict[int, tuple[int, dict[Hashable, bytes]]] = {}
         # Told every change after it is applied (the web console's live updates); must not block.
         self.observers: list[Callable[[Change], None]] = []
+        # Nodes whose place in the policy changed (joined, tags, routes, approval) since the
+        # policy was last compiled, with the peers each had before: `settle` compiles once
+        # for all of them. The server defers settling (`defer_settle`, woken through
+        # `on_stale`) so that a burst of joins costs one compile, not one per join; reads
+        # of the policy settle first, so nobody sees a stale view.
+        self._moved: list[tuple[int, frozenset[int]]] = []
+        self._stale = False
+        self.defer_settle = False
+        self.on_stale: Callable[[], None] | None = None
 
     @property
     def policy_text(self) -> str | None:
@@ -93,6 +102,7 @@ class Tailnet:
 
     @property
     def compiled(self) -> CompiledPolicy | None:
+        self.settle()
         return self.policy.compiled
 
     @property
@@ -103,6 +113,7 @@ class Tailnet:
     @property
     def auto_approved(self) -> dict[int, tuple[str, ...]]:
         """node -> the advertised routes the policy's autoApprovers approve (read-only)."""
+        self.settle()
         return self.policy.auto_approved
 
     # ------------------------------------------------------------ loading
@@ -183,15 +194,21 @@ class Tailnet:
         return self.entries.get(node_id)
 
     def in_policy(self, node_id: int) -> bool:
+        self.settle()
         return self.policy.knows(node_id)
 
     def visible_peers(self, node_id: int) -> frozenset[int]:
+        """The node's peers, possibly with the node itself (one set shared by every node
+        with the same view; `PolicyState.visible_peers`)."""
+        self.settle()
         return self.policy.visible_peers(node_id)
 
     def filter_json(self, node_id: int) -> bytes:
+        self.settle()
         return self.policy.filter_json(node_id)
 
     def ssh_json(self, node_id: int) -> bytes | None:
+        self.settle()
         return self.policy.ssh_json(node_id)
 
     def user_profile(self, user_id: int) -> dict[str, Any] | None:
@@ -360,6 +377,59 @@ class Tailnet:
             for observe in self.observers:
                 with self.boundary.guard("change observer", str(change)):
                     observe(change)
+        if not self.defer_settle:
+            self.settle()
+
+    @property
+    def stale(self) -> bool:
+        """Whether nodes moved since the policy was last compiled (`settle` is due)."""
+        return self._stale
+
+    def settle(self) -> None:
+        """Compile the policy for the nodes that moved since the last compile and tell
+        whom it concerns: each moved node's peers before and after hear of it (only pairs
+        with a moved node can see each other differently; one pass over the sessions per
+        distinct view, not per node), and each moved node re-checks everything."""
+        while self._stale:
+            self._stale = False
+            moved, self._moved = self._moved, []
+            with self.boundary.guard("policy compile", f"{len(moved)} moved nodes") as g:
+                self._recompile()
+            if g.cause is not None:
+                # Its values are valid, yet the policy cannot place a node: hide those,
+                # serve the rest (and compile again without them).
+                self._refuse_unplaceable([nid for nid, _ in moved])
+                self._moved.extend(m for m in moved if m[0] in self.nodes)
+                if self._moved and not self._stale:
+                    return  # no node is at fault: the error is logged, the old view stays
+                continue
+            groups: dict[tuple[int, int], tuple[frozenset[int], frozenset[int], list[int]]] = {}
+            for nid, before in moved:
+                if nid not in self.nodes:
+                    continue
+                after = self.policy.visible_peers(nid)
+                group = groups.setdefault((id(before), id(after)), (before, after, []))
+                group[2].append(nid)
+            for before, after, nids in groups.values():
+                self.sessions.mark_peers(before | after | set(nids), nids)
+                for nid in nids:
+                    self.sessions.mark_all(only=nid)
+
+    def _refuse_unplaceable(self, node_ids: list[int]) -> None:
+        for nid in node_ids:
+            row = self.nodes.get(nid)
+            refusal = self.policy.refusal(row, self.users) if row is not None else None
+            if row is not None and refusal is not None:
+                self._quarantine(row, [refusal])
+                self._node_removed(nid, "quarantined: the policy cannot place it")
+
+    def _mark_stale(self, node_id: int | None = None, before: frozenset[int] = frozenset()) -> None:
+        if node_id is not None:
+            self._moved.append((node_id, before))
+        if not self._stale:
+            self._stale = True
+            if self.defer_settle and self.on_stale is not None:
+                self.on_stale()
 
     def _apply(self, change: Change) -> None:
         match change:
@@ -389,15 +459,7 @@ class Tailnet:
             return
         if self.quarantined.pop(node_id, None) is not None:
             self.log.info("node %d (%s) is served again", node_id, row.given_name)
-        try:
-            self._node_stored(node_id, row)
-        except Exception:
-            refusal = self.policy.refusal(row, self.users)
-            if refusal is None:
-                raise  # not the row's fault: a bug, for the boundary to report
-            # Its values are valid, yet the policy cannot place it: hide it, serve the rest.
-            self._quarantine(row, [refusal])
-            self._node_removed(node_id, "quarantined: the policy cannot place it")
+        self._node_stored(node_id, row)
 
     def _drop(self, node_id: int) -> PeerNode | None:
         row = self.nodes.pop(node_id)
@@ -414,30 +476,26 @@ class Tailnet:
         # A deleted node's client hears that its key expired before the stream ends.
         words = self.entries.expired_message(peer, utcnow()) if peer and last_words else None
         self.sessions.hang_up(node_id, reason, words)
-        self._recompile()
+        self._mark_stale()
         self.sessions.mark_peer(watchers, node_id)
 
     def _node_stored(self, node_id: int, row: NodeRow) -> None:
         old_row = self.nodes.get(node_id)
+        # Membership, tags, addresses or routes changed: the policy resolves differently.
+        moved = (
+            old_row is None
+            or old_row.approved != row.approved
+            or self.policy.node(old_row, self.users) != self.policy.node(row, self.users)
+        )
+        # Whom it saw before, from the settled policy (before the row changes).
+        before = self.visible_peers(node_id) if moved and old_row is not None else _NOBODY
         self.nodes[node_id] = row
         if old_row is not None and old_row.node_key != row.node_key:
             self.by_node_key.pop(old_row.node_key, None)
         self.by_node_key[row.node_key] = node_id
         changed = self._encode(row)
-        if (
-            old_row is None
-            or old_row.approved != row.approved
-            or self.policy.node(old_row, self.users) != self.policy.node(row, self.users)
-        ):
-            # Membership, tags, addresses or routes changed: the policy resolves differently.
-            before = self.visible_peers(node_id) if old_row is not None else frozenset()
-            self._recompile()
-            # Only these can have a different view now: a node's filter admits the node only
-            # if traffic may flow between them, and then they see each other (before or after).
-            affected = before | self.visible_peers(node_id) | {node_id}
-            self.sessions.mark_visibility(affected, node_id)
-            # Which routers' routes the node may use can change too.
-            self.sessions.mark_all(only=node_id)
+        if moved:
+            self._mark_stale(node_id, before)  # `settle` tells its peers, old and new
         elif changed:
             self.sessions.mark_peer(self.visible_peers(node_id), node_id)
         else:
@@ -500,6 +558,9 @@ class Tailnet:
                 continue
             if self._encode(n):
                 self.sessions.mark_peer(self.visible_peers(n.id) | {n.id}, n.id)
+
+
+_NOBODY: frozenset[int] = frozenset()
 
 
 def _gives_caps(*compiled: CompiledPolicy | None) -> bool:

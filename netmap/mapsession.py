@@ -80,7 +80,6 @@ class MapSessionState:
     sent_variants: dict[int, Hashable] = field(default_factory=dict)  # router id -> variant
     pending_peers: set[int] = field(default_factory=set)
     pending_all: bool = True  # re-check every peer (first map, policy change)
-    pending_visibility: bool = False  # compare the visible set with what was sent
     pending_self: bool = True
     started: bool = False
     ping: bytes | None = None  # a tailcfg.PingRequest to send with the next message
@@ -92,12 +91,6 @@ class MapSessionState:
 
     def mark_all(self) -> None:
         self.pending_all = True
-
-    def mark_visibility(self) -> None:
-        """Peers may have appeared or gone (a node joined, left or changed membership):
-        only those differ between the visible set and what was sent, a set operation
-        instead of re-checking every peer (which made each join cost N x N)."""
-        self.pending_visibility = True
 
     def mark_self(self) -> None:
         self.pending_self = True
@@ -120,8 +113,6 @@ class MapSessionState:
         candidates: Iterable[int]
         if self.pending_all:
             candidates = set(visible) | set(self.sent_peers)
-        elif self.pending_visibility:
-            candidates = self.pending_peers | visible.symmetric_difference(self.sent_peers)
         else:
             candidates = self.pending_peers
         changed: list[bytes] = []
@@ -204,7 +195,6 @@ class MapSessionState:
 
         self.pending_peers.clear()
         self.pending_all = False
-        self.pending_visibility = False
         self.pending_self = False
         if self.ping is not None:
             fields.append(("PingRequest", self.ping))

@@ -232,23 +232,26 @@ class CompiledPolicy:
         nodes: Sequence[PolicyNode],
         *,
         server_url: str = "",
+        node_cache: dict[tuple[PolicyNode, int | None], _Node] | None = None,
     ) -> None:
         self.policy = policy
         self.server_url = server_url.rstrip("/")
         self._users = list(users)
         by_name = {u.name: u for u in users}
         self._nodes: dict[int, _Node] = {}
+        # A node's resolved form depends only on itself and its owner: a caller that
+        # compiles again and again (every join) passes a cache and pays for new nodes only.
+        # `node_cache` is what the previous compile kept (its own `node_cache`).
+        cache = {} if node_cache is None else node_cache
+        self.node_cache: dict[tuple[PolicyNode, int | None], _Node] = {}
         for n in nodes:
-            addrs = n.addresses()
             owner = None if n.is_tagged or n.user is None else by_name.get(n.user)
-            self._nodes[n.id] = _Node(
-                n,
-                addrs,
-                IPSet.of(addrs),
-                n.subnet_routes(),
-                n.is_exit_node(),
-                None if owner is None else owner.id,
-            )
+            key = (n, None if owner is None else owner.id)
+            info = cache.get(key)
+            if info is None:
+                addrs = n.addresses()
+                info = _Node(n, addrs, IPSet.of(addrs), n.subnet_routes(), n.is_exit_node(), key[1])
+            self._nodes[n.id] = self.node_cache[key] = info
         self._by_user: dict[int, list[_Node]] = {}
         for info in self._nodes.values():
             if info.user_id is not None:
@@ -256,6 +259,10 @@ class CompiledPolicy:
         self._filters: dict[int, list[FilterRule]] = {}
         self._ssh: dict[int, list[dict[str, Any]]] = {}
         self._peers: dict[int, frozenset[int]] = {}
+        # Nodes that send and receive on the same matchers see the same nodes: one set
+        # for all of them (with allow-all, one set for the tailnet instead of N sets of N).
+        self._reach: dict[tuple[tuple[int, ...], tuple[int, ...]], frozenset[int]] = {}
+        self._reach_of: dict[int, frozenset[int]] = {}
         self._caps: dict[int, dict[str, list[Any] | None]] = {}
         self._via_cache: dict[int, dict[IPNetwork, list[int]]] = {}
         self._alias_cache: dict[Alias, IPSet] = {}
@@ -625,20 +632,35 @@ class CompiledPolicy:
     def visible_peers(self, node_id: int) -> frozenset[int]:
         """Nodes this node sees: traffic may flow between them either way."""
         cached = self._peers.get(node_id)
+        if cached is None:
+            cached = self._peers[node_id] = self.reach(node_id) - {node_id}
+        return cached
+
+    def reach(self, node_id: int) -> frozenset[int]:
+        """The node's peers, possibly with the node itself: one set shared by every node
+        with the same matchers, so a caller that can skip the node itself (map sessions)
+        holds one set per distinct view instead of one per node."""
+        cached = self._reach_of.get(node_id)
         if cached is not None:
             return cached
         self._info(node_id)
         if self.allow_all:
-            out = frozenset(self._nodes) - {node_id}
+            key: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
         else:
-            seen: set[int] = set()
-            for idx in self._sends_on[node_id]:
-                seen |= self._matchers[idx].dsts
-            for idx in self._receives_on[node_id]:
-                seen |= self._matchers[idx].srcs
-            seen.discard(node_id)
-            out = frozenset(seen)
-        self._peers[node_id] = out
+            key = (tuple(self._sends_on[node_id]), tuple(self._receives_on[node_id]))
+        out = self._reach.get(key)
+        if out is None:
+            if self.allow_all:
+                out = frozenset(self._nodes)
+            else:
+                seen: set[int] = set()
+                for idx in key[0]:
+                    seen |= self._matchers[idx].dsts
+                for idx in key[1]:
+                    seen |= self._matchers[idx].srcs
+                out = frozenset(seen)
+            self._reach[key] = out
+        self._reach_of[node_id] = out
         return out
 
     def may_see(self, a: int, b: int) -> bool:
@@ -926,6 +948,29 @@ class CompiledPolicy:
             ips |= self.resolve(a)
         return {nid for nid, n in self._nodes.items() if ips.contains_any(n.addrs)}
 
+    @property
+    def has_auto_approvers(self) -> bool:
+        aa = self.policy.auto_approvers if self.policy is not None else None
+        return aa is not None and bool(aa.exit_node or aa.routes)
+
+    def same_filters(self, other: CompiledPolicy) -> bool:
+        """Whether a node unchanged between `other` and this snapshot has the same filter
+        here: the same resolved rules, and none that depend on other nodes per viewer
+        (autogroup:self, via)."""
+        if self.allow_all or other.allow_all:
+            return self.allow_all and other.allow_all
+        return (
+            self.policy is other.policy
+            and not any(g.self_part is not None or g.via is not None for g in self._grants)
+            and self._grants == other._grants
+        )
+
+    def same_node(self, other: CompiledPolicy, node_id: int) -> bool:
+        """Whether the node resolved to the same form in `other` (its cached results may
+        carry over when `same_filters`)."""
+        mine = self._nodes.get(node_id)
+        return mine is not None and other._nodes.get(node_id) is mine
+
     def can_auto_approve(self, node_id: int, route: str) -> bool:
         """Whether autoApprovers let this node's advertised route in unreviewed.
 
@@ -976,9 +1021,10 @@ def compile_policy(
     nodes: Sequence[PolicyNode],
     *,
     server_url: str = "",
+    node_cache: dict[tuple[PolicyNode, int | None], _Node] | None = None,
 ) -> CompiledPolicy:
     """Resolve a policy (None = allow all) against the tailnet snapshot.
 
     ``server_url`` prefixes the SSH "check" callback URL.
     """
-    return CompiledPolicy(policy, users, nodes, server_url=server_url)
+    return CompiledPolicy(policy, users, nodes, server_url=server_url, node_cache=node_cache)

@@ -22,7 +22,7 @@ import trio
 from netmap.mapsession import MapSessionState
 from protocol import safejson, tailcfg
 from protocol.gojson import ZERO_TIME, WireError, is_zero_time
-from protocol.mapframe import MapFrameEncoder
+from protocol.mapframe import MapFrameEncoder, message_json
 
 from .admin import Admin, validate_tags
 from .changes import NodeOnline
@@ -538,7 +538,9 @@ class ControlService:
             return None
         frame = encoder.encode(msg)
         if self.log.isEnabledFor(logging.DEBUG):
-            self.log.debug("node %d <- %d bytes: %s", handle.node_id, len(msg), msg.decode())
+            self.log.debug(
+                "node %d <- %d bytes: %s", handle.node_id, len(msg), message_json(msg).decode()
+            )
         return frame
 
     async def _reap_ephemeral(self, node_id: int) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from netmap.mapsession import MapSessionState
+from protocol.mapframe import message_json
 
 from .errors import InvalidInput
 from .fields import parse_id
@@ -116,7 +117,7 @@ def debug_routes(server: Server) -> dict[str, RouteHandler]:
             disable_logtail=not server.config.logtail_enabled,
         )
         msg = state.next_message(tn, utcnow())
-        return json.loads(msg) if msg is not None else None
+        return json.loads(message_json(msg)) if msg is not None else None
 
     views: dict[str, tuple[str, Callable[[], Any]]] = {
         "overview": ("State overview", overview),

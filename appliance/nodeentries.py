@@ -9,6 +9,7 @@ session that is a few versions behind gets the merged patches instead of the nod
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Hashable
 from datetime import datetime
 
@@ -23,6 +24,7 @@ class NodeEntries:
         self.domain = domain
         self.peers: dict[int, PeerNode] = {}
         self._entries: dict[int, NodeEntry] = {}
+        self._lives = itertools.count(1)  # NodeEntry.life: a re-added node starts a new one
 
     def get(self, node_id: int) -> NodeEntry | None:
         return self._entries.get(node_id)
@@ -54,6 +56,7 @@ class NodeEntries:
             id=new.id,
             user_id=new.user_id,
             version=version,
+            life=prev.life if prev else next(self._lives),
             json=encode_node(new, self.domain),
             visible_to_peers=new.has_disco,
             patches=patches,

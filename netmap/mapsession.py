@@ -17,8 +17,13 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from protocol.gojson import format_time
+from protocol.mapframe import Segmented
 
 PATCH_HISTORY = 16  # versions of patches kept per node; older clients get the full node
+# A first map with this many peers goes out as pieces of the peers with ids in one span
+# of PIECE_SPAN (protocol.mapframe.Segmented), each compressed once for every map.
+SEGMENT_MIN_PEERS = 128
+PIECE_SPAN = 64
 NO_SSH_RULES = b'{"rules":[]}'
 
 
@@ -34,6 +39,9 @@ class NodeEntry:
     patches: dict[int, dict[str, Any]] = field(
         default_factory=dict
     )  # version -> patch from version-1
+    # Which life of the node this is (a deleted node's id may come back with version 1
+    # again): id, life and version name these exact bytes (first-map pieces are cached).
+    life: int = 0
     # The node as it sees itself (its own policy CapMap); None: same as json.
     self_json: bytes | None = None
     # A router's JSON as one viewer gets it, with the routes that viewer may use
@@ -97,8 +105,9 @@ class MapSessionState:
 
     # -- composing
 
-    def next_message(self, view: TailnetView, now: datetime) -> bytes | None:
-        """The JSON of the next MapResponse, or None when the client is up to date."""
+    def next_message(self, view: TailnetView, now: datetime) -> bytes | Segmented | None:
+        """The JSON of the next MapResponse (in pieces for a big first map), or None
+        when the client is up to date."""
         me = view.entry(self.node_id)
         if me is None:
             return None
@@ -116,6 +125,8 @@ class MapSessionState:
         else:
             candidates = self.pending_peers
         changed: list[bytes] = []
+        # (id, life, version, variant) of each: names its bytes (`_peer_pieces`)
+        changed_keys: list[tuple[int, int, int, Hashable]] = []
         removed: list[int] = []
         patches: list[dict[str, Any]] = []
         new_users: set[int] = set()
@@ -151,6 +162,9 @@ class MapSessionState:
                     patches.append({"NodeID": pid, **patch})
             else:
                 changed.append(entry.json if variant is None else variant[1])
+                changed_keys.append(
+                    (pid, entry.life, entry.version, None if variant is None else variant[0])
+                )
             self.sent_peers[pid] = entry.version
             if variant is not None:
                 self.sent_variants[pid] = variant[0]
@@ -159,8 +173,11 @@ class MapSessionState:
         if me.user_id not in self.sent_users:
             new_users.add(me.user_id)
 
+        peers_at: int | None = None  # where the Peers of a big first map go (pieces)
         if first:
-            if changed:
+            if len(changed) >= SEGMENT_MIN_PEERS:
+                peers_at = len(fields)
+            elif changed:
                 fields.append(("Peers", b"[" + b",".join(changed) + b"]"))
         else:
             if changed:
@@ -210,7 +227,32 @@ class MapSessionState:
             self.started = True
         # Whole seconds: the same delta to many peers is then the same bytes, framed once.
         fields.append(("ControlTime", _j(format_time(now.replace(microsecond=0)))))
-        return b"{" + b",".join(_j(k) + b":" + v for k, v in fields) + b"}"
+        if peers_at is None:
+            return b"{" + b",".join(_j(k) + b":" + v for k, v in fields) + b"}"
+        head = b"".join(_j(k) + b":" + v + b"," for k, v in fields[:peers_at])
+        tail = b"".join(b"," + _j(k) + b":" + v for k, v in fields[peers_at:])
+        return Segmented(
+            (
+                (None, b"{" + head + b'"Peers":['),
+                *_peer_pieces(changed, changed_keys),
+                (None, b"]" + tail + b"}"),
+            )
+        )
+
+
+def _peer_pieces(
+    jsons: list[bytes], keys: list[tuple[int, int, int, Hashable]]
+) -> list[tuple[Hashable, bytes]]:
+    """The peers (in id order) as pieces of the ids in one span each: the same peers at
+    the same versions make the same piece in every node's map, compressed once."""
+    pieces: list[tuple[Hashable, bytes]] = []
+    start = 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i][0] // PIECE_SPAN != keys[start][0] // PIECE_SPAN:
+            lead = b"," if start else b""
+            pieces.append(((bool(start), *keys[start:i]), lead + b",".join(jsons[start:i])))
+            start = i
+    return pieces
 
 
 def _j(obj: Any) -> bytes:

@@ -3,13 +3,17 @@
 Each message is a 4-byte *little-endian* length followed by that many bytes
 (control/controlclient/direct.go sendMapRequest reads ``binary.LittleEndian``).
 With ``Compress: "zstd"`` -- what every client from 1.56 to 1.90 sends -- those
-bytes are one zstd frame holding the JSON, and the client zstd-decodes every
-message, keep-alives included (util/zstdframe), so nothing is sent raw.
+bytes are zstd holding the JSON, and the client zstd-decodes every message,
+keep-alives included, so nothing is sent raw. The client decodes "zero or more
+frames" (util/zstdframe AppendDecode, klauspost's DecodeAll) into one JSON text,
+so a big message may be sent as several frames: a `Segmented` first map is made
+of pieces compressed once and shared by every map that holds them.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import zstandard
@@ -23,6 +27,9 @@ DEFAULT_MAX_DECOMPRESSED = 64 << 20
 # (the same patch to every peer) is compressed once. Full maps are not kept.
 CACHE_MAX_MESSAGE = 64 << 10
 KEEPALIVE_JSON = b'{"KeepAlive":true}'
+# Compressed pieces kept for reuse, in bytes (a 5,000-node tailnet's peers are ~5 MB
+# compressed; a changed peer leaves its old piece behind until it ages out).
+PIECE_CACHE_BYTES = 32 << 20
 
 
 class MapFrameError(Exception):
@@ -35,6 +42,29 @@ class LocalMapFrameError(MapFrameError):
 
 class RemoteMapFrameError(MapFrameError):
     """The stream we read is malformed: oversized, truncated or bad zstd."""
+
+
+@dataclass(frozen=True)
+class Segmented:
+    """One message's JSON as pieces, each sent as a zstd frame of its own.
+
+    A piece with a key (say, the ids and versions of the peers it lists) is compressed
+    once and reused by every message holding the same key: in a reconnect storm every
+    node's first map lists nearly the same peers, so each is mostly shared bytes.
+    """
+
+    pieces: tuple[tuple[Hashable | None, bytes], ...]
+
+    def json(self) -> bytes:
+        return b"".join(data for _, data in self.pieces)
+
+    def __len__(self) -> int:
+        return sum(len(data) for _, data in self.pieces)
+
+
+def message_json(message: bytes | Segmented) -> bytes:
+    """The whole JSON text of a message (for logs and debug views)."""
+    return message.json() if isinstance(message, Segmented) else message
 
 
 @dataclass
@@ -55,22 +85,21 @@ class MapFrameEncoder:
     cache_entries: int = 0
     _cctx: zstandard.ZstdCompressor = field(init=False, repr=False)
     _cache: dict[bytes, bytes] = field(init=False, repr=False, default_factory=dict)
+    _pieces: dict[Hashable, bytes] = field(init=False, repr=False, default_factory=dict)
+    _pieces_bytes: int = field(init=False, repr=False, default=0)
 
     def __post_init__(self) -> None:
         self._cctx = zstandard.ZstdCompressor(level=self.level)
 
-    def encode(self, message_json: bytes) -> bytes:
+    def encode(self, message_json: bytes | Segmented) -> bytes:
+        if isinstance(message_json, Segmented):
+            return self._frame(b"".join(self._piece(k, d) for k, d in message_json.pieces))
         cacheable = self.cache_entries > 0 and len(message_json) <= CACHE_MAX_MESSAGE
         if cacheable:
             hit = self._cache.get(message_json)
             if hit is not None:
                 return hit
-        body = self._cctx.compress(message_json) if self.compress else message_json
-        if len(body) > self.max_frame:
-            raise LocalMapFrameError(
-                f"map message of {len(body)} bytes exceeds the {self.max_frame}-byte limit"
-            )
-        frame = struct.pack("<I", len(body)) + body
+        frame = self._frame(self._cctx.compress(message_json) if self.compress else message_json)
         if cacheable:
             if len(self._cache) >= self.cache_entries:
                 del self._cache[next(iter(self._cache))]  # the oldest
@@ -79,6 +108,27 @@ class MapFrameEncoder:
 
     def keepalive(self) -> bytes:
         return self.encode(KEEPALIVE_JSON)
+
+    def _frame(self, body: bytes) -> bytes:
+        if len(body) > self.max_frame:
+            raise LocalMapFrameError(
+                f"map message of {len(body)} bytes exceeds the {self.max_frame}-byte limit"
+            )
+        return struct.pack("<I", len(body)) + body
+
+    def _piece(self, key: Hashable | None, data: bytes) -> bytes:
+        if not self.compress:
+            return data
+        if key is None:
+            return self._cctx.compress(data)
+        hit = self._pieces.pop(key, None)  # re-inserted: the dict's order is recency
+        if hit is None:
+            hit = self._cctx.compress(data)
+            self._pieces_bytes += len(hit)
+            while self._pieces_bytes > PIECE_CACHE_BYTES and self._pieces:
+                self._pieces_bytes -= len(self._pieces.pop(next(iter(self._pieces))))
+        self._pieces[key] = hit
+        return hit
 
 
 @dataclass
@@ -124,18 +174,33 @@ class MapFrameDecoder:
         return self._decompress(body)
 
     def _decompress(self, body: bytes) -> bytes:
+        """Every frame of the message, as the Go client decodes it (zero or more)."""
+        out = bytearray()
+        rest = body
         try:
-            # A declared content size is trusted by decompress() over
-            # max_output_size, so check it first; -1 means "not declared", and
-            # then max_output_size bounds the output buffer itself.
-            declared = zstandard.frame_content_size(body)
-            if declared > self.max_decompressed:
-                raise RemoteMapFrameError(
-                    f"map message inflates beyond {self.max_decompressed} bytes"
-                )
-            return self._dctx.decompress(body, max_output_size=self.max_decompressed)
+            while rest:
+                budget = self.max_decompressed - len(out)
+                # A declared content size is trusted by decompress() over
+                # max_output_size, so check it first; -1 means "not declared", and
+                # then max_output_size bounds the output buffer itself.
+                declared = zstandard.frame_content_size(rest)
+                if declared > budget:
+                    raise RemoteMapFrameError(
+                        f"map message inflates beyond {self.max_decompressed} bytes"
+                    )
+                if declared < 0:
+                    # No declared size: the bounded one-shot decoder (first frame only)
+                    # proves it inflates within the budget before it is decoded again
+                    # below to find where it ends.
+                    self._dctx.decompress(rest, max_output_size=max(budget, 1))
+                frame = self._dctx.decompressobj()
+                out += frame.decompress(rest)
+                if not frame.eof:
+                    raise RemoteMapFrameError("map message ends inside a zstd frame")
+                rest = frame.unused_data
         except zstandard.ZstdError as e:
             raise RemoteMapFrameError(f"map message is not valid zstd: {e}") from None
+        return bytes(out)
 
     @property
     def buffered(self) -> int:

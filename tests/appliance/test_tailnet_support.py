@@ -25,6 +25,7 @@ from appliance.setup import render_config
 from appliance.store import NodeRow, UserRow
 from appliance.tailnet import Tailnet
 from protocol import tailcfg
+from protocol.mapframe import message_json
 
 NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 LATER = datetime(2024, 5, 1, 12, 30, 0, tzinfo=UTC)
@@ -96,8 +97,8 @@ def compose(tn: Tailnet, h: SessionHandle) -> dict[str, Any] | None:
     msg = h.state.next_message(tn, NOW)
     if msg is None:
         return None
-    tailcfg.MapResponse.from_json(msg)  # Go-compatible names and types, every message
-    out: dict[str, Any] = json.loads(msg)
+    out: dict[str, Any] = json.loads(message_json(msg))
+    tailcfg.MapResponse.from_json(out)  # Go-compatible names and types, every message
     return out
 
 

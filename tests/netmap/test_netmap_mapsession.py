@@ -11,6 +11,7 @@ from typing import Any
 from netmap.mapsession import PATCH_HISTORY, MapSessionState, NodeEntry
 from netmap.nodes import PeerNode, encode_node, patch_between
 from protocol import tailcfg
+from protocol.mapframe import message_json
 
 NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 ALLOW_ALL = b'[{"SrcIPs":["*"],"DstPorts":[{"IP":"*","Ports":{"First":0,"Last":65535}}]}]'
@@ -96,15 +97,15 @@ def setup(n: int = 3) -> tuple[View, MapSessionState, dict[str, Any]]:
     s = MapSessionState(node_id=1, domain="tail.example")
     first = s.next_message(view, NOW)
     assert first is not None
-    return view, s, json.loads(first)
+    return view, s, json.loads(message_json(first))
 
 
 def send(view: View, s: MapSessionState) -> dict[str, Any] | None:
     msg = s.next_message(view, NOW)
     if msg is None:
         return None
-    tailcfg.MapResponse.from_json(msg)  # every message decodes with the Go field names/types
-    return json.loads(msg)
+    tailcfg.MapResponse.from_json(json.loads(message_json(msg)))  # Go field names/types
+    return json.loads(message_json(msg))
 
 
 def test_first_map_is_complete_and_go_compatible() -> None:
@@ -297,3 +298,50 @@ def test_netinfo_only_change_sends_nothing_to_peers() -> None:
     msg = send(view, s)
     assert msg is not None
     assert msg["PeersChangedPatch"] == [{"NodeID": 2, "Endpoints": ["198.51.100.9:1"]}]
+
+
+def test_a_big_first_map_goes_in_pieces_that_other_maps_share() -> None:
+    """Issue 10 (storms): a first map of SEGMENT_MIN_PEERS or more peers is sent as pieces
+    (protocol.mapframe.Segmented) whose JSON is the same map; two nodes' first maps
+    share every piece but the one holding each node itself, so a storm compresses the
+    tailnet's peers once instead of once per node."""
+    from netmap.mapsession import PIECE_SPAN, SEGMENT_MIN_PEERS
+    from protocol.mapframe import MapFrameDecoder, MapFrameEncoder, Segmented
+
+    n = SEGMENT_MIN_PEERS + PIECE_SPAN + 5
+    view = View()
+    for i in range(1, n + 1):
+        view.put(peer(i))
+    a = MapSessionState(node_id=1, domain="tail.example").next_message(view, NOW)
+    b = MapSessionState(node_id=n, domain="tail.example").next_message(view, NOW)
+    assert isinstance(a, Segmented)
+    assert isinstance(b, Segmented)
+    got = json.loads(message_json(a))
+    tailcfg.MapResponse.from_json(got)
+    assert [p["ID"] for p in got["Peers"]] == list(range(2, n + 1))
+    assert (got["Node"]["ID"], got["Domain"]) == (1, "tail.example")
+    assert "PacketFilter" in got
+    keyed_a = {k for k, _ in a.pieces if k is not None}
+    keyed_b = {k for k, _ in b.pieces if k is not None}
+    assert len(keyed_a) == len(keyed_b) == -(-n // PIECE_SPAN)  # one per span of ids
+    assert len(keyed_a & keyed_b) == len(keyed_a) - 2  # all but the spans holding 1 and n
+
+    # On the wire: one frame per piece; the shared ones are compressed once and decode,
+    # frames concatenated, to the whole map (as the Go client's DecodeAll does).
+    enc = MapFrameEncoder()
+    wire_a, wire_b = enc.encode(a), enc.encode(b)
+    dec = MapFrameDecoder()
+    dec.receive_data(wire_a + wire_b)
+    assert dec.next_message() == message_json(a)
+    assert dec.next_message() == message_json(b)
+    assert wire_a.count(b"\x28\xb5\x2f\xfd") == len(a.pieces)
+
+    # A peer's change gives its piece a new key; a small first map stays one text.
+    view.put(dataclasses.replace(view.peers[70], endpoints=("192.0.2.7:41641",)))
+    c = MapSessionState(node_id=1, domain="tail.example").next_message(view, NOW)
+    assert isinstance(c, Segmented)
+    assert len({k for k, _ in c.pieces if k is not None} - keyed_a) == 1
+    small = View()
+    for i in range(1, 4):
+        small.put(peer(i))
+    assert isinstance(MapSessionState(node_id=1, domain="x").next_message(small, NOW), bytes)

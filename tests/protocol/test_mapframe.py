@@ -118,3 +118,32 @@ def test_shared_encoder_compresses_a_repeated_message_once_and_stays_bounded() -
     assert enc.encode(delta) is not first  # evicted: at most cache_entries kept
     big = b'{"Peers":[' + b",".join([b'{"ID":1}'] * 20000) + b"]}"
     assert enc.encode(big) is not enc.encode(big)  # full maps are never kept
+
+
+def test_a_message_of_several_frames_decodes_whole_and_stays_bounded() -> None:
+    """The Go client decodes every frame of a message (util/zstdframe: "zero or more
+    frames"); ours does too, keeping the inflation bound over all of them, and refuses a
+    frame without a declared size anywhere but last (its end is unknown)."""
+    cctx = zstandard.ZstdCompressor()
+    parts = [b'{"Peers":[', b'{"ID":1},', b'{"ID":2}', b"]}"]
+    body = b"".join(cctx.compress(p) for p in parts)
+    dec = MapFrameDecoder()
+    dec.receive_data(struct.pack("<I", len(body)) + body)
+    assert dec.next_message() == b"".join(parts)
+
+    many = b"".join(cctx.compress(b"x" * 20) for _ in range(2))
+    small = MapFrameDecoder(max_decompressed=30)
+    small.receive_data(struct.pack("<I", len(many)) + many)
+    with pytest.raises(RemoteMapFrameError, match="inflates beyond"):
+        small.next_message()
+    small = MapFrameDecoder(max_decompressed=30)
+
+    # Frames that do not declare their size are bounded all the same, wherever they are.
+    unsized = zstandard.ZstdCompressor(write_content_size=False)
+    mixed = unsized.compress(b'{"a":') + cctx.compress(b"1,") + unsized.compress(b'"b":2}')
+    dec.receive_data(struct.pack("<I", len(mixed)) + mixed)
+    assert dec.next_message() == b'{"a":1,"b":2}'
+    bomb = unsized.compress(b"x" * 20) + unsized.compress(b"y" * 20)
+    small.receive_data(struct.pack("<I", len(bomb)) + bomb)
+    with pytest.raises(RemoteMapFrameError):
+        small.next_message()

@@ -110,3 +110,54 @@ async def test_simulated_nodes_see_what_a_real_client_sees(tailnet: Tailnet) -> 
 
             await until(moved, "after an endpoint change")
             nursery.cancel_scope.cancel()
+
+
+async def test_a_real_client_decodes_a_first_map_sent_in_pieces(tailnet: Tailnet) -> None:
+    """Issue 10 (storms): a first map of SEGMENT_MIN_PEERS or more peers goes out as
+    several zstd frames, each a span of peers compressed once for every map that holds
+    it (protocol.mapframe.Segmented). A real tsnet node that joins a tailnet of that
+    many simulated nodes decodes it whole: its first WireGuard config holds every peer
+    that the simulated nodes see (they are all each other's peers: no policy)."""
+    from netmap.mapsession import SEGMENT_MIN_PEERS
+
+    server = tailnet.server
+    key = await fetch_server_key("127.0.0.1", server.port)
+    fleet = Fleet(
+        "127.0.0.1",
+        server.port,
+        key,
+        first_index=100,
+        count=SEGMENT_MIN_PEERS + 12,
+        track=True,
+        prefix="seg",
+    )
+    with trio.fail_after(180):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fleet.run)
+            res = await fleet.register(tailnet.reusable_key, concurrency=16, timeout=120)
+            assert res["missing"] == 0, res["errors"]
+            viewer = tailnet.client("segview")
+            await viewer.wait_for_log(
+                realclient.msg_has("Switching ipn state", "-> Running"),
+                timeout=RUNNING_WITHIN,
+                what="segview Running",
+            )
+            nodes = {n["nodeKey"]: n for n in await server.anodes()}
+            viewer_key = next(k for k, n in nodes.items() if n["givenName"] == "segview")
+            problem = "not checked"
+            for _ in range(100):  # 30 s
+                wg = wireguard_peers(viewer)
+                views = fleet.views()
+                sample = views.get(fleet.nodes[-1].node_key) or {}
+                if wg is None or wg < SEGMENT_MIN_PEERS:
+                    problem = f"segview configured WireGuard with {wg} peers"
+                elif viewer_key not in sample:
+                    problem = "the simulated nodes do not see segview yet"
+                elif len(sample) != wg:
+                    problem = f"segview holds {wg} peers, a simulated node {len(sample)}"
+                else:
+                    problem = ""
+                    break
+                await trio.sleep(0.3)
+            assert not problem, f"{problem}; segview log {viewer.log.path}"
+            nursery.cancel_scope.cancel()

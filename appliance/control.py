@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import re
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -44,11 +45,16 @@ KEEPALIVE_JITTER = 9.0
 MAX_BODY = 1024 * 1024
 # After a stream sends a message it waits for the next tick of one shared clock before
 # composing the next, so changes arriving meanwhile go out merged in one message (last
-# state wins). The tick is 100 ms and slows by 100 ms per 1,000 streams (at most 1 s),
-# so each message carries more changes as the tailnet grows.
+# state wins). The tick is 100 ms and slows by 100 ms per 1,000 streams, so each message
+# carries more changes as the tailnet grows; and while the process is busy (its CPU time
+# over the last tick above BUSY_HIGH of the wall time) it slows by half again per tick,
+# up to COALESCE_MAX: a saturated server sends fewer, larger messages instead of falling
+# behind (each message costs every stream a compose, a seal and a send).
 COALESCE_BASE = 0.1
 COALESCE_PER_STREAM = 0.1 / 1000
-COALESCE_MAX = 1.0
+COALESCE_MAX = 2.0
+BUSY_HIGH = 0.8
+BUSY_LOW = 0.5
 # The longest a first map waits for the policy compile of its tick (then it compiles).
 SETTLE_WAIT = 2.0
 # Full maps built at once in a reconnect storm (each holds the loop for milliseconds).
@@ -589,14 +595,28 @@ class CoalescingClock:
     cheap. The clock only runs while a stream waits (an idle server has no timer).
     """
 
-    def __init__(self, streams: Callable[[], int]) -> None:
+    def __init__(
+        self, streams: Callable[[], int], cpu: Callable[[], float] = time.process_time
+    ) -> None:
         self._streams = streams
+        self._cpu = cpu
         self._tick = trio.Event()
         self._waiting = 0
         self._someone_waits = trio.Event()
+        self._interval = COALESCE_BASE
+
+    def floor(self) -> float:
+        return min(COALESCE_MAX, COALESCE_BASE + self._streams() * COALESCE_PER_STREAM)
 
     def interval(self) -> float:
-        return min(COALESCE_MAX, COALESCE_BASE + self._streams() * COALESCE_PER_STREAM)
+        return max(self._interval, self.floor())
+
+    def adapt(self, busy: float) -> None:
+        """`busy`: CPU seconds per wall second over the last tick (1.0: one core saturated)."""
+        if busy > BUSY_HIGH:
+            self._interval = min(COALESCE_MAX, self.interval() * 1.5)
+        elif busy < BUSY_LOW:
+            self._interval = max(self.floor(), self._interval / 1.5)
 
     async def next_tick(self) -> None:
         self._waiting += 1
@@ -611,9 +631,11 @@ class CoalescingClock:
             if not self._waiting:
                 self._someone_waits = trio.Event()
                 await self._someone_waits.wait()
+            cpu0, t0 = self._cpu(), trio.current_time()
             await trio.sleep(self.interval())
             tick, self._tick = self._tick, trio.Event()
             tick.set()
+            self.adapt((self._cpu() - cpu0) / max(trio.current_time() - t0, 1e-3))
 
 
 class _Refusal(HomescaleError):

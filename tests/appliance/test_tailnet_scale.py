@@ -115,3 +115,28 @@ def test_a_membership_change_compiles_the_policy_without_parsing_it_again(
     tn.apply([PolicyChanged(SELF_ONLY.replace("autogroup:self:*", "*:*"))])
     assert parses == ["policy"]
     assert 2 in tn.visible_peers(1)
+
+
+def test_the_coalescing_tick_slows_while_the_server_is_saturated() -> None:
+    """Issue 10: a busy server sends fewer, larger messages (each costs every stream a
+    compose, a seal and a send) and returns to the quick tick once the load is gone."""
+    from appliance.control import COALESCE_MAX, CoalescingClock
+
+    streams = 1000
+    clock = CoalescingClock(lambda: streams)
+    quick = clock.interval()
+    assert quick == pytest.approx(0.2)  # 100 ms + 100 ms per 1,000 streams
+    clock.adapt(0.6)  # in between: no change
+    assert clock.interval() == quick
+    seen = []
+    for _ in range(10):
+        clock.adapt(1.0)  # one core saturated
+        seen.append(clock.interval())
+    assert seen == sorted(seen)
+    assert seen[0] > quick
+    assert seen[-1] == COALESCE_MAX
+    for _ in range(10):
+        clock.adapt(0.1)
+    assert clock.interval() == quick
+    streams = 3000  # more streams: the floor rises with them
+    assert clock.interval() == pytest.approx(0.4)

@@ -9,6 +9,7 @@ work is cancelled), then the database is closed; SIGHUP reloads the policy.
 from __future__ import annotations
 
 import errno
+import gc
 import html
 import logging
 import os
@@ -391,6 +392,14 @@ def _first_start_cert(config: Config, log: logging.Logger) -> None:
         log.info("generated %s for the DERP relay (clients pin it)", config.tls_cert_path)
 
 
+def _tune_gc() -> None:
+    """Collect garbage less often: thousands of connections hold millions of objects,
+    and with CPython's default thresholds (700, 10, 10) a busy server spent a fifth of
+    its time in collections that free nearly nothing (py-spy, 3,000 nodes joining)."""
+    gc.freeze()  # what is loaded at start lives as long as the process
+    gc.set_threshold(50_000, 20, 20)
+
+
 def raise_open_files_limit(log: logging.Logger) -> int:
     """Lift the soft RLIMIT_NOFILE to the hard limit, as Go's runtime does at start.
 
@@ -557,6 +566,7 @@ async def serve(
 
         users, nodes = await server.run_db(lambda: (server.store.users(), server.store.nodes()))
         server.tailnet.load(users, nodes, policy_text)
+        _tune_gc()
         server.tailnet.set_derp_map(derp_maps.current)
 
         async def derp_map_changed(new_map: dict[str, Any]) -> None:

@@ -497,7 +497,10 @@ class Tailnet:
         if moved:
             self._mark_stale(node_id, before)  # `settle` tells its peers, old and new
         elif changed:
-            self.sessions.mark_peer(self.visible_peers(node_id), node_id)
+            # Its peers as last compiled, without settling (which would compile per join
+            # again): a peer that moved since hears of this node when it is settled
+            # (each moved node re-checks every peer then).
+            self.sessions.mark_peer(self.policy.visible_peers(node_id), node_id)
         else:
             return
         if self._is_router(row) or (old_row is not None and self._is_router(old_row)):

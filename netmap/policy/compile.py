@@ -280,8 +280,9 @@ class CompiledPolicy:
         # The same matchers by address (headscale's matcher.Match), for route access.
         self._ip_matchers: list[tuple[IPSet, IPSet]] = []
         self._route_access: dict[tuple[int, str], bool] = {}
-        self._sends_on: dict[int, list[int]] = {nid: [] for nid in self._nodes}
-        self._receives_on: dict[int, list[int]] = {nid: [] for nid in self._nodes}
+        # node -> the matchers it sends / receives on (absent: none).
+        self._sends_on: dict[int, list[int]] = {}
+        self._receives_on: dict[int, list[int]] = {}
         if not self.allow_all:
             assert policy is not None
             self._compile_grants(policy)
@@ -558,9 +559,9 @@ class CompiledPolicy:
         idx = len(self._matchers)
         self._matchers.append(m)
         for nid in m.srcs:
-            self._sends_on[nid].append(idx)
+            self._sends_on.setdefault(nid, []).append(idx)
         for nid in m.dsts:
-            self._receives_on[nid].append(idx)
+            self._receives_on.setdefault(nid, []).append(idx)
 
     def _compile_matchers(self) -> None:
         for rule in _merge_rules(r for g in self._grants for r in g.rules):
@@ -647,7 +648,10 @@ class CompiledPolicy:
         if self.allow_all:
             key: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
         else:
-            key = (tuple(self._sends_on[node_id]), tuple(self._receives_on[node_id]))
+            key = (
+                tuple(self._sends_on.get(node_id, ())),
+                tuple(self._receives_on.get(node_id, ())),
+            )
         out = self._reach.get(key)
         if out is None:
             if self.allow_all:

@@ -345,3 +345,27 @@ def test_a_big_first_map_goes_in_pieces_that_other_maps_share() -> None:
     for i in range(1, 4):
         small.put(peer(i))
     assert isinstance(MapSessionState(node_id=1, domain="x").next_message(small, NOW), bytes)
+
+
+def test_peer_versions_hold_what_a_dict_would() -> None:
+    """Issue 10 (memory): what a session sent is kept in an array by id; it answers
+    like the dict it replaced, also for ids and versions too big for the array."""
+    from netmap.mapsession import PeerVersions
+
+    pv, ref = PeerVersions(), {}
+    big_id, big_version = PeerVersions.DENSE_IDS + 5, PeerVersions.MAX_VERSION + 1
+    for pid, version in [(3, 1), (70, 2), (3, 4), (big_id, 1), (9, big_version), (0, 7)]:
+        pv[pid] = version
+        ref[pid] = version
+    del pv[70]
+    del ref[70]
+    del pv[12345]  # never sent: nothing to forget
+    assert {p: pv.get(p) for p in pv} == ref
+    assert len(pv) == len(ref)
+    assert 70 not in pv
+    assert pv.get(70) is None
+    assert pv.get(big_id) == 1
+    assert pv.get(9) == big_version
+    pv[9] = 2  # back into the array
+    assert pv.get(9) == 2
+    assert sorted(pv) == sorted({**ref, 9: 2})

@@ -55,7 +55,11 @@ COALESCE_PER_STREAM = 0.1 / 1000
 COALESCE_MAX = 2.0
 BUSY_HIGH = 0.8
 BUSY_LOW = 0.5
-# The longest a first map waits for the policy compile of its tick (then it compiles).
+# Nodes that joined or moved within this long share one policy compile; a first map
+# waits for it, at most SETTLE_WAIT (then it compiles itself).
+SETTLE_DELAY = 0.05
+# Changes for (nearly) every session reach them through one log, read after this delay.
+BROADCAST_DELAY = 0.1
 SETTLE_WAIT = 2.0
 # Full maps built at once in a reconnect storm (each holds the loop for milliseconds).
 FIRST_MAPS_AT_ONCE = 4
@@ -103,6 +107,9 @@ class ControlService:
         if tailnet.stale:
             self._stale.set()
         nursery.start_soon(self._settler)
+        self._broadcast = trio.Event()
+        tailnet.sessions.on_broadcast = lambda: self._broadcast.set()
+        nursery.start_soon(self._broadcaster)
 
     # ------------------------------------------------------------ dispatch
 
@@ -495,10 +502,21 @@ class ControlService:
         while True:
             await self._stale.wait()
             self._stale = trio.Event()
-            await self.clock.next_tick()
+            # Not the coalescing tick: that slows to seconds under load, and joining nodes
+            # wait for this compile before their first map.
+            await trio.sleep(SETTLE_DELAY)
             self.tailnet.settle()  # guarded inside: a failing compile is logged, not raised
             self._settled.set()
             self._settled = trio.Event()
+
+    async def _broadcaster(self) -> None:
+        """Wake every session to read the shared change log (SessionRegistry), at most
+        once per BROADCAST_DELAY however many changes it gained meanwhile."""
+        while True:
+            await self._broadcast.wait()
+            self._broadcast = trio.Event()
+            await trio.sleep(BROADCAST_DELAY)
+            self.tailnet.sessions.wake_everyone()
 
     async def _settled_view(self) -> None:
         """Wait (a tick at most) for the next compile if nodes moved: a joining node's
@@ -539,6 +557,7 @@ class ControlService:
 
     def _compose(self, handle: SessionHandle, encoder: MapFrameEncoder) -> bytes | None:
         """The session's next message, framed; None when its client is up to date."""
+        self.tailnet.sessions.catch_up(handle)
         msg = handle.state.next_message(self.tailnet, utcnow())
         if msg is None:
             return None

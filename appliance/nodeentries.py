@@ -25,6 +25,7 @@ class NodeEntries:
         self.peers: dict[int, PeerNode] = {}
         self._entries: dict[int, NodeEntry] = {}
         self._lives = itertools.count(1)  # NodeEntry.life: a re-added node starts a new one
+        self.routers: set[int] = set()  # nodes whose JSON depends on the viewer (for_viewer)
 
     def get(self, node_id: int) -> NodeEntry | None:
         return self._entries.get(node_id)
@@ -42,6 +43,10 @@ class NodeEntries:
             # online again, a re-login with the same key): no version, so no empty patch.
             return False
         self.peers[new.id] = new
+        if for_viewer is not None:
+            self.routers.add(new.id)
+        else:
+            self.routers.discard(new.id)
         prev = self._entries.get(new.id)
         version = prev.version + 1 if prev else 1
         patches = dict(prev.patches) if prev else {}
@@ -71,6 +76,7 @@ class NodeEntries:
 
     def remove(self, node_id: int) -> PeerNode | None:
         self._entries.pop(node_id, None)
+        self.routers.discard(node_id)
         return self.peers.pop(node_id, None)
 
     def expired_message(self, peer: PeerNode, now: datetime) -> bytes:

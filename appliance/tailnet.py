@@ -226,6 +226,9 @@ class Tailnet:
             profile["ProfilePicURL"] = u.profile_pic_url
         return profile
 
+    def routers(self) -> set[int]:
+        return self.entries.routers
+
     def derp_map_json(self) -> tuple[int, bytes]:
         return self.derp_map
 
@@ -545,8 +548,8 @@ class Tailnet:
         # Re-encode the nodes whose auto-approved routes changed either way: a revoked
         # approval must leave their AllowedIPs/PrimaryRoutes too.
         for nid in self.policy.compile(self.users, self.nodes):
-            if nid in self.nodes:
-                self._encode(self.nodes[nid])
+            if nid in self.nodes and self._encode(self.nodes[nid]):
+                self.sessions.mark_peer(self.policy.visible_peers(nid) | {nid}, nid)
         self._elect_primaries()
         # nodeAttrs may have changed what a node's CapMap holds: it and its peers hear.
         # Only when the old or new policy gives capabilities at all, and comparing the

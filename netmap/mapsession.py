@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from array import array
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -58,6 +58,7 @@ class TailnetView(Protocol):
     def filter_json(self, node_id: int) -> bytes: ...
     def ssh_json(self, node_id: int) -> bytes | None: ...
     def user_profile(self, user_id: int) -> dict[str, Any] | None: ...
+    def routers(self) -> Collection[int]: ...
     def derp_map_json(self) -> tuple[int, bytes]: ...
     def dns_json(self) -> tuple[int, bytes]: ...
 
@@ -140,6 +141,11 @@ class MapSessionState:
     pending_all: bool = True  # re-check every peer (first map, policy change)
     pending_self: bool = True
     started: bool = False
+    # The peer set at the last message: a re-check of everything (a policy edit) that
+    # finds it unchanged re-checks only routers (whose routes per viewer the policy
+    # decides) and the peers marked, not every peer (O(N) per session).
+    synced_visible: frozenset[int] | None = None
+    log_seen: int = 0  # how far this session read SessionRegistry's shared change log
     ping: bytes | None = None  # a tailcfg.PingRequest to send with the next message
 
     # -- marks (called by the coordinator; cheap, never blocking)
@@ -170,7 +176,9 @@ class MapSessionState:
                 self.sent_self = me.version
         visible = view.visible_peers(self.node_id)
         candidates: Iterable[int]
-        if self.pending_all:
+        if self.pending_all and self.started and self.sent_users and visible == self.synced_visible:
+            candidates = self.pending_peers | (visible & set(view.routers()))
+        elif self.pending_all:
             candidates = set(visible) | set(self.sent_peers)
         else:
             candidates = self.pending_peers
@@ -260,6 +268,9 @@ class MapSessionState:
             fields.append(("UserProfiles", _j(profiles)))
             self.sent_users |= new_users
 
+        # Every change of who sees whom is marked at the sessions it concerns, so what
+        # was sent now matches `visible`.
+        self.synced_visible = visible
         self.pending_peers.clear()
         self.pending_all = False
         self.pending_self = False

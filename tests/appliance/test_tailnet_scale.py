@@ -140,3 +140,50 @@ def test_the_coalescing_tick_slows_while_the_server_is_saturated() -> None:
     assert clock.interval() == quick
     streams = 3000  # more streams: the floor rises with them
     assert clock.interval() == pytest.approx(0.4)
+
+
+def test_a_change_for_nearly_everyone_goes_through_one_log() -> None:
+    """Issue 10 (storms): a change at least half of many sessions must hear of costs one
+    log entry and one wake of everyone per delay, not a mark per session; each session
+    reads the log when it composes, and one that fell behind the kept log re-checks all."""
+    import appliance.sessions as sessions_mod
+    from appliance.sessions import BROADCAST_MIN, SessionRegistry
+
+    reg = SessionRegistry(domain="tail.example", disable_logtail=True)
+    woken: list[int] = []
+    reg.on_broadcast = lambda: woken.append(1)
+    handles = [reg.open(i) for i in range(1, BROADCAST_MIN + 1)]
+    for h in handles:
+        h.state.pending_all = False
+        h.state.pending_peers.clear()
+    everyone = frozenset(range(1, BROADCAST_MIN + 1))
+    reg.mark_peer(everyone, 7)
+    reg.mark_peers(everyone, [8, 9])
+    assert woken == [1]  # one wake-up request for the three changes
+    assert not any(h.state.pending_peers or h.wake.is_set() for h in handles)
+    reg.wake_everyone()
+    assert all(h.wake.is_set() for h in handles)
+    reg.catch_up(handles[0])
+    assert handles[0].state.pending_peers == {7, 8, 9}
+    reg.catch_up(handles[0])  # read once
+    assert handles[0].state.pending_peers == {7, 8, 9}
+    handles[0].state.pending_peers.clear()
+    reg.catch_up(handles[0])
+    assert not handles[0].state.pending_peers
+
+    # A few watchers: marked one by one as before (a join wakes only its user's sessions).
+    reg.mark_peer(frozenset({1, 2}), 5)
+    assert handles[1].state.pending_peers == {5}
+    assert 5 not in handles[5].state.pending_peers
+
+    # The log is bounded; a session that missed entries dropped from it re-checks all.
+    old = sessions_mod.LOG_MAX
+    sessions_mod.LOG_MAX = 8
+    try:
+        for n in range(20):
+            reg.mark_peer(everyone, 100 + n)
+    finally:
+        sessions_mod.LOG_MAX = old
+    laggard = handles[2].state
+    reg.catch_up(handles[2])
+    assert laggard.pending_all

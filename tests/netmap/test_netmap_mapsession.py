@@ -47,6 +47,9 @@ class View:
     derp: tuple[int, bytes] = (1, b'{"Regions":{}}')
     dns: tuple[int, bytes] = (1, b'{"Proxied":true}')
 
+    def routers(self) -> set[int]:
+        return {i for i, e in self.entries.items() if e.for_viewer is not None}
+
     def put(self, n: PeerNode) -> None:
         old = self.peers.get(n.id)
         prev = self.entries.get(n.id)

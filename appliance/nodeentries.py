@@ -13,7 +13,7 @@ import itertools
 from collections.abc import Callable, Hashable
 from datetime import datetime
 
-from netmap.mapsession import PATCH_HISTORY, NodeEntry
+from netmap.mapsession import PATCH_HISTORY, FirstMapCache, NodeEntry
 from netmap.nodes import PeerNode, encode_node, patch_between
 
 
@@ -26,6 +26,7 @@ class NodeEntries:
         self._entries: dict[int, NodeEntry] = {}
         self._lives = itertools.count(1)  # NodeEntry.life: a re-added node starts a new one
         self.routers: set[int] = set()  # nodes whose JSON depends on the viewer (for_viewer)
+        self.first_maps = FirstMapCache()  # told of every change below
 
     def get(self, node_id: int) -> NodeEntry | None:
         return self._entries.get(node_id)
@@ -43,6 +44,7 @@ class NodeEntries:
             # online again, a re-login with the same key): no version, so no empty patch.
             return False
         self.peers[new.id] = new
+        self.first_maps.changed(new.id)
         if for_viewer is not None:
             self.routers.add(new.id)
         else:
@@ -77,6 +79,7 @@ class NodeEntries:
     def remove(self, node_id: int) -> PeerNode | None:
         self._entries.pop(node_id, None)
         self.routers.discard(node_id)
+        self.first_maps.changed(node_id)
         return self.peers.pop(node_id, None)
 
     def expired_message(self, peer: PeerNode, now: datetime) -> bytes:

@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any, assert_never
 
 from netmap.dns import dns_config
-from netmap.mapsession import NodeEntry
+from netmap.mapsession import FirstMapCache, NodeEntry
 from netmap.nodes import AUTO_UPDATE_CAP, FILE_SHARING_CAP, PeerNode
 from netmap.policy import CompiledPolicy
 from netmap.routes import (
@@ -228,6 +228,9 @@ class Tailnet:
 
     def routers(self) -> set[int]:
         return self.entries.routers
+
+    def first_maps(self) -> FirstMapCache:
+        return self.entries.first_maps
 
     def derp_map_json(self) -> tuple[int, bytes]:
         return self.derp_map

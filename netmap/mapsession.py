@@ -10,6 +10,7 @@ node (encoded once by the coordinator, spliced here).
 
 from __future__ import annotations
 
+import itertools
 import json
 from array import array
 from collections.abc import Callable, Collection, Hashable, Iterable, Iterator
@@ -59,6 +60,7 @@ class TailnetView(Protocol):
     def ssh_json(self, node_id: int) -> bytes | None: ...
     def user_profile(self, user_id: int) -> dict[str, Any] | None: ...
     def routers(self) -> Collection[int]: ...
+    def first_maps(self) -> FirstMapCache: ...
     def derp_map_json(self) -> tuple[int, bytes]: ...
     def dns_json(self) -> tuple[int, bytes]: ...
 
@@ -123,6 +125,66 @@ class PeerVersions:
 
 
 @dataclass
+class _Span:
+    """One span of peer ids as a first map lists them for one peer set."""
+
+    visible: frozenset[int]
+    generation: int
+    key: int  # names `json` for MapFrameEncoder's piece cache
+    json: bytes  # the peers' JSON, comma-separated
+    sent: tuple[tuple[int, int], ...]  # (peer id, version) of each
+    users: frozenset[int]
+
+
+class FirstMapCache:
+    """The peers of first maps, by span of PIECE_SPAN ids, shared by every first map
+    with the same peer set: a first map then costs a lookup per span instead of work per
+    peer (a 5,000-node storm is 5,000 first maps of 5,000 peers). A span is valid while
+    none of its nodes changed (`changed`, called by the coordinator on every change);
+    spans holding a router (JSON per viewer) or the viewer itself are not kept."""
+
+    MAX_SPANS = 4096
+
+    def __init__(self) -> None:
+        self._generations: dict[int, int] = {}
+        self._tokens = itertools.count(1)
+        self._spans: dict[int, _Span] = {}
+        self._layout: tuple[frozenset[int], list[tuple[int, list[int]]]] | None = None
+
+    def changed(self, node_id: int) -> None:
+        self._generations[node_id // PIECE_SPAN] = next(self._tokens)
+
+    def layout(self, visible: frozenset[int]) -> list[tuple[int, list[int]]]:
+        """`visible` as (span, its ids in order) in order; kept for the last peer set."""
+        if self._layout is None or self._layout[0] is not visible:
+            spans: dict[int, list[int]] = {}
+            for pid in sorted(visible):
+                spans.setdefault(pid // PIECE_SPAN, []).append(pid)
+            self._layout = (visible, sorted(spans.items()))
+        return self._layout[1]
+
+    def get(self, span: int, visible: frozenset[int]) -> _Span | None:
+        hit = self._spans.get(span)
+        if hit is None or hit.visible is not visible:
+            return None
+        return hit if hit.generation == self._generations.get(span, 0) else None
+
+    def put(
+        self,
+        span: int,
+        visible: frozenset[int],
+        json: bytes,
+        sent: tuple[tuple[int, int], ...],
+        users: frozenset[int],
+    ) -> _Span:
+        if len(self._spans) >= self.MAX_SPANS:
+            self._spans.clear()
+        gen = self._generations.get(span, 0)
+        self._spans[span] = entry = _Span(visible, gen, next(self._tokens), json, sent, users)
+        return entry
+
+
+@dataclass
 class MapSessionState:
     """The client's view as this session sent it, plus what is pending."""
 
@@ -161,6 +223,54 @@ class MapSessionState:
 
     # -- composing
 
+    def _first_peers(
+        self, view: TailnetView, visible: frozenset[int], new_users: set[int]
+    ) -> list[tuple[Hashable, bytes]]:
+        """A first map's peers as pieces, one per span of ids, from the shared
+        FirstMapCache where it holds the span (it never holds this node's own span or a
+        router's, whose JSON depends on the viewer)."""
+        cache = view.first_maps()
+        own = self.node_id // PIECE_SPAN
+        pieces: list[tuple[Hashable, bytes]] = []
+        for span, pids in cache.layout(visible):
+            hit = cache.get(span, visible) if span != own else None
+            if hit is None:
+                jsons: list[bytes] = []
+                sent: list[tuple[int, int]] = []
+                users: set[int] = set()
+                viewer_bound = span == own
+                for pid in pids:
+                    entry = view.entry(pid)
+                    if pid == self.node_id or entry is None or not entry.visible_to_peers:
+                        continue
+                    users.add(entry.user_id)
+                    if entry.for_viewer is not None:
+                        variant_key, json_bytes = entry.for_viewer(self.node_id)
+                        self.sent_variants[pid] = variant_key
+                        viewer_bound = True
+                    else:
+                        json_bytes = entry.json
+                    jsons.append(json_bytes)
+                    sent.append((pid, entry.version))
+                if not jsons:
+                    continue
+                joined = b",".join(jsons)
+                if viewer_bound:
+                    key: Hashable = None
+                    for pid, version in sent:
+                        self.sent_peers[pid] = version
+                    new_users |= users
+                else:
+                    hit = cache.put(span, visible, joined, tuple(sent), frozenset(users))
+            if hit is not None:
+                key, joined = hit.key, hit.json
+                for pid, version in hit.sent:
+                    self.sent_peers[pid] = version
+                new_users |= hit.users
+            lead = b"," if pieces else b""
+            pieces.append(((lead, key) if key is not None else None, lead + joined))
+        return pieces
+
     def next_message(self, view: TailnetView, now: datetime) -> bytes | Segmented | None:
         """The JSON of the next MapResponse (in pieces for a big first map), or None
         when the client is up to date."""
@@ -183,11 +293,13 @@ class MapSessionState:
         else:
             candidates = self.pending_peers
         changed: list[bytes] = []
-        # (id, life, version, variant) of each: names its bytes (`_peer_pieces`)
-        changed_keys: list[tuple[int, int, int, Hashable]] = []
         removed: list[int] = []
         patches: list[dict[str, Any]] = []
         new_users: set[int] = set()
+        pieces: list[tuple[Hashable, bytes]] | None = None  # a big first map's peers
+        if first and len(visible) >= SEGMENT_MIN_PEERS:
+            pieces = self._first_peers(view, visible, new_users)
+            candidates = ()
         for pid in sorted(candidates):
             if pid == self.node_id:
                 continue
@@ -220,9 +332,6 @@ class MapSessionState:
                     patches.append({"NodeID": pid, **patch})
             else:
                 changed.append(entry.json if variant is None else variant[1])
-                changed_keys.append(
-                    (pid, entry.life, entry.version, None if variant is None else variant[0])
-                )
             self.sent_peers[pid] = entry.version
             if variant is not None:
                 self.sent_variants[pid] = variant[0]
@@ -233,7 +342,7 @@ class MapSessionState:
 
         peers_at: int | None = None  # where the Peers of a big first map go (pieces)
         if first:
-            if len(changed) >= SEGMENT_MIN_PEERS:
+            if pieces:
                 peers_at = len(fields)
             elif changed:
                 fields.append(("Peers", b"[" + b",".join(changed) + b"]"))
@@ -288,32 +397,17 @@ class MapSessionState:
             self.started = True
         # Whole seconds: the same delta to many peers is then the same bytes, framed once.
         fields.append(("ControlTime", _j(format_time(now.replace(microsecond=0)))))
-        if peers_at is None:
+        if peers_at is None or pieces is None:
             return b"{" + b",".join(_j(k) + b":" + v for k, v in fields) + b"}"
         head = b"".join(_j(k) + b":" + v + b"," for k, v in fields[:peers_at])
         tail = b"".join(b"," + _j(k) + b":" + v for k, v in fields[peers_at:])
         return Segmented(
             (
                 (None, b"{" + head + b'"Peers":['),
-                *_peer_pieces(changed, changed_keys),
+                *pieces,
                 (None, b"]" + tail + b"}"),
             )
         )
-
-
-def _peer_pieces(
-    jsons: list[bytes], keys: list[tuple[int, int, int, Hashable]]
-) -> list[tuple[Hashable, bytes]]:
-    """The peers (in id order) as pieces of the ids in one span each: the same peers at
-    the same versions make the same piece in every node's map, compressed once."""
-    pieces: list[tuple[Hashable, bytes]] = []
-    start = 0
-    for i in range(1, len(keys) + 1):
-        if i == len(keys) or keys[i][0] // PIECE_SPAN != keys[start][0] // PIECE_SPAN:
-            lead = b"," if start else b""
-            pieces.append(((bool(start), *keys[start:i]), lead + b",".join(jsons[start:i])))
-            start = i
-    return pieces
 
 
 def _j(obj: Any) -> bytes:

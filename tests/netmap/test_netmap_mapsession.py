@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from netmap.mapsession import PATCH_HISTORY, MapSessionState, NodeEntry
+from netmap.mapsession import PATCH_HISTORY, FirstMapCache, MapSessionState, NodeEntry
 from netmap.nodes import PeerNode, encode_node, patch_between
 from protocol import tailcfg
 from protocol.mapframe import message_json
@@ -46,6 +46,11 @@ class View:
     ssh: dict[int, bytes | None] = field(default_factory=dict)
     derp: tuple[int, bytes] = (1, b'{"Regions":{}}')
     dns: tuple[int, bytes] = (1, b'{"Proxied":true}')
+    first_map_cache: FirstMapCache = field(default_factory=FirstMapCache)
+    everyone: frozenset[int] | None = None
+
+    def first_maps(self) -> FirstMapCache:
+        return self.first_map_cache
 
     def routers(self) -> set[int]:
         return {i for i, e in self.entries.items() if e.for_viewer is not None}
@@ -62,6 +67,7 @@ class View:
             patches[version] = patch
         patches = {v: p for v, p in patches.items() if v > version - PATCH_HISTORY}
         self.peers[n.id] = n
+        self.first_map_cache.changed(n.id)
         self.entries[n.id] = NodeEntry(
             id=n.id,
             user_id=n.user_id,
@@ -75,7 +81,12 @@ class View:
         return self.entries.get(node_id)
 
     def visible_peers(self, node_id: int) -> frozenset[int]:
-        return self.visible.get(node_id, frozenset(self.entries) - {node_id})
+        """As Tailnet: one set for every node with the same view (it may hold the node)."""
+        if node_id in self.visible:
+            return self.visible[node_id]
+        if self.everyone is None or len(self.everyone) != len(self.entries):
+            self.everyone = frozenset(self.entries)
+        return self.everyone
 
     def filter_json(self, node_id: int) -> bytes:
         return self.filters.get(node_id, ALLOW_ALL)
@@ -324,10 +335,13 @@ def test_a_big_first_map_goes_in_pieces_that_other_maps_share() -> None:
     assert [p["ID"] for p in got["Peers"]] == list(range(2, n + 1))
     assert (got["Node"]["ID"], got["Domain"]) == (1, "tail.example")
     assert "PacketFilter" in got
+    # One piece per span of ids; each node's own span is its own (not shared, no key).
+    spans = -(-n // PIECE_SPAN)
+    assert len(a.pieces) == len(b.pieces) == spans + 2  # with the head and the tail
     keyed_a = {k for k, _ in a.pieces if k is not None}
     keyed_b = {k for k, _ in b.pieces if k is not None}
-    assert len(keyed_a) == len(keyed_b) == -(-n // PIECE_SPAN)  # one per span of ids
-    assert len(keyed_a & keyed_b) == len(keyed_a) - 2  # all but the spans holding 1 and n
+    assert len(keyed_a) == len(keyed_b) == spans - 1
+    assert len(keyed_a & keyed_b) == spans - 2  # all but the spans holding 1 and n
 
     # On the wire: one frame per piece; the shared ones are compressed once and decode,
     # frames concatenated, to the whole map (as the Go client's DecodeAll does).

@@ -499,13 +499,19 @@ class ControlService:
                 self._count(f'headscale_mapresponse_ended_total{{reason="{reason}"}}')
 
     async def _settler(self) -> None:
+        took = 0.0
         while True:
             await self._stale.wait()
             self._stale = trio.Event()
             # Not the coalescing tick: that slows to seconds under load, and joining nodes
-            # wait for this compile before their first map.
-            await trio.sleep(SETTLE_DELAY)
-            self.tailnet.settle()  # guarded inside: a failing compile is logged, not raised
+            # wait for this compile before their first map. A compile is O(nodes): at
+            # most a tenth of the time goes to compiling however fast nodes join.
+            await trio.sleep(max(SETTLE_DELAY, 9 * took))
+            t0 = time.perf_counter()
+            self.tailnet.settle()
+            took = (
+                time.perf_counter() - t0
+            )  # guarded inside: a failing compile is logged, not raised
             self._settled.set()
             self._settled = trio.Event()
 

@@ -33,6 +33,11 @@ def advertised(n: NodeRow) -> list[str]:
     return [str(r) for r in (n.hostinfo.get("RoutableIPs") or [])]
 
 
+def advertised_any(n: NodeRow) -> bool:
+    """Whether the node advertises any route (cheaper than `advertised`)."""
+    return bool(n.hostinfo.get("RoutableIPs"))
+
+
 def policy_users(users: Iterable[UserRow]) -> list[PolicyUser]:
     return [PolicyUser(id=u.id, name=u.name, email=u.email, groups=tuple(u.groups)) for u in users]
 
@@ -111,7 +116,7 @@ class PolicyState:
         auto: dict[int, tuple[str, ...]] = {}
         if compiled.has_auto_approvers:
             for n in members:
-                if not n.hostinfo.get("RoutableIPs"):
+                if not advertised_any(n):
                     continue
                 pending = [
                     r

@@ -44,7 +44,7 @@ from .changes import (
 )
 from .config import Config
 from .nodeentries import NodeEntries
-from .policystate import PolicyState, advertised
+from .policystate import PolicyState, advertised, advertised_any
 from .quarantine import RowProblem, node_row_problems
 from .sessions import SessionHandle, SessionRegistry
 from .store import NodeRow, Store, UserRow, utcnow
@@ -250,7 +250,8 @@ class Tailnet:
         """One primary router per subnet, as headscale elects it (netmap.routes); re-encode
         the routers whose primary routes changed (HA failover)."""
         elected = elect_primaries(
-            {nid: self._served(n) for nid, n in self.nodes.items()},
+            # Only nodes that advertise routes can serve any (one pass, no route parsing).
+            {nid: self._served(n) for nid, n in self.nodes.items() if advertised_any(n)},
             up=self.online - self.unhealthy,
             current=self.primaries,
         )

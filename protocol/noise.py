@@ -51,6 +51,7 @@ MAX_CIPHERTEXT_SIZE = MAX_MESSAGE_SIZE - HEADER_LEN  # 4093
 MAX_PLAINTEXT_SIZE = MAX_CIPHERTEXT_SIZE - TAG_LEN  # 4077
 # Counter 2^64-1 is never used (handshake.go invalidNonce).
 _INVALID_NONCE = (1 << 64) - 1
+_RECORD_HEADER = struct.Struct(">BH")
 
 # ts2021/conn.go: the early payload starts with these 5 bytes, then a 4-byte BE
 # JSON length; any other first bytes are taken as the start of HTTP/2.
@@ -203,14 +204,20 @@ class NoiseTransport:
 
     def send(self, plaintext: bytes) -> bytes:
         """Encrypt ``plaintext`` into as many records as needed (4077 bytes each at most)."""
-        out = bytearray()
+        parts: list[bytes] = []
         view = memoryview(plaintext)
+        encrypt, nonce = self._tx._aead.encrypt, self._tx.nonce
+        full = _RECORD_HEADER.pack(MSG_RECORD, MAX_PLAINTEXT_SIZE + TAG_LEN)
         for start in range(0, len(view), MAX_PLAINTEXT_SIZE):
-            chunk = view[start : start + MAX_PLAINTEXT_SIZE]
-            ct = self._tx._aead.encrypt(self._tx.nonce(), bytes(chunk), None)
-            out += struct.pack(">BH", MSG_RECORD, len(ct))
-            out += ct
-        return bytes(out)
+            # A first map is hundreds of records: no copy of the chunk, one join at the end.
+            ct = encrypt(nonce(), view[start : start + MAX_PLAINTEXT_SIZE], None)
+            parts.append(
+                full
+                if len(ct) == MAX_PLAINTEXT_SIZE + TAG_LEN
+                else _RECORD_HEADER.pack(MSG_RECORD, len(ct))
+            )
+            parts.append(ct)
+        return b"".join(parts)
 
     def receive_data(self, data: bytes) -> None:
         """Take record bytes off the wire; decrypted bytes become available to ``read``.

@@ -49,6 +49,24 @@ class NodeEntry:
     # A router's JSON as one viewer gets it, with the routes that viewer may use
     # (headscale's ReduceRoutes): (variant key, json); None: `json` for everyone.
     for_viewer: Callable[[int], tuple[Hashable, bytes]] | None = None
+    # version sent -> the PeersChangedPatch entry (JSON) that brings it to `version`:
+    # every session that is as far behind sends the same bytes (a storm's thousands of
+    # Online patches, to thousands of sessions, were each encoded per session).
+    patch_json: dict[int, bytes | None] = field(default_factory=dict, repr=False, compare=False)
+
+    def patch_from(self, have: int) -> bytes | None:
+        """The patch entry from version `have` (b"": nothing a client sees changed; None:
+        not patchable, send the node)."""
+        if have in self.patch_json:
+            return self.patch_json[have]
+        patch = _merge_patches(self, have)
+        out: bytes | None = None
+        if patch is not None:
+            patch.pop("NodeID", None)
+            # Empty: only unpatchable detail changed (NetInfo latencies).
+            out = _j({"NodeID": self.id, **patch}) if patch else b""
+        self.patch_json[have] = out
+        return out
 
 
 class TailnetView(Protocol):
@@ -310,7 +328,7 @@ class MapSessionState:
             candidates = self.pending_peers
         changed: list[bytes] = []
         removed: list[int] = []
-        patches: list[dict[str, Any]] = []
+        patches: list[bytes] = []
         new_users: set[int] = set()
         pieces: list[tuple[Hashable, bytes]] | None = None  # a big first map's peers
         if first and len(visible) >= SEGMENT_MIN_PEERS:
@@ -341,11 +359,10 @@ class MapSessionState:
             if variant is not None and self.sent_variants.get(pid) != variant[0]:
                 patch = None  # the routes this viewer may use changed: the whole node
             else:
-                patch = _merge_patches(entry, have) if have is not None else None
+                patch = entry.patch_from(have) if have is not None else None
             if patch is not None:
-                patch.pop("NodeID", None)
-                if patch:  # empty: only unpatchable detail changed (NetInfo latencies)
-                    patches.append({"NodeID": pid, **patch})
+                if patch:
+                    patches.append(patch)
             else:
                 changed.append(entry.json if variant is None else variant[1])
             self.sent_peers[pid] = entry.version
@@ -368,7 +385,7 @@ class MapSessionState:
             if removed:
                 fields.append(("PeersRemoved", _j(removed)))
             if patches:
-                fields.append(("PeersChangedPatch", _j(patches)))
+                fields.append(("PeersChangedPatch", b"[" + b",".join(patches) + b"]"))
 
         filt = view.filter_json(self.node_id)
         if filt != self.sent_filter:

@@ -10,6 +10,7 @@ node (encoded once by the coordinator, spliced here).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from array import array
@@ -429,7 +430,7 @@ class MapSessionState:
             ]
             self.started = True
         # Whole seconds: the same delta to many peers is then the same bytes, framed once.
-        fields.append(("ControlTime", _j(format_time(now.replace(microsecond=0)))))
+        fields.append(("ControlTime", _control_time(now.replace(microsecond=0))))
         if peers_at is None or pieces is None:
             return b"{" + b",".join(_j(k) + b":" + v for k, v in fields) + b"}"
         head = b"".join(_j(k) + b":" + v + b"," for k, v in fields[:peers_at])
@@ -441,6 +442,12 @@ class MapSessionState:
                 (None, b"]" + tail + b"}"),
             )
         )
+
+
+@functools.lru_cache(maxsize=4)
+def _control_time(second: datetime) -> bytes:
+    """The ControlTime of a whole second (thousands of messages share each second)."""
+    return _j(format_time(second))
 
 
 def _j(obj: Any) -> bytes:

@@ -547,12 +547,12 @@ class ControlService:
             else:
                 frame = self._compose(handle, encoder)
             if frame is not None:
-                await resp.send_data(frame)
+                await resp.send_data(frame, wait=False)
                 await self.clock.next_tick()
             with trio.move_on_after(KEEPALIVE_BASE + random.uniform(0, KEEPALIVE_JITTER)):
                 await handle.wake.wait()
                 continue
-            await resp.send_data(encoder.keepalive())
+            await resp.send_data(encoder.keepalive(), wait=False)
             self._count('headscale_mapresponse_sent_total{status="ok",type="keepalive"}')
 
     def _count(self, name: str) -> None:

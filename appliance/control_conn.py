@@ -66,6 +66,10 @@ MAX_BUFFERED_BODIES = 2 * DEFAULT_MAX_BODY
 # more; if it reads nothing for this long it is dropped. Generous: a first map of
 # a few hundred KB to a phone on a bad link may take a while to drain.
 WRITE_BACKLOG_TIMEOUT = 120.0
+# A sender that does not wait for its data to be written (a map stream) waits once the
+# connection has this much not yet written: a client that reads slowly still slows its
+# own map stream down.
+UNFLUSHED_LIMIT = 256 << 10
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
@@ -188,12 +192,16 @@ class ControlResponse:
         self.headers_sent = True
         await self._conn.flush()
 
-    async def send_data(self, data: bytes) -> None:
+    async def send_data(self, data: bytes, *, wait: bool = True) -> None:
+        """Send `data` (flow control permitting). With `wait=False` return once it is
+        queued for the connection's writer, unless the writer is more than
+        UNFLUSHED_LIMIT behind: a map stream then does not wait on every message
+        (thousands of streams x a message per tick)."""
         if not self.headers_sent:
             raise ResponseStateError("send_headers before send_data")
         if self.ended:
             raise ResponseStateError("response already ended")
-        await self._conn.send_data(self.stream_id, data)
+        await self._conn.send_data(self.stream_id, data, wait=wait)
 
     async def end(self) -> None:
         if self.ended:
@@ -250,6 +258,7 @@ class _H2Server:
         self._queued_seq = 0  # bumped whenever output is queued in h2
         self._written_seq = 0  # the last queued_seq the writer fully sent
         self._written = trio.Event()
+        self._unflushed = 0  # bytes queued or being written, not yet on the socket
         self._dead: BaseException | None = None
         self._nursery: trio.Nursery | None = None
 
@@ -280,8 +289,10 @@ class _H2Server:
             self._wake_writer = trio.Event()
             seq = self._queued_seq
             data = self.h2.data_to_send()
+            self._unflushed = len(data)  # taken: what is in the socket write now
             if data:
                 await self.stream.send_all(data)
+            self._unflushed = 0
             self._written_seq = seq
             self._written.set()
             self._written = trio.Event()
@@ -291,7 +302,7 @@ class _H2Server:
         self._queued_seq += 1
         self._wake_writer.set()
 
-    async def send_data(self, stream_id: int, data: bytes) -> None:
+    async def send_data(self, stream_id: int, data: bytes, *, wait: bool = True) -> None:
         view = memoryview(data)
         while view:
             st = self.streams.get(stream_id)
@@ -315,7 +326,9 @@ class _H2Server:
                 c.send_data(stream_id, chunk)
 
             self.call(stream_id, send)
-        await self.flush()
+            self._unflushed += len(chunk)
+        if wait or self._unflushed > UNFLUSHED_LIMIT:
+            await self.flush()
 
     def _signal_window(self) -> None:
         self._window_changed.set()

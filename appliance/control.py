@@ -49,7 +49,8 @@ MAX_BODY = 1024 * 1024
 # carries more changes as the tailnet grows; and while the process is busy (its CPU time
 # over the last tick above BUSY_HIGH of the wall time) it slows by half again per tick,
 # up to COALESCE_MAX: a saturated server sends fewer, larger messages instead of falling
-# behind (each message costs every stream a compose, a seal and a send).
+# behind (each message costs every stream a compose, a seal and a send). Below BUSY_LOW
+# it is back to quick at once.
 COALESCE_BASE = 0.1
 COALESCE_PER_STREAM = 0.1 / 1000
 COALESCE_MAX = 2.0
@@ -641,7 +642,7 @@ class CoalescingClock:
         if busy > BUSY_HIGH:
             self._interval = min(COALESCE_MAX, self.interval() * 1.5)
         elif busy < BUSY_LOW:
-            self._interval = max(self.floor(), self._interval / 1.5)
+            self._interval = self.floor()  # the load is gone: quick again at once
 
     async def next_tick(self) -> None:
         self._waiting += 1

@@ -62,6 +62,44 @@ class Segmented:
         return sum(len(data) for _, data in self.pieces)
 
 
+_ZSTD_MAGIC = 0xFD2FB528
+_FCS_SIZES = (0, 2, 4, 8)
+_DICT_ID_SIZES = (0, 1, 2, 4)
+
+
+def _check_frames(body: bytes) -> None:
+    """That `body` is whole zstd frames back to back (RFC 8878 3.1), as the Go client's
+    DecodeAll needs: zstandard's streaming reader stops quietly at a truncated frame."""
+    view, pos = memoryview(body), 0
+    while pos < len(view):
+        if len(view) - pos < 6:
+            raise RemoteMapFrameError("map message ends inside a zstd frame header")
+        magic = int.from_bytes(view[pos : pos + 4], "little")
+        if magic & 0xFFFFFFF0 == 0x184D2A50:  # a skippable frame
+            size = 8 + int.from_bytes(view[pos + 4 : pos + 8], "little")
+        elif magic == _ZSTD_MAGIC:
+            desc = view[pos + 4]
+            single = desc >> 5 & 1
+            fcs = _FCS_SIZES[desc >> 6] or (1 if single else 0)
+            size = 5 + (0 if single else 1) + _DICT_ID_SIZES[desc & 3] + fcs
+            while True:
+                if len(view) - pos < size + 3:
+                    raise RemoteMapFrameError("map message ends inside a zstd frame")
+                header = int.from_bytes(view[pos + size : pos + size + 3], "little")
+                kind = header >> 1 & 3
+                if kind == 3:
+                    raise RemoteMapFrameError("map message has a reserved zstd block type")
+                size += 3 + (1 if kind == 1 else header >> 3)
+                if header & 1:
+                    break
+            size += 4 if desc >> 2 & 1 else 0
+        else:
+            raise RemoteMapFrameError("map message is not valid zstd: no frame magic")
+        if len(view) - pos < size:
+            raise RemoteMapFrameError("map message ends inside a zstd frame")
+        pos += size
+
+
 def message_json(message: bytes | Segmented) -> bytes:
     """The whole JSON text of a message (for logs and debug views)."""
     return message.json() if isinstance(message, Segmented) else message
@@ -174,30 +212,19 @@ class MapFrameDecoder:
         return self._decompress(body)
 
     def _decompress(self, body: bytes) -> bytes:
-        """Every frame of the message, as the Go client decodes it (zero or more)."""
+        """Every frame of the message, as the Go client decodes it (zero or more), with
+        the inflation bound over all of them (read in bounded steps: a declared size is
+        not trusted, and a frame without one is bounded all the same)."""
+        _check_frames(body)
         out = bytearray()
-        rest = body
         try:
-            while rest:
-                budget = self.max_decompressed - len(out)
-                # A declared content size is trusted by decompress() over
-                # max_output_size, so check it first; -1 means "not declared", and
-                # then max_output_size bounds the output buffer itself.
-                declared = zstandard.frame_content_size(rest)
-                if declared > budget:
+            reader = self._dctx.stream_reader(body, read_across_frames=True)
+            while chunk := reader.read(self.max_decompressed + 1 - len(out)):
+                out += chunk
+                if len(out) > self.max_decompressed:
                     raise RemoteMapFrameError(
                         f"map message inflates beyond {self.max_decompressed} bytes"
                     )
-                if declared < 0:
-                    # No declared size: the bounded one-shot decoder (first frame only)
-                    # proves it inflates within the budget before it is decoded again
-                    # below to find where it ends.
-                    self._dctx.decompress(rest, max_output_size=max(budget, 1))
-                frame = self._dctx.decompressobj()
-                out += frame.decompress(rest)
-                if not frame.eof:
-                    raise RemoteMapFrameError("map message ends inside a zstd frame")
-                rest = frame.unused_data
         except zstandard.ZstdError as e:
             raise RemoteMapFrameError(f"map message is not valid zstd: {e}") from None
         return bytes(out)

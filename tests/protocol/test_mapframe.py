@@ -147,3 +147,16 @@ def test_a_message_of_several_frames_decodes_whole_and_stays_bounded() -> None:
     small.receive_data(struct.pack("<I", len(bomb)) + bomb)
     with pytest.raises(RemoteMapFrameError):
         small.next_message()
+
+
+@pytest.mark.parametrize("cut", [1, 3, 9])
+def test_a_message_cut_inside_a_frame_is_refused(cut: int) -> None:
+    """Go's DecodeAll fails on a truncated frame; the streaming decoder would stop
+    quietly with part of the JSON, so the frames' extent is checked first."""
+    cctx = zstandard.ZstdCompressor()
+    body = cctx.compress(b'{"Peers":[') + cctx.compress(b'{"ID":1}]}')
+    body = body[:-cut]
+    dec = MapFrameDecoder()
+    dec.receive_data(struct.pack("<I", len(body)) + body)
+    with pytest.raises(RemoteMapFrameError, match="ends inside"):
+        dec.next_message()

@@ -23,6 +23,12 @@ from protocol.keys import MachinePublic, PrivateKey
 from protocol.mapframe import KEEPALIVE_JSON, MapFrameDecoder
 from tests.protocol import ts2021client
 
+# Go's HTTP/2 client's receive windows (x/net/http2 transportDefaultStreamFlow and
+# transportDefaultConnFlow), which every Tailscale client uses: a first map of a
+# megabyte then needs no window round trips.
+GO_STREAM_WINDOW = 4 << 20
+GO_CONN_WINDOW = 1 << 30
+
 CAPVER = 130
 MARKER_BASE = int(ipaddress.IPv4Address("198.18.0.0"))  # RFC 2544: never routed
 MARKER_PORT = 41641
@@ -199,7 +205,11 @@ class SimNode:
                                 fleet.host, fleet.port, local_address=self.source_ip
                             )
                             client = await ts2021client.connect(
-                                raw, fleet.server_key, machine=self.machine
+                                raw,
+                                fleet.server_key,
+                                machine=self.machine,
+                                window=GO_STREAM_WINDOW,
+                                conn_window=GO_CONN_WINDOW,
                             )
                             self.handshake_s = now() - t
                             await nursery.start(client.run)

@@ -51,7 +51,12 @@ def _text(header: str | bytes) -> str:
 
 class TS2021Client:
     def __init__(
-        self, stream: NoiseStream, early: noise.EarlyPayload | None, leftover: bytes, window: int
+        self,
+        stream: NoiseStream,
+        early: noise.EarlyPayload | None,
+        leftover: bytes,
+        window: int,
+        conn_window: int = 65535,
     ) -> None:
         self.stream = stream
         self.early = early
@@ -61,6 +66,7 @@ class TS2021Client:
         self.h2.local_settings = h2.settings.Settings(
             client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window}
         )
+        self.conn_window = conn_window
         self.streams: dict[int, ClientStream] = {}
         self._send_lock = trio.Lock()
         self.terminated = trio.Event()
@@ -75,6 +81,8 @@ class TS2021Client:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.h2.initiate_connection()
+        if self.conn_window > 65535:
+            self.h2.increment_flow_control_window(self.conn_window - 65535)
         await self._flush()
         task_status.started()
         data = self._leftover
@@ -277,8 +285,11 @@ async def connect(
     version: int = 130,
     method: str = "POST",
     window: int = 65535,
+    conn_window: int = 65535,
 ) -> TS2021Client:
+    """`window`, `conn_window`: our stream and connection receive windows (HTTP/2's
+    defaults unless given; Go's client, as the load generator, uses 4 MiB and 1 GiB)."""
     ns, early, leftover, _ = await upgrade(
         raw, server_public, machine=machine, version=version, method=method
     )
-    return TS2021Client(ns, early, leftover, window)
+    return TS2021Client(ns, early, leftover, window, conn_window)

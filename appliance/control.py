@@ -622,10 +622,14 @@ class CoalescingClock:
     """
 
     def __init__(
-        self, streams: Callable[[], int], cpu: Callable[[], float] = time.process_time
+        self,
+        streams: Callable[[], int],
+        cpu: Callable[[], float] = time.process_time,
+        machine: Callable[[], float | None] | None = None,
     ) -> None:
         self._streams = streams
         self._cpu = cpu
+        self._machine = machine if machine is not None else MachineLoad().busy
         self._tick = trio.Event()
         self._waiting = 0
         self._someone_waits = trio.Event()
@@ -661,7 +665,34 @@ class CoalescingClock:
             await trio.sleep(self.interval())
             tick, self._tick = self._tick, trio.Event()
             tick.set()
-            self.adapt((self._cpu() - cpu0) / max(trio.current_time() - t0, 1e-3))
+            own = (self._cpu() - cpu0) / max(trio.current_time() - t0, 1e-3)
+            # The box's CPUs too: a server on a saturated small box (its clients, a load
+            # generator, other services) sends fewer, larger messages as well.
+            self.adapt(max(own, self._machine() or 0.0))
+
+
+class MachineLoad:
+    """How busy all of the machine's CPUs were since the last call (Linux /proc/stat);
+    None where that is not known."""
+
+    def __init__(self, path: str = "/proc/stat") -> None:
+        self._path = path
+        self._last: tuple[int, int] | None = None
+
+    def busy(self) -> float | None:
+        try:
+            with open(self._path) as f:
+                cpu = f.readline().split()
+        except OSError:
+            return None
+        if not cpu or cpu[0] != "cpu":
+            return None
+        ticks = [int(v) for v in cpu[1:9]]
+        idle, total = ticks[3] + (ticks[4] if len(ticks) > 4 else 0), sum(ticks)
+        last, self._last = self._last, (idle, total)
+        if last is None or total <= last[1]:
+            return None
+        return 1.0 - (idle - last[0]) / (total - last[1])
 
 
 class _Refusal(HomescaleError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -123,7 +124,7 @@ def test_the_coalescing_tick_slows_while_the_server_is_saturated() -> None:
     from appliance.control import COALESCE_MAX, CoalescingClock
 
     streams = 1000
-    clock = CoalescingClock(lambda: streams)
+    clock = CoalescingClock(lambda: streams, machine=lambda: None)
     quick = clock.interval()
     assert quick == pytest.approx(0.2)  # 100 ms + 100 ms per 1,000 streams
     clock.adapt(0.6)  # in between: no change
@@ -186,3 +187,17 @@ def test_a_change_for_nearly_everyone_goes_through_one_log() -> None:
     laggard = handles[2].state
     reg.catch_up(handles[2])
     assert laggard.pending_all
+
+
+def test_machine_load_reads_how_busy_the_cpus_were(tmp_path: Path) -> None:
+    """The coalescing tick also backs off when the box is saturated: MachineLoad reads
+    /proc/stat's cpu line (user nice system idle iowait irq softirq steal)."""
+    from appliance.control import MachineLoad
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 100 800 0 0 0 0 0 0\ncpu0 1 2 3\n")
+    load = MachineLoad(str(stat))
+    assert load.busy() is None  # a first sample has nothing to compare with
+    stat.write_text("cpu  190 0 190 820 0 0 0 0 0 0\n")  # 180 busy of 200 ticks
+    assert load.busy() == pytest.approx(0.9)
+    assert MachineLoad(str(tmp_path / "missing")).busy() is None

@@ -102,14 +102,7 @@ class SessionRegistry:
 
     def mark_peer(self, watchers: Iterable[int], node_id: int) -> None:
         """`node_id` changed: the sessions of `watchers` re-check it."""
-        if self._broadcasts(watchers):
-            self._append(node_id)
-            return
-        for w in watchers:
-            s = self._by_node.get(w)
-            if s is not None:
-                s.state.mark_peer(node_id)
-                s.notify()
+        self.mark_peers(watchers, (node_id,))
 
     def mark_peers(self, watchers: Iterable[int], node_ids: Iterable[int]) -> None:
         """These nodes changed: the sessions of `watchers` re-check them (one wake each)."""
@@ -121,7 +114,7 @@ class SessionRegistry:
         for w in watchers:
             s = self._by_node.get(w)
             if s is not None:
-                s.state.pending_peers.update(ids)
+                s.state.mark_peers(ids)
                 s.notify()
 
     def _broadcasts(self, watchers: Iterable[int]) -> bool:
@@ -155,7 +148,7 @@ class SessionRegistry:
         if state.log_seen < self._log_base:
             state.mark_all()
         else:
-            state.pending_peers.update(self._log[state.log_seen - self._log_base :])
+            state.mark_peers(self._log[state.log_seen - self._log_base :])
         state.log_seen = self._log_base + len(self._log)
 
     def mark_self(self, node_id: int) -> None:

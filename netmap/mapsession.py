@@ -244,8 +244,8 @@ class MapSessionState:
 
     # -- marks (called by the coordinator; cheap, never blocking)
 
-    def mark_peer(self, peer_id: int) -> None:
-        self.pending_peers.add(peer_id)
+    def mark_peers(self, peer_ids: Iterable[int]) -> None:
+        self.pending_peers.update(peer_ids)
 
     def mark_all(self) -> None:
         self.pending_all = True

@@ -160,7 +160,7 @@ def test_first_map_is_complete_and_go_compatible() -> None:
 def test_endpoint_change_goes_out_as_a_patch() -> None:
     view, s, _ = setup()
     view.put(dataclasses.replace(view.peers[2], endpoints=("198.51.100.9:1",)))
-    s.mark_peer(2)
+    s.mark_peers([2])
     msg = send(view, s)
     assert msg is not None
     assert msg["PeersChangedPatch"] == [{"NodeID": 2, "Endpoints": ["198.51.100.9:1"]}]
@@ -171,11 +171,11 @@ def test_endpoint_change_goes_out_as_a_patch() -> None:
 def test_several_changes_coalesce_into_one_merged_patch() -> None:
     view, s, _ = setup()
     view.put(dataclasses.replace(view.peers[2], endpoints=("198.51.100.1:1",)))
-    s.mark_peer(2)
+    s.mark_peers([2])
     view.put(dataclasses.replace(view.peers[2], endpoints=("198.51.100.2:2",)))
-    s.mark_peer(2)
+    s.mark_peers([2])
     view.put(dataclasses.replace(view.peers[2], online=False, last_seen=NOW))
-    s.mark_peer(2)
+    s.mark_peers([2])
     msg = send(view, s)
     assert msg is not None
     assert msg["PeersChangedPatch"] == [
@@ -193,7 +193,7 @@ def test_patch_history_gap_sends_the_full_node() -> None:
     view, s, _ = setup()
     for i in range(PATCH_HISTORY + 2):
         view.put(dataclasses.replace(view.peers[2], endpoints=(f"198.51.100.{i}:1",)))
-    s.mark_peer(2)
+    s.mark_peers([2])
     msg = send(view, s)
     assert msg is not None
     assert "PeersChangedPatch" not in msg
@@ -204,7 +204,7 @@ def test_patch_then_full_change_sends_the_full_node() -> None:
     view, s, _ = setup()
     view.put(dataclasses.replace(view.peers[2], endpoints=("198.51.100.1:1",)))
     view.put(dataclasses.replace(view.peers[2], given_name="renamed"))
-    s.mark_peer(2)
+    s.mark_peers([2])
     msg = send(view, s)
     assert msg is not None
     assert [p["Name"] for p in msg["PeersChanged"]] == ["renamed.tail.example."]
@@ -214,10 +214,10 @@ def test_patch_then_full_change_sends_the_full_node() -> None:
 def test_peer_without_disco_key_is_held_back_until_it_has_one() -> None:
     view, s, _ = setup()
     view.put(peer(4, disco_key=""))
-    s.mark_peer(4)
+    s.mark_peers([4])
     assert send(view, s) is None
     view.put(peer(4))
-    s.mark_peer(4)
+    s.mark_peers([4])
     msg = send(view, s)
     assert msg is not None
     assert [p["ID"] for p in msg["PeersChanged"]] == [4]
@@ -226,13 +226,13 @@ def test_peer_without_disco_key_is_held_back_until_it_has_one() -> None:
 def test_new_peer_of_a_new_user_brings_its_profile_once() -> None:
     view, s, _ = setup()
     view.put(peer(4, user=9))
-    s.mark_peer(4)
+    s.mark_peers([4])
     msg = send(view, s)
     assert msg is not None
     assert [p["ID"] for p in msg["PeersChanged"]] == [4]
     assert msg["UserProfiles"] == [{"ID": 9, "LoginName": "user9", "DisplayName": "User 9"}]
     view.put(peer(5, user=9))
-    s.mark_peer(5)
+    s.mark_peers([5])
     msg = send(view, s)
     assert msg is not None
     assert "UserProfiles" not in msg
@@ -241,7 +241,7 @@ def test_new_peer_of_a_new_user_brings_its_profile_once() -> None:
 def test_removed_and_hidden_peers_go_in_peers_removed() -> None:
     view, s, _ = setup()
     del view.entries[3]
-    s.mark_peer(3)
+    s.mark_peers([3])
     msg = send(view, s)
     assert msg == {"PeersRemoved": [3], "ControlTime": "2024-05-01T12:00:00Z"}
     view.visible[1] = frozenset()
@@ -305,10 +305,10 @@ def test_netinfo_only_change_sends_nothing_to_peers() -> None:
         "NetInfo": {"PreferredDERP": 999, "DERPLatency": {"999-v4": 0.01}},
     }
     view.put(dataclasses.replace(view.peers[2], hostinfo=hostinfo))
-    s.mark_peer(2)
+    s.mark_peers([2])
     assert send(view, s) is None
     view.put(dataclasses.replace(view.peers[2], endpoints=("198.51.100.9:1",)))
-    s.mark_peer(2)
+    s.mark_peers([2])
     msg = send(view, s)
     assert msg is not None
     assert msg["PeersChangedPatch"] == [{"NodeID": 2, "Endpoints": ["198.51.100.9:1"]}]

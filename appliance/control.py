@@ -683,11 +683,11 @@ class MachineLoad:
         try:
             with open(self._path) as f:
                 cpu = f.readline().split()
-        except OSError:
+            ticks = [int(v) for v in cpu[1:9]]
+        except (OSError, ValueError):
+            return None  # unreadable or not Linux's format: the process's own CPU decides
+        if not cpu or cpu[0] != "cpu" or len(ticks) < 4:
             return None
-        if not cpu or cpu[0] != "cpu":
-            return None
-        ticks = [int(v) for v in cpu[1:9]]
         idle, total = ticks[3] + (ticks[4] if len(ticks) > 4 else 0), sum(ticks)
         last, self._last = self._last, (idle, total)
         if last is None or total <= last[1]:

@@ -201,3 +201,5 @@ def test_machine_load_reads_how_busy_the_cpus_were(tmp_path: Path) -> None:
     stat.write_text("cpu  190 0 190 820 0 0 0 0 0 0\n")  # 180 busy of 200 ticks
     assert load.busy() == pytest.approx(0.9)
     assert MachineLoad(str(tmp_path / "missing")).busy() is None
+    stat.write_text("cpu  x y\n")  # not Linux's format: no figure, no failure
+    assert load.busy() is None

@@ -59,9 +59,9 @@ BUSY_LOW = 0.5
 # Nodes that joined or moved within this long share one policy compile; a first map
 # waits for it, at most SETTLE_WAIT (then it compiles itself).
 SETTLE_DELAY = 0.05
+SETTLE_WAIT = 2.0
 # Changes for (nearly) every session reach them through one log, read after this delay.
 BROADCAST_DELAY = 0.1
-SETTLE_WAIT = 2.0
 # Full maps built at once in a reconnect storm (each holds the loop for milliseconds).
 FIRST_MAPS_AT_ONCE = 4
 # Distinct small messages kept framed (compressed) for every stream to reuse.
@@ -99,8 +99,8 @@ class ControlService:
         self.clock = CoalescingClock(lambda: len(self.tailnet.sessions))
         self.first_maps = trio.CapacityLimiter(FIRST_MAPS_AT_ONCE)
         nursery.start_soon(self.clock.run)
-        # The policy is compiled once per tick for whatever joined or moved meanwhile, not
-        # once per join (a compile is O(nodes)); see Tailnet.settle.
+        # The policy is compiled once for whatever joined or moved within SETTLE_DELAY,
+        # not once per join (a compile is O(nodes)); see Tailnet.settle.
         self._stale = trio.Event()
         self._settled = trio.Event()
         tailnet.defer_settle = True
@@ -509,10 +509,8 @@ class ControlService:
             # most a tenth of the time goes to compiling however fast nodes join.
             await trio.sleep(max(SETTLE_DELAY, 9 * took))
             t0 = time.perf_counter()
-            self.tailnet.settle()
-            took = (
-                time.perf_counter() - t0
-            )  # guarded inside: a failing compile is logged, not raised
+            self.tailnet.settle()  # guarded inside: a failing compile is logged, not raised
+            took = time.perf_counter() - t0
             self._settled.set()
             self._settled = trio.Event()
 
@@ -526,8 +524,9 @@ class ControlService:
             self.tailnet.sessions.wake_everyone()
 
     async def _settled_view(self) -> None:
-        """Wait (a tick at most) for the next compile if nodes moved: a joining node's
-        first map then comes from the compile that also placed the nodes joining with it."""
+        """Wait (SETTLE_WAIT at most) for the next compile if nodes moved: a joining
+        node's first map then comes from the compile that also placed the nodes joining
+        with it."""
         with trio.move_on_after(SETTLE_WAIT):
             while self.tailnet.stale:
                 await self._settled.wait()

@@ -558,6 +558,15 @@ def _s(v: bytes | str) -> str:
 # --- the upgrade ----------------------------------------------------------------
 
 
+def _initiation(b64: str) -> bytes:
+    """The Noise initiation an upgrade carries in base64 (header or query); b"" when
+    it is missing or not strict base64 (the caller refuses the upgrade)."""
+    try:
+        return base64.b64decode(b64, validate=True) if b64 else b""
+    except (binascii.Error, ValueError):
+        return b""
+
+
 def _plain_response(status: int, reason: str, body: str) -> bytes:
     b = body.encode()
     return (
@@ -612,11 +621,7 @@ async def serve_ts2021(
             logger,
         )
         return
-    init_b64 = _request_header(upgrade, HANDSHAKE_HEADER)
-    try:
-        initiation = base64.b64decode(init_b64, validate=True) if init_b64 else b""
-    except (binascii.Error, ValueError):
-        initiation = b""
+    initiation = _initiation(_request_header(upgrade, HANDSHAKE_HEADER))
     if not initiation:
         await _refuse(
             upgrade,
@@ -737,11 +742,7 @@ async def _serve_websocket(
         await _refuse(upgrade, status, reason, f"bad WebSocket upgrade: {why}\n", logger)
         return
     query = parse_qs(urlsplit(upgrade.request.target.decode("latin-1")).query)
-    init_b64 = (query.get("X-Tailscale-Handshake") or [""])[0]
-    try:
-        initiation = base64.b64decode(init_b64, validate=True) if init_b64 else b""
-    except (binascii.Error, ValueError):
-        initiation = b""
+    initiation = _initiation((query.get("X-Tailscale-Handshake") or [""])[0])
     if not initiation:
         await _refuse(
             upgrade,

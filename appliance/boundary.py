@@ -1,6 +1,6 @@
 """Fault isolation: the one wrapper around every task a peer (or one bad item) can feed.
 
-A task started in `trio.serve_listeners`' nursery that raises takes the whole
+A task started in the listeners' nursery (appliance.accept) that raises takes the whole
 server with it, so each connection, request, DERP client, map session and each
 item of background work runs inside `Boundary.guard`: any exception ends only
 that unit of work, is logged as one line naming the peer (or item) and the

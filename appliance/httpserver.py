@@ -22,6 +22,7 @@ import trio
 
 from derp.streams import PrefixedStream
 
+from .accept import serve_in_bursts
 from .boundary import Boundary
 
 HEAD_TIMEOUT = 10.0  # a client must send a whole request head within this
@@ -209,8 +210,8 @@ class HttpServer:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         async with trio.open_nursery() as nursery:
-            # serve_listeners logs and retries accept errors such as EMFILE instead of dying.
-            await nursery.start(trio.serve_listeners, self.handle_connection, listeners)
+            # Accept errors such as EMFILE are logged and retried, never fatal.
+            await nursery.start(serve_in_bursts, self.handle_connection, listeners, self.log)
             task_status.started()
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:

@@ -270,14 +270,27 @@ class SimNode:
         if not chunk:
             raise EOFError("map stream ended")
         decoder.receive_data(chunk)
-        while (raw := decoder.next_message()) is not None:
-            self._on_message(raw, fleet)
+        while True:
+            if self.first.is_set() or self.view is not None or self.received is not None:
+                if (raw := decoder.next_message()) is None:
+                    return
+                self._on_message(raw, fleet)
+            elif decoder.next_frames() is not None:
+                # An untracked node's first map is only counted: at 5,000 nodes it is a
+                # megabyte, and inflating it would take CPU the server shares.
+                self._first_map(now())
+            else:
+                return
+
+    def _first_map(self, t: float) -> None:
+        self.messages += 1
+        self.first_at = t
+        self.first.set()
 
     def _on_message(self, raw: bytes, fleet: Fleet) -> None:
         t = now()
         if raw == KEEPALIVE_JSON:
             return
-        self.messages += 1
         if self.view is not None or self.received is not None:
             msg = json.loads(raw)
             if self.view is not None:
@@ -285,10 +298,9 @@ class SimNode:
             if self.received is not None:
                 self.received.append(msg)
         if not self.first.is_set():
-            # The full map: only counted (a big tailnet's map is megabytes).
-            self.first_at = t
-            self.first.set()
+            self._first_map(t)
             return
+        self.messages += 1
         if self.policy_armed and b'"PacketFilter"' in raw:
             self.policy_armed = False
             self.policy_seen_at = t

@@ -18,11 +18,22 @@ import h2.connection
 import h2.events
 import h2.settings
 import h11
+import hyperframe.frame
 import trio
 
 from appliance.noise_stream import NoiseStream
 from protocol import noise
 from protocol.keys import MachinePublic, PrivateKey
+
+
+# h2 formats every frame it receives for a trace log (`repr(frame)`, not lazily), and
+# hyperframe's repr of a DATA frame hexlifies the whole payload to show ten bytes of
+# it. A load generator receives gigabytes: show the size instead.
+def _data_body_repr(frame: hyperframe.frame.DataFrame) -> str:
+    return f"data=<{len(frame.data)} bytes>"
+
+
+setattr(hyperframe.frame.DataFrame, "_body_repr", _data_body_repr)  # noqa: B010
 
 
 class UpgradeRefused(Exception):

@@ -561,13 +561,14 @@ class ControlService:
         if self.metrics is not None:
             self.metrics.inc(name)
 
-    def _compose(self, handle: SessionHandle, encoder: MapFrameEncoder) -> bytes | None:
-        """The session's next message, framed; None when its client is up to date."""
+    def _compose(self, handle: SessionHandle, encoder: MapFrameEncoder) -> list[bytes] | None:
+        """The session's next message, framed (in parts: a big first map's pieces are
+        shared, not copied); None when its client is up to date."""
         self.tailnet.sessions.catch_up(handle)
         msg = handle.state.next_message(self.tailnet, utcnow())
         if msg is None:
             return None
-        frame = encoder.encode(msg)
+        frame = encoder.encode_parts(msg)
         if self.log.isEnabledFor(logging.DEBUG):
             self.log.debug(
                 "node %d <- %d bytes: %s", handle.node_id, len(msg), message_json(msg).decode()

@@ -10,6 +10,13 @@ in its own task; a client RST_STREAM or a dropped connection cancels it.
 Output is written by one writer task only: a handler cancelled in the middle
 of a socket write would otherwise leave half a Noise record on the wire and
 kill every other stream of the connection.
+
+DATA frames are framed here, not by h2: a map stream sends thousands of messages
+(a storm, a megabyte each), and h2's per-frame objects cost more than the Noise
+sealing. h2 keeps everything else (HEADERS, SETTINGS, WINDOW_UPDATE, resets, the
+end of a stream) and the flow-control accounting, which ``_queue_data`` debits as
+its own ``send_data`` would. One ordered queue holds both, so no DATA overtakes
+the HEADERS before it or the END_STREAM after it.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ import base64
 import binascii
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterable
+import struct
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +79,12 @@ WRITE_BACKLOG_TIMEOUT = 120.0
 # connection has this much not yet written: a client that reads slowly still slows its
 # own map stream down.
 UNFLUSHED_LIMIT = 256 << 10
+# What the writer seals and writes at once: bounds the ciphertext one connection holds
+# however big the messages queued (a storm queues a megabyte per connection).
+WRITE_BATCH = 64 << 10
+# An HTTP/2 frame header (RFC 9113 4.1): 24-bit length, type, flags, stream id.
+_FRAME_HEADER = struct.Struct(">BHBBI")
+_DATA = 0x0
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
@@ -192,8 +207,9 @@ class ControlResponse:
         self.headers_sent = True
         await self._conn.flush()
 
-    async def send_data(self, data: bytes, *, wait: bool = True) -> None:
-        """Send `data` (flow control permitting). With `wait=False` return once it is
+    async def send_data(self, data: bytes | Sequence[bytes], *, wait: bool = True) -> None:
+        """Send `data`, or its parts in order (flow control permitting); the parts are
+        queued without a copy. With `wait=False` return once it is
         queued for the connection's writer, unless the writer is more than
         UNFLUSHED_LIMIT behind: a map stream then does not wait on every message
         (thousands of streams x a message per tick)."""
@@ -255,10 +271,11 @@ class _H2Server:
         self.streams: dict[int, _StreamState] = {}
         self._wake_writer = trio.Event()
         self._window_changed = trio.Event()
-        self._queued_seq = 0  # bumped whenever output is queued in h2
-        self._written_seq = 0  # the last queued_seq the writer fully sent
-        self._written = trio.Event()
-        self._unflushed = 0  # bytes queued or being written, not yet on the socket
+        # Output in order: h2's bytes as it produced them, and our DATA frames.
+        self._out: deque[bytes | memoryview] = deque()
+        self._queued = 0  # bytes ever put in _out
+        self._written = 0  # bytes ever written to the socket
+        self._written_event = trio.Event()
         self._dead: BaseException | None = None
         self._nursery: trio.Nursery | None = None
 
@@ -272,61 +289,88 @@ class _H2Server:
             fn(self.h2)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
             raise StreamClosedError(f"stream {stream_id} is closed: {e}") from e
-        self._queued_seq += 1
-        self._wake_writer.set()
+        self._kick()
+
+    @property
+    def _unflushed(self) -> int:
+        """Bytes queued or being written, not yet on the socket."""
+        return self._queued - self._written
 
     async def flush(self) -> None:
         """Wait until everything queued so far was written to the socket."""
-        target = self._queued_seq
-        while self._written_seq < target:
+        target = self._queued
+        while self._written < target:
             if self._dead is not None:
                 raise StreamClosedError("control connection is gone") from self._dead
-            await self._written.wait()
+            await self._written_event.wait()
+
+    def _take_h2_output(self) -> None:
+        """Move what h2 produced into the queue: called before anything of ours is
+        queued, so the order on the wire is the order of the calls."""
+        data = self.h2.data_to_send()
+        if data:
+            self._out.append(data)
+            self._queued += len(data)
 
     async def _writer(self) -> None:
+        out = self._out
         while True:
             await self._wake_writer.wait()
             self._wake_writer = trio.Event()
-            seq = self._queued_seq
-            data = self.h2.data_to_send()
-            self._unflushed = len(data)  # taken: what is in the socket write now
-            if data:
-                await self.stream.send_all(data)
-            self._unflushed = 0
-            self._written_seq = seq
-            self._written.set()
-            self._written = trio.Event()
+            self._take_h2_output()
+            while out:
+                batch: list[bytes | memoryview] = []
+                size = 0
+                while out and size < WRITE_BATCH:
+                    item = out.popleft()
+                    batch.append(item)
+                    size += len(item)
+                await self.stream.send_all(b"".join(batch))
+                self._written += size
+                self._written_event.set()
+                self._written_event = trio.Event()
 
     def _kick(self) -> None:
-        """Queue whatever h2 produced while handling input (ACKs, window updates)."""
-        self._queued_seq += 1
+        """Queue whatever h2 produced (a response head, ACKs, window updates)."""
+        self._take_h2_output()
         self._wake_writer.set()
 
-    async def send_data(self, stream_id: int, data: bytes, *, wait: bool = True) -> None:
-        view = memoryview(data)
-        while view:
-            st = self.streams.get(stream_id)
-            if st is None or st.reset:
-                raise StreamClosedError(f"stream {stream_id} was reset by the client")
-            if self._dead is not None:
-                raise StreamClosedError("control connection is gone") from self._dead
-            try:
-                window = self.h2.local_flow_control_window(stream_id)
-            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
-                raise StreamClosedError(f"stream {stream_id} is closed: {e}") from e
-            n = min(window, self.h2.max_outbound_frame_size, len(view))
-            if n <= 0:
-                # Blocked on the client's window: wait for WINDOW_UPDATE/SETTINGS/reset.
-                await self._window_changed.wait()
-                continue
-            chunk = bytes(view[:n])
-            view = view[n:]
+    def _queue_data(self, stream_id: int, chunk: memoryview) -> None:
+        """One DATA frame, debited from the windows h2 keeps (as h2's send_data would)."""
+        self._take_h2_output()
+        n = len(chunk)
+        self.h2.outbound_flow_control_window -= n
+        self.h2.streams[stream_id].outbound_flow_control_window -= n
+        self._out.append(_FRAME_HEADER.pack(n >> 16, n & 0xFFFF, _DATA, 0, stream_id))
+        self._out.append(chunk)
+        self._queued += _FRAME_HEADER.size + n
 
-            def send(c: h2.connection.H2Connection, chunk: bytes = chunk) -> None:
-                c.send_data(stream_id, chunk)
-
-            self.call(stream_id, send)
-            self._unflushed += len(chunk)
+    async def send_data(
+        self, stream_id: int, data: bytes | Sequence[bytes], *, wait: bool = True
+    ) -> None:
+        for part in [data] if isinstance(data, bytes) else data:
+            view = memoryview(part)
+            while view:
+                st = self.streams.get(stream_id)
+                if st is None or st.reset:
+                    raise StreamClosedError(f"stream {stream_id} was reset by the client")
+                if self._dead is not None:
+                    raise StreamClosedError("control connection is gone") from self._dead
+                try:
+                    window = self.h2.local_flow_control_window(stream_id)
+                    if not self.h2.streams[stream_id].open:
+                        raise h2.exceptions.StreamClosedError(stream_id)
+                except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
+                    raise StreamClosedError(f"stream {stream_id} is closed: {e}") from e
+                n = min(window, self.h2.max_outbound_frame_size, len(view))
+                if n <= 0:
+                    # Blocked on the client's window: wait for WINDOW_UPDATE/SETTINGS/reset.
+                    self._wake_writer.set()
+                    await self._window_changed.wait()
+                    continue
+                self._queue_data(stream_id, view[:n])
+                view = view[n:]
+        self._wake_writer.set()
         if wait or self._unflushed > UNFLUSHED_LIMIT:
             await self.flush()
 
@@ -354,7 +398,7 @@ class _H2Server:
                 self._kick()
                 first = True
                 while True:
-                    if self._written_seq < self._queued_seq:
+                    if self._written < self._queued:
                         with trio.move_on_after(WRITE_BACKLOG_TIMEOUT) as cs:
                             await self.flush()
                         if cs.cancelled_caught:
@@ -393,7 +437,7 @@ class _H2Server:
         finally:
             self._dead = self._dead or StreamClosedError("connection ended")
             self._signal_window()
-            self._written.set()
+            self._written_event.set()
 
     def _read_deadline(self, first: bool, preface_deadline: float) -> tuple[float, str]:
         """When the next read must have brought something, and what it is waiting for."""

@@ -162,6 +162,16 @@ class _Span:
     json: bytes  # the peers' JSON, comma-separated
     versions: array[int]  # the version of each id of the span (0: not listed)
     users: frozenset[int]
+    # `json` after a comma, as every span but a map's first is sent: made once, not
+    # copied per first map (a storm would copy each span once per node).
+    after_comma: bytes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.after_comma = b"," + self.json
+
+    def piece(self, lead: bool) -> tuple[Hashable, bytes]:
+        """This span as a Segmented piece, keyed for MapFrameEncoder's piece cache."""
+        return ((b",", self.key), self.after_comma) if lead else ((b"", self.key), self.json)
 
 
 class FirstMapCache:
@@ -292,18 +302,15 @@ class MapSessionState:
                     continue
                 joined = b",".join(jsons)
                 if viewer_bound:
-                    key: Hashable = None
                     for pid, version in sent:
                         self.sent_peers[pid] = version
                     new_users |= users
-                else:
-                    hit = cache.put(span, visible, joined, sent, frozenset(users))
-            if hit is not None:
-                key, joined = hit.key, hit.json
-                self.sent_peers.set_span(span * PIECE_SPAN, hit.versions)
-                new_users |= hit.users
-            lead = b"," if pieces else b""
-            pieces.append(((lead, key) if key is not None else None, lead + joined))
+                    pieces.append((None, b"," + joined if pieces else joined))
+                    continue
+                hit = cache.put(span, visible, joined, sent, frozenset(users))
+            self.sent_peers.set_span(span * PIECE_SPAN, hit.versions)
+            new_users |= hit.users
+            pieces.append(hit.piece(lead=bool(pieces)))
         return pieces
 
     def next_message(self, view: TailnetView, now: datetime) -> bytes | Segmented | None:

@@ -36,6 +36,7 @@ class Recorder:
         self.any_cancelled = trio.Event()
         self.started: dict[str, trio.Event] = {}
         self.big = b""
+        self.parts: list[bytes] = []
 
     def started_event(self, path: str) -> trio.Event:
         return self.started.setdefault(path, trio.Event())
@@ -48,6 +49,10 @@ class Recorder:
         elif req.path == "/big":
             await resp.send_headers(200)
             await resp.send_data(self.big)
+            await resp.end()
+        elif req.path == "/parts":
+            await resp.send_headers(200)
+            await resp.send_data(self.parts)
             await resp.end()
         elif req.path == "/forever":
             await resp.send_headers(200)
@@ -142,6 +147,29 @@ async def test_long_streamed_response_needs_flow_control() -> None:
     assert st.status == 200
     assert len(got) == len(rec.big)
     assert got == rec.big
+
+
+async def test_parts_arrive_in_order_beside_another_stream_in_one_window() -> None:
+    """A message sent as parts (a first map's shared pieces: empty, tiny, and bigger than
+    a frame) arrives whole and in order while another big stream shares the
+    connection's 64 KiB window: the h2 client refuses any DATA past a window."""
+    rec = Recorder()
+    rec.big = bytes(range(256)) * 4000
+    rec.parts = [b"", b"x", bytes(range(200)) * 300, b"", b"yz" * 9000, b"end"]
+    with trio.fail_after(60):
+        async with client_for(rec, window=65535) as c:
+            got: dict[str, bytes] = {}
+
+            async def fetch(path: str) -> None:
+                st = await c.open("POST", path)
+                await st.headers_ready.wait()
+                got[path] = await c.read_all(st)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fetch, "/big")
+                nursery.start_soon(fetch, "/parts")
+    assert got["/parts"] == b"".join(rec.parts)
+    assert got["/big"] == rec.big
 
 
 async def test_large_upload_is_acknowledged() -> None:

@@ -190,21 +190,34 @@ class MapFrameDecoder:
     compressed: bool = True
     max_frame: int = DEFAULT_MAX_FRAME
     max_decompressed: int = DEFAULT_MAX_DECOMPRESSED
-    _buf: bytearray = field(init=False, repr=False, default_factory=bytearray)
+    # What arrived, as received: a megabyte message comes in dozens of DATA frames, and
+    # is joined once when whole rather than regrown by every frame.
+    _chunks: list[bytes] = field(init=False, repr=False, default_factory=list)
+    _size: int = field(init=False, repr=False, default=0)
     _dctx: zstandard.ZstdDecompressor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._dctx = zstandard.ZstdDecompressor()
 
     def receive_data(self, data: bytes) -> None:
-        self._buf += data
-        if len(self._buf) >= LENGTH_PREFIX:
-            (n,) = struct.unpack_from("<I", self._buf, 0)
-            if n > self.max_frame:
-                # Refuse before buffering: the length alone proves the peer is wrong.
-                raise RemoteMapFrameError(
-                    f"map message of {n} bytes exceeds the {self.max_frame}-byte limit"
-                )
+        if data:
+            self._chunks.append(bytes(data))
+            self._size += len(data)
+        # Refuse before buffering more: the length alone proves the peer is wrong.
+        self._length()
+
+    def _length(self) -> int | None:
+        """The length of the message at the front, once its prefix is in (checked)."""
+        if self._size < LENGTH_PREFIX:
+            return None
+        if len(self._chunks[0]) < LENGTH_PREFIX:
+            self._chunks = [b"".join(self._chunks)]
+        (n,) = struct.unpack_from("<I", self._chunks[0], 0)
+        if n > self.max_frame:
+            raise RemoteMapFrameError(
+                f"map message of {n} bytes exceeds the {self.max_frame}-byte limit"
+            )
+        return int(n)
 
     def next_message(self) -> bytes | None:
         """Return the next whole message's JSON bytes, or None if more data is needed."""
@@ -225,19 +238,16 @@ class MapFrameDecoder:
         return body
 
     def _next_body(self) -> bytes | None:
-        if len(self._buf) < LENGTH_PREFIX:
+        n = self._length()
+        if n is None or self._size < LENGTH_PREFIX + n:
             return None
-        (n,) = struct.unpack_from("<I", self._buf, 0)
-        if n > self.max_frame:
-            raise RemoteMapFrameError(
-                f"map message of {n} bytes exceeds the {self.max_frame}-byte limit"
-            )
-        if len(self._buf) < LENGTH_PREFIX + n:
-            return None
-        body = bytes(self._buf[LENGTH_PREFIX : LENGTH_PREFIX + n])
-        del self._buf[: LENGTH_PREFIX + n]
+        buf = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        body = buf[LENGTH_PREFIX : LENGTH_PREFIX + n]
+        rest = buf[LENGTH_PREFIX + n :]
+        self._chunks = [rest] if rest else []
+        self._size = len(rest)
         # A length check of the next frame, now that it may be at the front.
-        self.receive_data(b"")
+        self._length()
         return body
 
     def _decompress(self, body: bytes) -> bytes:
@@ -261,4 +271,4 @@ class MapFrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes held for an incomplete message (non-zero at EOF = truncated stream)."""
-        return len(self._buf)
+        return self._size

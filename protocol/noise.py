@@ -19,6 +19,7 @@ it over a trio stream.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import hmac
 import json
@@ -102,11 +103,18 @@ def _hkdf2(ck: bytes, ikm: bytes) -> tuple[bytes, bytes]:
     return out1, out2
 
 
-def _dh(private: bytes, public: bytes) -> bytes:
+@functools.lru_cache(maxsize=4)
+def _static_key(private: bytes) -> tuple[X25519PrivateKey, bytes]:
+    """A server's long-lived key, ready for X25519, and its public half: each handshake
+    uses both, and a reconnect storm is thousands of handshakes."""
+    return X25519PrivateKey.from_private_bytes(private), PrivateKey(private).public_raw()
+
+
+def _dh(private: bytes | X25519PrivateKey, public: bytes) -> bytes:
+    if isinstance(private, bytes):
+        private = X25519PrivateKey.from_private_bytes(private)
     try:
-        return X25519PrivateKey.from_private_bytes(private).exchange(
-            X25519PublicKey.from_public_bytes(public)
-        )
+        return private.exchange(X25519PublicKey.from_public_bytes(public))
     except ValueError:
         # All-zero shared secret: a low-order point. Go's curve25519.X25519 refuses too.
         raise RemoteNoiseError("peer sent a low-order Curve25519 point") from None
@@ -126,7 +134,7 @@ class _SymmetricState:
     def mix_hash(self, data: bytes) -> None:
         self.h = _blake2s(self.h + data)
 
-    def mix_dh(self, private: bytes, public: bytes) -> bytes:
+    def mix_dh(self, private: bytes | X25519PrivateKey, public: bytes) -> bytes:
         self.ck, k = _hkdf2(self.ck, _dh(private, public))
         return k
 
@@ -339,14 +347,15 @@ def respond(
     enc_s = initiation[37:85]
     tag = initiation[85:101]
 
+    static, static_public = _static_key(server_private.raw)
     s = _SymmetricState()
     s.mix_hash(prologue(hdr.version))
-    s.mix_hash(server_private.public_raw())
+    s.mix_hash(static_public)
     s.mix_hash(e_cli)
     try:
-        k = s.mix_dh(server_private.raw, e_cli)
+        k = s.mix_dh(static, e_cli)
         machine_raw = s.decrypt_and_hash(k, enc_s)
-        k = s.mix_dh(server_private.raw, machine_raw)
+        k = s.mix_dh(static, machine_raw)
         s.decrypt_and_hash(k, tag)
     except RemoteNoiseError as e:
         # Wrong server key or garbage: Go returns without an error frame.

@@ -224,7 +224,7 @@ class MapFrameDecoder:
         body = self._next_body()
         if body is None or not self.compressed:
             return body
-        return self._decompress(body)
+        return self.inflate(body)
 
     def next_frames(self) -> bytes | None:
         """The next whole message as sent, its zstd frames checked but not inflated.
@@ -250,7 +250,7 @@ class MapFrameDecoder:
         self._length()
         return body
 
-    def _decompress(self, body: bytes) -> bytes:
+    def inflate(self, body: bytes) -> bytes:
         """Every frame of the message, as the Go client decodes it (zero or more), with
         the inflation bound over all of them (read in bounded steps: a declared size is
         not trusted, and a frame without one is bounded all the same)."""

@@ -38,7 +38,14 @@ async def _lines(stream: trio.abc.ReceiveStream) -> Any:
 
 async def serve(args: argparse.Namespace) -> None:
     key = await fetch_server_key(args.host, args.port)
-    fleet = Fleet(args.host, args.port, key, first_index=args.first, count=args.count)
+    fleet = Fleet(
+        args.host,
+        args.port,
+        key,
+        first_index=args.first,
+        count=args.count,
+        measure_every=args.measure_every,
+    )
     out = sys.stdout
 
     def reply(obj: dict[str, Any]) -> None:
@@ -80,6 +87,7 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--first", type=int, required=True)
     p.add_argument("--count", type=int, required=True)
+    p.add_argument("--measure-every", type=int, default=1)
     args = p.parse_args()
     raise_fd_limit()
     trio.run(serve, args)

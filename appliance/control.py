@@ -50,7 +50,7 @@ MAX_BODY = 1024 * 1024
 # over the last tick above BUSY_HIGH of the wall time) it slows by half again per tick,
 # up to COALESCE_MAX: a saturated server sends fewer, larger messages instead of falling
 # behind (each message costs every stream a compose, a seal and a send). Below BUSY_LOW
-# it is back to quick at once.
+# (looked at every COALESCE_BASE) it is back to quick at once.
 COALESCE_BASE = 0.1
 COALESCE_PER_STREAM = 0.1 / 1000
 COALESCE_MAX = 2.0
@@ -662,13 +662,24 @@ class CoalescingClock:
                 self._someone_waits = trio.Event()
                 await self._someone_waits.wait()
             cpu0, t0 = self._cpu(), trio.current_time()
-            await trio.sleep(self.interval())
+            machine = machine_time = 0.0
+            # The load is looked at every COALESCE_BASE, not once a tick: a tick slowed
+            # to seconds by a busy spell comes as soon as the spell is over.
+            while (left := t0 + self.interval() - trio.current_time()) > 0:
+                cpu, t = self._cpu(), trio.current_time()
+                await trio.sleep(min(left, COALESCE_BASE))
+                step = max(trio.current_time() - t, 1e-3)
+                # The box's CPUs too: a server on a saturated small box (its clients, a
+                # load generator, other services) sends fewer, larger messages as well.
+                box = self._machine()
+                if box is not None:
+                    machine, machine_time = machine + box * step, machine_time + step
+                if max((self._cpu() - cpu) / step, box or 0.0) < BUSY_LOW:
+                    self._interval = self.floor()
             tick, self._tick = self._tick, trio.Event()
             tick.set()
             own = (self._cpu() - cpu0) / max(trio.current_time() - t0, 1e-3)
-            # The box's CPUs too: a server on a saturated small box (its clients, a load
-            # generator, other services) sends fewer, larger messages as well.
-            self.adapt(max(own, self._machine() or 0.0))
+            self.adapt(max(own, machine / machine_time if machine_time else 0.0))
 
 
 class MachineLoad:

@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
 import appliance.nodeentries as entries_mod
 import appliance.policystate as policy_mod
@@ -140,6 +142,29 @@ def test_the_coalescing_tick_slows_while_the_server_is_saturated() -> None:
     assert clock.interval() == quick
     streams = 3000  # more streams: the floor rises with them
     assert clock.interval() == pytest.approx(0.4)
+
+
+async def test_a_slowed_tick_comes_as_soon_as_the_load_is_gone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """After a busy spell slowed the tick to COALESCE_MAX, the next tick does not wait
+    out those seconds once the load has gone: the change made meanwhile goes out within
+    about COALESCE_BASE (a churn right after a join wave had p99 1.5 s from this)."""
+    from appliance.control import COALESCE_BASE, COALESCE_MAX, CoalescingClock
+
+    load = {"busy": 1.0}
+    clock = CoalescingClock(lambda: 10, cpu=lambda: 0.0, machine=lambda: load["busy"])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(clock.run)
+        while clock.interval() < COALESCE_MAX:  # saturated: the tick slows tick by tick
+            await clock.next_tick()
+        load["busy"] = 0.1  # the spell is over
+        t0 = trio.current_time()
+        await clock.next_tick()
+        waited = trio.current_time() - t0
+        nursery.cancel_scope.cancel()
+    assert waited <= 2 * COALESCE_BASE + 1e-6
+    assert clock.interval() == clock.floor()
 
 
 def test_a_change_for_nearly_everyone_goes_through_one_log() -> None:

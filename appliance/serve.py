@@ -42,6 +42,7 @@ from .metrics import Metrics
 from .policies import PolicyInvalid, check_policy_text, read_policy, recovery_steps
 from .relay import verify_route
 from .store import STATE_DIR_MODE, Store, exposure_warning
+from .storethread import StoreThread
 from .tailnet import Tailnet
 from .users import TAGGED_USER_NAME
 from .version import commit, version
@@ -69,7 +70,7 @@ class Server:
         self.store = Store(config.database_path, wal=config.write_ahead_log)
         if (exposed := exposure_warning(config.database_path)) is not None:
             log.warning("%s", exposed)
-        self.db_limiter = trio.CapacityLimiter(1)  # one writer: one store call at a time
+        self.store_thread = StoreThread()  # one writer: one store call at a time
         try:
             config.noise_private_key_path.parent.mkdir(
                 mode=STATE_DIR_MODE, parents=True, exist_ok=True
@@ -124,9 +125,7 @@ class Server:
     async def run_db(self, fn: Callable[[*Ts], R], /, *args: *Ts) -> R:
         """`fn(*args)` in the store's worker thread, one call at a time (a `RunDb`); what its
         writes committed is announced to the tailnet before this returns, even if it failed."""
-        result, changes = await trio.to_thread.run_sync(
-            self.store.recorded, fn, *args, limiter=self.db_limiter
-        )
+        result, changes = await self.store_thread.run(self.store.recorded, fn, *args)
         if changes:
             self.tailnet.apply(changes)
         return result.unwrap()
@@ -625,6 +624,7 @@ async def serve(
     finally:
         if relay is not None:
             relay.server.close()
+        server.store_thread.stop()
         server.store.close()
         try:
             if socket_ours and config.unix_socket.is_socket():

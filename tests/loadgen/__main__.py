@@ -160,6 +160,7 @@ class Bench:
         lost = sum(r["lost"] for r in res)
         failed = sum(r["failed"] for r in res)
         lag = max(r["sender_lag_s"] for r in res)
+        answered = [x for r in res for x in r["answered_s"]]
         self.line(
             "churn",
             wall,
@@ -167,7 +168,8 @@ class Bench:
             f"{a.rate:g} changes/s x {a.seconds:g} s, change->peer p50 {p50 * 1000:.0f} / "
             f"p99 {p99 * 1000:.0f} / max {mx * 1000:.0f} ms over {count} deliveries "
             f"(read at 1 node in {a.measure_every}); "
-            f"lost {lost}, failed updates {failed}, sender lag {lag * 1000:.0f} ms",
+            f"lost {lost}, failed updates {failed}, sender lag {lag * 1000:.0f} ms; "
+            f"update stored and answered {_ms(answered)}",
         )
 
     async def policy_edit(self, api_key: str) -> None:

@@ -451,6 +451,7 @@ class Fleet:
         count = int(duration * churn.rate)
         lag = 0.0
         failed = 0
+        answered: list[float] = []  # from each change's due time to the server's answer
         async with trio.open_nursery() as nursery:
             for seq in range(count):
                 node = mine.get(seq % churn.total)
@@ -463,6 +464,7 @@ class Fleet:
                     nonlocal failed
                     try:
                         await node.lite_update([marker_endpoint(seq)])
+                        answered.append(now() - churn.due(seq))
                     except (LoadgenError, trio.TooSlowError, trio.BrokenResourceError):
                         failed += 1
 
@@ -488,6 +490,7 @@ class Fleet:
             "lost": lost,
             "failed": failed,
             "sender_lag_s": lag,
+            "answered_s": answered,
         }
 
     def arm_policy(self) -> None:

@@ -7,6 +7,7 @@ stdout. The worker exits when stdin closes (the orchestrator is gone).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -59,6 +60,10 @@ async def serve(args: argparse.Namespace) -> None:
             c = cmd["cmd"]
             if c == "register":
                 reply(await fleet.register(cmd["auth_key"], concurrency=cmd["concurrency"]))
+                # As the server does (appliance.serve._tune_gc): the registered nodes live to
+                # the end, and rescanning them in full collections paused this loop for
+                # hundreds of milliseconds, late senders and late reads counted as latency.
+                gc.freeze()
             elif c == "churn":
                 churn = Churn(t0=cmd["t0"], rate=cmd["rate"], total=cmd["total"])
                 reply(await fleet.churn_phase(churn, cmd["duration"], cmd["grace"]))
@@ -90,6 +95,7 @@ def main() -> None:
     p.add_argument("--measure-every", type=int, default=1)
     args = p.parse_args()
     raise_fd_limit()
+    gc.set_threshold(50_000, 20, 20)
     trio.run(serve, args)
 
 

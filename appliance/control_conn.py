@@ -205,7 +205,9 @@ class ControlResponse:
         hdrs = [(":status", str(status)), *((k.lower(), v) for k, v in headers)]
         self._conn.call(self.stream_id, lambda c: c.send_headers(self.stream_id, hdrs))
         self.headers_sent = True
-        await self._conn.flush()
+        # Queued, and the writer woken: what follows (the data, the end) waits for the
+        # socket. Waiting here too cost every request a pass of the scheduler or two.
+        await trio.lowlevel.checkpoint()
 
     async def send_data(self, data: bytes | Sequence[bytes], *, wait: bool = True) -> None:
         """Send `data`, or its parts in order (flow control permitting); the parts are

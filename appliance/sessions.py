@@ -138,9 +138,18 @@ class SessionRegistry:
 
     def wake_everyone(self) -> None:
         """Every session reads the shared log (see BROADCAST_MIN)."""
+        for batch in self.broadcast_batches(len(self._by_node) or 1):
+            for handle in batch:
+                handle.notify()
+
+    def broadcast_batches(self, size: int) -> Iterator[list[SessionHandle]]:
+        """The sessions to wake for the shared log, `size` at a time: a server waking
+        thousands at once runs all their composes in one pass of the scheduler, and every
+        other task (a request, a handshake) waits for that whole pass."""
         self._broadcast_due = False
-        for s in self._by_node.values():
-            s.notify()
+        handles = list(self._by_node.values())
+        for i in range(0, len(handles), size):
+            yield handles[i : i + size]
 
     def catch_up(self, handle: SessionHandle) -> None:
         """Give the session what the shared log holds since it last read it."""

@@ -167,6 +167,45 @@ async def test_a_slowed_tick_comes_as_soon_as_the_load_is_gone(
     assert clock.interval() == clock.floor()
 
 
+async def test_a_tick_wakes_streams_a_batch_per_scheduler_pass(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Thousands of streams woken in one pass would compose in one long pass, and any
+    request or handshake needing a few passes would wait that long several times."""
+    from appliance.control import WAKE_BATCH, CoalescingClock
+
+    streams = 3 * WAKE_BATCH
+    clock = CoalescingClock(lambda: streams, cpu=lambda: 0.0, machine=lambda: 0.0)
+    passes = 0
+    woke_in: list[int] = []
+    first_woke = trio.Event()
+
+    async def count_passes() -> None:
+        nonlocal passes
+        await first_woke.wait()
+        while len(woke_in) < streams:
+            passes += 1
+            await trio.lowlevel.checkpoint()
+
+    async def stream() -> None:
+        await clock.next_tick()  # the first tick after start spreads them over batches
+        await clock.next_tick()
+        first_woke.set()
+        woke_in.append(passes)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(clock.run)
+            nursery.start_soon(count_passes)
+            for _ in range(streams):
+                nursery.start_soon(stream)
+            while len(woke_in) < streams:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    # Passes are counted by a task among them, so a batch may straddle a count.
+    assert len(set(woke_in)) >= 2, "every stream woke in one pass"
+
+
 def test_a_change_for_nearly_everyone_goes_through_one_log() -> None:
     """Issue 10 (storms): a change at least half of many sessions must hear of costs one
     log entry and one wake of everyone per delay, not a mark per session; each session

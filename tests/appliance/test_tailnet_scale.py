@@ -179,6 +179,7 @@ async def test_a_tick_wakes_streams_a_batch_per_scheduler_pass(
     passes = 0
     woke_in: list[int] = []
     first_woke = trio.Event()
+    all_woke = trio.Event()
 
     async def count_passes() -> None:
         nonlocal passes
@@ -192,6 +193,8 @@ async def test_a_tick_wakes_streams_a_batch_per_scheduler_pass(
         await clock.next_tick()
         first_woke.set()
         woke_in.append(passes)
+        if len(woke_in) == streams:
+            all_woke.set()
 
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
@@ -199,8 +202,7 @@ async def test_a_tick_wakes_streams_a_batch_per_scheduler_pass(
             nursery.start_soon(count_passes)
             for _ in range(streams):
                 nursery.start_soon(stream)
-            while len(woke_in) < streams:
-                await trio.sleep(0.01)
+            await all_woke.wait()
             nursery.cancel_scope.cancel()
     # Passes are counted by a task among them, so a batch may straddle a count.
     assert len(set(woke_in)) >= 2, "every stream woke in one pass"

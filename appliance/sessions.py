@@ -15,8 +15,8 @@ from netmap.mapsession import MapSessionState
 
 # A change that at least half of the sessions (and BROADCAST_MIN of them) must hear of goes
 # into one shared log instead of a mark per session: a reconnect storm of 5,000 nodes was
-# 25 million marks. Each session reads the log when it composes; all are woken at once
-# (`wake_everyone`, soon after the first entry). LOG_MAX bounds the log: a session that
+# 25 million marks. Each session reads the log when it composes; all are woken soon after
+# the first entry (`broadcast_batches`, a batch per pass of the scheduler). LOG_MAX bounds the log: a session that
 # fell behind its start re-checks everything.
 BROADCAST_MIN = 128
 LOG_MAX = 1 << 16
@@ -53,7 +53,7 @@ class SessionRegistry:
         self._log: list[int] = []  # node ids changed, for every session to re-check
         self._log_base = 0  # the position of _log[0] since the start
         self._broadcast_due = False
-        # Told when the log gains its first entry since `wake_everyone`; None: no log, every
+        # Told when the log gains its first entry since the last broadcast; None: no log, every
         # mark goes to its sessions (tests, tools without a server).
         self.on_broadcast: Callable[[], None] | None = None
 
@@ -135,12 +135,6 @@ class SessionRegistry:
         if not self._broadcast_due and self.on_broadcast is not None:
             self._broadcast_due = True
             self.on_broadcast()
-
-    def wake_everyone(self) -> None:
-        """Every session reads the shared log (see BROADCAST_MIN)."""
-        for batch in self.broadcast_batches(len(self._by_node) or 1):
-            for handle in batch:
-                handle.notify()
 
     def broadcast_batches(self, size: int) -> Iterator[list[SessionHandle]]:
         """The sessions to wake for the shared log, `size` at a time: a server waking

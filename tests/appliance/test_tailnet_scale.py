@@ -227,7 +227,11 @@ def test_a_change_for_nearly_everyone_goes_through_one_log() -> None:
     reg.mark_peers(everyone, [8, 9])
     assert woken == [1]  # one wake-up request for the three changes
     assert not any(h.state.pending_peers or h.wake.is_set() for h in handles)
-    reg.wake_everyone()
+    batches = list(reg.broadcast_batches(50))
+    assert [len(b) for b in batches] == [50, 50, BROADCAST_MIN - 100]
+    for batch in batches:
+        for h in batch:
+            h.notify()
     assert all(h.wake.is_set() for h in handles)
     reg.catch_up(handles[0])
     assert handles[0].state.pending_peers == {7, 8, 9}

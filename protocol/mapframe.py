@@ -151,22 +151,21 @@ class MapFrameEncoder:
         if not isinstance(message_json, Segmented):
             return [self.encode(message_json)]
         parts = [self._piece(k, d) for k, d in message_json.pieces]
-        size = sum(map(len, parts))
-        if size > self.max_frame:
-            raise LocalMapFrameError(
-                f"map message of {size} bytes exceeds the {self.max_frame}-byte limit"
-            )
-        return [struct.pack("<I", size), *parts]
+        return [self._prefix(sum(map(len, parts))), *parts]
 
     def keepalive(self) -> bytes:
         return self.encode(KEEPALIVE_JSON)
 
     def _frame(self, body: bytes) -> bytes:
-        if len(body) > self.max_frame:
+        return self._prefix(len(body)) + body
+
+    def _prefix(self, size: int) -> bytes:
+        """The length prefix of a message body of `size` bytes, within max_frame."""
+        if size > self.max_frame:
             raise LocalMapFrameError(
-                f"map message of {len(body)} bytes exceeds the {self.max_frame}-byte limit"
+                f"map message of {size} bytes exceeds the {self.max_frame}-byte limit"
             )
-        return struct.pack("<I", len(body)) + body
+        return struct.pack("<I", size)
 
     def _piece(self, key: Hashable | None, data: bytes) -> bytes:
         if not self.compress:

@@ -391,12 +391,17 @@ def _first_start_cert(config: Config, log: logging.Logger) -> None:
         log.info("generated %s for the DERP relay (clients pin it)", config.tls_cert_path)
 
 
+# Thresholds of CPython's collector for a process holding thousands of connections
+# (see _tune_gc); the load generator's workers use them too.
+GC_THRESHOLDS = (50_000, 20, 20)
+
+
 def _tune_gc() -> None:
     """Collect garbage less often: thousands of connections hold millions of long-lived
     objects, which CPython's default thresholds (700, 10, 10) rescan again and again
     while a tailnet grows, to free next to nothing."""
     gc.freeze()  # what is loaded at start lives as long as the process
-    gc.set_threshold(50_000, 20, 20)
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def raise_open_files_limit(log: logging.Logger) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 
+from appliance.serve import GC_THRESHOLDS
 from tests.loadgen.fleet import Churn, Fleet, fetch_server_key, now
 
 
@@ -95,7 +96,7 @@ def main() -> None:
     p.add_argument("--measure-every", type=int, default=1)
     args = p.parse_args()
     raise_fd_limit()
-    gc.set_threshold(50_000, 20, 20)
+    gc.set_threshold(*GC_THRESHOLDS)
     trio.run(serve, args)
 
 

@@ -629,8 +629,9 @@ class CoalescingClock:
     """The tick every map stream waits for after sending: one timer for all streams.
 
     A timer per stream per message put trio's deadline and cancellation machinery at a
-    fifth of the server's CPU with 1,000 streams; waking the waiters of one event is
-    cheap. The clock only runs while a stream waits (an idle server has no timer).
+    fifth of the server's CPU with 1,000 streams; waking the waiters of an event is
+    cheap. The waiters are spread over one event per WAKE_BATCH streams, set one per
+    scheduler pass. The clock only runs while a stream waits (an idle server has no timer).
     """
 
     def __init__(

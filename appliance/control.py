@@ -576,8 +576,8 @@ class ControlService:
     def _compose(self, handle: SessionHandle, encoder: MapFrameEncoder) -> list[bytes] | None:
         """The session's next message, framed (in parts: a big first map's pieces are
         shared, not copied); None when its client is up to date."""
-        self.tailnet.sessions.catch_up(handle)
-        msg = handle.state.next_message(self.tailnet, utcnow())
+        log_range = self.tailnet.sessions.catch_up(handle)
+        msg = handle.state.next_message(self.tailnet, utcnow(), log_range)
         if msg is None:
             return None
         frame = encoder.encode_parts(msg)

@@ -13,7 +13,7 @@ import itertools
 from collections.abc import Callable, Hashable
 from datetime import datetime
 
-from netmap.mapsession import PATCH_HISTORY, FirstMapCache, NodeEntry
+from netmap.mapsession import PATCH_HISTORY, FirstMapCache, NodeEntry, SharedDeltas
 from netmap.nodes import PeerNode, encode_node, patch_between
 
 
@@ -27,6 +27,7 @@ class NodeEntries:
         self._lives = itertools.count(1)  # NodeEntry.life: a re-added node starts a new one
         self.routers: set[int] = set()  # nodes whose JSON depends on the viewer (for_viewer)
         self.first_maps = FirstMapCache()  # told of every change below
+        self.deltas = SharedDeltas()  # told of every change below
 
     def get(self, node_id: int) -> NodeEntry | None:
         return self._entries.get(node_id)
@@ -45,6 +46,7 @@ class NodeEntries:
             return False
         self.peers[new.id] = new
         self.first_maps.changed(new.id)
+        self.deltas.changed()
         if for_viewer is not None:
             self.routers.add(new.id)
         else:
@@ -80,6 +82,7 @@ class NodeEntries:
         self._entries.pop(node_id, None)
         self.routers.discard(node_id)
         self.first_maps.changed(node_id)
+        self.deltas.changed()
         return self.peers.pop(node_id, None)
 
     def expired_message(self, peer: PeerNode, now: datetime) -> bytes:

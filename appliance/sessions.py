@@ -17,7 +17,9 @@ from netmap.mapsession import MapSessionState
 # into one shared log instead of a mark per session: a reconnect storm of 5,000 nodes was
 # 25 million marks. Each session reads the log when it composes; all are woken soon after
 # the first entry (`broadcast_batches`, a batch per pass of the scheduler). LOG_MAX bounds the log: a session that
-# fell behind its start re-checks everything.
+# fell behind its start re-checks everything. Sessions read the log up to where the last
+# broadcast began, so those woken by one broadcast read the same range and send one
+# shared delta (netmap.mapsession.SharedDeltas).
 BROADCAST_MIN = 128
 LOG_MAX = 1 << 16
 
@@ -52,6 +54,7 @@ class SessionRegistry:
         self._by_node: dict[int, SessionHandle] = {}
         self._log: list[int] = []  # node ids changed, for every session to re-check
         self._log_base = 0  # the position of _log[0] since the start
+        self._published = 0  # sessions read the log up to here (the last broadcast's start)
         self._broadcast_due = False
         # Told when the log gains its first entry since the last broadcast; None: no log, every
         # mark goes to its sessions (tests, tools without a server).
@@ -141,18 +144,26 @@ class SessionRegistry:
         thousands at once runs all their composes in one pass of the scheduler, and every
         other task (a request, a handshake) waits for that whole pass."""
         self._broadcast_due = False
+        self._published = self._log_base + len(self._log)
         handles = list(self._by_node.values())
         for i in range(0, len(handles), size):
             yield handles[i : i + size]
 
-    def catch_up(self, handle: SessionHandle) -> None:
-        """Give the session what the shared log holds since it last read it."""
+    def catch_up(self, handle: SessionHandle) -> tuple[int, int] | None:
+        """Give the session what the shared log holds since it last read it, up to the
+        last broadcast. Returns the range read when it is all the session has pending:
+        its delta is then the same as every other such session's with the same peers."""
         state = handle.state
-        if state.log_seen < self._log_base:
+        start, end = state.log_seen, self._published
+        if start >= end:
+            return None
+        state.log_seen = end
+        if start < self._log_base:
             state.mark_all()
-        else:
-            state.mark_peers(self._log[state.log_seen - self._log_base :])
-        state.log_seen = self._log_base + len(self._log)
+            return None
+        clean = not (state.pending_peers or state.pending_all or state.pending_self)
+        state.mark_peers(self._log[start - self._log_base : end - self._log_base])
+        return (start, end) if clean else None
 
     def mark_self(self, node_id: int) -> None:
         s = self._by_node.get(node_id)

@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any, assert_never
 
 from netmap.dns import dns_config
-from netmap.mapsession import FirstMapCache, NodeEntry
+from netmap.mapsession import FirstMapCache, NodeEntry, SharedDeltas
 from netmap.nodes import AUTO_UPDATE_CAP, FILE_SHARING_CAP, PeerNode
 from netmap.policy import CompiledPolicy
 from netmap.routes import (
@@ -231,6 +231,9 @@ class Tailnet:
 
     def first_maps(self) -> FirstMapCache:
         return self.entries.first_maps
+
+    def shared_deltas(self) -> SharedDeltas:
+        return self.entries.deltas
 
     def derp_map_json(self) -> tuple[int, bytes]:
         return self.derp_map

@@ -259,6 +259,36 @@ def test_a_change_for_nearly_everyone_goes_through_one_log() -> None:
     assert laggard.pending_all
 
 
+def test_sessions_read_the_log_up_to_the_last_broadcast() -> None:
+    """Sessions woken by one broadcast read the same range of the log (what came after it
+    waits for the next broadcast), so their deltas can be one (SharedDeltas); the range
+    is offered only to a session with nothing else pending."""
+    from appliance.sessions import BROADCAST_MIN, SessionRegistry
+
+    reg = SessionRegistry(domain="tail.example", disable_logtail=True)
+    reg.on_broadcast = lambda: None
+    handles = [reg.open(i) for i in range(1, BROADCAST_MIN + 1)]
+    for h in handles:
+        h.state.pending_all = h.state.pending_self = False
+    everyone = frozenset(range(1, BROADCAST_MIN + 1))
+    reg.mark_peers(everyone, [7, 8])
+    list(reg.broadcast_batches(64))
+    reg.mark_peer(everyone, 9)  # after the broadcast began
+    a, b, c = handles[0], handles[1], handles[2]
+    c.state.mark_peers([5])  # a mark of its own as well
+    assert reg.catch_up(a) == reg.catch_up(b) == (0, 2)
+    assert a.state.pending_peers == {7, 8}
+    assert reg.catch_up(c) is None
+    assert c.state.pending_peers == {5, 7, 8}
+    assert reg.catch_up(a) is None  # nothing new until the next broadcast
+    a.state.pending_peers.clear()
+    list(reg.broadcast_batches(64))
+    assert reg.catch_up(a) == (2, 3)
+    assert a.state.pending_peers == {9}
+    late = reg.open(BROADCAST_MIN + 1)  # its first map holds everything so far
+    assert reg.catch_up(late) is None and not late.state.pending_peers
+
+
 def test_machine_load_reads_how_busy_the_cpus_were(tmp_path: Path) -> None:
     """The coalescing tick also backs off when the box is saturated: MachineLoad reads
     /proc/stat's cpu line (user nice system idle iowait irq softirq steal)."""

@@ -8,7 +8,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from netmap.mapsession import PATCH_HISTORY, FirstMapCache, MapSessionState, NodeEntry
+from netmap.mapsession import (
+    PATCH_HISTORY,
+    FirstMapCache,
+    MapSessionState,
+    NodeEntry,
+    SharedDeltas,
+)
 from netmap.nodes import PeerNode, encode_node, patch_between
 from protocol import tailcfg
 from protocol.mapframe import message_json
@@ -47,10 +53,14 @@ class View:
     derp: tuple[int, bytes] = (1, b'{"Regions":{}}')
     dns: tuple[int, bytes] = (1, b'{"Proxied":true}')
     first_map_cache: FirstMapCache = field(default_factory=FirstMapCache)
+    deltas: SharedDeltas = field(default_factory=SharedDeltas)
     everyone: frozenset[int] | None = None
 
     def first_maps(self) -> FirstMapCache:
         return self.first_map_cache
+
+    def shared_deltas(self) -> SharedDeltas:
+        return self.deltas
 
     def routers(self) -> set[int]:
         return {i for i, e in self.entries.items() if e.for_viewer is not None}
@@ -68,6 +78,7 @@ class View:
         patches = {v: p for v, p in patches.items() if v > version - PATCH_HISTORY}
         self.peers[n.id] = n
         self.first_map_cache.changed(n.id)
+        self.deltas.changed()
         self.entries[n.id] = NodeEntry(
             id=n.id,
             user_id=n.user_id,
@@ -386,3 +397,102 @@ def test_peer_versions_hold_what_a_dict_would() -> None:
     pv[9] = 2  # back into the array
     assert pv.get(9) == 2
     assert sorted(pv) == sorted({**ref, 9: 2})
+
+
+def _moved(view: View, pid: int, endpoint: str) -> None:
+    view.put(dataclasses.replace(view.peers[pid], endpoints=(endpoint,)))
+
+
+def test_sessions_reading_the_same_log_range_share_one_delta() -> None:
+    """Issue 10 (churn): sessions that read the same range of the shared change log, with
+    the same peers sent, send one composed delta; a session that differs (a peer version
+    behind, its own node in the range, a new user's profile due, a router's routes per
+    viewer) composes its own, and every client still gets exactly what it is missing."""
+    view = View()
+    for i in range(1, 9):
+        view.put(peer(i, user=1))
+    sessions = {nid: MapSessionState(node_id=nid, domain="tail.example") for nid in range(1, 9)}
+    for s in sessions.values():
+        assert s.next_message(view, NOW) is not None
+    # Node 4 missed an earlier change of peer 6 (say it was marked, and not yet woken): a
+    # rename, which no patch carries.
+    view.put(dataclasses.replace(view.peers[6], given_name="renamed"))
+    for nid, s in sessions.items():
+        if nid != 4:
+            s.mark_peers([6])
+            assert s.next_message(view, NOW) is not None
+    _moved(view, 5, "198.51.100.5:5")
+    _moved(view, 6, "198.51.100.6:6")
+    rng = (10, 12)
+    msgs = {}
+    for nid, s in sessions.items():
+        s.mark_peers([5, 6])
+        msgs[nid] = s.next_message(view, NOW, rng)
+    twin = msgs[1]
+    assert isinstance(twin, bytes)
+    assert [n for n in msgs if msgs[n] is twin] == [1, 2, 3, 7, 8]  # composed once
+    for nid, msg in msgs.items():
+        assert msg is not None
+        got = json.loads(message_json(msg))
+        tailcfg.MapResponse.from_json(got)
+        patches = {p["NodeID"]: p for p in got.get("PeersChangedPatch", [])}
+        whole = {p["ID"]: p for p in got.get("PeersChanged", [])}
+        for pid, endpoint in ((5, "198.51.100.5:5"), (6, "198.51.100.6:6")):
+            if pid == nid:  # a node is never its own peer
+                assert pid not in patches and pid not in whole
+            elif nid == 4 and pid == 6:  # behind: the whole node, with its new name
+                assert whole[6]["Endpoints"] == [endpoint]
+                assert whole[6]["Name"].startswith("renamed.")
+            else:
+                assert patches[pid]["Endpoints"] == [endpoint], nid
+    # The versions each session now holds are the peers' latest: nothing more to send.
+    for s in sessions.values():
+        s.mark_peers([5, 6])
+        assert s.next_message(view, NOW, (12, 14)) is None
+
+    # A node becomes visible (its disco key arrives): the others get it whole; the node
+    # itself, which already sent its own new state, gets nothing of itself.
+    view.put(dataclasses.replace(view.peers[8], disco_key=""))
+    for s in sessions.values():
+        s.mark_peers([8])
+        s.next_message(view, NOW)
+    view.put(peer(8, user=1))
+    assert sessions[8].next_message(view, NOW) is not None  # its own Node, not via the log
+    for nid in (1, 2, 8):
+        sessions[nid].mark_peers([8])
+        msg = sessions[nid].next_message(view, NOW, (13, 14))
+        if nid == 8:
+            assert msg is None
+        else:
+            assert msg is not None
+            assert [p["ID"] for p in json.loads(message_json(msg))["PeersChanged"]] == [8]
+
+    # A new user's node: each session needs that profile, so none shares a delta.
+    view.put(peer(9, user=3))
+    for s in sessions.values():
+        s.mark_peers([9])
+        msg = s.next_message(view, NOW, (14, 15))
+        assert msg is not None
+        assert [p["ID"] for p in json.loads(message_json(msg))["UserProfiles"]] == [3]
+
+
+def test_a_shared_delta_is_not_reused_once_a_node_changed() -> None:
+    """A delta is the peers' state when it was composed: any change since voids it (the
+    coordinator tells SharedDeltas of every change), so a late reader of the same range
+    sends the newer endpoint, not the shared bytes."""
+    view = View()
+    for i in range(1, 4):
+        view.put(peer(i, user=1))
+    a = MapSessionState(node_id=1, domain="tail.example")
+    b = MapSessionState(node_id=2, domain="tail.example")
+    for s in (a, b):
+        assert s.next_message(view, NOW) is not None
+    _moved(view, 3, "198.51.100.3:1")
+    a.mark_peers([3])
+    first = a.next_message(view, NOW, (0, 1))
+    _moved(view, 3, "198.51.100.3:2")
+    b.mark_peers([3])
+    late = b.next_message(view, NOW, (0, 1))
+    assert late is not None and late is not first
+    patch = json.loads(message_json(late))["PeersChangedPatch"]
+    assert patch == [{"NodeID": 3, "Endpoints": ["198.51.100.3:2"]}]

@@ -286,7 +286,8 @@ def test_sessions_read_the_log_up_to_the_last_broadcast() -> None:
     assert reg.catch_up(a) == (2, 3)
     assert a.state.pending_peers == {9}
     late = reg.open(BROADCAST_MIN + 1)  # its first map holds everything so far
-    assert reg.catch_up(late) is None and not late.state.pending_peers
+    assert reg.catch_up(late) is None
+    assert not late.state.pending_peers
 
 
 def test_machine_load_reads_how_busy_the_cpus_were(tmp_path: Path) -> None:

@@ -439,7 +439,8 @@ def test_sessions_reading_the_same_log_range_share_one_delta() -> None:
         whole = {p["ID"]: p for p in got.get("PeersChanged", [])}
         for pid, endpoint in ((5, "198.51.100.5:5"), (6, "198.51.100.6:6")):
             if pid == nid:  # a node is never its own peer
-                assert pid not in patches and pid not in whole
+                assert pid not in patches
+                assert pid not in whole
             elif nid == 4 and pid == 6:  # behind: the whole node, with its new name
                 assert whole[6]["Endpoints"] == [endpoint]
                 assert whole[6]["Name"].startswith("renamed.")
@@ -493,6 +494,7 @@ def test_a_shared_delta_is_not_reused_once_a_node_changed() -> None:
     _moved(view, 3, "198.51.100.3:2")
     b.mark_peers([3])
     late = b.next_message(view, NOW, (0, 1))
-    assert late is not None and late is not first
+    assert late is not None
+    assert late is not first
     patch = json.loads(message_json(late))["PeersChangedPatch"]
     assert patch == [{"NodeID": 3, "Endpoints": ["198.51.100.3:2"]}]

@@ -45,7 +45,8 @@ KEEPALIVE_JITTER = 9.0
 MAX_BODY = 1024 * 1024
 # After a stream sends a message it waits for the next tick of one shared clock before
 # composing the next, so changes arriving meanwhile go out merged in one message (last
-# state wins). The tick is 100 ms and slows by 100 ms per 1,000 streams, so each message
+# state wins); changes in the shared log go out in one round of every stream per tick
+# (`ControlService._broadcaster`). The tick is 100 ms and slows by 100 ms per 1,000 streams, so each message
 # carries more changes as the tailnet grows; and while the process is busy (its CPU time
 # over the last tick above BUSY_HIGH of the wall time) it slows by half again per tick,
 # up to COALESCE_MAX: a saturated server sends fewer, larger messages instead of falling
@@ -60,14 +61,13 @@ BUSY_LOW = 0.5
 # waits for it, at most SETTLE_WAIT (then it compiles itself).
 SETTLE_DELAY = 0.05
 SETTLE_WAIT = 2.0
-# Changes for (nearly) every session reach them through one log, read after this delay.
-BROADCAST_DELAY = 0.1
 # Streams woken together (by the tick, by the shared log) per pass of trio's scheduler.
 # A pass runs every task that was runnable at its start: 5,000 composes in one pass took
 # half a second, and a request or handshake needing several passes waited seconds (an
-# endpoint update took 3 s to be stored at 5,000 nodes). Batches keep each pass short;
-# the whole round takes as long as before.
-WAKE_BATCH = 256
+# endpoint update took 3 s to be stored at 5,000 nodes). Batches keep each pass short
+# (a request waits for a few passes: 256 a pass kept an endpoint update at 5,000 nodes
+# 150 ms from being answered, 64 at 40 ms); the whole round takes as long as before.
+WAKE_BATCH = 64
 # Full maps built at once in a reconnect storm (each holds the loop for milliseconds).
 FIRST_MAPS_AT_ONCE = 4
 # Distinct small messages kept framed (compressed) for every stream to reuse.
@@ -524,12 +524,14 @@ class ControlService:
             self._settled = trio.Event()
 
     async def _broadcaster(self) -> None:
-        """Wake every session to read the shared change log (SessionRegistry), at most
-        once per BROADCAST_DELAY however many changes it gained meanwhile."""
+        """Wake every session to read the shared change log (SessionRegistry) at the next
+        tick of the coalescing clock: one round of the sessions per tick however many
+        changes came meanwhile. The sessions send what the log holds without waiting for
+        a tick of their own (they are paced by this), so all read the same range."""
         while True:
             await self._broadcast.wait()
             self._broadcast = trio.Event()
-            await trio.sleep(BROADCAST_DELAY)
+            await self.clock.next_tick()
             for batch in self.tailnet.sessions.broadcast_batches(WAKE_BATCH):
                 for handle in batch:
                     handle.notify()
@@ -554,13 +556,14 @@ class ControlService:
                 # In a reconnect storm the full maps are built a few at a time, so the
                 # handshakes of connections still arriving run in between, not behind all.
                 async with self.first_maps:
-                    frame = self._compose(handle, encoder)
+                    frame, paced = self._compose(handle, encoder)
                 first = False
             else:
-                frame = self._compose(handle, encoder)
+                frame, paced = self._compose(handle, encoder)
             if frame is not None:
                 await resp.send_data(frame, wait=False)
-                await self.clock.next_tick()
+                if not paced:
+                    await self.clock.next_tick()
             with trio.move_on_after(KEEPALIVE_BASE + random.uniform(0, KEEPALIVE_JITTER)):
                 await handle.wake.wait()
                 continue
@@ -573,19 +576,22 @@ class ControlService:
         if self.metrics is not None:
             self.metrics.inc(name)
 
-    def _compose(self, handle: SessionHandle, encoder: MapFrameEncoder) -> list[bytes] | None:
+    def _compose(
+        self, handle: SessionHandle, encoder: MapFrameEncoder
+    ) -> tuple[list[bytes] | None, bool]:
         """The session's next message, framed (in parts: a big first map's pieces are
-        shared, not copied); None when its client is up to date."""
+        shared, not copied), None when its client is up to date; and whether it held only
+        the shared log's changes, which the broadcaster already paces to one round a tick."""
         log_range = self.tailnet.sessions.catch_up(handle)
         msg = handle.state.next_message(self.tailnet, utcnow(), log_range)
         if msg is None:
-            return None
+            return None, log_range is not None
         frame = encoder.encode_parts(msg)
         if self.log.isEnabledFor(logging.DEBUG):
             self.log.debug(
                 "node %d <- %d bytes: %s", handle.node_id, len(msg), message_json(msg).decode()
             )
-        return frame
+        return frame, log_range is not None
 
     async def _reap_ephemeral(self, node_id: int) -> None:
         """Delete an ephemeral node once it has been offline for the inactivity timeout.

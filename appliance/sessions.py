@@ -15,8 +15,9 @@ from netmap.mapsession import MapSessionState
 
 # A change that at least half of the sessions (and BROADCAST_MIN of them) must hear of goes
 # into one shared log instead of a mark per session: a reconnect storm of 5,000 nodes was
-# 25 million marks. Each session reads the log when it composes; all are woken soon after
-# the first entry (`broadcast_batches`, a batch per pass of the scheduler). LOG_MAX bounds the log: a session that
+# 25 million marks. Each session reads the log when it composes; all are woken at the
+# coalescing clock's next tick after the first entry (`broadcast_batches`, a batch per
+# pass of the scheduler). LOG_MAX bounds the log: a session that
 # fell behind its start re-checks everything. Sessions read the log up to where the last
 # broadcast began, so those woken by one broadcast read the same range and send one
 # shared delta (netmap.mapsession.SharedDeltas).

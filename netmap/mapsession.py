@@ -102,15 +102,21 @@ class PeerVersions:
     for 5,000 sessions of 5,000 peers. Node ids are small dense integers, so an array
     indexed by id (0: not sent; versions start at 1) holds the same in a tenth; an id
     or version too big for it goes to a dict.
+
+    Sessions in step hold equal arrays, so they share one (`share`, `adopt`), copied on
+    the next write: a session taking a shared delta then costs no per-peer work. The
+    array's length is a power of two, so equal contents have equal lengths.
     """
 
-    __slots__ = ("_dense", "_sparse")
+    __slots__ = ("_dense", "_shared", "_sparse")
     DENSE_IDS = 1 << 20
     MAX_VERSION = 0xFFFFFFFF
+    MIN_LENGTH = 64
 
     def __init__(self) -> None:
         self._dense = array("I")
         self._sparse: dict[int, int] = {}
+        self._shared = False  # _dense may be held by other sessions: copy before writing
 
     def get(self, pid: int) -> int | None:
         if 0 <= pid < len(self._dense) and self._dense[pid]:
@@ -120,12 +126,19 @@ class PeerVersions:
     def __contains__(self, pid: int) -> bool:
         return self.get(pid) is not None
 
+    def _writable(self, end: int) -> array[int]:
+        """The array, owned by this session and long enough for ids below `end`."""
+        if self._shared:
+            self._dense = array("I", self._dense)
+            self._shared = False
+        if end > len(self._dense):
+            size = max(self.MIN_LENGTH, 1 << (end - 1).bit_length())
+            self._dense.frombytes(bytes((size - len(self._dense)) * self._dense.itemsize))
+        return self._dense
+
     def __setitem__(self, pid: int, version: int) -> None:
         if 0 <= pid < self.DENSE_IDS and 0 < version <= self.MAX_VERSION:
-            if pid >= len(self._dense):
-                grow = max(pid + 1, 2 * len(self._dense)) - len(self._dense)
-                self._dense.frombytes(bytes(grow * self._dense.itemsize))
-            self._dense[pid] = version
+            self._writable(pid + 1)[pid] = version
             self._sparse.pop(pid, None)
         else:
             del self[pid]
@@ -135,15 +148,29 @@ class PeerVersions:
         """Set the ids from `first` on to `versions` (0: not sent) at C speed: a first map
         sets thousands at once."""
         end = first + len(versions)
-        if end > len(self._dense):
-            grow = max(end, 2 * len(self._dense)) - len(self._dense)
-            self._dense.frombytes(bytes(grow * self._dense.itemsize))
-        self._dense[first:end] = versions
+        self._writable(end)[first:end] = versions
 
     def __delitem__(self, pid: int) -> None:
-        if 0 <= pid < len(self._dense):
-            self._dense[pid] = 0
+        if 0 <= pid < len(self._dense) and self._dense[pid]:
+            self._writable(0)[pid] = 0
         self._sparse.pop(pid, None)
+
+    def share(self) -> array[int] | None:
+        """The versions as an array other sessions may adopt (None: some are not in it)."""
+        if self._sparse:
+            return None
+        self._shared = True
+        return self._dense
+
+    def same(self, dense: array[int]) -> bool:
+        """Whether these are exactly the versions in `dense` (shared, or equal)."""
+        return not self._sparse and (self._dense is dense or self._dense == dense)
+
+    def adopt(self, dense: array[int]) -> None:
+        """Hold the versions in `dense`, shared with the session that made them."""
+        self._dense = dense
+        self._shared = True
+        self._sparse.clear()
 
     def __iter__(self) -> Iterator[int]:
         yield from (pid for pid, v in enumerate(self._dense) if v)
@@ -230,12 +257,14 @@ class FirstMapCache:
 @dataclass(frozen=True)
 class _Delta:
     """A delta one session composed for a range of the shared change log, with what it
-    assumed of the session: another session may send the same bytes if it had sent the
-    same versions of those peers (`peers`: id, version had, version after, None: not
-    sent / removed) and already has the profiles of `users`."""
+    assumed of the session: another session may send the same bytes if it had sent
+    exactly the versions in `before` (then it holds `after`), already has the profiles
+    of `users`, and is not itself among `peers` (the range's node ids)."""
 
     message: bytes | None
-    peers: tuple[tuple[int, int | None, int | None], ...]
+    before: array[int]
+    after: array[int]
+    peers: frozenset[int]
     users: frozenset[int]
 
 
@@ -316,8 +345,7 @@ class MapSessionState:
 
     def _shared_delta(self, view: TailnetView, key: Hashable) -> bytes | object | None:
         """The delta another session composed for `key`, if it fits this session (it had
-        sent the same versions of those peers, and nothing else is due); else
-        _NOT_SHARED."""
+        sent the same versions, and nothing else is due); else _NOT_SHARED."""
         deltas = view.shared_deltas().get(key)
         if not deltas or self.ping is not None:
             return _NOT_SHARED
@@ -333,28 +361,23 @@ class MapSessionState:
         ):
             return _NOT_SHARED
         sent = self.sent_peers
-        delta = next((d for d in deltas if self._fits(d)), None)
-        if delta is None:
+        for delta in deltas:
+            if (
+                nid not in delta.peers
+                and delta.users <= self.sent_users
+                and sent.same(delta.before)
+            ):
+                break
+        else:
             return _NOT_SHARED
-        variants = self.sent_variants
-        for pid, had, after in delta.peers:
-            if after == had:
-                continue
-            if after is not None:
-                sent[pid] = after
-            else:
-                del sent[pid]
-            if variants:
-                variants.pop(pid, None)
+        if self.sent_variants:
+            for pid in delta.peers:
+                if delta.before[pid] != delta.after[pid]:
+                    self.sent_variants.pop(pid, None)
+        sent.adopt(delta.after)
         self.pending_peers.clear()
         self.synced_visible = view.visible_peers(nid)
         return delta.message
-
-    def _fits(self, delta: _Delta) -> bool:
-        if not delta.users <= self.sent_users:
-            return False
-        sent, nid = self.sent_peers, self.node_id
-        return all(pid != nid and sent.get(pid) == had for pid, had, _ in delta.peers)
 
     def _first_peers(
         self, view: TailnetView, visible: frozenset[int], new_users: set[int]
@@ -374,7 +397,10 @@ class MapSessionState:
                 viewer_bound = span == own
                 for pid in pids:
                     entry = view.entry(pid)
-                    if pid == self.node_id or entry is None or not entry.visible_to_peers:
+                    if entry is None or not entry.visible_to_peers:
+                        continue
+                    if pid == self.node_id:  # kept as the others keep it, never sent
+                        self.sent_peers[pid] = entry.version
                         continue
                     users.add(entry.user_id)
                     if entry.for_viewer is not None:
@@ -423,9 +449,12 @@ class MapSessionState:
             return None
         fields: list[tuple[str, bytes]] = []
         first = not self.started
-        # What this delta assumed of the session, for the others (`shared`).
-        trace: list[tuple[int, int | None, int | None]] | None = [] if shared else None
-        trace_users: set[int] = set()
+        # What a delta for the others (`shared`) assumes: the versions sent before, and
+        # the users whose profiles it does not carry.
+        before = self.sent_peers.share() if shared else None
+        share = before is not None
+        in_range = frozenset(self.pending_peers) if share else frozenset()
+        delta_users: set[int] = set()
 
         self_changed = me.version != self.sent_self
         if self.pending_self or self_changed:
@@ -449,19 +478,24 @@ class MapSessionState:
             pieces = self._first_peers(view, visible, new_users)
             candidates = ()
         for pid in sorted(candidates):
-            if pid == self.node_id:
-                trace = None  # the others would list this node
-                continue
             entry = view.entry(pid)
             have = self.sent_peers.get(pid)
             show = entry is not None and pid in visible and entry.visible_to_peers
+            if pid == self.node_id:
+                # Never sent, but its version kept as the other sessions keep it: sessions
+                # in step then hold equal versions (PeerVersions.share).
+                if show:
+                    assert entry is not None
+                    self.sent_peers[pid] = entry.version
+                elif have is not None:
+                    del self.sent_peers[pid]
+                share = False  # the others list this node
+                continue
             if not show:
                 if have is not None:
                     del self.sent_peers[pid]
                     self.sent_variants.pop(pid, None)
                     removed.append(pid)
-                if trace is not None:
-                    trace.append((pid, have, None))
                 continue
             assert entry is not None
             if entry.user_id not in self.sent_users:
@@ -469,12 +503,10 @@ class MapSessionState:
                 # renamed users' profiles go out again.
                 new_users.add(entry.user_id)
             variant = entry.for_viewer(self.node_id) if entry.for_viewer is not None else None
-            if trace is not None:
-                if variant is None:
-                    trace.append((pid, have, entry.version))
-                    trace_users.add(entry.user_id)
-                else:
-                    trace = None  # a router's JSON depends on the viewer
+            if variant is None:
+                delta_users.add(entry.user_id)
+            else:
+                share = False  # a router's JSON depends on the viewer
             if have == entry.version and (
                 variant is None or self.sent_variants.get(pid) == variant[0]
             ):
@@ -512,7 +544,7 @@ class MapSessionState:
 
         delta_fields = len(fields)  # peers only, if nothing below is added
         if self_changed or new_users:
-            trace = None
+            share = False
         filt = view.filter_json(self.node_id)
         if filt != self.sent_filter:
             fields.append(("PacketFilter", filt))
@@ -545,10 +577,16 @@ class MapSessionState:
         if self.ping is not None:
             fields.append(("PingRequest", self.ping))
             self.ping = None
-        share = trace is not None and len(fields) == delta_fields and not first
+        share = share and len(fields) == delta_fields and not first
+
+        def offer(message: bytes | None) -> None:
+            after = self.sent_peers.share()
+            if share and before is not None and after is not None:
+                delta = _Delta(message, before, after, in_range, frozenset(delta_users))
+                view.shared_deltas().put(shared, delta)
+
         if not fields and self.started:
-            if share:
-                view.shared_deltas().put(shared, _Delta(None, tuple(trace or ()), frozenset()))
+            offer(None)
             return None
         if first:
             fields += [
@@ -561,9 +599,7 @@ class MapSessionState:
         fields.append(("ControlTime", _control_time(now.replace(microsecond=0))))
         if peers_at is None or pieces is None:
             message = b"{" + b",".join(_j(k) + b":" + v for k, v in fields) + b"}"
-            if share:
-                delta = _Delta(message, tuple(trace or ()), frozenset(trace_users))
-                view.shared_deltas().put(shared, delta)
+            offer(message)
             return message
         head = b"".join(_j(k) + b":" + v + b"," for k, v in fields[:peers_at])
         tail = b"".join(b"," + _j(k) + b":" + v for k, v in fields[peers_at:])

@@ -399,6 +399,34 @@ def test_peer_versions_hold_what_a_dict_would() -> None:
     assert sorted(pv) == sorted({**ref, 9: 2})
 
 
+def test_shared_peer_versions_are_copied_on_write() -> None:
+    """Sessions in step share one array of versions; a write by one of them (a peer it
+    alone was sent) never shows in another's, and sparse entries are never shared."""
+    from array import array
+
+    from netmap.mapsession import PeerVersions
+
+    a, b = PeerVersions(), PeerVersions()
+    for pid in (1, 2, 40):
+        a[pid] = 3
+        b[pid] = 3
+    assert len(a.share() or ()) == PeerVersions.MIN_LENGTH
+    shared = a.share()
+    assert shared is not None
+    assert b.same(shared)  # equal contents, equal lengths
+    b.adopt(shared)
+    b[2] = 9
+    del b[1]
+    b.set_span(64, array("I", [5, 5]))
+    assert (a.get(1), a.get(2), a.get(64)) == (3, 3, None)
+    assert (b.get(1), b.get(2), b.get(64), b.get(65)) == (None, 9, 5, 5)
+    a[1] = 4  # the array it shared is now b's old one: a copies too
+    assert shared[1] == 3
+    assert not a.same(shared)
+    a[PeerVersions.DENSE_IDS + 1] = 1
+    assert a.share() is None
+
+
 def _moved(view: View, pid: int, endpoint: str) -> None:
     view.put(dataclasses.replace(view.peers[pid], endpoints=(endpoint,)))
 

@@ -42,6 +42,7 @@ from .users import TAGGED_USER_ID, TAGGED_USER_NAME
 # Tailscale and headscale send one every 50 s plus jitter.
 KEEPALIVE_BASE = 50.0
 KEEPALIVE_JITTER = 9.0
+KEEPALIVE_SWEEP = 5.0  # how often silent streams are looked for (a keep-alive may be as late)
 MAX_BODY = 1024 * 1024
 # After a stream sends a message it waits for the next tick of one shared clock before
 # composing the next, so changes arriving meanwhile go out merged in one message (last
@@ -50,8 +51,9 @@ MAX_BODY = 1024 * 1024
 # carries more changes as the tailnet grows; and while the process is busy (its CPU time
 # over the last tick above BUSY_HIGH of the wall time) it slows by half again per tick,
 # up to COALESCE_MAX: a saturated server sends fewer, larger messages instead of falling
-# behind (each message costs every stream a compose, a seal and a send). Below BUSY_LOW
-# (looked at every COALESCE_BASE) it is back to quick at once.
+# behind (each message costs every stream a compose, a seal and a send). Below BUSY_HIGH
+# it quickens by as much per tick, and below BUSY_LOW (looked at every COALESCE_BASE) it
+# is back to quick at once.
 COALESCE_BASE = 0.1
 COALESCE_PER_STREAM = 0.1 / 1000
 COALESCE_MAX = 2.0
@@ -120,6 +122,7 @@ class ControlService:
         self._broadcast = trio.Event()
         tailnet.sessions.on_broadcast = lambda: self._broadcast.set()
         nursery.start_soon(self._broadcaster)
+        nursery.start_soon(self._keepalives)
 
     # ------------------------------------------------------------ dispatch
 
@@ -537,6 +540,11 @@ class ControlService:
                     handle.notify()
                 await trio.lowlevel.checkpoint()  # the next batch composes in the next pass
 
+    async def _keepalives(self) -> None:
+        while True:
+            await trio.sleep(KEEPALIVE_SWEEP)
+            self.tailnet.sessions.wake_for_keepalives(trio.current_time())
+
     async def _settled_view(self) -> None:
         """Wait (SETTLE_WAIT at most) for the next compile if nodes moved: a joining
         node's first map then comes from the compile that also placed the nodes joining
@@ -549,6 +557,8 @@ class ControlService:
         self, handle: SessionHandle, encoder: MapFrameEncoder, resp: ControlResponse
     ) -> None:
         first = True
+        handle.last_sent = trio.current_time()
+        handle.quiet_for = KEEPALIVE_BASE + random.uniform(0, KEEPALIVE_JITTER)
         while True:
             handle.wake = trio.Event()  # before composing: a mark after it wakes us again
             if first:
@@ -560,15 +570,17 @@ class ControlService:
                 first = False
             else:
                 frame, paced = self._compose(handle, encoder)
+            if frame is None and handle.keepalive_due:
+                frame, paced = [encoder.keepalive()], True
+                self._count('headscale_mapresponse_sent_total{status="ok",type="keepalive"}')
             if frame is not None:
+                handle.keepalive_due = False
+                handle.last_sent = trio.current_time()
                 await resp.send_data(frame, wait=False)
                 if not paced:
                     await self.clock.next_tick()
-            with trio.move_on_after(KEEPALIVE_BASE + random.uniform(0, KEEPALIVE_JITTER)):
-                await handle.wake.wait()
-                continue
-            await resp.send_data(encoder.keepalive(), wait=False)
-            self._count('headscale_mapresponse_sent_total{status="ok",type="keepalive"}')
+            # Woken by a change, or by `_keepalives` after a silence of `quiet_for`.
+            await handle.wake.wait()
 
     def _count(self, name: str) -> None:
         """A counter under headscale's metric names (hscontrol/metrics.go), which its
@@ -667,6 +679,10 @@ class CoalescingClock:
             self._interval = min(COALESCE_MAX, self.interval() * 1.5)
         elif busy < BUSY_LOW:
             self._interval = self.floor()  # the load is gone: quick again at once
+        else:
+            # Below saturation: quicker again step by step. A tick left slow while the
+            # load sat between the two marks kept a churn at 2 s per message.
+            self._interval = max(self.floor(), self._interval / 1.5)
 
     async def next_tick(self) -> None:
         self._waiting += 1

@@ -35,6 +35,11 @@ class SessionHandle:
         self.cancel_scope: trio.CancelScope | None = None
         self.closed_reason = ""
         self.last_words: bytes | None = None  # a final MapResponse to send before closing
+        # Keep-alives: the stream says when it last sent and how long a silence it keeps
+        # (`wake_for_keepalives` marks it due); no timer per stream.
+        self.last_sent = 0.0
+        self.quiet_for = float("inf")
+        self.keepalive_due = False
 
     def notify(self) -> None:
         self.wake.set()
@@ -149,6 +154,15 @@ class SessionRegistry:
         handles = list(self._by_node.values())
         for i in range(0, len(handles), size):
             yield handles[i : i + size]
+
+    def wake_for_keepalives(self, now: float) -> None:
+        """Mark due and wake every session silent for its `quiet_for` since `now`: one
+        sweep instead of a timeout per stream (a cancel scope with a deadline around
+        every wait was a tenth of the server's CPU in a churn at 5,000 nodes)."""
+        for h in self._by_node.values():
+            if not h.keepalive_due and now - h.last_sent >= h.quiet_for:
+                h.keepalive_due = True
+                h.notify()
 
     def catch_up(self, handle: SessionHandle) -> tuple[int, int] | None:
         """Give the session what the shared log holds since it last read it, up to the

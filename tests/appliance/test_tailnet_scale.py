@@ -129,7 +129,7 @@ def test_the_coalescing_tick_slows_while_the_server_is_saturated() -> None:
     clock = CoalescingClock(lambda: streams, machine=lambda: None)
     quick = clock.interval()
     assert quick == pytest.approx(0.2)  # 100 ms + 100 ms per 1,000 streams
-    clock.adapt(0.6)  # in between: no change
+    clock.adapt(0.6)  # in between: no slower
     assert clock.interval() == quick
     seen = []
     for _ in range(10):
@@ -138,6 +138,13 @@ def test_the_coalescing_tick_slows_while_the_server_is_saturated() -> None:
     assert seen == sorted(seen)
     assert seen[0] > quick
     assert seen[-1] == COALESCE_MAX
+    clock.adapt(0.7)  # below saturation, not idle: quicker step by step
+    assert quick < clock.interval() < COALESCE_MAX
+    for _ in range(10):
+        clock.adapt(0.7)
+    assert clock.interval() == quick
+    for _ in range(10):
+        clock.adapt(1.0)
     clock.adapt(0.1)  # the load is gone: quick again at once
     assert clock.interval() == quick
     streams = 3000  # more streams: the floor rises with them
@@ -288,6 +295,27 @@ def test_sessions_read_the_log_up_to_the_last_broadcast() -> None:
     late = reg.open(BROADCAST_MIN + 1)  # its first map holds everything so far
     assert reg.catch_up(late) is None
     assert not late.state.pending_peers
+
+
+def test_a_silent_stream_is_woken_for_a_keepalive() -> None:
+    """Keep-alives come from one sweep over the sessions, not a timer per stream: a stream
+    silent for its interval is marked due and woken once; one that sent lately is not."""
+    from appliance.sessions import SessionRegistry
+
+    reg = SessionRegistry(domain="tail.example", disable_logtail=True)
+    quiet, busy = reg.open(1), reg.open(2)
+    quiet.quiet_for = busy.quiet_for = 50.0
+    quiet.last_sent, busy.last_sent = 0.0, 40.0
+    reg.wake_for_keepalives(55.0)
+    assert quiet.keepalive_due
+    assert quiet.wake.is_set()
+    assert not busy.keepalive_due
+    assert not busy.wake.is_set()
+    quiet.wake = trio.Event()
+    reg.wake_for_keepalives(60.0)  # due already: not woken again before it sends
+    assert not quiet.wake.is_set()
+    reg.wake_for_keepalives(90.0)
+    assert busy.keepalive_due
 
 
 def test_machine_load_reads_how_busy_the_cpus_were(tmp_path: Path) -> None:

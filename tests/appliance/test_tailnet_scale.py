@@ -129,7 +129,7 @@ def test_the_coalescing_tick_slows_while_the_server_is_saturated() -> None:
     clock = CoalescingClock(lambda: streams, machine=lambda: None)
     quick = clock.interval()
     assert quick == pytest.approx(0.2)  # 100 ms + 100 ms per 1,000 streams
-    clock.adapt(0.6)  # in between: no slower
+    clock.adapt(0.6)  # in between: no change
     assert clock.interval() == quick
     seen = []
     for _ in range(10):
@@ -138,13 +138,8 @@ def test_the_coalescing_tick_slows_while_the_server_is_saturated() -> None:
     assert seen == sorted(seen)
     assert seen[0] > quick
     assert seen[-1] == COALESCE_MAX
-    clock.adapt(0.7)  # below saturation, not idle: quicker step by step
-    assert quick < clock.interval() < COALESCE_MAX
-    for _ in range(10):
-        clock.adapt(0.7)
-    assert clock.interval() == quick
-    for _ in range(10):
-        clock.adapt(1.0)
+    clock.adapt(0.7)  # below saturation, not idle: it stays
+    assert clock.interval() == COALESCE_MAX
     clock.adapt(0.1)  # the load is gone: quick again at once
     assert clock.interval() == quick
     streams = 3000  # more streams: the floor rises with them

@@ -47,14 +47,14 @@ MAX_BODY = 1024 * 1024
 # After a stream sends a message it waits for the next tick of one shared clock before
 # composing the next, so changes arriving meanwhile go out merged in one message (last
 # state wins); changes in the shared log go out in one round of every stream per tick
-# (`ControlService._broadcaster`). The tick is 100 ms and slows by 100 ms per 1,000 streams, so each message
-# carries more changes as the tailnet grows; and while the process is busy (its CPU time
-# over the last tick above BUSY_HIGH of the wall time) it slows by half again per tick,
-# up to COALESCE_MAX: a saturated server sends fewer, larger messages instead of falling
-# behind (each message costs every stream a compose, a seal and a send). Below BUSY_LOW
-# (looked at every COALESCE_BASE) it is back to quick at once. In between it stays: a tick
-# quickened step by step there (tried) made the rounds outrun the box, and a churn at
-# 5,000 nodes went from p99 2.8 to 5.4 s.
+# (`ControlService._broadcaster`). The tick is 100 ms and slows by 100 ms per 1,000
+# streams, so each message carries more changes as the tailnet grows; and while the
+# process is busy (its CPU time over the last tick above BUSY_HIGH of the wall time) it
+# slows by half again per tick, up to COALESCE_MAX: a saturated server sends fewer,
+# larger messages instead of falling behind (each message costs every stream a compose,
+# a seal and a send). Below BUSY_LOW (looked at every COALESCE_BASE) it is back to quick
+# at once. In between it stays: a tick quickened step by step there (tried) made the
+# rounds outrun the box, and a churn at 5,000 nodes went from p99 2.8 to 5.4 s.
 COALESCE_BASE = 0.1
 COALESCE_PER_STREAM = 0.1 / 1000
 COALESCE_MAX = 2.0

@@ -17,10 +17,10 @@ from netmap.mapsession import MapSessionState
 # into one shared log instead of a mark per session: a reconnect storm of 5,000 nodes was
 # 25 million marks. Each session reads the log when it composes; all are woken at the
 # coalescing clock's next tick after the first entry (`broadcast_batches`, a batch per
-# pass of the scheduler). LOG_MAX bounds the log: a session that
-# fell behind its start re-checks everything. Sessions read the log up to where the last
-# broadcast began, so those woken by one broadcast read the same range and send one
-# shared delta (netmap.mapsession.SharedDeltas).
+# pass of the scheduler). Sessions read the log up to where the last broadcast began, so
+# those woken by one broadcast read the same range and send one shared delta
+# (netmap.mapsession.SharedDeltas). LOG_MAX bounds the log: a session that fell behind
+# its start re-checks everything.
 BROADCAST_MIN = 128
 LOG_MAX = 1 << 16
 

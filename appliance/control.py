@@ -531,7 +531,9 @@ class ControlService:
         """Wake every session to read the shared change log (SessionRegistry) at the next
         tick of the coalescing clock: one round of the sessions per tick however many
         changes came meanwhile. The sessions send what the log holds without waiting for
-        a tick of their own (they are paced by this), so all read the same range."""
+        a tick of their own (they are paced by this), so all read the same range. (Tried:
+        beginning the next round at once when the last took a tick or more. At 5,000
+        nodes the churn was no quicker, p99 2.0 s, and took 59 % of a core, not 52 %.)"""
         while True:
             await self._broadcast.wait()
             self._broadcast = trio.Event()

@@ -343,7 +343,9 @@ class MapSessionState:
 
     # -- composing
 
-    def _shared_delta(self, view: TailnetView, key: Hashable) -> bytes | object | None:
+    def _shared_delta(
+        self, view: TailnetView, key: Hashable, visible: frozenset[int]
+    ) -> bytes | object | None:
         """The delta another session composed for `key`, if it fits this session (it had
         sent the same versions, and nothing else is due); else _NOT_SHARED."""
         deltas = view.shared_deltas().get(key)
@@ -376,7 +378,7 @@ class MapSessionState:
                     self.sent_variants.pop(pid, None)
         sent.adopt(delta.after)
         self.pending_peers.clear()
-        self.synced_visible = view.visible_peers(nid)
+        self.synced_visible = visible
         return delta.message
 
     def _first_peers(
@@ -437,10 +439,12 @@ class MapSessionState:
         when the client is up to date. `log_range`: what is pending is exactly that range
         of the shared change log, so the delta may be one another session composed
         (`SharedDeltas`), or be offered to the others."""
+        # First: reading the peer set settles the policy, which may mark this session.
+        visible = view.visible_peers(self.node_id)
         shared: Hashable | None = None
         if log_range is not None and self.started and not (self.pending_all or self.pending_self):
-            shared = (log_range, view.visible_peers(self.node_id), now.replace(microsecond=0))
-            hit = self._shared_delta(view, shared)
+            shared = (log_range, visible, now.replace(microsecond=0))
+            hit = self._shared_delta(view, shared, visible)
             if hit is not _NOT_SHARED:
                 assert hit is None or isinstance(hit, bytes)
                 return hit
@@ -461,7 +465,6 @@ class MapSessionState:
             if self_changed:
                 fields.append(("Node", me.self_json or me.json))
                 self.sent_self = me.version
-        visible = view.visible_peers(self.node_id)
         candidates: Iterable[int]
         if self.pending_all and self.started and self.sent_users and visible == self.synced_visible:
             candidates = self.pending_peers | (visible & set(view.routers()))

@@ -597,16 +597,16 @@ class ControlService:
         """The session's next message, framed (in parts: a big first map's pieces are
         shared, not copied), None when its client is up to date; and whether it held only
         the shared log's changes, which the broadcaster already paces to one round a tick."""
-        log_range = self.tailnet.sessions.catch_up(handle)
-        msg = handle.state.next_message(self.tailnet, utcnow(), log_range)
+        log = self.tailnet.sessions.catch_up(handle)
+        msg = handle.state.next_message(self.tailnet, utcnow(), log)
         if msg is None:
-            return None, log_range is not None
+            return None, log is not None
         frame = encoder.encode_parts(msg)
         if self.log.isEnabledFor(logging.DEBUG):
             self.log.debug(
                 "node %d <- %d bytes: %s", handle.node_id, len(msg), message_json(msg).decode()
             )
-        return frame, log_range is not None
+        return frame, log is not None
 
     async def _reap_ephemeral(self, node_id: int) -> None:
         """Delete an ephemeral node once it has been offline for the inactivity timeout.

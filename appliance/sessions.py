@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Sized
 
 import trio
 
-from netmap.mapsession import MapSessionState
+from netmap.mapsession import LogRead, MapSessionState
 
 # A change that at least half of the sessions (and BROADCAST_MIN of them) must hear of goes
 # into one shared log instead of a mark per session: a reconnect storm of 5,000 nodes was
@@ -164,10 +164,11 @@ class SessionRegistry:
                 h.keepalive_due = True
                 h.notify()
 
-    def catch_up(self, handle: SessionHandle) -> tuple[int, int] | None:
+    def catch_up(self, handle: SessionHandle) -> LogRead | None:
         """Give the session what the shared log holds since it last read it, up to the
-        last broadcast. Returns the range read when it is all the session has pending:
-        its delta is then the same as every other such session's with the same peers."""
+        last broadcast. When that is all the session has pending, it is returned instead
+        of marked (`MapSessionState.next_message` takes it): its delta is then the same
+        as every other such session's with the same peers."""
         state = handle.state
         start, end = state.log_seen, self._published
         if start >= end:
@@ -176,9 +177,11 @@ class SessionRegistry:
         if start < self._log_base:
             state.mark_all()
             return None
-        clean = not (state.pending_peers or state.pending_all or state.pending_self)
-        state.mark_peers(self._log[start - self._log_base : end - self._log_base])
-        return (start, end) if clean else None
+        ids = self._log[start - self._log_base : end - self._log_base]
+        if state.pending_peers or state.pending_all or state.pending_self:
+            state.mark_peers(ids)
+            return None
+        return LogRead(start, end, ids)
 
     def mark_self(self, node_id: int) -> None:
         s = self._by_node.get(node_id)

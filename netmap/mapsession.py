@@ -14,7 +14,7 @@ import functools
 import itertools
 import json
 from array import array
-from collections.abc import Callable, Collection, Hashable, Iterable, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -255,6 +255,17 @@ class FirstMapCache:
 
 
 @dataclass(frozen=True)
+class LogRead:
+    """What a session with nothing else pending read of the shared change log
+    (`SessionRegistry`): the range, and the node ids in it. They are marked only if the
+    session composes its own delta; one taking a shared delta never needs them as a set."""
+
+    start: int
+    end: int
+    ids: Sequence[int]
+
+
+@dataclass(frozen=True)
 class _Delta:
     """A delta one session composed for a range of the shared change log, with what it
     assumed of the session: another session may send the same bytes if it had sent
@@ -433,21 +444,23 @@ class MapSessionState:
         return pieces
 
     def next_message(
-        self, view: TailnetView, now: datetime, log_range: tuple[int, int] | None = None
+        self, view: TailnetView, now: datetime, log: LogRead | None = None
     ) -> bytes | Segmented | None:
         """The JSON of the next MapResponse (in pieces for a big first map), or None
-        when the client is up to date. `log_range`: what is pending is exactly that range
-        of the shared change log, so the delta may be one another session composed
+        when the client is up to date. `log`: what is pending is exactly that range of
+        the shared change log, so the delta may be one another session composed
         (`SharedDeltas`), or be offered to the others."""
         # First: reading the peer set settles the policy, which may mark this session.
         visible = view.visible_peers(self.node_id)
         shared: Hashable | None = None
-        if log_range is not None and self.started and not (self.pending_all or self.pending_self):
-            shared = (log_range, visible, now.replace(microsecond=0))
-            hit = self._shared_delta(view, shared, visible)
-            if hit is not _NOT_SHARED:
-                assert hit is None or isinstance(hit, bytes)
-                return hit
+        if log is not None:
+            if self.started and not (self.pending_all or self.pending_self):
+                shared = ((log.start, log.end), visible, now.replace(microsecond=0))
+                hit = self._shared_delta(view, shared, visible)
+                if hit is not _NOT_SHARED:
+                    assert hit is None or isinstance(hit, bytes)
+                    return hit
+            self.mark_peers(log.ids)
         me = view.entry(self.node_id)
         if me is None:
             return None
@@ -457,7 +470,7 @@ class MapSessionState:
         # the users whose profiles it does not carry.
         before = self.sent_peers.share() if shared else None
         share = before is not None
-        in_range = frozenset(self.pending_peers) if share else frozenset()
+        in_range = frozenset(log.ids) if share and log is not None else frozenset()
         delta_users: set[int] = set()
 
         self_changed = me.version != self.sent_self

@@ -266,6 +266,7 @@ def test_sessions_read_the_log_up_to_the_last_broadcast() -> None:
     waits for the next broadcast), so their deltas can be one (SharedDeltas); the range
     is offered only to a session with nothing else pending."""
     from appliance.sessions import BROADCAST_MIN, SessionRegistry
+    from netmap.mapsession import LogRead
 
     reg = SessionRegistry(domain="tail.example", disable_logtail=True)
     reg.on_broadcast = lambda: None
@@ -278,15 +279,14 @@ def test_sessions_read_the_log_up_to_the_last_broadcast() -> None:
     reg.mark_peer(everyone, 9)  # after the broadcast began
     a, b, c = handles[0], handles[1], handles[2]
     c.state.mark_peers([5])  # a mark of its own as well
-    assert reg.catch_up(a) == reg.catch_up(b) == (0, 2)
-    assert a.state.pending_peers == {7, 8}
+    read_a, read_b = reg.catch_up(a), reg.catch_up(b)
+    assert read_a == read_b == LogRead(0, 2, [7, 8])
+    assert not a.state.pending_peers  # handed to the compose, not marked
     assert reg.catch_up(c) is None
     assert c.state.pending_peers == {5, 7, 8}
     assert reg.catch_up(a) is None  # nothing new until the next broadcast
-    a.state.pending_peers.clear()
     list(reg.broadcast_batches(64))
-    assert reg.catch_up(a) == (2, 3)
-    assert a.state.pending_peers == {9}
+    assert reg.catch_up(a) == LogRead(2, 3, [9])
     late = reg.open(BROADCAST_MIN + 1)  # its first map holds everything so far
     assert reg.catch_up(late) is None
     assert not late.state.pending_peers

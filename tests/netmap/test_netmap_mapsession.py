@@ -11,6 +11,7 @@ from typing import Any
 from netmap.mapsession import (
     PATCH_HISTORY,
     FirstMapCache,
+    LogRead,
     MapSessionState,
     NodeEntry,
     SharedDeltas,
@@ -451,11 +452,9 @@ def test_sessions_reading_the_same_log_range_share_one_delta() -> None:
             assert s.next_message(view, NOW) is not None
     _moved(view, 5, "198.51.100.5:5")
     _moved(view, 6, "198.51.100.6:6")
-    rng = (10, 12)
     msgs = {}
     for nid, s in sessions.items():
-        s.mark_peers([5, 6])
-        msgs[nid] = s.next_message(view, NOW, rng)
+        msgs[nid] = s.next_message(view, NOW, LogRead(10, 12, [5, 6]))
     twin = msgs[1]
     assert isinstance(twin, bytes)
     assert [n for n in msgs if msgs[n] is twin] == [1, 2, 3, 7, 8]  # composed once
@@ -476,8 +475,7 @@ def test_sessions_reading_the_same_log_range_share_one_delta() -> None:
                 assert patches[pid]["Endpoints"] == [endpoint], nid
     # The versions each session now holds are the peers' latest: nothing more to send.
     for s in sessions.values():
-        s.mark_peers([5, 6])
-        assert s.next_message(view, NOW, (12, 14)) is None
+        assert s.next_message(view, NOW, LogRead(12, 14, [5, 6])) is None
 
     # A node becomes visible (its disco key arrives): the others get it whole; the node
     # itself, which already sent its own new state, gets nothing of itself.
@@ -488,8 +486,7 @@ def test_sessions_reading_the_same_log_range_share_one_delta() -> None:
     view.put(peer(8, user=1))
     assert sessions[8].next_message(view, NOW) is not None  # its own Node, not via the log
     for nid in (1, 2, 8):
-        sessions[nid].mark_peers([8])
-        msg = sessions[nid].next_message(view, NOW, (13, 14))
+        msg = sessions[nid].next_message(view, NOW, LogRead(13, 14, [8]))
         if nid == 8:
             assert msg is None
         else:
@@ -499,8 +496,7 @@ def test_sessions_reading_the_same_log_range_share_one_delta() -> None:
     # A new user's node: each session needs that profile, so none shares a delta.
     view.put(peer(9, user=3))
     for s in sessions.values():
-        s.mark_peers([9])
-        msg = s.next_message(view, NOW, (14, 15))
+        msg = s.next_message(view, NOW, LogRead(14, 15, [9]))
         assert msg is not None
         assert [p["ID"] for p in json.loads(message_json(msg))["UserProfiles"]] == [3]
 
@@ -517,11 +513,9 @@ def test_a_shared_delta_is_not_reused_once_a_node_changed() -> None:
     for s in (a, b):
         assert s.next_message(view, NOW) is not None
     _moved(view, 3, "198.51.100.3:1")
-    a.mark_peers([3])
-    first = a.next_message(view, NOW, (0, 1))
+    first = a.next_message(view, NOW, LogRead(0, 1, [3]))
     _moved(view, 3, "198.51.100.3:2")
-    b.mark_peers([3])
-    late = b.next_message(view, NOW, (0, 1))
+    late = b.next_message(view, NOW, LogRead(0, 1, [3]))
     assert late is not None
     assert late is not first
     patch = json.loads(message_json(late))["PeersChangedPatch"]

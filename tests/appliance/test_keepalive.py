@@ -8,28 +8,14 @@ here the intervals are shortened and a real ts2021 client over the wire counts t
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import trio
 
 import appliance.control as control
 from appliance.config import load_config
 from appliance.serve import serve
-from protocol.keys import MachinePublic, PrivateKey
-from protocol.mapframe import MapFrameDecoder
 from tests.appliance.conftest import LOG, START_TIMEOUT, Site, arun_cli
-from tests.protocol import ts2021client
-
-
-async def _server_key(port: int) -> MachinePublic:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(b"GET /key?v=130 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    return MachinePublic.parse(json.loads(data.partition(b"\r\n\r\n")[2])["publicKey"])
+from tests.e2e.conftest import connect_peer
 
 
 async def test_a_silent_map_stream_gets_a_keepalive_after_each_silence(
@@ -45,43 +31,14 @@ async def test_a_silent_map_stream_gets_a_keepalive_after_each_silence(
         assert (await arun_cli(capsys, site, "users", "create", "alice")).code == 0
         made = await arun_cli(capsys, site, "preauthkeys", "create", "--user", "alice")
         auth_key = made.out.strip().splitlines()[-1]
-        server_key = await _server_key(site.port)
-        raw = await trio.open_tcp_stream("127.0.0.1", site.port)
-        client = await ts2021client.connect(raw, server_key)
-        await nursery.start(client.run)
-        node, disco = PrivateKey.generate(), PrivateKey.generate()
-        hostinfo = {"Hostname": "quiet", "OS": "linux", "IPNVersion": "1.90.9-test"}
-        register = {
-            "Version": 130,
-            "NodeKey": str(node.node_public()),
-            "OldNodeKey": "nodekey:" + "0" * 64,
-            "Auth": {"AuthKey": auth_key},
-            "Hostinfo": hostinfo,
-        }
-        status, body = await client.request(
-            "POST", "/machine/register", json.dumps(register).encode()
-        )
-        assert status == 200, body
-        request = {
-            "Version": 130,
-            "Compress": "zstd",
-            "KeepAlive": True,
-            "NodeKey": str(node.node_public()),
-            "DiscoKey": str(disco.disco_public()),
-            "Stream": True,
-            "Hostinfo": hostinfo,
-        }
-        st = await client.open("POST", "/machine/map", json.dumps(request).encode())
-        decoder = MapFrameDecoder()
+        peer = await connect_peer(site, nursery, "quiet")
+        await peer.register(auth_key)
+        stream = await peer.open_stream()
         arrivals: list[tuple[float, bool]] = []  # (when, is a keep-alive)
         with trio.move_on_after(3.0):
             while True:
-                chunk = await client.read(st)
-                assert chunk, "the server ended the map stream"
-                decoder.receive_data(chunk)
-                while (raw_msg := decoder.next_message()) is not None:
-                    msg = json.loads(raw_msg)
-                    arrivals.append((trio.current_time(), bool(msg.get("KeepAlive"))))
+                _, msg = await stream.next(skip_keepalive=False)
+                arrivals.append((trio.current_time(), bool(msg.get("KeepAlive"))))
         nursery.cancel_scope.cancel()
     assert arrivals
     assert not arrivals[0][1], "the first message is the map"

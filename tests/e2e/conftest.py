@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import trio
@@ -25,6 +25,7 @@ import trio
 from protocol.keys import MachinePublic, PrivateKey
 from protocol.mapframe import MapFrameDecoder
 from tests import realclient
+from tests.loadgen.fleet import fetch_server_key
 from tests.protocol import ts2021client
 
 # Issue 3: "online with addresses within 15 s" of the client starting.
@@ -197,17 +198,15 @@ async def fetch_until(via: realclient.TsnetClient, target: str, *, timeout: floa
 # --- our own ts2021 peer ------------------------------------------------------------
 
 
-async def server_public_key(server: realclient.HomescaleServer) -> MachinePublic:
-    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-    async with stream:
-        await stream.send_all(
-            b"GET /key?v=130 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-        )
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    body = json.loads(data.partition(b"\r\n\r\n")[2])
-    return MachinePublic.parse(body["publicKey"])
+class Listening(Protocol):
+    """A control server on 127.0.0.1: a `homescale serve` process, or an in-process site."""
+
+    @property
+    def port(self) -> int: ...
+
+
+async def server_public_key(server: Listening) -> MachinePublic:
+    return await fetch_server_key("127.0.0.1", server.port)
 
 
 @dataclass
@@ -302,7 +301,7 @@ class MapStream:
 
 
 async def connect_peer(
-    server: realclient.HomescaleServer,
+    server: Listening,
     nursery: trio.Nursery,
     hostname: str,
     *,

@@ -10,17 +10,13 @@ client with HTTP/2's default 64 KiB window that reads its first map and then not
 
 from __future__ import annotations
 
-import json
 import secrets
-from pathlib import Path
 
 import trio
 
-from protocol.keys import PrivateKey
-from protocol.mapframe import MapFrameDecoder
-from tests.loadgen.fleet import CAPVER, Fleet, PeerView, fetch_server_key, marker_endpoint
-from tests.protocol import ts2021client
-from tests.realclient import HomescaleServer
+from tests.e2e.conftest import connect_peer
+from tests.loadgen.conftest import OneUser
+from tests.loadgen.fleet import Fleet, PeerView, marker_endpoint
 
 NODES = 140
 MOVERS = 30
@@ -28,100 +24,62 @@ UPDATES_EACH = 8  # each a Hostinfo change too: whole nodes, enough to fill 64 K
 SETTLE = 60.0
 
 
-async def test_a_node_that_stops_reading_holds_up_no_one_and_catches_up(tmp_path: Path) -> None:
-    server = HomescaleServer(tmp_path, log_level="info")
-    server.start()
-    try:
-        await server.acli("users", "create", "fleet")
-        key = await trio.to_thread.run_sync(server.create_key, "fleet", "--reusable")
-        server_key = await fetch_server_key("127.0.0.1", server.port)
-        fleet = Fleet("127.0.0.1", server.port, server_key, first_index=0, count=NODES, track=True)
-        with trio.fail_after(240):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(fleet.run)
-                res = await fleet.register(key, concurrency=8, timeout=120)
-                assert res["missing"] == 0, res["errors"]
+async def test_a_node_that_stops_reading_holds_up_no_one_and_catches_up(
+    one_user: OneUser,
+) -> None:
+    server, key, server_key = one_user.server, one_user.key, one_user.server_key
+    fleet = Fleet("127.0.0.1", server.port, server_key, first_index=0, count=NODES, track=True)
+    with trio.fail_after(240):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fleet.run)
+            res = await fleet.register(key, concurrency=8, timeout=120)
+            assert res["missing"] == 0, res["errors"]
 
-                raw = await trio.open_tcp_stream("127.0.0.1", server.port)
-                client = await ts2021client.connect(raw, server_key)  # a 64 KiB window
-                await nursery.start(client.run)
-                node, disco = PrivateKey.generate(), PrivateKey.generate()
-                hostinfo = {"Hostname": "stalled", "OS": "linux", "IPNVersion": "1.90.9-test"}
-                status, body = await client.request(
-                    "POST",
-                    "/machine/register",
-                    json.dumps(
-                        {
-                            "Version": CAPVER,
-                            "NodeKey": str(node.node_public()),
-                            "OldNodeKey": "nodekey:" + "0" * 64,
-                            "Auth": {"AuthKey": key},
-                            "Hostinfo": hostinfo,
-                        }
-                    ).encode(),
+            stalled = await connect_peer(server, nursery, "stalled")  # a 64 KiB window
+            await stalled.register(key)
+            stream = await stalled.open_stream()
+            view = PeerView()
+            _, first = await stream.next(timeout=30)  # from here on it reads nothing
+            view.apply(first)
+            assert len(view.peers) == NODES
+
+            seq = iter(range(1 << 16))
+
+            async def move(i: int) -> None:
+                n = fleet.nodes[i]
+                for _ in range(UPDATES_EACH):
+                    n.os_version = secrets.token_hex(100)  # no zstd makes it small
+                    await n.lite_update([marker_endpoint(next(seq)), "192.0.2.99:41641"])
+                    await trio.sleep(0.25)  # in a round of its own, not merged
+
+            async with trio.open_nursery() as churn:
+                for i in range(MOVERS):
+                    churn.start_soon(move, i)
+
+            movers = fleet.nodes[:MOVERS]
+
+            def stale(views: dict[str, dict[str, tuple[tuple[str, ...], bool]]]) -> int:
+                return sum(
+                    1
+                    for o, seen in views.items()
+                    for m in movers
+                    if m.node_key != o
+                    and seen.get(m.node_key, ((), False))[0] != tuple(m.endpoints)
                 )
-                assert status == 200, body
-                request = {
-                    "Version": CAPVER,
-                    "Compress": "zstd",
-                    "KeepAlive": True,
-                    "NodeKey": str(node.node_public()),
-                    "DiscoKey": str(disco.disco_public()),
-                    "Stream": True,
-                    "Hostinfo": hostinfo,
-                }
-                st = await client.open("POST", "/machine/map", json.dumps(request).encode())
-                decoder, view = MapFrameDecoder(), PeerView()
 
-                async def read_one() -> None:
-                    while (raw_msg := decoder.next_message()) is None:
-                        chunk = await client.read(st)
-                        assert chunk, "the server ended the stalled node's map stream"
-                        decoder.receive_data(chunk)
-                    view.apply(json.loads(raw_msg))
+            # Everyone else has every mover's last endpoints, the stalled node unread.
+            for _ in range(int(SETTLE / 0.5)):
+                if not stale(fleet.views()):
+                    break
+                await trio.sleep(0.5)
+            assert stale(fleet.views()) == 0
+            # ... and the server did run into the stalled node's window meanwhile.
+            left = stalled.client.h2.remote_flow_control_window(stream.st.stream_id)
+            assert left < 16 << 10, f"{left} bytes of window left: the stall was not tested"
 
-                with trio.fail_after(30):
-                    await read_one()  # the first map; from here on it reads nothing
-                assert len(view.peers) == NODES
-
-                seq = iter(range(1 << 16))
-
-                async def move(i: int) -> None:
-                    n = fleet.nodes[i]
-                    for _ in range(UPDATES_EACH):
-                        n.os_version = secrets.token_hex(100)  # no zstd makes it small
-                        await n.lite_update([marker_endpoint(next(seq)), "192.0.2.99:41641"])
-                        await trio.sleep(0.25)  # in a round of its own, not merged
-
-                async with trio.open_nursery() as churn:
-                    for i in range(MOVERS):
-                        churn.start_soon(move, i)
-
-                movers = fleet.nodes[:MOVERS]
-
-                def stale(views: dict[str, dict[str, tuple[tuple[str, ...], bool]]]) -> int:
-                    return sum(
-                        1
-                        for o, seen in views.items()
-                        for m in movers
-                        if m.node_key != o
-                        and seen.get(m.node_key, ((), False))[0] != tuple(m.endpoints)
-                    )
-
-                # Everyone else has every mover's last endpoints, the stalled node unread.
-                for _ in range(int(SETTLE / 0.5)):
-                    if not stale(fleet.views()):
-                        break
-                    await trio.sleep(0.5)
-                assert stale(fleet.views()) == 0
-                # ... and the server did run into the stalled node's window meanwhile.
-                left = client.h2.remote_flow_control_window(st.stream_id)
-                assert left < 16 << 10, f"{left} bytes of window left: the stall was not tested"
-
-                # Reading again, the stalled node catches up in full.
-                with trio.fail_after(SETTLE):
-                    while stale({"stalled": view.by_key()}):
-                        await read_one()
-                nursery.cancel_scope.cancel()
-    finally:
-        server.stop()
+            # Reading again, the stalled node catches up in full.
+            with trio.fail_after(SETTLE):
+                while stale({"stalled": view.by_key()}):
+                    _, msg = await stream.next(timeout=SETTLE)
+                    view.apply(msg)
+            nursery.cancel_scope.cancel()

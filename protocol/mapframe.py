@@ -23,9 +23,13 @@ LENGTH_PREFIX = 4
 DEFAULT_MAX_FRAME = 16 << 20
 # A small zstd frame can expand enormously; bound what one message may inflate to.
 DEFAULT_MAX_DECOMPRESSED = 64 << 20
+INFLATE_STEP = 64 << 10  # the first read of an inflating message (see inflate)
 # Messages up to this size are remembered framed: a delta that many sessions send
 # (the same patch to every peer) is compressed once. Full maps are not kept.
 CACHE_MAX_MESSAGE = 64 << 10
+# Larger messages are remembered by identity, the last BIG_KEPT: one shared delta (a
+# round with hundreds of joins is megabytes) is one object that every session sends.
+BIG_KEPT = 2
 KEEPALIVE_JSON = b'{"KeepAlive":true}'
 # Compressed pieces kept for reuse, in bytes (a 5,000-node tailnet's peers are ~5 MB
 # compressed; a changed peer leaves its old piece behind until it ages out).
@@ -114,7 +118,8 @@ class MapFrameEncoder:
     Each message is a frame of its own, so sharing the encoder changes no byte; it
     keeps one compression context (about 1 MB once it has compressed a large map)
     instead of one per stream. With ``cache_entries``, the last that many distinct
-    small messages are kept framed and an identical message costs a lookup.
+    small messages are kept framed and an identical message costs a lookup; a large
+    message is kept only while it is one of the last BIG_KEPT objects encoded.
     """
 
     compress: bool = True
@@ -123,6 +128,7 @@ class MapFrameEncoder:
     cache_entries: int = 0
     _cctx: zstandard.ZstdCompressor = field(init=False, repr=False)
     _cache: dict[bytes, bytes] = field(init=False, repr=False, default_factory=dict)
+    _big: list[tuple[bytes, bytes]] = field(init=False, repr=False, default_factory=list)
     _pieces: dict[Hashable, bytes] = field(init=False, repr=False, default_factory=dict)
     _pieces_bytes: int = field(init=False, repr=False, default=0)
 
@@ -132,17 +138,26 @@ class MapFrameEncoder:
     def encode(self, message_json: bytes | Segmented) -> bytes:
         if isinstance(message_json, Segmented):
             return b"".join(self.encode_parts(message_json))
-        cacheable = self.cache_entries > 0 and len(message_json) <= CACHE_MAX_MESSAGE
-        if cacheable:
-            hit = self._cache.get(message_json)
-            if hit is not None:
-                return hit
-        frame = self._frame(self._cctx.compress(message_json) if self.compress else message_json)
-        if cacheable:
-            if len(self._cache) >= self.cache_entries:
-                del self._cache[next(iter(self._cache))]  # the oldest
-            self._cache[message_json] = frame
+        if self.cache_entries <= 0:
+            return self._compressed(message_json)
+        if len(message_json) > CACHE_MAX_MESSAGE:
+            for kept, frame in self._big:
+                if kept is message_json:
+                    return frame
+            frame = self._compressed(message_json)
+            self._big = [(message_json, frame), *self._big[: BIG_KEPT - 1]]
+            return frame
+        hit = self._cache.get(message_json)
+        if hit is not None:
+            return hit
+        frame = self._compressed(message_json)
+        if len(self._cache) >= self.cache_entries:
+            del self._cache[next(iter(self._cache))]  # the oldest
+        self._cache[message_json] = frame
         return frame
+
+    def _compressed(self, message_json: bytes) -> bytes:
+        return self._frame(self._cctx.compress(message_json) if self.compress else message_json)
 
     def encode_parts(self, message_json: bytes | Segmented) -> list[bytes]:
         """The framed message as parts to send one after another: a Segmented message's
@@ -255,9 +270,13 @@ class MapFrameDecoder:
         not trusted, and a frame without one is bounded all the same)."""
         _check_frames(body)
         out = bytearray()
+        # Each read allocates its whole size: asking for the bound at once (64 MiB) made a
+        # small delta cost a huge allocation. Steps grow with what the message gives.
+        step = max(INFLATE_STEP, 8 * len(body))
         try:
             reader = self._dctx.stream_reader(body, read_across_frames=True)
-            while chunk := reader.read(self.max_decompressed + 1 - len(out)):
+            while chunk := reader.read(min(step, self.max_decompressed + 1 - len(out))):
+                step = max(step, 2 * len(out))
                 out += chunk
                 if len(out) > self.max_decompressed:
                     raise RemoteMapFrameError(

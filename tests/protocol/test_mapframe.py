@@ -117,7 +117,16 @@ def test_shared_encoder_compresses_a_repeated_message_once_and_stays_bounded() -
     enc.encode(b'{"b":2}')
     assert enc.encode(delta) is not first  # evicted: at most cache_entries kept
     big = b'{"Peers":[' + b",".join([b'{"ID":1}'] * 20000) + b"]}"
-    assert enc.encode(big) is not enc.encode(big)  # full maps are never kept
+    # A large message is kept by identity only: the one object a round's sessions share
+    # is compressed once, an equal copy (a full map built for one node) is not looked up.
+    kept = enc.encode(big)
+    assert enc.encode(big) is kept
+    assert enc.encode(bytes(bytearray(big))) is not kept
+    dec.receive_data(kept)
+    assert dec.next_message() == big
+    for other in (big + b" ", big + b"  "):
+        enc.encode(other)
+    assert enc.encode(big) is not kept  # BIG_KEPT bounds what is held
 
 
 def test_a_message_of_several_frames_decodes_whole_and_stays_bounded() -> None:

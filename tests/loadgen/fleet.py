@@ -15,6 +15,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -235,8 +236,8 @@ class SimNode:
                         with trio.fail_after(CONNECT_TIMEOUT):
                             while not self.first.is_set():
                                 await self._read(client, st, decoder, fleet)
-                    while True:
-                        await self._read(client, st, decoder, fleet)
+                    await client.consume(st, partial(self._feed, decoder, fleet))
+                    raise EOFError("map stream ended")
         except Exception as e:  # any failure ends this node's session only; counted
             leaf: BaseException = e
             while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
@@ -275,6 +276,9 @@ class SimNode:
         chunk = await client.read(st)
         if not chunk:
             raise EOFError("map stream ended")
+        self._feed(decoder, fleet, chunk)
+
+    def _feed(self, decoder: MapFrameDecoder, fleet: Fleet, chunk: bytes) -> None:
         decoder.receive_data(chunk)
         while True:
             if self._reads_contents():

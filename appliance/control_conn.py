@@ -221,6 +221,13 @@ class ControlResponse:
             raise ResponseStateError("response already ended")
         await self._conn.send_data(self.stream_id, data, wait=wait)
 
+    def send_now(self, data: Sequence[bytes]) -> bool:
+        """Send `data` without waiting if the client's window and the connection allow
+        it (True); False, with nothing sent, if not: then `send_data`."""
+        if not self.headers_sent or self.ended:
+            return False
+        return self._conn.send_now(self.stream_id, data)
+
     async def end(self) -> None:
         if self.ended:
             return
@@ -278,6 +285,10 @@ class _H2Server:
         self._queued = 0  # bytes ever put in _out
         self._written = 0  # bytes ever written to the socket
         self._written_event = trio.Event()
+        # Sealed by `send_now` but not taken by the socket: the writer sends it first.
+        self._ciphertext: memoryview | None = None
+        self._ciphertext_plain = 0  # the plaintext bytes it holds (counted written after)
+        self._writing = False  # the writer is between taking output and having sent it
         self._dead: BaseException | None = None
         self._nursery: trio.Nursery | None = None
 
@@ -319,18 +330,53 @@ class _H2Server:
         while True:
             await self._wake_writer.wait()
             self._wake_writer = trio.Event()
-            self._take_h2_output()
-            while out:
-                batch: list[bytes | memoryview] = []
-                size = 0
-                while out and size < WRITE_BATCH:
-                    item = out.popleft()
-                    batch.append(item)
-                    size += len(item)
-                await self.stream.send_all(b"".join(batch))
-                self._written += size
-                self._written_event.set()
-                self._written_event = trio.Event()
+            self._writing = True
+            try:
+                if self._ciphertext is not None:
+                    rest, self._ciphertext = self._ciphertext, None
+                    await self.stream.send_ciphertext(rest)
+                    self._count_written(self._ciphertext_plain)
+                self._take_h2_output()
+                while out:
+                    batch, size = self._take_batch()
+                    await self.stream.send_all(b"".join(batch))
+                    self._count_written(size)
+            finally:
+                self._writing = False
+
+    def _take_batch(self) -> tuple[list[bytes | memoryview], int]:
+        out, batch, size = self._out, [], 0
+        while out and size < WRITE_BATCH:
+            item = out.popleft()
+            batch.append(item)
+            size += len(item)
+        return batch, size
+
+    def _count_written(self, size: int) -> None:
+        self._written += size
+        self._written_event.set()
+        self._written_event = trio.Event()
+
+    def _write_now(self) -> None:
+        """Seal and write what is queued from this task, without waiting, when the writer
+        is idle and it fits one batch; otherwise (and for what the socket does not take)
+        wake the writer."""
+        if self._writing or self._ciphertext is not None or self._unflushed > WRITE_BATCH:
+            self._wake_writer.set()
+            return
+        self._take_h2_output()
+        batch, size = self._take_batch()
+        try:
+            rest = self.stream.send_now(b"".join(batch))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+            self._out.extendleft(reversed(batch))  # the writer meets the error and ends us
+            self._wake_writer.set()
+            return
+        if rest:
+            self._ciphertext, self._ciphertext_plain = rest, size
+            self._wake_writer.set()
+        else:
+            self._count_written(size)
 
     def _kick(self) -> None:
         """Queue whatever h2 produced (a response head, ACKs, window updates)."""
@@ -346,6 +392,31 @@ class _H2Server:
         self._out.append(_FRAME_HEADER.pack(n >> 16, n & 0xFFFF, _DATA, 0, stream_id))
         self._out.append(chunk)
         self._queued += _FRAME_HEADER.size + n
+
+    def send_now(self, stream_id: int, data: Sequence[bytes]) -> bool:
+        """Queue `data` for the stream and write it from this task if the stream's window
+        takes all of it and the connection is not behind; False (nothing queued) if not,
+        or if the stream or connection is gone: then `send_data` waits or raises."""
+        st = self.streams.get(stream_id)
+        if st is None or st.reset or self._dead is not None:
+            return False
+        size = sum(len(part) for part in data)
+        try:
+            if not self.h2.streams[stream_id].open:
+                return False
+            if size > self.h2.local_flow_control_window(stream_id):
+                return False
+        except (KeyError, h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            return False
+        if self._unflushed > UNFLUSHED_LIMIT:
+            return False
+        frame = self.h2.max_outbound_frame_size
+        for part in data:
+            view = memoryview(part)
+            for start in range(0, len(view), frame):
+                self._queue_data(stream_id, view[start : start + frame])
+        self._write_now()
+        return True
 
     async def send_data(
         self, stream_id: int, data: bytes | Sequence[bytes], *, wait: bool = True

@@ -10,9 +10,11 @@ every trio stream user already handles.
 from __future__ import annotations
 
 import operator
+import os
 
 import trio
 
+from derp.streams import ReadWrapper
 from protocol.noise import NoiseError, NoiseTransport
 
 # What one receive_some reads from the inner stream: one maximal record plus
@@ -46,6 +48,7 @@ class NoiseStream(trio.abc.Stream):
         self._sending = False
         self._receiving = False
         self._broken: BaseException | None = None
+        self._socket = _socket_under(inner)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -65,6 +68,40 @@ class NoiseStream(trio.abc.Stream):
                 records = self.transport.send(bytes(data))
             except NoiseError as e:
                 raise trio.BrokenResourceError(str(e)) from e
+            await self.inner.send_all(records)
+        finally:
+            self._sending = False
+
+    def send_now(self, data: bytes) -> memoryview:
+        """Seal `data` and write what the socket takes without waiting; the ciphertext it
+        did not take is returned, for `send_ciphertext` (before anything else is sent).
+
+        A map stream's broadcast message goes out this way from the broadcaster's own
+        pass: no writer task to wake, no scheduler pass per message. A write error is
+        left to `send_ciphertext`, which meets it again and raises as send_all would.
+        """
+        self._check_open()
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this NoiseStream")
+        try:
+            records = memoryview(self.transport.send(data))
+        except NoiseError as e:
+            raise trio.BrokenResourceError(str(e)) from e
+        if self._socket is None:
+            return records  # not over a plain socket (TLS, a WebSocket, a memory stream)
+        try:
+            sent = os.write(self._socket.fileno(), records)
+        except OSError:  # EAGAIN: the writer waits for room; an error: it raises it
+            return records
+        return records[sent:]
+
+    async def send_ciphertext(self, records: bytes | memoryview) -> None:
+        """Write records `send_now` sealed and could not write."""
+        self._check_open()
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this NoiseStream")
+        self._sending = True
+        try:
             await self.inner.send_all(records)
         finally:
             self._sending = False
@@ -128,3 +165,11 @@ class NoiseStream(trio.abc.Stream):
             return
         self._closed = True
         await self.inner.aclose()
+
+
+def _socket_under(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The socket that `stream` sends on unchanged, if it is a plain TCP stream (under
+    wrappers that change only how it is read)."""
+    while isinstance(stream, ReadWrapper):
+        stream = stream.inner
+    return stream.socket if isinstance(stream, trio.SocketStream) else None

@@ -15,9 +15,9 @@ from netmap.mapsession import LogRead, MapSessionState
 
 # A change that at least half of the sessions (and BROADCAST_MIN of them) must hear of goes
 # into one shared log instead of a mark per session: a reconnect storm of 5,000 nodes was
-# 25 million marks. Each session reads the log when it composes; all are woken at the
-# coalescing clock's next tick after the first entry (`broadcast_batches`, a batch per
-# pass of the scheduler). Sessions read the log up to where the last broadcast began, so
+# 25 million marks. Each session reads the log when it composes; the broadcaster goes
+# through all of them in a round after the first entry (`broadcast_batches`, a batch per
+# pass of the scheduler; appliance.control `_broadcaster`). Sessions read the log up to where the last broadcast began, so
 # those woken by one broadcast read the same range and send one shared delta
 # (netmap.mapsession.SharedDeltas). LOG_MAX bounds the log: a session that fell behind
 # its start re-checks everything.
@@ -40,9 +40,21 @@ class SessionHandle:
         self.last_sent = 0.0
         self.quiet_for = float("inf")
         self.keepalive_due = False
+        # Set by the stream task while it waits for a wake-up: composes and sends the
+        # session's next message from the caller's task if the connection takes it at
+        # once (True). The broadcaster sends thousands of messages a round this way.
+        self.deliver: Callable[[], bool] | None = None
+        self.unsent: list[bytes] | None = None  # composed by `deliver`, for the task to send
 
     def notify(self) -> None:
         self.wake.set()
+
+    def deliver_or_notify(self) -> None:
+        """Send the session's next message now if its stream is waiting and its
+        connection takes it at once; otherwise wake its task to do it."""
+        deliver = self.deliver
+        if deliver is None or not deliver():
+            self.wake.set()
 
     def close(self, reason: str, last_words: bytes | None = None) -> None:
         self.closed_reason = reason

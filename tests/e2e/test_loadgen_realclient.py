@@ -1,10 +1,12 @@
 """Issue 10: the load generator's simulated nodes see the tailnet as a real client does.
 
-A real tsnet node and ten simulated nodes (tests/loadgen) join the session's tailnet.
-The tsnet node's own log says which peers it holds (its WireGuard peer count and
-its netmap diffs); each simulated node's peer table, built from the map stream it
-decoded, must agree: the same peers (with each other and the tsnet node in them),
-and an endpoint change reaches the tsnet node and every simulated node alike.
+A real tsnet node and BROADCAST_MIN + 2 simulated nodes (tests/loadgen) join the
+session's tailnet: enough that a change for everyone goes through the shared log, and
+the broadcaster writes each stream's message itself (`ControlService._deliver`). The
+tsnet node's own log says which peers it holds (its WireGuard peer count and its
+netmap diffs); each simulated node's peer table, built from the map stream it decoded,
+must agree: the same peers (with each other and the tsnet node in them), and an
+endpoint change reaches the tsnet node and every simulated node alike.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 import trio
 
+from appliance.sessions import BROADCAST_MIN
 from tests import realclient
 from tests.e2e.conftest import RUNNING_WITHIN, Tailnet
 from tests.e2e.test_policy_realclient import netmap_diff_signs, wireguard_peers
@@ -21,7 +24,7 @@ from tests.loadgen.fleet import Fleet, fetch_server_key, marker_endpoint
 
 pytestmark = [pytest.mark.realclient]
 
-SIMULATED = 10
+SIMULATED = BROADCAST_MIN + 2
 
 
 def _diff_lines(client: realclient.TsnetClient, since: int, ipv4: str) -> list[str]:
@@ -50,7 +53,7 @@ async def test_simulated_nodes_see_what_a_real_client_sees(tailnet: Tailnet) -> 
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
             await nursery.start(fleet.run)
-            res = await fleet.register(tailnet.reusable_key, concurrency=SIMULATED, timeout=60)
+            res = await fleet.register(tailnet.reusable_key, concurrency=32, timeout=60)
             assert res["missing"] == 0, res["errors"]
 
             nodes = {n["nodeKey"]: n for n in await server.anodes()}

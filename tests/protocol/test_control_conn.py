@@ -9,7 +9,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -37,6 +38,8 @@ class Recorder:
         self.started: dict[str, trio.Event] = {}
         self.big = b""
         self.parts: list[bytes] = []
+        self.sent_now = 0  # /now: parts send_now took
+        self.waited = 0  # /now: parts it refused, sent by send_data
 
     def started_event(self, path: str) -> trio.Event:
         return self.started.setdefault(path, trio.Event())
@@ -53,6 +56,15 @@ class Recorder:
         elif req.path == "/parts":
             await resp.send_headers(200)
             await resp.send_data(self.parts)
+            await resp.end()
+        elif req.path == "/now":
+            await resp.send_headers(200)
+            for part in self.parts:
+                if resp.send_now([part]):
+                    self.sent_now += 1
+                else:
+                    self.waited += 1
+                    await resp.send_data(part)
             await resp.end()
         elif req.path == "/forever":
             await resp.send_headers(200)
@@ -73,10 +85,23 @@ class Recorder:
             await resp.respond(404, b"not found\n")
 
 
+StreamPair = Callable[[], tuple[trio.abc.Stream, trio.abc.Stream]]
+
+
+def socket_pair(sndbuf: int | None = None) -> tuple[trio.abc.Stream, trio.abc.Stream]:
+    """Client and server ends of a real socket pair (the server's send buffer `sndbuf`)."""
+    a, b = trio.socket.socketpair()
+    if sndbuf is not None:
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    return trio.SocketStream(a), trio.SocketStream(b)
+
+
 @asynccontextmanager
-async def served(handler: Recorder, server_key: PrivateKey) -> AsyncIterator[trio.abc.Stream]:
+async def served(
+    handler: Recorder, server_key: PrivateKey, pair: StreamPair = memory_stream_pair
+) -> AsyncIterator[trio.abc.Stream]:
     """A client-side raw stream connected to HttpServer + serve_ts2021."""
-    client_raw, server_raw = memory_stream_pair()
+    client_raw, server_raw = pair()
     http = HttpServer(
         routes={},
         upgrades={
@@ -94,10 +119,15 @@ async def served(handler: Recorder, server_key: PrivateKey) -> AsyncIterator[tri
 
 @asynccontextmanager
 async def client_for(
-    handler: Recorder, *, window: int = 65535, version: int = 130, machine: PrivateKey | None = None
+    handler: Recorder,
+    *,
+    window: int = 65535,
+    version: int = 130,
+    machine: PrivateKey | None = None,
+    pair: StreamPair = memory_stream_pair,
 ):
     key = PrivateKey.generate()
-    async with served(handler, key) as raw, trio.open_nursery() as nursery:
+    async with served(handler, key, pair) as raw, trio.open_nursery() as nursery:
         c = await ts2021client.connect(
             raw, key.machine_public(), window=window, version=version, machine=machine
         )
@@ -170,6 +200,30 @@ async def test_parts_arrive_in_order_beside_another_stream_in_one_window() -> No
                 nursery.start_soon(fetch, "/parts")
     assert got["/parts"] == b"".join(rec.parts)
     assert got["/big"] == rec.big
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [memory_stream_pair, socket_pair, partial(socket_pair, 4096)],
+    ids=["memory", "socket", "socket-small-buffer"],
+)
+async def test_sent_at_once_in_order_and_refused_whole_by_a_full_window(pair) -> None:
+    """`send_now` (how the broadcaster sends a map stream's message) writes from the
+    caller's task: through a real socket directly, what the socket does not take (a
+    small send buffer) and what is not a socket (memory) by the writer. A message the
+    client's window cannot take whole is refused with nothing queued, and send_data then
+    waits for the window. The client gets every byte, in order."""
+    rec = Recorder()
+    rec.parts = [bytes([i]) * 20_000 for i in range(12)]
+    with trio.fail_after(30):
+        async with client_for(rec, window=65535, pair=pair) as c:
+            st = await c.open("POST", "/now")
+            await st.headers_ready.wait()
+            got = await c.read_all(st)
+    assert st.status == 200
+    assert got == b"".join(rec.parts)
+    assert rec.sent_now >= 3  # the first three fit the window
+    assert rec.waited >= 1  # the fourth did not
 
 
 async def test_large_upload_is_acknowledged() -> None:

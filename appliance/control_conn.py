@@ -284,7 +284,7 @@ class _H2Server:
         self._out: deque[bytes | memoryview] = deque()
         self._queued = 0  # bytes ever put in _out
         self._written = 0  # bytes ever written to the socket
-        self._written_event = trio.Event()
+        self._written_event: trio.Event | None = None  # made by a flush waiting for it
         # Sealed by `send_now` but not taken by the socket: the writer sends it first.
         self._ciphertext: memoryview | None = None
         self._ciphertext_plain = 0  # the plaintext bytes it holds (counted written after)
@@ -315,6 +315,8 @@ class _H2Server:
         while self._written < target:
             if self._dead is not None:
                 raise StreamClosedError("control connection is gone") from self._dead
+            if self._written_event is None:
+                self._written_event = trio.Event()
             await self._written_event.wait()
 
     def _take_h2_output(self) -> None:
@@ -354,8 +356,12 @@ class _H2Server:
 
     def _count_written(self, size: int) -> None:
         self._written += size
-        self._written_event.set()
-        self._written_event = trio.Event()
+        self._wake_flushers()
+
+    def _wake_flushers(self) -> None:
+        event, self._written_event = self._written_event, None
+        if event is not None:
+            event.set()
 
     def _write_now(self) -> None:
         """Seal and write what is queued from this task, without waiting, when the writer
@@ -510,7 +516,7 @@ class _H2Server:
         finally:
             self._dead = self._dead or StreamClosedError("connection ended")
             self._signal_window()
-            self._written_event.set()
+            self._wake_flushers()
 
     def _read_deadline(self, first: bool, preface_deadline: float) -> tuple[float, str]:
         """When the next read must have brought something, and what it is waiting for."""

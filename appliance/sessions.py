@@ -17,8 +17,9 @@ from netmap.mapsession import LogRead, MapSessionState
 # into one shared log instead of a mark per session: a reconnect storm of 5,000 nodes was
 # 25 million marks. Each session reads the log when it composes; the broadcaster goes
 # through all of them in a round after the first entry (`broadcast_batches`, a batch per
-# pass of the scheduler; appliance.control `_broadcaster`). Sessions read the log up to where the last broadcast began, so
-# those woken by one broadcast read the same range and send one shared delta
+# pass of the scheduler; appliance.control `_broadcaster`). Sessions read the log up to
+# where it stood at the start of the broadcast's latest batch, so those of one batch (and
+# of the batches between two new entries) read the same range and send one shared delta
 # (netmap.mapsession.SharedDeltas). LOG_MAX bounds the log: a session that fell behind
 # its start re-checks everything.
 BROADCAST_MIN = 128
@@ -72,7 +73,7 @@ class SessionRegistry:
         self._by_node: dict[int, SessionHandle] = {}
         self._log: list[int] = []  # node ids changed, for every session to re-check
         self._log_base = 0  # the position of _log[0] since the start
-        self._published = 0  # sessions read the log up to here (the last broadcast's start)
+        self._published = 0  # sessions read the log up to here (the last broadcast batch)
         self._broadcast_due = False
         # Told when the log gains its first entry since the last broadcast; None: no log, every
         # mark goes to its sessions (tests, tools without a server).
@@ -160,11 +161,17 @@ class SessionRegistry:
     def broadcast_batches(self, size: int) -> Iterator[list[SessionHandle]]:
         """The sessions to wake for the shared log, `size` at a time: a server waking
         thousands at once runs all their composes in one pass of the scheduler, and every
-        other task (a request, a handshake) waits for that whole pass."""
+        other task (a request, a handshake) waits for that whole pass.
+
+        The log is published up to its end at each batch: what comes during a round goes
+        to the rest of this round's sessions, and to the earlier ones in the next round
+        (a change waits at most about one round, not for the next to begin and then its
+        turn in it). The sessions of one batch read the same range, and those of the
+        batches between two new entries do too, so a round holds a few distinct deltas."""
         self._broadcast_due = False
-        self._published = self._log_base + len(self._log)
         handles = list(self._by_node.values())
         for i in range(0, len(handles), size):
+            self._published = self._log_base + len(self._log)
             yield handles[i : i + size]
 
     def wake_for_keepalives(self, now: float) -> None:
@@ -178,7 +185,7 @@ class SessionRegistry:
 
     def catch_up(self, handle: SessionHandle) -> LogRead | None:
         """Give the session what the shared log holds since it last read it, up to the
-        last broadcast. When that is all the session has pending, it is returned instead
+        last broadcast batch. When that is all the session has pending, it is returned instead
         of marked (`MapSessionState.next_message` takes it): its delta is then the same
         as every other such session's with the same peers."""
         state = handle.state

@@ -292,6 +292,36 @@ def test_sessions_read_the_log_up_to_the_last_broadcast() -> None:
     assert not late.state.pending_peers
 
 
+def test_a_change_during_a_round_reaches_its_later_batches() -> None:
+    """A change that comes while a broadcast round is going through the sessions goes to
+    the rest of that round (its later batches read the log up to it), and to the
+    sessions already passed in the next round, which it asks for: no session waits for
+    the next round to begin and then for its turn in it."""
+    from appliance.sessions import BROADCAST_MIN, SessionRegistry
+    from netmap.mapsession import LogRead
+
+    reg = SessionRegistry(domain="tail.example", disable_logtail=True)
+    rounds: list[int] = []
+    reg.on_broadcast = lambda: rounds.append(1)
+    handles = [reg.open(i) for i in range(1, BROADCAST_MIN + 1)]
+    for h in handles:
+        h.state.pending_all = h.state.pending_self = False
+    everyone = frozenset(range(1, BROADCAST_MIN + 1))
+    reg.mark_peer(everyone, 7)
+    assert rounds == [1]
+    batches = reg.broadcast_batches(64)
+    first = next(batches)
+    assert [reg.catch_up(h) for h in first] == [LogRead(0, 1, [7])] * 64
+    reg.mark_peer(everyone, 9)  # during the round
+    assert rounds == [1, 1]  # the sessions already passed need another
+    second = next(batches)
+    assert [reg.catch_up(h) for h in second] == [LogRead(0, 2, [7, 9])] * 64
+    assert list(batches) == []
+    again = list(reg.broadcast_batches(64))
+    assert [reg.catch_up(h) for h in again[0]] == [LogRead(1, 2, [9])] * 64
+    assert all(reg.catch_up(h) is None for h in again[1])  # they had it
+
+
 def test_a_silent_stream_is_woken_for_a_keepalive() -> None:
     """Keep-alives come from one sweep over the sessions, not a timer per stream: a stream
     silent for its interval is marked due and woken once; one that sent lately is not."""

@@ -621,8 +621,8 @@ class ControlService:
         it has pending (its task waits): True if done, False to wake the task (a
         keep-alive is due, or the connection cannot take the message at once: the task
         then sends it from `unsent`)."""
-        if handle.closed_reason:
-            return False
+        if handle.closed_reason or handle.unsent is not None:
+            return False  # what it holds goes first, from its task
         try:
             frame, _ = self._compose(handle, encoder)
         except Exception:  # a bug: the stream's own task composes again and ends alone

@@ -20,6 +20,7 @@ from appliance.config import load_config
 from appliance.serve import serve
 from tests.appliance.conftest import LOG, START_TIMEOUT, Site, arun_cli
 from tests.e2e.conftest import MapStream, connect_peer
+from tests.loadgen.fleet import PeerView
 
 TICK = 30.0
 
@@ -72,3 +73,67 @@ async def test_a_node_waiting_for_its_tick_gets_a_peers_move_at_once(
         took = trio.current_time() - t0
         nursery.cancel_scope.cancel()
     assert took < TICK / 3, took
+
+
+async def test_a_message_the_window_refused_goes_first_and_nothing_is_lost(
+    site: Site, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message the client's window cannot take is kept for the stream's task, which is
+    waiting out its tick. Later rounds must leave that session alone: composing again
+    would put a newer message before the kept one, or in its place (the kept message's
+    changes lost). Once the client reads again it has every peer's last endpoints."""
+    monkeypatch.setattr(control, "COALESCE_BASE", 10.0)  # the clock's first tick
+    monkeypatch.setattr(sessions, "BROADCAST_MIN", 2)
+    config = load_config(site.config_path, environ={})
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(START_TIMEOUT):
+            await nursery.start(serve, config, LOG)
+        assert (await arun_cli(capsys, site, "users", "create", "alice")).code == 0
+        made = await arun_cli(
+            capsys, site, "preauthkeys", "create", "--user", "alice", "--reusable"
+        )
+        auth_key = made.out.strip().splitlines()[-1]
+        slow = await connect_peer(site, nursery, "slow", window=2048)
+        b = await connect_peer(site, nursery, "bee")
+        c = await connect_peer(site, nursery, "sea")
+        for peer in (slow, b, c):
+            await peer.register(auth_key)
+        mine = await slow.open_stream()
+        for peer in (b, c):
+            await peer.open_stream()  # read by no one: their 64 KiB windows suffice
+        view = PeerView()
+        _, first = await mine.next()
+        view.apply(first)
+        with trio.move_on_after(1.0):  # the others coming online
+            while True:
+                view.apply((await mine.next())[1])
+
+        # From here the slow node reads nothing. c moves until a message of it no longer
+        # fits the window: the server keeps that one for the stream's task, which waits
+        # for the clock's first tick (all the streams' first maps were messages of their
+        # own), while the broadcaster's rounds go on.
+        sid = mine.st.stream_id
+        left = slow.client.h2.remote_flow_control_window(sid)
+        for i in range(100):
+            await c.lite_update(Endpoints=[f"192.0.2.3:{1000 + i}"])
+            await trio.sleep(0.15)  # a round each
+            if slow.client.h2.remote_flow_control_window(sid) == left:
+                break  # not sent: kept
+            left = slow.client.h2.remote_flow_control_window(sid)
+        else:
+            pytest.fail("the window never filled")
+        # b moves in the next round: a message for the slow node must not replace the one
+        # it holds (c's move would be lost), nor go before it.
+        await b.lite_update(Endpoints=["192.0.2.2:41641"])
+        await trio.sleep(0.3)
+        wanted = {b.node_key: ("192.0.2.2:41641",), c.node_key: (f"192.0.2.3:{1000 + i}",)}
+
+        def behind() -> dict[str, tuple[str, ...]]:
+            seen = {k: v[0] for k, v in view.by_key().items()}
+            return {k: seen.get(k, ()) for k, v in wanted.items() if seen.get(k) != v}
+
+        with trio.move_on_after(20):  # the tick (10 s), then the kept message and the rest
+            while behind():
+                view.apply((await mine.next(timeout=30))[1])
+        assert not behind(), f"the slow node missed: {behind()}"
+        nursery.cancel_scope.cancel()

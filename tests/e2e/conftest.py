@@ -306,11 +306,13 @@ async def connect_peer(
     hostname: str,
     *,
     machine: PrivateKey | None = None,
+    window: int = 65535,
 ) -> ControlPeer:
-    """A ts2021 connection to the real server (plain TCP, as the Go client's http:// dial)."""
+    """A ts2021 connection to the real server (plain TCP, as the Go client's http:// dial),
+    with HTTP/2 stream window `window`."""
     key = await server_public_key(server)
     raw = await trio.open_tcp_stream("127.0.0.1", server.port)
     machine = machine or PrivateKey.generate()
-    client = await ts2021client.connect(raw, key, machine=machine)
+    client = await ts2021client.connect(raw, key, machine=machine, window=window)
     await nursery.start(client.run)
     return ControlPeer(client, machine, PrivateKey.generate(), PrivateKey.generate(), hostname)

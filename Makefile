@@ -59,8 +59,10 @@ bench: $(STAMP)
 # A real server under N simulated nodes over the real wire (tests/loadgen); one
 # line of figures per phase. Loopback only; every phase bounded.
 N ?= 200
+# Issue 10's load: 32 joins in flight per worker, 50 endpoint changes/s for 60 s.
+SCALE ?= --concurrency 32 --idle 20 --rate 50 --seconds 60 --phase-timeout 900
 bench-scale: $(STAMP)
-	$(BIN)/python -m tests.loadgen -n $(N)
+	$(BIN)/python -m tests.loadgen -n $(N) $(SCALE)
 
 binary: $(STAMP)
 	packaging/build-binary.sh

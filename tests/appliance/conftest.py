@@ -151,3 +151,22 @@ async def arun_cli(capsys: pytest.CaptureFixture[str], site: Site, *args: str) -
     """`run_cli` from a trio test: the CLI blocks, so it runs in a worker thread."""
     with trio.fail_after(CALL_TIMEOUT):
         return await trio.to_thread.run_sync(lambda: run_cli(capsys, site, *args))
+
+
+async def serve_with_key(
+    site: Site,
+    capsys: pytest.CaptureFixture[str],
+    nursery: trio.Nursery,
+    *,
+    reusable: bool = False,
+) -> str:
+    """Start the site's server in `nursery` (after a test's monkeypatches, which a fixture
+    would come before), make user alice, and return a pre-auth key of hers."""
+    config = load_config(site.config_path, environ={})
+    with trio.fail_after(START_TIMEOUT):
+        await nursery.start(serve, config, LOG)
+    assert (await arun_cli(capsys, site, "users", "create", "alice")).code == 0
+    args = ["preauthkeys", "create", "--user", "alice", *(["--reusable"] if reusable else [])]
+    made = await arun_cli(capsys, site, *args)
+    assert made.code == 0, made.err
+    return made.out.strip().splitlines()[-1]

@@ -16,9 +16,7 @@ import trio
 
 import appliance.control as control
 import appliance.sessions as sessions
-from appliance.config import load_config
-from appliance.serve import serve
-from tests.appliance.conftest import LOG, START_TIMEOUT, Site, arun_cli
+from tests.appliance.conftest import Site, serve_with_key
 from tests.e2e.conftest import MapStream, connect_peer
 from tests.loadgen.fleet import PeerView
 
@@ -39,15 +37,8 @@ async def test_a_node_waiting_for_its_tick_gets_a_peers_move_at_once(
 ) -> None:
     monkeypatch.setattr(control, "COALESCE_BASE", TICK)
     monkeypatch.setattr(sessions, "BROADCAST_MIN", 2)
-    config = load_config(site.config_path, environ={})
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(START_TIMEOUT):
-            await nursery.start(serve, config, LOG)
-        assert (await arun_cli(capsys, site, "users", "create", "alice")).code == 0
-        made = await arun_cli(
-            capsys, site, "preauthkeys", "create", "--user", "alice", "--reusable"
-        )
-        auth_key = made.out.strip().splitlines()[-1]
+        auth_key = await serve_with_key(site, capsys, nursery, reusable=True)
         mover = await connect_peer(site, nursery, "mover")
         other = await connect_peer(site, nursery, "other")
         for peer in (mover, other):
@@ -84,15 +75,8 @@ async def test_a_message_the_window_refused_goes_first_and_nothing_is_lost(
     changes lost). Once the client reads again it has every peer's last endpoints."""
     monkeypatch.setattr(control, "COALESCE_BASE", 10.0)  # the clock's first tick
     monkeypatch.setattr(sessions, "BROADCAST_MIN", 2)
-    config = load_config(site.config_path, environ={})
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(START_TIMEOUT):
-            await nursery.start(serve, config, LOG)
-        assert (await arun_cli(capsys, site, "users", "create", "alice")).code == 0
-        made = await arun_cli(
-            capsys, site, "preauthkeys", "create", "--user", "alice", "--reusable"
-        )
-        auth_key = made.out.strip().splitlines()[-1]
+        auth_key = await serve_with_key(site, capsys, nursery, reusable=True)
         slow = await connect_peer(site, nursery, "slow", window=2048)
         b = await connect_peer(site, nursery, "bee")
         c = await connect_peer(site, nursery, "sea")

@@ -12,9 +12,7 @@ import pytest
 import trio
 
 import appliance.control as control
-from appliance.config import load_config
-from appliance.serve import serve
-from tests.appliance.conftest import LOG, START_TIMEOUT, Site, arun_cli
+from tests.appliance.conftest import Site, serve_with_key
 from tests.e2e.conftest import connect_peer
 
 
@@ -24,13 +22,8 @@ async def test_a_silent_map_stream_gets_a_keepalive_after_each_silence(
     monkeypatch.setattr(control, "KEEPALIVE_BASE", 0.6)
     monkeypatch.setattr(control, "KEEPALIVE_JITTER", 0.0)
     monkeypatch.setattr(control, "KEEPALIVE_SWEEP", 0.1)
-    config = load_config(site.config_path, environ={})
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(START_TIMEOUT):
-            await nursery.start(serve, config, LOG)
-        assert (await arun_cli(capsys, site, "users", "create", "alice")).code == 0
-        made = await arun_cli(capsys, site, "preauthkeys", "create", "--user", "alice")
-        auth_key = made.out.strip().splitlines()[-1]
+        auth_key = await serve_with_key(site, capsys, nursery)
         peer = await connect_peer(site, nursery, "quiet")
         await peer.register(auth_key)
         stream = await peer.open_stream()

@@ -68,14 +68,15 @@ BROADCAST_PERIOD = 0.1
 # waits for it, at most SETTLE_WAIT (then it compiles itself).
 SETTLE_DELAY = 0.05
 SETTLE_WAIT = 2.0
-# Streams woken together (by the tick, by the shared log) per pass of trio's scheduler.
+# Streams woken (by the tick) or sent to (by the broadcaster) per pass of trio's scheduler.
 # A pass runs every task that was runnable at its start: 5,000 composes in one pass took
 # half a second, and a request or handshake needing several passes waited seconds (an
 # endpoint update took 3 s to be stored at 5,000 nodes). Batches keep each pass short
 # (a request waits for a few passes: 256 a pass kept an endpoint update at 5,000 nodes
 # 150 ms from being answered, 64 at 40 ms); the whole round takes as long as before.
-# Tried at 5,000 nodes, one run each: 128 (58 joins/s, churn p99 2.5 s) and 32 (p99 4.6 s)
-# did worse than 64 (69-75 joins/s, p99 1.9-2.1 s).
+# Tried at 5,000 nodes, one run each, when every round woke each stream's task: 128 (58
+# joins/s, churn p99 2.5 s) and 32 (p99 4.6 s) did worse than 64 (69-75 joins/s, p99
+# 1.9-2.1 s).
 WAKE_BATCH = 64
 # Full maps built at once in a reconnect storm (each holds the loop for milliseconds).
 FIRST_MAPS_AT_ONCE = 4

@@ -2,7 +2,9 @@
 
 The coordinator (`appliance.tailnet`) says what changed for whom; the registry
 finds the node's current stream, records the mark in its `MapSessionState` and
-wakes its task, which composes its own (coalesced) message. Nothing here waits.
+wakes its task, which composes its own (coalesced) message. For the shared log the
+broadcaster composes and sends it instead while the task waits
+(`SessionHandle.deliver_or_notify`). Nothing here waits.
 """
 
 from __future__ import annotations

@@ -399,22 +399,31 @@ class _H2Server:
         self._out.append(chunk)
         self._queued += _FRAME_HEADER.size + n
 
+    def _window(self, stream_id: int) -> int:
+        """How many bytes of the stream's data the client's windows take now;
+        StreamClosedError if the stream or the connection is gone."""
+        st = self.streams.get(stream_id)
+        if st is None or st.reset:
+            raise StreamClosedError(f"stream {stream_id} was reset by the client")
+        if self._dead is not None:
+            raise StreamClosedError("control connection is gone") from self._dead
+        try:
+            window = self.h2.local_flow_control_window(stream_id)
+            if not self.h2.streams[stream_id].open:
+                raise h2.exceptions.StreamClosedError(stream_id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
+            raise StreamClosedError(f"stream {stream_id} is closed: {e}") from e
+        return window
+
     def send_now(self, stream_id: int, data: Sequence[bytes]) -> bool:
         """Queue `data` for the stream and write it from this task if the stream's window
         takes all of it and the connection is not behind; False (nothing queued) if not,
         or if the stream or connection is gone: then `send_data` waits or raises."""
-        st = self.streams.get(stream_id)
-        if st is None or st.reset or self._dead is not None:
-            return False
-        size = sum(len(part) for part in data)
         try:
-            if not self.h2.streams[stream_id].open:
-                return False
-            if size > self.h2.local_flow_control_window(stream_id):
-                return False
-        except (KeyError, h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            window = self._window(stream_id)
+        except StreamClosedError:
             return False
-        if self._unflushed > UNFLUSHED_LIMIT:
+        if sum(len(part) for part in data) > window or self._unflushed > UNFLUSHED_LIMIT:
             return False
         frame = self.h2.max_outbound_frame_size
         for part in data:
@@ -430,18 +439,7 @@ class _H2Server:
         for part in [data] if isinstance(data, bytes) else data:
             view = memoryview(part)
             while view:
-                st = self.streams.get(stream_id)
-                if st is None or st.reset:
-                    raise StreamClosedError(f"stream {stream_id} was reset by the client")
-                if self._dead is not None:
-                    raise StreamClosedError("control connection is gone") from self._dead
-                try:
-                    window = self.h2.local_flow_control_window(stream_id)
-                    if not self.h2.streams[stream_id].open:
-                        raise h2.exceptions.StreamClosedError(stream_id)
-                except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
-                    raise StreamClosedError(f"stream {stream_id} is closed: {e}") from e
-                n = min(window, self.h2.max_outbound_frame_size, len(view))
+                n = min(self._window(stream_id), self.h2.max_outbound_frame_size, len(view))
                 if n <= 0:
                     # Blocked on the client's window: wait for WINDOW_UPDATE/SETTINGS/reset.
                     self._wake_writer.set()

@@ -539,7 +539,8 @@ class ControlService:
         most one per BROADCAST_PERIOD; under load the rounds run back to back, and what
         changes during one goes out merged in the next. A session whose stream waits is
         sent its message from here (`_deliver`): no task to wake, no writer, a few tens
-        of microseconds. The rest are woken. All read the same range of the log.
+        of microseconds. The rest are woken. The sessions of a batch read the same range
+        of the log (`SessionRegistry.broadcast_batches`).
 
         (Before, a round began at the coalescing clock's next tick, 0.6 s at 5,000
         streams and slower under load, and woke every stream's task and then its
@@ -593,8 +594,7 @@ class ControlService:
                 frame, paced = [encoder.keepalive()], True
                 self._count('headscale_mapresponse_sent_total{status="ok",type="keepalive"}')
             if frame is not None:
-                handle.keepalive_due = False
-                handle.last_sent = trio.current_time()
+                handle.sent(trio.current_time())
                 await resp.send_data(frame, wait=False)
                 if not paced:
                     await self._idle(handle, deliver, self.clock.next_tick)
@@ -631,8 +631,7 @@ class ControlService:
             return False
         if frame is None:
             return not handle.keepalive_due
-        handle.keepalive_due = False
-        handle.last_sent = trio.current_time()
+        handle.sent(trio.current_time())
         if resp.send_now(frame):
             return True
         handle.unsent = frame

@@ -52,6 +52,11 @@ class SessionHandle:
     def notify(self) -> None:
         self.wake.set()
 
+    def sent(self, now: float) -> None:
+        """A message went out: the silence before the next keep-alive starts again."""
+        self.keepalive_due = False
+        self.last_sent = now
+
     def deliver_or_notify(self) -> None:
         """Send the session's next message now if its stream is waiting and its
         connection takes it at once; otherwise wake its task to do it."""

@@ -624,18 +624,25 @@ class ControlService:
         then sends it from `unsent`)."""
         if handle.closed_reason or handle.unsent is not None:
             return False  # what it holds goes first, from its task
+        # A failure here (a bug) must not end the broadcaster, which serves every stream:
+        # it is logged, and ends that stream alone.
         try:
             frame, _ = self._compose(handle, encoder)
-        except Exception:  # a bug: the stream's own task composes again and ends alone
+        except Exception:  # its own task composes again, meets it, and ends
             self.log.exception("node %d: composing its message failed", handle.node_id)
             return False
         if frame is None:
             return not handle.keepalive_due
         handle.sent(trio.current_time())
-        if resp.send_now(frame):
+        try:
+            sent = resp.send_now(frame)
+        except Exception:  # part of it may be queued: the stream cannot go on
+            self.log.exception("node %d: sending its message failed", handle.node_id)
+            handle.close("sending its message failed")
             return True
-        handle.unsent = frame
-        return False
+        if not sent:
+            handle.unsent = frame
+        return sent
 
     def _count(self, name: str) -> None:
         """A counter under headscale's metric names (hscontrol/metrics.go), which its

@@ -11,11 +11,14 @@ within seconds.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 import trio
 
 import appliance.control as control
 import appliance.sessions as sessions
+from appliance.control_conn import ControlResponse
 from tests.appliance.conftest import Site, serve_with_key
 from tests.e2e.conftest import MapStream, connect_peer
 from tests.loadgen.fleet import PeerView
@@ -120,4 +123,50 @@ async def test_a_message_the_window_refused_goes_first_and_nothing_is_lost(
             while behind():
                 view.apply((await mine.next(timeout=30))[1])
         assert not behind(), f"the slow node missed: {behind()}"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failure_sending_one_stream_ends_that_stream_alone(
+    site: Site, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broadcaster sends for every stream; a failure while it sends one stream's
+    message (here a bug made to happen once) ends that stream, and the broadcaster goes
+    on sending the others theirs."""
+    monkeypatch.setattr(sessions, "BROADCAST_MIN", 2)
+    failures = [RuntimeError("a bug in send_now")]
+    real = ControlResponse.send_now
+
+    def send_now(self: ControlResponse, data: Sequence[bytes]) -> bool:
+        if failures:
+            raise failures.pop()
+        return real(self, data)
+
+    async with trio.open_nursery() as nursery:
+        auth_key = await serve_with_key(site, capsys, nursery, reusable=True)
+        peers = [await connect_peer(site, nursery, name) for name in ("one", "two", "mover")]
+        streams = []
+        for peer in peers:
+            await peer.register(auth_key)
+            streams.append(await peer.open_stream())
+            await streams[-1].next()  # its first map
+        for stream in streams:
+            with trio.move_on_after(1.0):  # the others coming online
+                while True:
+                    await stream.next()
+        mover, watchers = peers[2], streams[:2]
+
+        monkeypatch.setattr(ControlResponse, "send_now", send_now)
+        await mover.lite_update(Endpoints=["192.0.2.7:41641"])  # one watcher's send fails
+        outcomes = []
+        for stream in watchers:
+            try:
+                await _until(stream, "192.0.2.7:41641", timeout=5)
+                outcomes.append("got it")
+            except EOFError:
+                outcomes.append("ended")
+        assert sorted(outcomes) == ["ended", "got it"], outcomes
+        alive = watchers[outcomes.index("got it")]
+
+        await mover.lite_update(Endpoints=["192.0.2.8:41641"])  # the broadcaster lives on
+        await _until(alive, "192.0.2.8:41641", timeout=5)
         nursery.cancel_scope.cancel()

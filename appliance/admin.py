@@ -304,8 +304,9 @@ class Admin:
         return [self.pre_auth_key_json(k) for k in self.store.pre_auth_keys(uid)]
 
     def _pak_by_ref(self, ref: str | int) -> PreAuthKeyRow:
+        """A key by its ID (an int, or digits as typed) or its prefix."""
         s = str(ref).strip()
-        if is_numeric_id(s):
+        if isinstance(ref, int) or secrets.names_a_key_id(s):
             return self.store.pre_auth_key(parse_id(s, "pre-auth key ID"))
         row = self.store.pre_auth_key_by_prefix(secrets.parse_prefix("auth", s))
         if row is None:

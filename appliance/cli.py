@@ -26,6 +26,7 @@ from cyclopts import App, Parameter
 from .config import Config, env_lookup, find_config, load_config
 from .durations import parse_duration
 from .errors import HomescaleError
+from .secrets import names_a_key_id
 from .version import commit, version
 
 CLI_TIMEOUT = 10.0
@@ -651,7 +652,8 @@ def preauthkeys_list(*, user: Annotated[str, Parameter(name=["--user", "-u"])] =
 
 def _pak_ref(ref: str) -> dict[str, str]:
     """A key by its numeric ID (headscale's `id`) or by its prefix (homescale's `key`)."""
-    return {"id": ref} if ref.strip().isdigit() else {"key": ref}
+    ref = ref.strip()
+    return {"id": ref} if names_a_key_id(ref) else {"key": ref}
 
 
 @preauthkeys.command(name="expire", alias=["revoke", "exp", "e"])

@@ -97,6 +97,13 @@ def display_prefix(kind: str, prefix: str) -> str:
     return f"hskey-{kind}-{prefix}-***"
 
 
+def names_a_key_id(ref: str) -> bool:
+    """Whether `ref`, a pre-auth key's numeric ID or its prefix as typed, is the ID. A
+    prefix is 12 hex digits, and about one in 280 is all decimal: 12 digits are a prefix
+    (no tailnet has 10^11 keys)."""
+    return ref.isascii() and ref.isdigit() and len(ref) != PREFIX_LEN
+
+
 def parse_prefix(kind: str, text: str) -> str:
     """Accept `abcdef012345`, `hskey-api-abcdef012345` or the displayed `...-***` form."""
     t = text.strip().removeprefix(f"hskey-{kind}-")

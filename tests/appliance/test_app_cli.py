@@ -286,6 +286,32 @@ async def test_preauthkeys_by_prefix(hs: Hs) -> None:
     assert await hs.json("preauthkeys", "list") == []
 
 
+async def test_a_prefix_of_decimal_digits_is_still_a_prefix(
+    hs: Hs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key's prefix is 12 random hex digits, about one in 280 of them all decimal
+    (`test_preauthkeys_by_prefix` failed on one): `--id` with those 12 digits names that
+    key, not a key with that numeric ID."""
+    import appliance.secrets as key_secrets
+
+    real = key_secrets.new_key
+
+    def decimal_prefix(kind: str) -> key_secrets.NewKey:
+        key = real(kind)
+        full = key.full.replace(key.prefix, "588530559538", 1)
+        return key_secrets.NewKey(full=full, prefix="588530559538", hash=key.hash)
+
+    monkeypatch.setattr(key_secrets, "new_key", decimal_prefix)
+    await hs.ok("users", "create", "alice")
+    key = (await hs.ok("preauthkeys", "create", "--user", "alice")).out.strip()
+    assert key.split("-")[2] == "588530559538"
+    await hs.ok("preauthkeys", "expire", "--id", "588530559538")
+    listed = await hs.json_list("preauthkeys", "list")
+    assert parse_time(listed[0]["expiration"]) <= datetime.now(UTC)
+    await hs.ok("preauthkeys", "delete", "--id", "588530559538")
+    assert await hs.json("preauthkeys", "list") == []
+
+
 async def test_tag_only_preauthkey(hs: Hs) -> None:
     key = await hs.json_object("preauthkeys", "create", "--tags", "tag:server")
     assert key["user"] is None

@@ -314,12 +314,27 @@ LOG_POLL = 0.1  # seconds between looks at a log file
 
 
 def free_port(kind: int = 1) -> int:
-    """A port nothing listens on now (kind 1 = TCP, 2 = UDP); the netns is ours alone."""
+    """A port nothing listens on now (kind 1 = TCP, 2 = UDP), below the kernel's ephemeral
+    range. A port from bind(0) is one the kernel also gives outgoing connections: in a
+    full run one of those took a test server's port before it listened ("Address already
+    in use")."""
+    import random
     import socket
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM if kind == 1 else socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    kind_ = socket.SOCK_STREAM if kind == 1 else socket.SOCK_DGRAM
+    for _ in range(200):
+        port = random.randrange(10000, max(low, 10001))
+        with socket.socket(socket.AF_INET, kind_) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port found between 10000 and {low}")
 
 
 class LogFile:

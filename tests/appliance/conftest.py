@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -25,16 +24,11 @@ from appliance import cli
 from appliance.config import load_config
 from appliance.serve import Server, serve
 from appliance.store import Store
+from tests.realclient import free_port
 
 LOG = logging.getLogger("homescale.test")
 START_TIMEOUT = 20.0  # generous: the machine is shared
 CALL_TIMEOUT = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # The server refuses an empty DERP map (as headscale); these tests need no relay.

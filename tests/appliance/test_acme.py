@@ -29,8 +29,9 @@ from appliance.config import load_config
 from appliance.serve import serve
 from tests import tiers
 from tests.pebble import HOSTNAME, Pebble, run_pebble
+from tests.realclient import free_port
 
-from .conftest import DERP_MAP, LOG, START_TIMEOUT, free_port
+from .conftest import DERP_MAP, LOG, START_TIMEOUT
 
 pytestmark = tiers.mark(
     "acme", shutil.which("pebble") is not None, "pebble missing (apt-get install pebble)"

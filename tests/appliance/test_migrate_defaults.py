@@ -14,8 +14,9 @@ from appliance.config import load_config
 from appliance.serve import ServeError, serve
 from appliance.setup import example_config
 from appliance.tlscerts import cert_name_pin
+from tests.realclient import free_port
 
-from .conftest import LOG, START_TIMEOUT, free_port
+from .conftest import LOG, START_TIMEOUT
 
 
 def shipped_config(tmp_path: Path) -> Path:

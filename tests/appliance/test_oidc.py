@@ -39,8 +39,9 @@ from appliance.oidc import (
 from appliance.serve import ServeError, serve
 from appliance.store import Store
 from appliance.storethread import run_inline
+from tests.realclient import free_port
 
-from .conftest import LOG, Site, free_port, run_cli
+from .conftest import LOG, Site, run_cli
 from .test_app_config import BASE, write
 
 ISSUER = "http://127.0.0.1:9/idp"

@@ -19,7 +19,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -31,6 +30,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from tests import tiers
+from tests.realclient import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -219,12 +219,6 @@ def upgrade_deb(deb_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (deb,) = out.glob("homescale_*.deb")
     return deb
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def children(pid: int) -> list[int]:

@@ -108,7 +108,11 @@ class TestIdP:
             if self.proc.poll() is not None:
                 break
             time.sleep(0.1)
-        pytest.fail(f"the test OpenID provider did not start; log:\n{self.log_path.read_text()}")
+        code = self.proc.poll()
+        state = f"exited with {code}" if code is not None else f"still starting after {timeout:g} s"
+        pytest.fail(
+            f"the test OpenID provider did not start ({state}); log:\n{self.log_path.read_text()}"
+        )
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -12,6 +12,7 @@ within seconds.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import trio
@@ -35,6 +36,15 @@ async def _until(stream: MapStream, wanted: str, *, timeout: float) -> dict:
                 return msg
 
 
+async def _drain(stream: MapStream, seconds: float = 1.0) -> list[dict[str, Any]]:
+    """What the stream sends within `seconds`."""
+    got = []
+    with trio.move_on_after(seconds):
+        while True:
+            got.append((await stream.next())[1])
+    return got
+
+
 async def test_a_node_waiting_for_its_tick_gets_a_peers_move_at_once(
     site: Site, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -50,9 +60,7 @@ async def test_a_node_waiting_for_its_tick_gets_a_peers_move_at_once(
         theirs = await other.open_stream()
         await mine.next()  # first maps
         await theirs.next()
-        with trio.move_on_after(1.0):  # the other node coming online, and so on
-            while True:
-                await mine.next()
+        await _drain(mine)  # the other node coming online, and so on
 
         # The mover reports a new endpoint: the echo of its own node is a message of its
         # own changes, after which its stream waits out the 30 s tick.
@@ -91,9 +99,8 @@ async def test_a_message_the_window_refused_goes_first_and_nothing_is_lost(
         view = PeerView()
         _, first = await mine.next()
         view.apply(first)
-        with trio.move_on_after(1.0):  # the others coming online
-            while True:
-                view.apply((await mine.next())[1])
+        for msg in await _drain(mine):  # the others coming online
+            view.apply(msg)
 
         # From here the slow node reads nothing. c moves until a message of it no longer
         # fits the window: the server keeps that one for the stream's task, which waits
@@ -150,9 +157,7 @@ async def test_a_failure_sending_one_stream_ends_that_stream_alone(
             streams.append(await peer.open_stream())
             await streams[-1].next()  # its first map
         for stream in streams:
-            with trio.move_on_after(1.0):  # the others coming online
-                while True:
-                    await stream.next()
+            await _drain(stream)  # the others coming online
         mover, watchers = peers[2], streams[:2]
 
         monkeypatch.setattr(ControlResponse, "send_now", send_now)

@@ -581,6 +581,7 @@ class ControlService:
             if handle.unsent is not None:
                 unsent, handle.unsent = handle.unsent, None
                 await resp.send_data(unsent, wait=False)
+                del unsent
             if first:
                 await self._settled_view()
                 # In a reconnect storm the full maps are built a few at a time, so the
@@ -596,6 +597,10 @@ class ControlService:
             if frame is not None:
                 handle.sent(trio.current_time())
                 await resp.send_data(frame, wait=False)
+                # Not held while the stream waits: the broadcaster sends most of what
+                # follows, so a first map (megabytes at 5,000 nodes) stayed referenced
+                # here for as long as the stream lived.
+                frame = None
                 if not paced:
                     await self._idle(handle, deliver, self.clock.next_tick)
             # Woken by a change, or by `_keepalives` after a silence of `quiet_for`.

@@ -337,14 +337,21 @@ class _H2Server:
                 if self._ciphertext is not None:
                     rest, self._ciphertext = self._ciphertext, None
                     await self.stream.send_ciphertext(rest)
+                    del rest
                     self._count_written(self._ciphertext_plain)
                 self._take_h2_output()
                 while out:
-                    batch, size = self._take_batch()
-                    await self.stream.send_all(b"".join(batch))
-                    self._count_written(size)
+                    await self._write_batch()
             finally:
                 self._writing = False
+
+    async def _write_batch(self) -> None:
+        """Seal and write the next batch. Its chunks are views of pieces that every first
+        map shares: a local of the writer's loop held each connection's last batch while
+        it waited (43 MB at 5,000 nodes)."""
+        batch, size = self._take_batch()
+        await self.stream.send_all(b"".join(batch))
+        self._count_written(size)
 
     def _take_batch(self) -> tuple[list[bytes | memoryview], int]:
         out, batch, size = self._out, [], 0

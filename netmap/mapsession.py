@@ -478,21 +478,23 @@ class MapSessionState:
             if self_changed:
                 fields.append(("Node", me.self_json or me.json))
                 self.sent_self = me.version
-        candidates: Iterable[int]
-        if self.pending_all and self.started and self.sent_users and visible == self.synced_visible:
-            candidates = self.pending_peers | (visible & set(view.routers()))
-        elif self.pending_all:
-            candidates = set(visible) | set(self.sent_peers)
-        else:
-            candidates = self.pending_peers
         changed: list[bytes] = []
         removed: list[int] = []
         patches: list[bytes] = []
         new_users: set[int] = set()
         pieces: list[tuple[Hashable, bytes]] | None = None  # a big first map's peers
+        candidates: Iterable[int]
         if first and len(visible) >= SEGMENT_MIN_PEERS:
             pieces = self._first_peers(view, visible, new_users)
             candidates = ()
+        elif (
+            self.pending_all and self.started and self.sent_users and visible == self.synced_visible
+        ):
+            candidates = self.pending_peers | (visible & set(view.routers()))
+        elif self.pending_all:
+            candidates = set(visible) | set(self.sent_peers)
+        else:
+            candidates = self.pending_peers
         for pid in sorted(candidates):
             entry = view.entry(pid)
             have = self.sent_peers.get(pid)

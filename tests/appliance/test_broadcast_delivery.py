@@ -23,7 +23,7 @@ import appliance.control as control
 import appliance.sessions as sessions
 from appliance.control_conn import ControlResponse
 from tests.appliance.conftest import Site, serve_with_key
-from tests.e2e.conftest import MapStream, connect_peer
+from tests.e2e.conftest import ControlPeer, MapStream, connect_peer
 from tests.loadgen.fleet import PeerView
 
 TICK = 30.0
@@ -45,6 +45,23 @@ async def _drain(stream: MapStream, seconds: float = 1.0) -> list[dict[str, Any]
         while True:
             got.append((await stream.next())[1])
     return got
+
+
+async def _three_streaming(
+    site: Site, capsys: pytest.CaptureFixture[str], nursery: trio.Nursery
+) -> tuple[list[ControlPeer], list[MapStream]]:
+    """The server started, and nodes "one", "two" and "mover" with their map streams open
+    and read so far (their first maps, the others coming online)."""
+    auth_key = await serve_with_key(site, capsys, nursery, reusable=True)
+    peers = [await connect_peer(site, nursery, name) for name in ("one", "two", "mover")]
+    streams = []
+    for peer in peers:
+        await peer.register(auth_key)
+        streams.append(await peer.open_stream())
+        await streams[-1].next()  # its first map
+    for stream in streams:
+        await _drain(stream)  # the others coming online
+    return peers, streams
 
 
 async def test_a_node_waiting_for_its_tick_gets_a_peers_move_at_once(
@@ -151,15 +168,7 @@ async def test_a_failure_sending_one_stream_ends_that_stream_alone(
         return real(self, data)
 
     async with trio.open_nursery() as nursery:
-        auth_key = await serve_with_key(site, capsys, nursery, reusable=True)
-        peers = [await connect_peer(site, nursery, name) for name in ("one", "two", "mover")]
-        streams = []
-        for peer in peers:
-            await peer.register(auth_key)
-            streams.append(await peer.open_stream())
-            await streams[-1].next()  # its first map
-        for stream in streams:
-            await _drain(stream)  # the others coming online
+        peers, streams = await _three_streaming(site, capsys, nursery)
         mover, watchers = peers[2], streams[:2]
 
         monkeypatch.setattr(ControlResponse, "send_now", send_now)
@@ -221,15 +230,7 @@ async def test_a_waiting_stream_does_not_hold_the_messages_it_sent(
 
     monkeypatch.setattr(control.ControlService, "_compose", compose)
     async with trio.open_nursery() as nursery:
-        auth_key = await serve_with_key(site, capsys, nursery, reusable=True)
-        peers = [await connect_peer(site, nursery, name) for name in ("one", "two", "mover")]
-        streams = []
-        for peer in peers:
-            await peer.register(auth_key)
-            streams.append(await peer.open_stream())
-            await streams[-1].next()  # its first map
-        for stream in streams:
-            await _drain(stream)  # the others coming online
+        peers, streams = await _three_streaming(site, capsys, nursery)
         await peers[2].lite_update(Endpoints=["192.0.2.7:41641"])  # a round sends it
         for stream in streams[:2]:
             await _until(stream, "192.0.2.7:41641", timeout=5)
